@@ -1,0 +1,221 @@
+//! What runs in a child before `main`: recognise the command line, handshake, serve, exit.
+//!
+//! A child is `/proc/self/exe` of its parent, started with the command line
+//! `[title, MAGIC, channel fd, parent pid]`. The hook in `target::sys` calls [`boot`] in
+//! every program that links procpool before `main`; it returns at once unless `argv[1]`
+//! is [`MAGIC`]. A child never returns from [`boot`]: it exits, so the program's own
+//! `main` (or the test harness) never runs in it. No environment variable is set or read,
+//! so a child's environment is exactly its parent's.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+
+use crate::target::{self, Context, Image};
+use crate::wire::{self, BlockingChannel, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Up};
+
+/// `argv[1]` of every procpool child.
+pub(crate) const MAGIC: &str = "--procpool-child-v1";
+
+/// Exit code of a child that ran a target which panicked (Python's `exitcode` 1).
+const EXIT_PANICKED: i32 = 1;
+/// Exit code of a child whose parent spoke a protocol it could not follow.
+const EXIT_PROTOCOL: i32 = 76;
+/// Exit code of a child that refused to run because it is not the parent's build.
+const EXIT_REFUSED: i32 = 78;
+/// Exit code of a child whose parent went away.
+const EXIT_ORPHANED: i32 = 79;
+
+/// What the parent put on the command line.
+#[derive(Debug)]
+struct Args {
+    fd: RawFd,
+    parent: i32,
+}
+
+/// Called before `main` in every program that links procpool.
+pub(crate) fn boot() {
+    let cmdline = match std::fs::read("/proc/self/cmdline") {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    let mut argv = cmdline.split(|b| *b == 0);
+    let _title = argv.next();
+    if argv.next() != Some(MAGIC.as_bytes()) {
+        return;
+    }
+    let mut num = || -> Option<i32> { std::str::from_utf8(argv.next()?).ok()?.parse().ok() };
+    let args = match (num(), num()) {
+        (Some(fd), Some(parent)) => Args { fd, parent },
+        _ => {
+            eprintln!(
+                "procpool: malformed child command line; this program was not started by procpool"
+            );
+            std::process::exit(EXIT_PROTOCOL);
+        }
+    };
+    // From here on this process is a child: it never returns to the loader, so `main`
+    // never runs.
+    let code = std::panic::catch_unwind(|| serve(args)).unwrap_or(EXIT_PROTOCOL);
+    std::process::exit(code);
+}
+
+fn serve(args: Args) -> i32 {
+    target::ignore_sigpipe();
+    // Die with the parent. The signal is armed first, then the parent checked, so a parent
+    // that died in between is noticed too.
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+    {
+        eprintln!("procpool: cannot arm the parent-death signal: {e}");
+    }
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(args.parent) {
+        return EXIT_ORPHANED;
+    }
+    let stream = match target::inherited_channel(args.fd) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("procpool: child cannot use its channel: {e}");
+            return EXIT_PROTOCOL;
+        }
+    };
+    let mut chan = BlockingChannel::new(stream, wire::DEFAULT_MAX_FRAME);
+    let hello: Hello = match chan.recv::<Down>() {
+        Ok(Some(Down::Hello(h))) => h,
+        Ok(None) => return EXIT_ORPHANED,
+        Ok(Some(_)) | Err(_) => return EXIT_PROTOCOL,
+    };
+    if let Err(reason) = check_build(&hello) {
+        // The parent reports this as a spawn error; a failed send only means it is gone.
+        let sent = chan.send(&Up::Refused { reason });
+        return if sent.is_ok() {
+            EXIT_REFUSED
+        } else {
+            EXIT_ORPHANED
+        };
+    }
+    crate::process::become_child(&hello.name, hello.identity.clone());
+    set_title(&hello.name);
+    install_panic_hook();
+    let ready = Up::Ready {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+    };
+    if chan.send(&ready).is_err() {
+        return EXIT_ORPHANED;
+    }
+    match hello.role {
+        Role::Process => run_once(chan),
+    }
+}
+
+fn check_build(hello: &Hello) -> Result<(), String> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} in the parent, {PROTOCOL_VERSION} in the child",
+            hello.version
+        ));
+    }
+    let ours = Image::get()?.fingerprint();
+    if hello.fingerprint != ours {
+        return Err(
+            "the child is not the same build as the parent (the executable changed?); \
+             it refuses to run any target"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// The `Process` role: run one target, send its outcome, exit.
+fn run_once(mut chan: BlockingChannel) -> i32 {
+    let run = match chan.recv::<Down>() {
+        Ok(Some(Down::Run(run))) => run,
+        Ok(None) => return EXIT_ORPHANED,
+        Ok(Some(_)) | Err(_) => return EXIT_PROTOCOL,
+    };
+    watch_for_parent_eof(chan.get_ref());
+    let outcome = match target::lookup(run.target) {
+        Ok(entry) => entry(&run.args, &mut Context::default()),
+        Err(reason) => Outcome::BadTarget {
+            reason: format!("{}: {reason}", run.target_name),
+        },
+    };
+    let code = match outcome {
+        Outcome::Panicked { .. } => EXIT_PANICKED,
+        _ => 0,
+    };
+    match chan.send(&Up::Done {
+        id: run.id,
+        outcome,
+    }) {
+        Ok(()) => code,
+        Err(_) => EXIT_ORPHANED,
+    }
+}
+
+/// Exits as soon as the parent's end of the channel closes (the parent died or dropped
+/// us): the parent-death signal alone misses a parent that is reaped by a subreaper
+/// before the signal is armed, and a parent that closed the channel on purpose.
+fn watch_for_parent_eof(stream: &UnixStream) {
+    let Ok(stream) = stream.try_clone() else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("procpool-eof-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                match rustix::io::read(&stream, &mut buf) {
+                    Ok(0) => std::process::exit(EXIT_ORPHANED),
+                    Err(rustix::io::Errno::INTR) | Ok(_) => continue,
+                    Err(_) => std::process::exit(EXIT_ORPHANED),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("procpool: cannot watch the parent channel: {e}");
+    }
+}
+
+/// Names the process so `ps` and `top` show what it is (`comm`, 15 bytes at most).
+fn set_title(name: &str) {
+    let short: String = name.chars().take(15).collect();
+    if let Ok(c) = std::ffi::CString::new(short) {
+        // Only cosmetic: a failure leaves the executable's name in place.
+        if let Err(e) = rustix::thread::set_name(&c) {
+            eprintln!("procpool: cannot set the process title: {e}");
+        }
+    }
+}
+
+thread_local! {
+    static LAST_PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Records where a panic happened (the payload does not carry it), then prints as usual,
+/// as Python prints the traceback of an exception in a child.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let loc = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        LAST_PANIC_LOCATION.with(|c| *c.borrow_mut() = loc);
+        default(info);
+    }));
+}
+
+/// The message and location of a panic caught on this thread.
+pub(crate) fn panic_details(payload: &(dyn Any + Send)) -> (String, Option<String>) {
+    let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "Box<dyn Any>".to_owned()
+    };
+    let location = LAST_PANIC_LOCATION.with(|c| c.borrow_mut().take());
+    (message, location)
+}

@@ -1,0 +1,264 @@
+//! The one error type of the crate.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A specialised [`Result`](std::result::Result) whose error is [`procpool::Error`](Error).
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a child process ended, in the words of `waitpid`.
+///
+/// [`Error::WorkerDied`] carries one. [`ExitReason::exitcode`] gives Python's convention
+/// (`0`, `n` or `-signal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitReason {
+    /// The process called `exit(code)` (or returned from `main`).
+    Code(i32),
+    /// The process was killed by this signal number (`9` for `SIGKILL`, `11` for `SIGSEGV`).
+    Signal(i32),
+    /// The exit status could not be read (the child was reaped by someone else, for example
+    /// because the program set `SIGCHLD` to `SIG_IGN`).
+    Unknown,
+}
+
+impl ExitReason {
+    /// Python's `Process.exitcode`: `Some(code)`, `Some(-signal)`, or `None` when unknown.
+    pub fn exitcode(self) -> Option<i32> {
+        match self {
+            ExitReason::Code(c) => Some(c),
+            ExitReason::Signal(s) => Some(-s),
+            ExitReason::Unknown => None,
+        }
+    }
+
+    pub(crate) fn from_status(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(c), _) => ExitReason::Code(c),
+            (None, Some(s)) => ExitReason::Signal(s),
+            (None, None) => ExitReason::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitReason::Code(c) => write!(f, "exit code {c}"),
+            ExitReason::Signal(s) => write!(f, "signal {s} ({})", signal_name(s)),
+            ExitReason::Unknown => f.write_str("an unknown exit status"),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => "other signal",
+    }
+}
+
+/// Everything that can go wrong when running work in another process.
+///
+/// The variants that matter to callers are stable and matched by name in tests:
+/// [`Timeout`](Error::Timeout), [`WorkerDied`](Error::WorkerDied),
+/// [`Panicked`](Error::Panicked), [`Encode`](Error::Encode), [`Decode`](Error::Decode),
+/// [`PoolClosed`](Error::PoolClosed), [`Cancelled`](Error::Cancelled),
+/// [`Spawn`](Error::Spawn), [`Protocol`](Error::Protocol), [`Closed`](Error::Closed) and
+/// [`Io`](Error::Io). New variants may be added, so match with a wildcard arm.
+///
+/// A panic or a crash in a child is never a panic in the parent: it arrives here.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The work did not finish within its time limit; a task still running was stopped.
+    #[error(
+        "timed out after {after:?}; the task was stopped (raise the timeout if the work needs longer)"
+    )]
+    Timeout {
+        /// The limit that expired.
+        after: Duration,
+    },
+
+    /// The child process ended before it delivered a result: it aborted, crashed, called
+    /// `std::process::exit`, or was killed.
+    #[error("process {name} (pid {pid}) died with {reason} before returning a result")]
+    WorkerDied {
+        /// The child's pid.
+        pid: u32,
+        /// The child's name (`Process-3`, `PoolWorker-1`, ...).
+        name: String,
+        /// How it ended: an exit code or a signal.
+        reason: ExitReason,
+    },
+
+    /// The target panicked in the child. The child's panic message and source location are
+    /// carried over, like [`tokio::task::JoinError::is_panic`] but across processes.
+    #[error("the target panicked in process {name} at {}: {message}", location.as_deref().unwrap_or("<unknown location>"))]
+    Panicked {
+        /// The panic message (`"index out of bounds: ..."`).
+        message: String,
+        /// `file:line:column` of the panic, when known.
+        location: Option<String>,
+        /// The name of the process that panicked.
+        name: String,
+    },
+
+    /// A value could not be encoded as MessagePack: an argument (nothing was sent) or a
+    /// result (in the child).
+    #[error(
+        "could not encode a value of type `{type_name}`: {reason} (check its `Serialize` impl)"
+    )]
+    Encode {
+        /// The Rust type that failed to encode.
+        type_name: String,
+        /// What the encoder said.
+        reason: String,
+    },
+
+    /// A value could not be decoded from MessagePack as the expected type.
+    #[error(
+        "could not decode a value of type `{type_name}`: {reason} (check its `Deserialize` impl)"
+    )]
+    Decode {
+        /// The Rust type that failed to decode.
+        type_name: String,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// The pool was closed or terminated; it takes no new work.
+    #[error("the pool is closed or terminated and takes no new work")]
+    PoolClosed,
+
+    /// The work was cancelled before it produced a result.
+    #[error("the task was cancelled before it finished")]
+    Cancelled,
+
+    /// A child process could not be started, or it refused to run (not the same build).
+    #[error("could not start a child process: {reason}")]
+    Spawn {
+        /// What went wrong.
+        reason: String,
+        /// The OS error, if there was one.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+
+    /// A child sent something that is not valid protocol (garbage, a frame over the size
+    /// limit, an unexpected message). The child has been killed.
+    #[error("protocol error from process {name}: {reason}; the child was killed")]
+    Protocol {
+        /// The child's name.
+        name: String,
+        /// What was wrong with the data.
+        reason: String,
+    },
+
+    /// The other side of a queue, pipe or channel is gone.
+    #[error("the other side is gone (closed, dropped, or its process died)")]
+    Closed,
+
+    /// The target cannot be run in a child process: it does not live in the main
+    /// executable (for example, it comes from a dynamically loaded library).
+    #[error("target `{name}` cannot run in a child process: {reason}")]
+    UnsupportedTarget {
+        /// The target's type name.
+        name: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// [`Process::join`](crate::Process::join) or a similar call was made on a process
+    /// that was never started.
+    #[error("the process was not started: call `start().await` first")]
+    NotStarted,
+
+    /// [`Process::start`](crate::Process::start) was called twice. A process runs once.
+    #[error("the process was already started; create a new `Process` to run again")]
+    AlreadyStarted,
+
+    /// An operating-system error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// True for [`Error::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// True for [`Error::Panicked`].
+    pub fn is_panic(&self) -> bool {
+        matches!(self, Error::Panicked { .. })
+    }
+
+    /// True for [`Error::WorkerDied`].
+    pub fn is_worker_died(&self) -> bool {
+        matches!(self, Error::WorkerDied { .. })
+    }
+
+    pub(crate) fn spawn(reason: impl Into<String>, source: Option<std::io::Error>) -> Self {
+        Error::Spawn {
+            reason: reason.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn encode<T: ?Sized>(err: impl fmt::Display) -> Self {
+        Error::Encode {
+            type_name: std::any::type_name::<T>().to_owned(),
+            reason: err.to_string(),
+        }
+    }
+
+    pub(crate) fn decode<T: ?Sized>(err: impl fmt::Display) -> Self {
+        Error::Decode {
+            type_name: std::any::type_name::<T>().to_owned(),
+            reason: err.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exitcode_follows_python() {
+        assert_eq!(ExitReason::Code(3).exitcode(), Some(3));
+        assert_eq!(ExitReason::Signal(9).exitcode(), Some(-9));
+        assert_eq!(ExitReason::Unknown.exitcode(), None);
+        assert_eq!(ExitReason::Signal(11).to_string(), "signal 11 (SIGSEGV)");
+    }
+
+    #[test]
+    fn messages_say_what_to_do() {
+        let e = Error::Panicked {
+            message: "boom".into(),
+            location: Some("src/main.rs:3:5".into()),
+            name: "Process-1".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the target panicked in process Process-1 at src/main.rs:3:5: boom"
+        );
+        let io = Error::from(std::io::Error::other("x"));
+        assert!(std::error::Error::source(&io).is_some());
+        let sp = Error::spawn("exec failed", Some(std::io::Error::other("nope")));
+        assert!(std::error::Error::source(&sp).is_some());
+    }
+}

@@ -1,0 +1,71 @@
+//! Python's `multiprocessing` for async Rust.
+//!
+//! procpool runs functions in real OS child processes and lets you await their results
+//! like any other future. A child is isolated from the parent: a panic, a segfault, an
+//! `abort`, a leak or a hang in native code costs that child, never the caller, and
+//! comes back as a typed [`Error`]. CPU-bound work runs truly in parallel.
+//!
+//! ```
+//! use procpool::{Process, current_process};
+//!
+//! fn doubler(number: i64) -> i64 {
+//!     let result = number * 2;
+//!     println!("{number} doubled to {result} by: {}", current_process().name());
+//!     result
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> procpool::Result<()> {
+//!     let mut procs = Vec::new();
+//!     for n in [5, 10, 15] {
+//!         let mut p = Process::new(doubler, (n,));
+//!         p.start().await?;
+//!         procs.push(p);
+//!     }
+//!     for p in &mut procs {
+//!         let doubled = p.join().await?;
+//!         assert_eq!(p.exitcode(), Some(0));
+//!         assert!(doubled % 10 == 0);
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # How it works
+//!
+//! - **No set-up.** A child is this same executable, started again from
+//!   `/proc/self/exe`. A hook that runs before `main` recognises the child's command line,
+//!   handshakes with the parent over a private socket, runs the target and exits, so
+//!   neither `main` nor a test harness ever runs in the child. Nothing to call, no macro,
+//!   no wrapper: it works in `fn main`, `#[tokio::main]`, `#[tokio::test]`, integration
+//!   tests, examples, doc tests and benches.
+//! - **Targets** are fn items or closures that capture nothing, with up to 8 parameters,
+//!   plain or `async`; arguments travel as a tuple in MessagePack (see [`Target`]).
+//!   A capturing closure does not compile.
+//! - **Same build only.** The child checks that it is the very executable of its parent
+//!   before it runs anything.
+//! - **No orphans, no zombies.** Every child dies with its parent (even one killed with
+//!   `SIGKILL`), and every child is reaped, also when its [`Process`] is dropped.
+//! - **stdout is yours.** Children inherit stdin, stdout and stderr; the protocol has its
+//!   own socket.
+//!
+//! # Errors
+//!
+//! Every fault in a child arrives as an [`Error`] variant: [`Error::Panicked`] with the
+//! child's message and location, [`Error::WorkerDied`] with the exit code or signal, and
+//! so on. The parent never panics because a child misbehaved.
+//!
+//! # Platform
+//!
+//! Linux only for now (it relies on `/proc`, `pidfd` and `PR_SET_PDEATHSIG`).
+
+mod child;
+mod error;
+mod process;
+mod target;
+mod wire;
+
+pub use error::{Error, ExitReason, Result};
+pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
+pub use target::{Async, Blocking, Target};
+pub use wire::DEFAULT_MAX_FRAME;

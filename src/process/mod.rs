@@ -1,0 +1,500 @@
+//! [`Process`]: run one target in a new OS process and await its return value.
+
+mod service;
+
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_bytes::ByteBuf;
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+pub(crate) use service::{ChildHandle, Spawned, adopt, spawn_child};
+
+use crate::error::{Error, ExitReason, Result};
+use crate::target::{Target, TargetRef, resolve};
+use crate::wire::{
+    self, Channel, DEFAULT_MAX_FRAME, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Run, Up,
+    WireError,
+};
+
+// ----------------------------------------------------------------------------- naming
+
+/// Children created so far by this process (Python's `_process_counter`).
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Who this process is, when it is a procpool child.
+static SELF_ID: OnceLock<(String, Vec<u32>)> = OnceLock::new();
+
+/// Called once in a child, before any target runs.
+pub(crate) fn become_child(name: &str, identity: Vec<u32>) {
+    // Set at most once per process; a second call cannot happen (boot runs once).
+    drop(SELF_ID.set((name.to_owned(), identity)));
+}
+
+/// The identity of the next child: ours plus the next counter value.
+fn next_identity() -> Vec<u32> {
+    let mut id = SELF_ID.get().map(|(_, id)| id.clone()).unwrap_or_default();
+    id.push(COUNTER.fetch_add(1, Ordering::Relaxed) + 1);
+    id
+}
+
+fn name_of(identity: &[u32]) -> String {
+    let parts: Vec<String> = identity.iter().map(u32::to_string).collect();
+    format!("Process-{}", parts.join(":"))
+}
+
+/// The name and pid of a process: what [`current_process`] and [`active_children`]
+/// return.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub(crate) name: String,
+    pub(crate) pid: u32,
+}
+
+impl ProcessInfo {
+    /// `"MainProcess"`, `"Process-3"`, `"Process-3:1"`, `"PoolWorker-1"` or a name given
+    /// with [`Process::with_name`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// This process: `MainProcess` in the program the user started, the child's name in a
+/// child (Python's `multiprocessing.current_process()`).
+///
+/// ```
+/// assert_eq!(procpool::current_process().name(), "MainProcess");
+/// assert_eq!(procpool::current_process().pid(), std::process::id());
+/// ```
+pub fn current_process() -> ProcessInfo {
+    ProcessInfo {
+        name: SELF_ID
+            .get()
+            .map_or_else(|| "MainProcess".to_owned(), |(n, _)| n.clone()),
+        pid: std::process::id(),
+    }
+}
+
+/// The children of this process that are still running, in the order they were started
+/// (Python's `multiprocessing.active_children()`). Children that have ended are reaped
+/// as a side effect.
+pub fn active_children() -> Vec<ProcessInfo> {
+    service::live_children().iter().map(|c| c.info()).collect()
+}
+
+// ----------------------------------------------------------------------------- Process
+
+/// A target running (or about to run) in a child process, like Python's
+/// `multiprocessing.Process`.
+///
+/// The child is this same executable, re-executed; it runs `target(args...)` and sends
+/// the return value back, which [`join`](Process::join) returns. The child's stdout and
+/// stderr are this process's, so its `println!` output appears as yours does.
+///
+/// ```
+/// use procpool::Process;
+///
+/// fn doubler(x: i64) -> i64 {
+///     x * 2
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+/// let mut p = Process::new(doubler, (21,));
+/// p.start().await?;
+/// assert_eq!(p.join().await?, 42);
+/// assert_eq!(p.exitcode(), Some(0));
+/// # Ok(()) }
+/// ```
+///
+/// # Drop
+///
+/// Dropping a `Process` that was started and not joined does **not** stop the child (as
+/// with [`std::process::Child`]): it runs to its end, its result is discarded, and a
+/// background thread reaps it, so no zombie stays behind. Use [`kill`](Process::kill)
+/// first to stop it. The child dies anyway when this whole process dies.
+#[must_use = "a Process does nothing until `start().await`"]
+pub struct Process<R> {
+    name: String,
+    identity: Vec<u32>,
+    launch: Option<Result<Launch>>,
+    run: Option<Running>,
+    _output: PhantomData<fn() -> R>,
+}
+
+#[derive(Debug)]
+struct Launch {
+    target: TargetRef,
+    args: Vec<u8>,
+}
+
+/// A started child and everything learnt from it so far. Every field is kept across
+/// calls, which is what makes `join` cancel safe and repeatable.
+struct Running {
+    child: Arc<ChildHandle>,
+    channel: Option<Channel<OwnedReadHalf, OwnedWriteHalf>>,
+    outcome: Option<Result<Outcome, Stored>>,
+    exit: Option<ExitReason>,
+    exit_fd: Option<AsyncFd<OwnedFd>>,
+}
+
+/// An error stored for repeated joins (`Error` is not `Clone`).
+#[derive(Debug, Clone)]
+enum Stored {
+    Protocol(String),
+}
+
+impl<R> std::fmt::Debug for Process<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("name", &self.name)
+            .field("pid", &self.pid())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> Process<R>
+where
+    R: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Prepares `target(args...)` to run in a new process, named `Process-N` (N counts
+    /// every `Process` created by this process, started or not, as in Python).
+    ///
+    /// `args` is a tuple: `(5,)`, `(a, b)`, `()`. The arguments are encoded now; if that
+    /// fails, [`start`](Process::start) returns the [`Error::Encode`].
+    ///
+    /// A closure that captures variables does not compile; pass them as arguments.
+    pub fn new<F, A, M>(target: F, args: A) -> Self
+    where
+        F: Target<A, M, Output = R>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+    {
+        drop(target);
+        let identity = next_identity();
+        let launch = resolve::<F, M, A>().and_then(|target| {
+            let args = wire::encode_value(&args).map_err(Error::encode::<A>)?;
+            Ok(Launch { target, args })
+        });
+        Process {
+            name: name_of(&identity),
+            identity,
+            launch: Some(launch),
+            run: None,
+            _output: PhantomData,
+        }
+    }
+}
+
+impl<R> Process<R> {
+    /// Gives the process a name of your choosing (Python's `name=`). The counter still
+    /// advanced when this `Process` was created.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The process's name: `Process-N` or the one given with [`with_name`](Self::with_name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The child's pid, once started.
+    pub fn pid(&self) -> Option<u32> {
+        self.run.as_ref().map(|r| r.child.pid)
+    }
+
+    /// True from a successful [`start`](Self::start) until the child exits.
+    pub fn is_alive(&self) -> bool {
+        self.run
+            .as_ref()
+            .is_some_and(|r| r.child.try_exit().is_none())
+    }
+
+    /// Python's `exitcode`: `None` while running (or before start), then `Some(0)` after
+    /// a normal return, `Some(1)` after a panic, `Some(n)` after `exit(n)`, `Some(-s)`
+    /// after signal `s`.
+    pub fn exitcode(&self) -> Option<i32> {
+        self.run
+            .as_ref()
+            .and_then(|r| r.exit.or_else(|| r.child.try_exit()))
+            .and_then(ExitReason::exitcode)
+    }
+
+    /// Sends `SIGTERM` to the child (Python's `terminate()`). Does nothing if it has
+    /// already exited.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotStarted`] before [`start`](Self::start); [`Error::Io`] if the signal
+    /// cannot be sent.
+    pub fn terminate(&self) -> Result<()> {
+        self.signal(rustix::process::Signal::TERM)
+    }
+
+    /// Sends `SIGKILL` to the child (Python's `kill()`). Does nothing if it has already
+    /// exited.
+    ///
+    /// # Errors
+    ///
+    /// As for [`terminate`](Self::terminate).
+    pub fn kill(&self) -> Result<()> {
+        self.signal(rustix::process::Signal::KILL)
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) -> Result<()> {
+        let run = self.run.as_ref().ok_or(Error::NotStarted)?;
+        run.child.signal(sig).map_err(Error::Io)
+    }
+
+    /// Starts the child: spawns it, sends the target and its arguments, and waits for the
+    /// child to confirm it is the same build and ready to run.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] if the arguments could not be encoded,
+    /// [`Error::UnsupportedTarget`] if the target is not code of the main executable,
+    /// [`Error::Spawn`] if the child could not be started or refused to run,
+    /// [`Error::AlreadyStarted`] on a second call.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: if the future is dropped before it completes, the child (if any)
+    /// sees its channel close, exits without running the target, and is reaped; this
+    /// `Process` cannot be started again.
+    pub async fn start(&mut self) -> Result<()> {
+        let launch = match self.launch.take() {
+            None => return Err(Error::AlreadyStarted),
+            Some(launch) => launch?,
+        };
+        let Spawned { channel, child } = spawn_child(&self.name).await?;
+        channel.set_nonblocking(true)?;
+        let (rd, wr) = tokio::net::UnixStream::from_std(channel)?.into_split();
+        let mut channel = Channel::new(rd, wr, DEFAULT_MAX_FRAME);
+        let fingerprint = crate::target::Image::get()
+            .map_err(|reason| Error::spawn(reason, None))?
+            .fingerprint();
+        let hello = Down::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            fingerprint,
+            name: self.name.clone(),
+            identity: self.identity.clone(),
+            role: Role::Process,
+        });
+        let run = Down::Run(Run {
+            id: 0,
+            target: launch.target.offset,
+            target_name: launch.target.name.to_owned(),
+            args: ByteBuf::from(launch.args),
+        });
+        // A child that refuses closes its end; the reason is in the reply read below.
+        let sent = channel.send_all(&[hello, run]).await;
+        let reply = channel.recv::<Up>().await;
+        let mut running = Running {
+            child,
+            channel: Some(channel),
+            outcome: None,
+            exit: None,
+            exit_fd: None,
+        };
+        match reply {
+            Ok(Some(Up::Ready { .. })) => {
+                if let Err(e) = sent {
+                    // Ready, yet it closed before taking the arguments: it died.
+                    let exit = running.wait_exit().await;
+                    return Err(Error::spawn(
+                        format!(
+                            "{} ended with {exit} while receiving its arguments",
+                            self.name
+                        ),
+                        Some(e),
+                    ));
+                }
+                self.run = Some(running);
+                Ok(())
+            }
+            Ok(Some(Up::Refused { reason })) => {
+                running.wait_exit().await;
+                Err(Error::spawn(
+                    format!("{} refused to run: {reason}", self.name),
+                    None,
+                ))
+            }
+            Ok(None) | Err(WireError::Truncated) | Err(WireError::Io(_)) => {
+                let exit = running.wait_exit().await;
+                Err(Error::spawn(
+                    format!("{} ended with {exit} before it was ready", self.name),
+                    None,
+                ))
+            }
+            Ok(Some(other)) => {
+                running.fail(format!("expected Ready, got {other:?}"));
+                Err(Error::spawn(
+                    format!("{} sent an unexpected reply", self.name),
+                    None,
+                ))
+            }
+            Err(e) => {
+                running.fail(e.to_string());
+                Err(Error::spawn(
+                    format!("{} sent garbage: {e}", self.name),
+                    None,
+                ))
+            }
+        }
+    }
+}
+
+impl<R: DeserializeOwned> Process<R> {
+    /// Waits for the child to finish and returns the target's return value.
+    ///
+    /// Can be called again after it completed (it returns the same outcome, decoding the
+    /// stored value again) or after it was cancelled, for example by
+    /// `tokio::time::timeout` or the losing branch of `tokio::select!`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Panicked`] if the target panicked, with the child's message and location;
+    /// - [`Error::WorkerDied`] if the child ended without a result: abort, segfault,
+    ///   `std::process::exit`, a signal;
+    /// - [`Error::Encode`]/[`Error::Decode`] if the result could not cross;
+    /// - [`Error::Protocol`] if the child sent garbage (it was killed);
+    /// - [`Error::NotStarted`] before [`start`](Self::start).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing is lost if the future is dropped; call `join` again.
+    pub async fn join(&mut self) -> Result<R> {
+        let name = self.name.clone();
+        let run = self.run.as_mut().ok_or(Error::NotStarted)?;
+        run.read_outcome(&name).await;
+        let exit = run.wait_exit().await;
+        let decode = |bytes: &[u8]| wire::decode_value::<R>(bytes).map_err(Error::decode::<R>);
+        match &run.outcome {
+            Some(Ok(Outcome::Value(bytes))) => decode(bytes),
+            Some(Ok(Outcome::Panicked { message, location })) => Err(Error::Panicked {
+                message: message.clone(),
+                location: location.clone(),
+                name,
+            }),
+            Some(Ok(Outcome::Encode { type_name, reason })) => Err(Error::Encode {
+                type_name: type_name.clone(),
+                reason: reason.clone(),
+            }),
+            Some(Ok(Outcome::Decode { type_name, reason })) => Err(Error::Decode {
+                type_name: type_name.clone(),
+                reason: reason.clone(),
+            }),
+            Some(Ok(Outcome::BadTarget { reason })) => Err(Error::UnsupportedTarget {
+                name: name.clone(),
+                reason: reason.clone(),
+            }),
+            Some(Err(Stored::Protocol(reason))) => Err(Error::Protocol {
+                name,
+                reason: reason.clone(),
+            }),
+            None => Err(Error::WorkerDied {
+                pid: run.child.pid,
+                name,
+                reason: exit,
+            }),
+        }
+    }
+}
+
+impl Running {
+    /// Reads until the child's outcome or the end of its channel. Cancel safe.
+    async fn read_outcome(&mut self, name: &str) {
+        while self.outcome.is_none() {
+            let Some(channel) = self.channel.as_mut() else {
+                return;
+            };
+            match channel.recv::<Up>().await {
+                Ok(Some(Up::Done { outcome, .. })) => self.outcome = Some(Ok(outcome)),
+                Ok(Some(other)) => self.fail(format!("{name} sent {other:?} while running")),
+                // The child ended (or died mid-frame): the exit status tells why.
+                Ok(None) | Err(WireError::Truncated) | Err(WireError::Io(_)) => {
+                    self.channel = None;
+                }
+                Err(e @ (WireError::Oversize { .. } | WireError::Garbage(_))) => {
+                    self.fail(e.to_string())
+                }
+            }
+        }
+    }
+
+    /// Records a protocol violation and kills the child.
+    fn fail(&mut self, reason: String) {
+        self.outcome = Some(Err(Stored::Protocol(reason)));
+        self.channel = None;
+        if let Err(e) = self.child.signal(rustix::process::Signal::KILL) {
+            // The child is unusable either way; say so rather than hide it.
+            eprintln!(
+                "procpool: cannot kill misbehaving child {}: {e}",
+                self.child.pid
+            );
+        }
+    }
+
+    /// Waits for the child to exit. Cancel safe.
+    async fn wait_exit(&mut self) -> ExitReason {
+        if let Some(e) = self.exit {
+            return e;
+        }
+        let e = self.child.wait(&mut self.exit_fd).await;
+        self.exit = Some(e);
+        e
+    }
+}
+
+impl<R> Drop for Process<R> {
+    fn drop(&mut self) {
+        let Some(run) = self.run.take() else { return };
+        if run.exit.is_some() || run.child.try_exit().is_some() {
+            return;
+        }
+        // Still running: let it finish; the service drains its channel and reaps it.
+        let channel = run.channel.and_then(|c| {
+            let (rd, wr, _) = c.into_parts();
+            rd.reunite(wr).ok()?.into_std().ok()
+        });
+        adopt(run.child, channel);
+    }
+}
+
+/// Creates and starts a [`Process`] in one call (`Process::new(target, args)` then
+/// [`start`](Process::start)).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+/// let mut p = procpool::spawn(|a: u32, b: u32| a + b, (2, 3)).await?;
+/// assert_eq!(p.join().await?, 5);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// As for [`Process::start`].
+///
+/// # Cancel safety
+///
+/// As for [`Process::start`]: a cancelled spawn leaves no process behind.
+pub async fn spawn<F, A, M>(target: F, args: A) -> Result<Process<F::Output>>
+where
+    F: Target<A, M>,
+    A: Serialize + DeserializeOwned + Send + 'static,
+    M: 'static,
+{
+    let mut p = Process::new(target, args);
+    p.start().await?;
+    Ok(p)
+}

@@ -1,0 +1,284 @@
+//! The one long-lived thread that starts and reaps every child of this process.
+//!
+//! Two reasons for a dedicated thread:
+//!
+//! - `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits. Children
+//!   forked from a tokio worker or blocking-pool thread would be killed when that thread
+//!   retires (blocking-pool threads retire after 10 s idle). This thread never exits.
+//! - A child whose `Process` was dropped unjoined must still be reaped (and its channel
+//!   drained, so it can finish writing its result) even if the caller's runtime is gone.
+//!
+//! The thread runs a current-thread tokio runtime; spawning happens synchronously on it.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::io::unix::AsyncFd;
+
+use crate::error::{Error, ExitReason};
+
+struct Service {
+    handle: tokio::runtime::Handle,
+}
+
+fn service() -> Result<&'static Service, Error> {
+    static SERVICE: OnceLock<Result<Service, String>> = OnceLock::new();
+    let s = SERVICE.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot build the service runtime: {e}"))?;
+        let handle = rt.handle().clone();
+        std::thread::Builder::new()
+            .name("procpool-service".into())
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .map_err(|e| format!("cannot start the service thread: {e}"))?;
+        Ok(Service { handle })
+    });
+    s.as_ref()
+        .map_err(|reason| Error::spawn(reason.clone(), None))
+}
+
+/// A started child: its channel and its handle.
+pub(crate) struct Spawned {
+    pub(crate) channel: UnixStream,
+    pub(crate) child: Arc<ChildHandle>,
+}
+
+/// Starts `/proc/self/exe` as a procpool child named `name`, on the service thread.
+///
+/// Cancel safe: if the caller goes away, the child sees its channel close and exits, and
+/// the service reaps it.
+pub(crate) async fn spawn_child(name: &str) -> Result<Spawned, Error> {
+    crate::target::keep_boot_linked();
+    let svc = service()?;
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| Error::spawn("socketpair failed", Some(e)))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = name.to_owned();
+    svc.handle.spawn(async move {
+        let res = start(&name, theirs);
+        // If the caller gave up, dropping the result closes nothing of the child's but
+        // its handle, whose Drop hands the child to the reaper.
+        drop(tx.send(res));
+    });
+    let child = rx
+        .await
+        .map_err(|_| Error::spawn("the procpool service thread stopped", None))??;
+    Ok(Spawned {
+        channel: ours,
+        child,
+    })
+}
+
+fn start(name: &str, theirs: UnixStream) -> Result<Arc<ChildHandle>, Error> {
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0(format!("{name} (procpool)"))
+        .arg(crate::child::MAGIC)
+        .arg(fd.to_string())
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        // Its own process group, so stopping a task can stop what the task started.
+        .process_group(0);
+    crate::target::inherit_fd(&mut cmd, fd);
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::spawn("cannot execute /proc/self/exe", Some(e)))?;
+    drop(theirs);
+    let pid = child.id();
+    // Not reaped yet, so the pid cannot have been reused.
+    let pidfd = rustix::process::Pid::from_raw(pid as i32)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    let handle = Arc::new(ChildHandle {
+        pid,
+        name: name.to_owned(),
+        pidfd,
+        state: Mutex::new(ReapState {
+            child: Some(child),
+            exit: None,
+        }),
+    });
+    register(&handle);
+    Ok(handle)
+}
+
+/// A child process of ours, reaped exactly once.
+///
+/// Dropping the last handle to a child that has not been reaped hands it to the service
+/// thread, which waits for it to exit and reaps it: no zombie stays behind.
+pub(crate) struct ChildHandle {
+    pub(crate) pid: u32,
+    pub(crate) name: String,
+    pidfd: Option<OwnedFd>,
+    state: Mutex<ReapState>,
+}
+
+struct ReapState {
+    child: Option<Child>,
+    exit: Option<ExitReason>,
+}
+
+impl std::fmt::Debug for ChildHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildHandle")
+            .field("pid", &self.pid)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChildHandle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReapState> {
+        // The state is two plain fields updated together; a panic elsewhere cannot leave
+        // it half-written, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The exit reason if the child has exited (reaping it), `None` while it runs.
+    pub(crate) fn try_exit(&self) -> Option<ExitReason> {
+        let mut st = self.lock();
+        if let Some(e) = st.exit {
+            return Some(e);
+        }
+        let child = st.child.as_mut()?;
+        let exit = match child.try_wait() {
+            Ok(Some(status)) => ExitReason::from_status(status),
+            Ok(None) => return None,
+            // ECHILD: someone else reaped it (SIGCHLD ignored, or a waitpid(-1) loop).
+            Err(_) => ExitReason::Unknown,
+        };
+        st.exit = Some(exit);
+        st.child = None;
+        Some(exit)
+    }
+
+    /// Sends `sig` unless the child was already reaped (then its pid may be reused, and
+    /// there is nothing to stop).
+    pub(crate) fn signal(&self, sig: rustix::process::Signal) -> io::Result<()> {
+        let st = self.lock();
+        if st.exit.is_some() {
+            return Ok(());
+        }
+        let res = match &self.pidfd {
+            Some(fd) => rustix::process::pidfd_send_signal(fd, sig),
+            None => match rustix::process::Pid::from_raw(self.pid as i32) {
+                Some(p) => rustix::process::kill_process(p, sig),
+                None => return Ok(()),
+            },
+        };
+        match res {
+            // ESRCH: it has exited but is not reaped yet: nothing to stop.
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits for the child to exit and reaps it.
+    ///
+    /// Cancel safe. `slot` keeps the registration of the pidfd with the current runtime
+    /// between calls.
+    pub(crate) async fn wait(&self, slot: &mut Option<AsyncFd<OwnedFd>>) -> ExitReason {
+        loop {
+            if let Some(e) = self.try_exit() {
+                return e;
+            }
+            if slot.is_none() {
+                *slot = self
+                    .pidfd
+                    .as_ref()
+                    .and_then(|fd| fd.try_clone().ok())
+                    .and_then(|fd| crate::target::watch_pidfd(fd).ok());
+            }
+            match slot {
+                Some(fd) => match fd.readable().await {
+                    Ok(mut guard) => {
+                        if self.try_exit().is_none() {
+                            guard.clear_ready();
+                        }
+                    }
+                    Err(_) => *slot = None,
+                },
+                // No pidfd (kernel before 5.3): poll.
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    pub(crate) fn info(&self) -> crate::ProcessInfo {
+        crate::ProcessInfo {
+            name: self.name.clone(),
+            pid: self.pid,
+        }
+    }
+}
+
+impl Drop for ChildHandle {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let Some(child) = st.child.take() else {
+            return;
+        };
+        let orphan = Arc::new(ChildHandle {
+            pid: self.pid,
+            name: std::mem::take(&mut self.name),
+            pidfd: self.pidfd.take(),
+            state: Mutex::new(ReapState {
+                child: Some(child),
+                exit: None,
+            }),
+        });
+        // If even the service is unavailable, the handle is dropped here and the child
+        // stays a zombie until we exit: nothing better is possible.
+        if let Ok(svc) = service() {
+            svc.handle.spawn(async move {
+                orphan.wait(&mut None).await;
+            });
+        }
+    }
+}
+
+/// Lets a child whose owner went away run to its end: drains its channel (so it can
+/// write its result and exit) and reaps it.
+pub(crate) fn adopt(child: Arc<ChildHandle>, channel: Option<UnixStream>) {
+    let Ok(svc) = service() else { return };
+    svc.handle.spawn(async move {
+        if let Some(stream) = channel.and_then(|s| tokio::net::UnixStream::from_std(s).ok()) {
+            let mut stream = stream;
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        child.wait(&mut None).await;
+    });
+}
+
+/// Children of this process, for [`active_children`](crate::active_children).
+fn registry() -> &'static Mutex<Vec<Weak<ChildHandle>>> {
+    static REGISTRY: OnceLock<Mutex<Vec<Weak<ChildHandle>>>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+fn register(child: &Arc<ChildHandle>) {
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    reg.retain(|w| w.strong_count() > 0);
+    reg.push(Arc::downgrade(child));
+}
+
+/// Children that are still running (reaping those that ended).
+pub(crate) fn live_children() -> Vec<Arc<ChildHandle>> {
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    reg.retain(|w| w.upgrade().is_some_and(|c| c.try_exit().is_none()));
+    reg.iter().filter_map(Weak::upgrade).collect()
+}

@@ -1,0 +1,81 @@
+//! The child's end of the channel: the same codec over a blocking socket.
+//!
+//! The child needs no async runtime to talk to its parent, so a plain target never pays
+//! for one.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use bytes::BytesMut;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::{FrameCodec, WireError, codec, from_frame, to_frame};
+
+/// A blocking, framed channel over a Unix socket.
+#[derive(Debug)]
+pub(crate) struct BlockingChannel<S = UnixStream> {
+    io: S,
+    buf: BytesMut,
+    codec: FrameCodec,
+    max_frame: usize,
+}
+
+impl<S: Read + Write> BlockingChannel<S> {
+    pub(crate) fn new(io: S, max_frame: usize) -> Self {
+        BlockingChannel {
+            io,
+            buf: BytesMut::with_capacity(8 * 1024),
+            codec: codec(max_frame),
+            max_frame,
+        }
+    }
+
+    /// Reads the next message; `Ok(None)` at a clean end of stream.
+    pub(crate) fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, WireError> {
+        loop {
+            let frame = self
+                .codec
+                .decode(&mut self.buf)
+                .map_err(|e| WireError::from_codec(e, self.max_frame))?;
+            if let Some(frame) = frame {
+                return from_frame(&frame).map(Some);
+            }
+            self.buf.reserve(8 * 1024);
+            let n = read_buf(&mut self.io, &mut self.buf).map_err(WireError::Io)?;
+            if n == 0 {
+                return match self.codec.decode_eof(&mut self.buf) {
+                    Ok(Some(frame)) => from_frame(&frame).map(Some),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(WireError::from_codec(e, self.max_frame)),
+                };
+            }
+        }
+    }
+
+    /// Writes one message.
+    pub(crate) fn send<M: Serialize>(&mut self, msg: &M) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        self.codec.encode(to_frame(msg), &mut out)?;
+        self.io.write_all(&out)?;
+        self.io.flush()
+    }
+
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+/// Reads once into the spare capacity of `buf`.
+fn read_buf<S: Read>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let start = buf.len();
+    buf.resize(buf.capacity(), 0);
+    let res = loop {
+        match io.read(&mut buf[start..]) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    buf.truncate(start + *res.as_ref().unwrap_or(&0));
+    res
+}

@@ -1,0 +1,256 @@
+//! The wire between a parent and one child: length-prefixed frames, MessagePack bodies.
+//!
+//! Every child has its own `socketpair(2)`; the child's stdin, stdout and stderr are left
+//! alone. A frame is a 4-byte big-endian length followed by that many bytes of
+//! MessagePack ([`tokio_util::codec::LengthDelimitedCodec`]). A frame longer than
+//! [`DEFAULT_MAX_FRAME`] is a protocol error; the parent kills a child that sends one.
+//!
+//! The conversation:
+//!
+//! ```text
+//! parent                                   child (before main)
+//!   Hello {version, fingerprint, name} ──▶  checks version and build fingerprint
+//!   Run {target offset, args}          ──▶
+//!                                      ◀──  Ready {pid}   or   Refused {reason}
+//!                                      ◀──  Done {outcome}
+//! ```
+//!
+//! The parent sends `Hello` and `Run` without waiting, so a start costs one round trip.
+
+mod blocking;
+
+pub(crate) use blocking::BlockingChannel;
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
+
+/// Version of this protocol; both sides must agree.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame either side accepts: 1 GiB. A length prefix above it is treated as
+/// garbage rather than an allocation request.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
+
+/// What a child is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Role {
+    /// Run one target, send its outcome, exit.
+    Process,
+}
+
+/// First frame from the parent.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    pub(crate) version: u32,
+    pub(crate) fingerprint: u64,
+    pub(crate) name: String,
+    /// Python's `_identity`: `[3]` for `Process-3`, `[3, 1]` for `Process-3:1`.
+    pub(crate) identity: Vec<u32>,
+    pub(crate) role: Role,
+}
+
+/// Run one target.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Run {
+    pub(crate) id: u64,
+    /// Offset of the target's entry point from the executable's load base.
+    pub(crate) target: u64,
+    pub(crate) target_name: String,
+    pub(crate) args: ByteBuf,
+}
+
+/// Parent to child.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Down {
+    Hello(Hello),
+    Run(Run),
+}
+
+/// Child to parent.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Up {
+    Ready { version: u32, pid: u32 },
+    Refused { reason: String },
+    Done { id: u64, outcome: Outcome },
+}
+
+/// What running a target produced.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Outcome {
+    /// The encoded return value.
+    Value(ByteBuf),
+    Panicked {
+        message: String,
+        location: Option<String>,
+    },
+    Encode {
+        type_name: String,
+        reason: String,
+    },
+    Decode {
+        type_name: String,
+        reason: String,
+    },
+    /// The child refused the target (not a function of this executable).
+    BadTarget {
+        reason: String,
+    },
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WireError {
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("frame of more than {max} bytes")]
+    Oversize { max: usize },
+    #[error("undecodable message: {0}")]
+    Garbage(String),
+    #[error("I/O error on the channel: {0}")]
+    Io(std::io::Error),
+}
+
+impl WireError {
+    pub(crate) fn from_codec(e: std::io::Error, max: usize) -> Self {
+        let oversize = e
+            .get_ref()
+            .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>());
+        if oversize {
+            WireError::Oversize { max }
+        } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            WireError::Truncated
+        } else {
+            WireError::Io(e)
+        }
+    }
+}
+
+/// The codec both sides use: [`LengthDelimitedCodec`] with a 4-byte length, plus one fix.
+///
+/// `LengthDelimitedCodec` consumes a frame's header before its body arrives, so a stream
+/// that ends right after a header would look like a clean end of stream. This wrapper
+/// remembers that a frame was started and reports such an end as truncation.
+#[derive(Debug)]
+pub(crate) struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    in_frame: bool,
+}
+
+pub(crate) fn codec(max_frame: usize) -> FrameCodec {
+    FrameCodec {
+        inner: LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(max_frame)
+            .new_codec(),
+        in_frame: false,
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> std::io::Result<Option<BytesMut>> {
+        let before = src.len();
+        let frame = self.inner.decode(src)?;
+        self.in_frame = frame.is_none() && (self.in_frame || src.len() < before);
+        Ok(frame)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> std::io::Result<Option<BytesMut>> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() && !self.in_frame => Ok(None),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "stream ended inside a frame",
+            )),
+        }
+    }
+}
+
+impl Encoder<Bytes> for FrameCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> std::io::Result<()> {
+        self.inner.encode(item, dst)
+    }
+}
+
+/// Encodes one protocol message.
+pub(crate) fn to_frame<M: Serialize>(msg: &M) -> Bytes {
+    // Our own messages contain only strings, integers and byte buffers: encoding them
+    // cannot fail short of memory exhaustion, which aborts anyway.
+    match rmp_serde::to_vec(msg) {
+        Ok(v) => Bytes::from(v),
+        Err(e) => unreachable!("protocol messages always encode: {e}"),
+    }
+}
+
+/// Decodes one protocol message.
+pub(crate) fn from_frame<M: DeserializeOwned>(frame: &[u8]) -> Result<M, WireError> {
+    rmp_serde::from_slice(frame).map_err(|e| WireError::Garbage(e.to_string()))
+}
+
+/// Encodes a user value (an argument tuple or a return value). Structs are written as
+/// maps, so `#[serde(flatten)]` and internally tagged enums work.
+pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec_named(value).map_err(|e| e.to_string())
+}
+
+/// Decodes a user value.
+pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// The parent's end of a child's channel.
+#[derive(Debug)]
+pub(crate) struct Channel<R, W> {
+    rd: FramedRead<R, FrameCodec>,
+    wr: FramedWrite<W, FrameCodec>,
+    max_frame: usize,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
+    pub(crate) fn new(rd: R, wr: W, max_frame: usize) -> Self {
+        Channel {
+            rd: FramedRead::new(rd, codec(max_frame)),
+            wr: FramedWrite::new(wr, codec(max_frame)),
+            max_frame,
+        }
+    }
+
+    /// Reads the next message; `Ok(None)` at a clean end of stream.
+    ///
+    /// Cancel safe: a partly read frame stays buffered for the next call.
+    pub(crate) async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, WireError> {
+        match self.rd.next().await {
+            None => Ok(None),
+            Some(Ok(frame)) => from_frame(&frame).map(Some),
+            Some(Err(e)) => Err(WireError::from_codec(e, self.max_frame)),
+        }
+    }
+
+    /// Queues messages and writes them in as few writes as possible.
+    ///
+    /// Not cancel safe: a message may be partly written.
+    pub(crate) async fn send_all<M: Serialize>(&mut self, msgs: &[M]) -> std::io::Result<()> {
+        for m in msgs {
+            self.wr.feed(to_frame(m)).await?;
+        }
+        SinkExt::<Bytes>::flush(&mut self.wr).await
+    }
+
+    /// Gives back the two halves; buffered, unread bytes are returned too.
+    pub(crate) fn into_parts(self) -> (R, W, BytesMut) {
+        let parts = self.rd.into_parts();
+        (parts.io, self.wr.into_inner(), parts.read_buf)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+//! Framing tests in the manner of tokio-util's `tests/length_delimited.rs`: partial reads,
+//! oversize frames, garbage and end of stream in the middle of a frame.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+use super::*;
+
+/// A reader that hands out the scripted chunks one per read, then end of stream.
+struct Script {
+    chunks: VecDeque<Vec<u8>>,
+}
+
+impl Script {
+    fn new(chunks: Vec<Vec<u8>>) -> Self {
+        Script {
+            chunks: chunks.into(),
+        }
+    }
+
+    fn bytewise(bytes: &[u8]) -> Self {
+        Script::new(bytes.iter().map(|b| vec![*b]).collect())
+    }
+}
+
+impl AsyncRead for Script {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(c) = self.chunks.pop_front() {
+            buf.put_slice(&c);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Read for Script {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match self.chunks.pop_front() {
+            Some(c) => {
+                out[..c.len()].copy_from_slice(&c);
+                Ok(c.len())
+            }
+            None => Ok(0),
+        }
+    }
+}
+
+impl Write for Script {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn framed(msg: &Up) -> Vec<u8> {
+    let body = to_frame(msg);
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(&body);
+    v
+}
+
+fn ready() -> Up {
+    Up::Ready {
+        version: PROTOCOL_VERSION,
+        pid: 42,
+    }
+}
+
+fn channel(s: Script, max: usize) -> Channel<Script, tokio::io::Sink> {
+    Channel::new(s, tokio::io::sink(), max)
+}
+
+#[tokio::test]
+async fn partial_reads_reassemble_frames() {
+    let mut bytes = framed(&ready());
+    bytes.extend(framed(&Up::Refused { reason: "x".into() }));
+    let mut ch = channel(Script::bytewise(&bytes), 1024);
+    assert!(matches!(
+        ch.recv::<Up>().await,
+        Ok(Some(Up::Ready { pid: 42, .. }))
+    ));
+    assert!(matches!(
+        ch.recv::<Up>().await,
+        Ok(Some(Up::Refused { .. }))
+    ));
+    assert!(matches!(ch.recv::<Up>().await, Ok(None)));
+
+    let mut b = BlockingChannel::new(Script::bytewise(&bytes), 1024);
+    assert!(matches!(
+        b.recv::<Up>(),
+        Ok(Some(Up::Ready { pid: 42, .. }))
+    ));
+    assert!(matches!(b.recv::<Up>(), Ok(Some(Up::Refused { .. }))));
+    assert!(matches!(b.recv::<Up>(), Ok(None)));
+}
+
+#[tokio::test]
+async fn oversize_frame_is_refused_before_reading_it() {
+    // A length prefix of 4 GiB - 1 must not allocate or wait for 4 GiB.
+    let bytes = vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+    let mut ch = channel(Script::new(vec![bytes.clone()]), 1024);
+    assert!(matches!(
+        ch.recv::<Up>().await,
+        Err(WireError::Oversize { max: 1024 })
+    ));
+    let mut b = BlockingChannel::new(Script::new(vec![bytes]), 1024);
+    assert!(matches!(
+        b.recv::<Up>(),
+        Err(WireError::Oversize { max: 1024 })
+    ));
+}
+
+#[tokio::test]
+async fn garbage_body_is_a_typed_error() {
+    let mut bytes = 5u32.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&[0xc1, 0xc1, 0xc1, 0xc1, 0xc1]); // 0xc1 is never valid
+    let mut ch = channel(Script::new(vec![bytes.clone()]), 1024);
+    assert!(matches!(ch.recv::<Up>().await, Err(WireError::Garbage(_))));
+    let mut b = BlockingChannel::new(Script::new(vec![bytes]), 1024);
+    assert!(matches!(b.recv::<Up>(), Err(WireError::Garbage(_))));
+}
+
+#[tokio::test]
+async fn valid_msgpack_of_the_wrong_shape_is_garbage() {
+    let body = rmp_serde::to_vec(&("not", "a", "message")).unwrap();
+    let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&body);
+    let mut ch = channel(Script::new(vec![bytes]), 1024);
+    assert!(matches!(ch.recv::<Up>().await, Err(WireError::Garbage(_))));
+}
+
+#[tokio::test]
+async fn eof_mid_frame_is_truncated() {
+    let bytes = framed(&ready());
+    for cut in [1, 3, 4, bytes.len() - 1] {
+        let mut ch = channel(Script::new(vec![bytes[..cut].to_vec()]), 1024);
+        let got = ch.recv::<Up>().await;
+        assert!(
+            matches!(got, Err(WireError::Truncated)),
+            "cut {cut}: {got:?}"
+        );
+        let mut b = BlockingChannel::new(Script::new(vec![bytes[..cut].to_vec()]), 1024);
+        let got = b.recv::<Up>();
+        assert!(
+            matches!(got, Err(WireError::Truncated)),
+            "cut {cut}: {got:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sent_frames_read_back() {
+    let (a, b) = tokio::io::duplex(64);
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let mut tx = Channel::new(ar, aw, 1 << 20);
+    let mut rx = Channel::new(br, bw, 1 << 20);
+    let big = serde_bytes::ByteBuf::from(vec![7u8; 100_000]);
+    let send = tokio::spawn(async move {
+        tx.send_all(&[Up::Done {
+            id: 9,
+            outcome: Outcome::Value(big),
+        }])
+        .await
+        .unwrap();
+        tx
+    });
+    match rx.recv::<Up>().await {
+        Ok(Some(Up::Done {
+            id: 9,
+            outcome: Outcome::Value(v),
+        })) => assert_eq!(v.len(), 100_000),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(send.await.unwrap());
+    assert!(matches!(rx.recv::<Up>().await, Ok(None)));
+}
+
+#[test]
+fn user_values_keep_flatten_and_internal_tags() {
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Inner {
+        b: u32,
+    }
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Outer {
+        a: String,
+        #[serde(flatten)]
+        inner: Inner,
+    }
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    #[serde(tag = "kind")]
+    enum Shape {
+        Circle { r: f64 },
+        Square { side: u8 },
+    }
+    let v = (
+        Outer {
+            a: "x".into(),
+            inner: Inner { b: 3 },
+        },
+        vec![Shape::Circle { r: 1.5 }, Shape::Square { side: 2 }],
+    );
+    let bytes = encode_value(&v).unwrap();
+    let back: (Outer, Vec<Shape>) = decode_value(&bytes).unwrap();
+    assert_eq!(back, v);
+}
