@@ -97,7 +97,7 @@ fn serve(args: Args) -> i32 {
     }
     crate::process::become_child(&hello.name, hello.identity.clone());
     set_title(&hello.name);
-    install_panic_hook();
+    install_panic_hook(&hello.name);
     let ready = Up::Ready {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -194,28 +194,43 @@ thread_local! {
     static LAST_PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Records where a panic happened (the payload does not carry it), then prints as usual,
-/// as Python prints the traceback of an exception in a child.
-fn install_panic_hook() {
-    let default = std::panic::take_hook();
+/// Records where a panic happened (the payload does not carry it), then prints it as
+/// Rust's default hook would, as Python prints the traceback of an exception in a child.
+/// The main thread is named after the process: std never learnt its name, since `main`
+/// did not run.
+fn install_panic_hook(process: &str) {
+    let process = process.to_owned();
     std::panic::set_hook(Box::new(move |info| {
         let loc = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or(&process);
+        let msg = payload_message(info.payload());
+        let at = loc.as_deref().unwrap_or("<unknown>");
+        let bt = std::backtrace::Backtrace::capture();
+        let trace = match bt.status() {
+            std::backtrace::BacktraceStatus::Captured => format!("stack backtrace:\n{bt}"),
+            _ => "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n"
+                .to_owned(),
+        };
+        eprint!("\nthread '{name}' panicked at {at}:\n{msg}\n{trace}");
         LAST_PANIC_LOCATION.with(|c| *c.borrow_mut() = loc);
-        default(info);
     }));
 }
 
 /// The message and location of a panic caught on this thread.
 pub(crate) fn panic_details(payload: &(dyn Any + Send)) -> (String, Option<String>) {
-    let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "Box<dyn Any>".to_owned()
-    };
     let location = LAST_PANIC_LOCATION.with(|c| c.borrow_mut().take());
-    (message, location)
+    (payload_message(payload).to_owned(), location)
+}
+
+fn payload_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "Box<dyn Any>"
+    }
 }

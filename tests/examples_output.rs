@@ -1,0 +1,52 @@
+//! The seed programs, run as a user runs them: their stdout is checked line by line.
+//! This also proves a child's `println!` reaches the parent's stdout.
+
+mod support;
+
+use std::process::Command;
+
+fn run(name: &str) -> String {
+    let out = Command::new(support::example_bin(name))
+        .output()
+        .expect("run example");
+    assert!(
+        out.status.success(),
+        "{name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+#[test]
+fn names_prints_exactly_the_seeds_names() {
+    assert_eq!(
+        run("names"),
+        "5 doubled to 10 by: Process-2\n\
+         10 doubled to 20 by: Process-3\n\
+         15 doubled to 30 by: Process-4\n\
+         20 doubled to 40 by: Process-5\n\
+         25 doubled to 50 by: Process-6\n\
+         2 doubled to 4 by: Test\n"
+    );
+}
+
+#[test]
+fn doubler_prints_from_five_child_processes() {
+    let out = run("doubler");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort_by_key(|l| l.split(' ').next().and_then(|n| n.parse::<u32>().ok()));
+    assert_eq!(lines.len(), 5, "{out}");
+    let mut pids = std::collections::HashSet::new();
+    for (line, n) in lines.iter().zip([5, 10, 15, 20, 25]) {
+        let prefix = format!("{n} doubled to {} by process id: ", n * 2);
+        let pid = line
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        pids.insert(pid.parse::<u32>().expect("pid"));
+    }
+    assert_eq!(
+        pids.len(),
+        5,
+        "each number is doubled by its own process: {out}"
+    );
+}

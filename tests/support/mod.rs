@@ -1,0 +1,132 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A fresh, empty directory for one test, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("procpool-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Blocks (in a child) until `path` exists: the parent's half of a file handshake.
+pub fn wait_for_file(path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !Path::new(path).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "handshake file {path} never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Creates `path` atomically (write then rename), so a reader never sees it half written.
+pub fn write_file(path: &str, contents: &str) {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, contents).expect("write handshake file");
+    std::fs::rename(&tmp, path).expect("rename handshake file");
+}
+
+/// Waits up to `limit` for `path` to appear and returns its contents.
+pub fn read_file_within(path: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} did not appear within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The state letter of a process from `/proc/PID/stat` (`R`, `S`, `Z`, ...), or `None`
+/// if there is no such process.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: the state follows ") ".
+    let after = stat.rsplit_once(") ")?.1;
+    after.chars().next()
+}
+
+/// True if `pid` is gone or a zombie (dead either way).
+pub fn is_dead(pid: u32) -> bool {
+    matches!(proc_state(pid), None | Some('Z') | Some('X'))
+}
+
+/// Waits up to `limit` for `cond`, checking every few milliseconds; returns whether it
+/// held. Used only for real-process events with generous bounds, never to order events.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Direct children of this process according to `/proc` (any state, zombies included).
+pub fn os_children() -> Vec<(u32, char)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut f = rest.split(' ');
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid: u32 = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid == me {
+            out.push((pid, state));
+        }
+    }
+    out
+}
+
+/// Path of an example binary built by `cargo test` (examples are built beside tests).
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("examples").join(name);
+    assert!(
+        bin.exists(),
+        "example {name} not built at {}; run the tests with `cargo test`",
+        bin.display()
+    );
+    bin
+}
