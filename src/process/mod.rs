@@ -435,7 +435,8 @@ impl Running {
     /// Records a protocol violation and kills the child.
     fn fail(&mut self, reason: String) {
         self.outcome = Some(Err(Stored::Protocol(reason)));
-        self.channel = None;
+        // Kill before closing the channel: the child exits by itself when its channel
+        // closes, and the exit status must say it was killed.
         if let Err(e) = self.child.signal(rustix::process::Signal::KILL) {
             // The child is unusable either way; say so rather than hide it.
             eprintln!(
@@ -443,6 +444,7 @@ impl Running {
                 self.child.pid
             );
         }
+        self.channel = None;
     }
 
     /// Waits for the child to exit. Cancel safe.
