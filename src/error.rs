@@ -181,6 +181,13 @@ pub enum Error {
         reason: String,
     },
 
+    /// An option has a value that cannot work (for example a pool of 0 processes).
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+    },
+
     /// [`Process::join`](crate::Process::join) or a similar call was made on a process
     /// that was never started.
     #[error("the process was not started: call `start().await` first")]

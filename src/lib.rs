@@ -61,11 +61,13 @@
 
 mod child;
 mod error;
+mod pool;
 mod process;
 mod target;
 mod wire;
 
 pub use error::{Error, ExitReason, Result};
+pub use pool::{Apply, AsyncPool, Builder, Imap, Map, PoolStats, TaskHandle, TaskTimeout};
 pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
 pub use target::{Async, Blocking, Target};
 pub use wire::DEFAULT_MAX_FRAME;

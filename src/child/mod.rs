@@ -9,11 +9,15 @@
 
 use std::any::Any;
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, mpsc};
 
 use crate::target::{self, Context, Image};
-use crate::wire::{self, BlockingChannel, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Up};
+use crate::wire::{
+    self, BlockingChannel, BlockingWriter, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Run, Up,
+};
 
 /// `argv[1]` of every procpool child.
 pub(crate) const MAGIC: &str = "--procpool-child-v1";
@@ -97,7 +101,19 @@ fn serve(args: Args) -> i32 {
     }
     crate::process::become_child(&hello.name, hello.identity.clone());
     set_title(&hello.name);
-    install_panic_hook(&hello.name);
+    // Python prints the traceback of a `Process` that raised, not of a pool task (the
+    // pool hands the error to the caller instead).
+    install_panic_hook(&hello.name, hello.role == Role::Process);
+    let mut cx = Context::default();
+    if let Some(init) = hello.init {
+        let outcome = execute(&init, &mut cx);
+        if !matches!(outcome, Outcome::Value(_)) {
+            return match chan.send(&Up::InitFailed { outcome }) {
+                Ok(()) => EXIT_PANICKED,
+                Err(_) => EXIT_ORPHANED,
+            };
+        }
+    }
     let ready = Up::Ready {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -106,7 +122,18 @@ fn serve(args: Args) -> i32 {
         return EXIT_ORPHANED;
     }
     match hello.role {
-        Role::Process => run_once(chan),
+        Role::Process => run_once(chan, cx),
+        Role::Worker => serve_pool(chan, cx),
+    }
+}
+
+/// Runs one task: looks its entry point up and calls it.
+fn execute(run: &Run, cx: &mut Context) -> Outcome {
+    match target::lookup(run.target) {
+        Ok(entry) => entry(&run.args, cx),
+        Err(reason) => Outcome::BadTarget {
+            reason: format!("{}: {reason}", run.target_name),
+        },
     }
 }
 
@@ -129,19 +156,14 @@ fn check_build(hello: &Hello) -> Result<(), String> {
 }
 
 /// The `Process` role: run one target, send its outcome, exit.
-fn run_once(mut chan: BlockingChannel) -> i32 {
+fn run_once(mut chan: BlockingChannel, mut cx: Context) -> i32 {
     let run = match chan.recv::<Down>() {
         Ok(Some(Down::Run(run))) => run,
         Ok(None) => return EXIT_ORPHANED,
         Ok(Some(_)) | Err(_) => return EXIT_PROTOCOL,
     };
     watch_for_parent_eof(chan.get_ref());
-    let outcome = match target::lookup(run.target) {
-        Ok(entry) => entry(&run.args, &mut Context::default()),
-        Err(reason) => Outcome::BadTarget {
-            reason: format!("{}: {reason}", run.target_name),
-        },
-    };
+    let outcome = execute(&run, &mut cx);
     let code = match outcome {
         Outcome::Panicked { .. } => EXIT_PANICKED,
         _ => 0,
@@ -153,6 +175,98 @@ fn run_once(mut chan: BlockingChannel) -> i32 {
         Ok(()) => code,
         Err(_) => EXIT_ORPHANED,
     }
+}
+
+/// What the reader thread hands the executor.
+enum Job {
+    Run(Run),
+    Shutdown,
+}
+
+/// The `Worker` role: tasks run one at a time, in the order they arrive.
+///
+/// Three threads: a reader (decodes frames, records skips, exits the process when the
+/// parent's end closes: the end-of-channel watch), the executor (this thread: user code
+/// runs here, so a plain target may block), and a writer (sends results, several per
+/// write when they come faster than the socket takes them).
+fn serve_pool(mut chan: BlockingChannel, mut cx: Context) -> i32 {
+    let Ok(write_half) = chan.get_ref().try_clone() else {
+        return EXIT_PROTOCOL;
+    };
+    let skips: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let (jobs_tx, jobs) = mpsc::channel::<Job>();
+    let reader_skips = Arc::clone(&skips);
+    let reader = std::thread::Builder::new()
+        .name("procpool-reader".into())
+        .spawn(move || {
+            loop {
+                let job = match chan.recv::<Down>() {
+                    Ok(Some(Down::Run(run))) => Job::Run(run),
+                    Ok(Some(Down::Skip { id })) => {
+                        lock(&reader_skips).insert(id);
+                        continue;
+                    }
+                    Ok(Some(Down::Shutdown)) => Job::Shutdown,
+                    Ok(None) => std::process::exit(EXIT_ORPHANED),
+                    Ok(Some(Down::Hello(_))) | Err(_) => std::process::exit(EXIT_PROTOCOL),
+                };
+                if jobs_tx.send(job).is_err() {
+                    return;
+                }
+            }
+        });
+    if reader.is_err() {
+        return EXIT_PROTOCOL;
+    }
+    let (out_tx, out) = mpsc::channel::<Up>();
+    let writer = std::thread::Builder::new()
+        .name("procpool-writer".into())
+        .spawn(move || {
+            let mut w = BlockingWriter::new(write_half, wire::DEFAULT_MAX_FRAME);
+            while let Ok(msg) = out.recv() {
+                let mut res = w.feed(&msg);
+                while res.is_ok() && w.pending() < (1 << 20) {
+                    match out.try_recv() {
+                        Ok(more) => res = w.feed(&more),
+                        Err(_) => break,
+                    }
+                }
+                if res.and_then(|()| w.flush()).is_err() {
+                    // The parent is gone.
+                    std::process::exit(EXIT_ORPHANED);
+                }
+            }
+        });
+    let Ok(writer) = writer else {
+        return EXIT_PROTOCOL;
+    };
+    while let Ok(Job::Run(run)) = jobs.recv() {
+        let skipped = lock(&skips).remove(&run.id);
+        let outcome = if skipped {
+            Outcome::Skipped
+        } else {
+            execute(&run, &mut cx)
+        };
+        if out_tx
+            .send(Up::Done {
+                id: run.id,
+                outcome,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    // Shutdown (or the reader stopped): let the writer send what is queued, then exit.
+    drop(out_tx);
+    match writer.join() {
+        Ok(()) => 0,
+        Err(_) => EXIT_PROTOCOL,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Exits as soon as the parent's end of the channel closes (the parent died or dropped
@@ -198,12 +312,16 @@ thread_local! {
 /// Rust's default hook would, as Python prints the traceback of an exception in a child.
 /// The main thread is named after the process: std never learnt its name, since `main`
 /// did not run.
-fn install_panic_hook(process: &str) {
+fn install_panic_hook(process: &str, print: bool) {
     let process = process.to_owned();
     std::panic::set_hook(Box::new(move |info| {
         let loc = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        if !print {
+            LAST_PANIC_LOCATION.with(|c| *c.borrow_mut() = loc);
+            return;
+        }
         let thread = std::thread::current();
         let name = thread.name().unwrap_or(&process);
         let msg = payload_message(info.payload());

@@ -37,15 +37,20 @@ pub(crate) fn become_child(name: &str, identity: Vec<u32>) {
 }
 
 /// The identity of the next child: ours plus the next counter value.
-fn next_identity() -> Vec<u32> {
+pub(crate) fn next_identity() -> Vec<u32> {
     let mut id = SELF_ID.get().map(|(_, id)| id.clone()).unwrap_or_default();
     id.push(COUNTER.fetch_add(1, Ordering::Relaxed) + 1);
     id
 }
 
 fn name_of(identity: &[u32]) -> String {
+    named("Process", identity)
+}
+
+/// `Process-3:1`, `PoolWorker-4`: Python's naming from an identity.
+pub(crate) fn named(prefix: &str, identity: &[u32]) -> String {
     let parts: Vec<String> = identity.iter().map(u32::to_string).collect();
-    format!("Process-{}", parts.join(":"))
+    format!("{prefix}-{}", parts.join(":"))
 }
 
 /// The name and pid of a process: what [`current_process`] and [`active_children`]
@@ -289,6 +294,7 @@ impl<R> Process<R> {
             name: self.name.clone(),
             identity: self.identity.clone(),
             role: Role::Process,
+            init: None,
         });
         let run = Down::Run(Run {
             id: 0,
@@ -378,26 +384,8 @@ impl<R: DeserializeOwned> Process<R> {
         let run = self.run.as_mut().ok_or(Error::NotStarted)?;
         run.read_outcome(&name).await;
         let exit = run.wait_exit().await;
-        let decode = |bytes: &[u8]| wire::decode_value::<R>(bytes).map_err(Error::decode::<R>);
         match &run.outcome {
-            Some(Ok(Outcome::Value(bytes))) => decode(bytes),
-            Some(Ok(Outcome::Panicked { message, location })) => Err(Error::Panicked {
-                message: message.clone(),
-                location: location.clone(),
-                name,
-            }),
-            Some(Ok(Outcome::Encode { type_name, reason })) => Err(Error::Encode {
-                type_name: type_name.clone(),
-                reason: reason.clone(),
-            }),
-            Some(Ok(Outcome::Decode { type_name, reason })) => Err(Error::Decode {
-                type_name: type_name.clone(),
-                reason: reason.clone(),
-            }),
-            Some(Ok(Outcome::BadTarget { reason })) => Err(Error::UnsupportedTarget {
-                name: name.clone(),
-                reason: reason.clone(),
-            }),
+            Some(Ok(outcome)) => outcome.to_result(&name),
             Some(Err(Stored::Protocol(reason))) => Err(Error::Protocol {
                 name,
                 reason: reason.clone(),

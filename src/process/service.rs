@@ -182,6 +182,23 @@ impl ChildHandle {
         }
     }
 
+    /// Sends `sig` to the child's whole process group (the child and whatever it started
+    /// that stayed in its group), unless the child was already reaped: after that its pid,
+    /// and so its group id, may belong to someone else.
+    pub(crate) fn signal_group(&self, sig: rustix::process::Signal) -> io::Result<()> {
+        let st = self.lock();
+        if st.exit.is_some() {
+            return Ok(());
+        }
+        let Some(pgid) = rustix::process::Pid::from_raw(self.pid as i32) else {
+            return Ok(());
+        };
+        match rustix::process::kill_process_group(pgid, sig) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Waits for the child to exit and reaps it.
     ///
     /// Cancel safe. `slot` keeps the registration of the pidfd with the current runtime

@@ -66,6 +66,41 @@ impl<S: Read + Write> BlockingChannel<S> {
     }
 }
 
+/// Encodes frames into a buffer and writes them in one go: the child's side of batching.
+#[derive(Debug)]
+pub(crate) struct BlockingWriter<S = UnixStream> {
+    io: S,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
+
+impl<S: Write> BlockingWriter<S> {
+    pub(crate) fn new(io: S, max_frame: usize) -> Self {
+        BlockingWriter {
+            io,
+            buf: BytesMut::new(),
+            codec: codec(max_frame),
+        }
+    }
+
+    /// Queues one message; nothing is written until [`flush`](Self::flush).
+    pub(crate) fn feed<M: Serialize>(&mut self, msg: &M) -> std::io::Result<()> {
+        self.codec.encode(to_frame(msg), &mut self.buf)
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes everything queued.
+    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
+        self.io.write_all(&self.buf)?;
+        self.buf.clear();
+        self.io.flush()
+    }
+}
+
 /// Reads once into the spare capacity of `buf`.
 fn read_buf<S: Read>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
     let start = buf.len();

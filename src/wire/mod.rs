@@ -19,7 +19,7 @@
 
 mod blocking;
 
-pub(crate) use blocking::BlockingChannel;
+pub(crate) use blocking::{BlockingChannel, BlockingWriter};
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -40,6 +40,8 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 pub(crate) enum Role {
     /// Run one target, send its outcome, exit.
     Process,
+    /// Serve tasks for a pool, in order, until `Shutdown` or the end of the channel.
+    Worker,
 }
 
 /// First frame from the parent.
@@ -51,6 +53,8 @@ pub(crate) struct Hello {
     /// Python's `_identity`: `[3]` for `Process-3`, `[3, 1]` for `Process-3:1`.
     pub(crate) identity: Vec<u32>,
     pub(crate) role: Role,
+    /// A pool's initializer: runs once before `Ready`.
+    pub(crate) init: Option<Run>,
 }
 
 /// Run one target.
@@ -68,14 +72,32 @@ pub(crate) struct Run {
 pub(crate) enum Down {
     Hello(Hello),
     Run(Run),
+    /// Do not run task `id` if it has not started (its caller gave up).
+    Skip {
+        id: u64,
+    },
+    /// Finish the tasks already sent, then exit.
+    Shutdown,
 }
 
 /// Child to parent.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Up {
-    Ready { version: u32, pid: u32 },
-    Refused { reason: String },
-    Done { id: u64, outcome: Outcome },
+    Ready {
+        version: u32,
+        pid: u32,
+    },
+    Refused {
+        reason: String,
+    },
+    /// The pool's initializer failed; the child exits.
+    InitFailed {
+        outcome: Outcome,
+    },
+    Done {
+        id: u64,
+        outcome: Outcome,
+    },
 }
 
 /// What running a target produced.
@@ -99,6 +121,37 @@ pub(crate) enum Outcome {
     BadTarget {
         reason: String,
     },
+    /// The task was skipped on request (`Down::Skip`).
+    Skipped,
+}
+
+impl Outcome {
+    /// What the caller gets: the decoded value or the matching error. Does not consume
+    /// the outcome, so a result can be read again (`Process::join` twice).
+    pub(crate) fn to_result<R: DeserializeOwned>(&self, name: &str) -> crate::Result<R> {
+        use crate::Error;
+        match self {
+            Outcome::Value(bytes) => decode_value::<R>(bytes).map_err(Error::decode::<R>),
+            Outcome::Panicked { message, location } => Err(Error::Panicked {
+                message: message.clone(),
+                location: location.clone(),
+                name: name.to_owned(),
+            }),
+            Outcome::Encode { type_name, reason } => Err(Error::Encode {
+                type_name: type_name.clone(),
+                reason: reason.clone(),
+            }),
+            Outcome::Decode { type_name, reason } => Err(Error::Decode {
+                type_name: type_name.clone(),
+                reason: reason.clone(),
+            }),
+            Outcome::BadTarget { reason } => Err(Error::UnsupportedTarget {
+                name: name.to_owned(),
+                reason: reason.clone(),
+            }),
+            Outcome::Skipped => Err(Error::Cancelled),
+        }
+    }
 }
 
 /// Why a frame could not be read.
@@ -210,20 +263,59 @@ pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Strin
 /// The parent's end of a child's channel.
 #[derive(Debug)]
 pub(crate) struct Channel<R, W> {
+    reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+}
+
+/// The reading half of a [`Channel`].
+#[derive(Debug)]
+pub(crate) struct FrameReader<R> {
     rd: FramedRead<R, FrameCodec>,
-    wr: FramedWrite<W, FrameCodec>,
     max_frame: usize,
+}
+
+/// The writing half of a [`Channel`].
+#[derive(Debug)]
+pub(crate) struct FrameWriter<W> {
+    wr: FramedWrite<W, FrameCodec>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
     pub(crate) fn new(rd: R, wr: W, max_frame: usize) -> Self {
         Channel {
-            rd: FramedRead::new(rd, codec(max_frame)),
-            wr: FramedWrite::new(wr, codec(max_frame)),
-            max_frame,
+            reader: FrameReader {
+                rd: FramedRead::new(rd, codec(max_frame)),
+                max_frame,
+            },
+            writer: FrameWriter {
+                wr: FramedWrite::new(wr, codec(max_frame)),
+            },
         }
     }
 
+    /// See [`FrameReader::recv`].
+    pub(crate) async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, WireError> {
+        self.reader.recv().await
+    }
+
+    /// See [`FrameWriter::send_all`].
+    pub(crate) async fn send_all<M: Serialize>(&mut self, msgs: &[M]) -> std::io::Result<()> {
+        self.writer.send_all(msgs).await
+    }
+
+    /// The two halves, for a reader task and a writer task.
+    pub(crate) fn split(self) -> (FrameReader<R>, FrameWriter<W>) {
+        (self.reader, self.writer)
+    }
+
+    /// Gives back the two halves; buffered, unread bytes are returned too.
+    pub(crate) fn into_parts(self) -> (R, W, BytesMut) {
+        let parts = self.reader.rd.into_parts();
+        (parts.io, self.writer.wr.into_inner(), parts.read_buf)
+    }
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads the next message; `Ok(None)` at a clean end of stream.
     ///
     /// Cancel safe: a partly read frame stays buffered for the next call.
@@ -234,7 +326,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
             Some(Err(e)) => Err(WireError::from_codec(e, self.max_frame)),
         }
     }
+}
 
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Queues messages and writes them in as few writes as possible.
     ///
     /// Not cancel safe: a message may be partly written.
@@ -245,10 +339,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
         SinkExt::<Bytes>::flush(&mut self.wr).await
     }
 
-    /// Gives back the two halves; buffered, unread bytes are returned too.
-    pub(crate) fn into_parts(self) -> (R, W, BytesMut) {
-        let parts = self.rd.into_parts();
-        (parts.io, self.wr.into_inner(), parts.read_buf)
+    /// Queues an encoded frame; written by the next [`flush`](Self::flush) (or sooner if
+    /// the buffer fills).
+    pub(crate) async fn feed(&mut self, frame: Bytes) -> std::io::Result<()> {
+        self.wr.feed(frame).await
+    }
+
+    /// Writes everything queued.
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        SinkExt::<Bytes>::flush(&mut self.wr).await
     }
 }
 

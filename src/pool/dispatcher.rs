@@ -1,0 +1,615 @@
+//! The pool's central task: owns the workers, the queue of pending tasks, the in-flight
+//! table and the deadlines; assigns work, reaps and replaces workers, answers callers.
+//!
+//! Callers hold only futures and handles; everything they ask goes through [`Command`]s,
+//! everything workers say arrives as [`Event`]s. State changes happen here and nowhere
+//! else, so there are no locks to hold across awaits and cancellation of a caller is just
+//! one more message.
+//!
+//! Pipelining: a worker may have up to `pipeline` tasks in flight; it runs them in order,
+//! so the head of its in-flight list is the one running. Its start time is when it was
+//! sent to an idle worker, or when the task before it finished. A task whose caller gave
+//! up is skipped by the worker if it has not started (`Down::Skip`); if it is running,
+//! the worker is stopped (SIGTERM to its process group, a grace period, SIGKILL) and
+//! replaced, and the tasks queued behind it go back to the front of the queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::PoolStats;
+use super::message::{Command, Finished, Job, Reply};
+use super::worker::{self, Event, Init, WorkerConn};
+use crate::error::Error;
+use crate::process::ChildHandle;
+use crate::target::TargetRef;
+use crate::wire::{Down, Outcome, Run};
+
+/// How long a worker may take to skip a cancelled task that reached the head of its
+/// queue before the dispatcher assumes it is running it and stops the worker.
+const SKIP_GRACE: Duration = Duration::from_millis(50);
+
+/// Consecutive failed worker starts after which the pool stops trying.
+const MAX_START_FAILURES: u32 = 5;
+
+/// What the builder decided.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) processes: usize,
+    pub(crate) init: Option<Init>,
+    pub(crate) max_tasks_per_child: Option<u32>,
+    pub(crate) task_timeout: Option<Duration>,
+    pub(crate) kill_grace: Duration,
+    pub(crate) pipeline: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Queued,
+    Sent,
+}
+
+struct Task {
+    target: TargetRef,
+    args: Bytes,
+    reply: Option<Reply>,
+    state: State,
+    /// The caller gave up; the task stays here only until its worker moves past it.
+    cancelled: bool,
+}
+
+struct Worker {
+    conn: WorkerConn,
+    inflight: VecDeque<u64>,
+    /// When the head of `inflight` started (estimated).
+    head_since: Option<Instant>,
+    assigned: u32,
+    /// Sent `Shutdown`: takes no more tasks, exits when done.
+    retiring: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    submitted: u64,
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+    restarts: u64,
+    queued: usize,
+    running: usize,
+}
+
+pub(crate) struct Dispatcher {
+    cfg: Config,
+    cmds: mpsc::UnboundedReceiver<Command>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    stats: Arc<Mutex<PoolStats>>,
+    workers: Vec<Worker>,
+    starting: usize,
+    pending: VecDeque<u64>,
+    tasks: HashMap<u64, Task>,
+    next_worker: u64,
+    counts: Counts,
+    closing: Option<Vec<oneshot::Sender<()>>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    broken: Option<String>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        cfg: Config,
+        cmds: mpsc::UnboundedReceiver<Command>,
+        stats: Arc<Mutex<PoolStats>>,
+        initial: Vec<WorkerConn>,
+        next_worker: u64,
+        events_tx: mpsc::UnboundedSender<Event>,
+        events: mpsc::UnboundedReceiver<Event>,
+    ) -> Self {
+        let workers = initial.into_iter().map(Worker::new).collect();
+        Dispatcher {
+            cfg,
+            cmds,
+            events_tx,
+            events,
+            stats,
+            workers,
+            starting: 0,
+            pending: VecDeque::new(),
+            tasks: HashMap::new(),
+            next_worker,
+            counts: Counts::default(),
+            closing: None,
+            failures: 0,
+            retry_at: None,
+            broken: None,
+        }
+    }
+
+    /// Runs until the pool is closed, terminated, or its last handle is dropped.
+    pub(crate) async fn run(mut self) {
+        loop {
+            self.assign();
+            self.maintain();
+            self.shut_idle_workers_when_closing();
+            self.publish_stats();
+            if self.closed_down() {
+                for done in self.closing.take().unwrap_or_default() {
+                    // A caller that stopped waiting for close() needs no answer.
+                    done.send(()).ok();
+                }
+                return;
+            }
+            let deadline = self.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                Some(ev) = self.events.recv() => {
+                    self.on_event(ev);
+                    // Take whatever else is ready before assigning again: batching.
+                    for _ in 0..256 {
+                        let Ok(ev) = self.events.try_recv() else { break };
+                        self.on_event(ev);
+                    }
+                }
+                cmd = self.cmds.recv() => {
+                    let mut next = cmd;
+                    for _ in 0..256 {
+                        match next {
+                            None => return self.terminate(None).await,
+                            Some(Command::Terminate { done }) => {
+                                return self.terminate(Some(done)).await;
+                            }
+                            Some(cmd) => self.on_command(cmd),
+                        }
+                        match self.cmds.try_recv() {
+                            Ok(cmd) => next = Some(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = sleep => self.on_deadline(),
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ commands
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(job) => self.submit(job),
+            Command::Cancel { id } => self.cancel(id),
+            Command::Close { done } => self.closing.get_or_insert_with(Vec::new).push(done),
+            Command::Terminate { .. } => unreachable!("handled by run"),
+        }
+    }
+
+    fn submit(&mut self, job: Job) {
+        if let Some(reason) = &self.broken {
+            (job.reply)(Err(Error::spawn(reason.clone(), None)));
+            return;
+        }
+        self.counts.submitted += 1;
+        self.counts.queued += 1;
+        self.tasks.insert(
+            job.id,
+            Task {
+                target: job.target,
+                args: job.args,
+                reply: Some(job.reply),
+                state: State::Queued,
+                cancelled: false,
+            },
+        );
+        self.pending.push_back(job.id);
+    }
+
+    fn cancel(&mut self, id: u64) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return; // already finished
+        };
+        if task.cancelled {
+            return;
+        }
+        self.counts.cancelled += 1;
+        match task.state {
+            State::Queued => {
+                self.counts.queued -= 1;
+                // Its id stays in `pending` and is skipped there.
+                self.tasks.remove(&id);
+            }
+            State::Sent => {
+                self.counts.running -= 1;
+                task.cancelled = true;
+                task.reply = None;
+                let Some(idx) = self.workers.iter().position(|w| w.inflight.contains(&id)) else {
+                    self.tasks.remove(&id);
+                    return;
+                };
+                if self.workers[idx].inflight.front() == Some(&id) {
+                    // Running: stop the worker so no CPU goes to unwanted work.
+                    self.stop_worker(idx, None);
+                } else {
+                    self.workers[idx].conn.send(&Down::Skip { id });
+                }
+            }
+        }
+    }
+
+    // -------------------------------------------------------------------- events
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Ready(conn) => {
+                self.starting -= 1;
+                self.failures = 0;
+                self.retry_at = None;
+                self.workers.push(Worker::new(conn));
+            }
+            Event::Failed(err) => {
+                self.starting -= 1;
+                self.failures += 1;
+                if self.failures >= MAX_START_FAILURES {
+                    if self.workers.is_empty() {
+                        self.broken = Some(format!(
+                            "the pool cannot start workers ({} failures in a row): {err}",
+                            self.failures
+                        ));
+                    }
+                } else {
+                    let backoff = Duration::from_millis(10) * 2u32.pow(self.failures);
+                    self.retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(2)));
+                }
+            }
+            Event::Done {
+                worker,
+                id,
+                outcome,
+            } => self.on_done(worker, id, outcome),
+            Event::Gone {
+                worker,
+                exit,
+                protocol,
+            } => {
+                let Some(idx) = self.workers.iter().position(|w| w.conn.id == worker) else {
+                    return; // stopped by us already
+                };
+                let w = &self.workers[idx];
+                let err = match protocol {
+                    Some(reason) => Error::Protocol {
+                        name: w.conn.name.to_string(),
+                        reason,
+                    },
+                    None => Error::WorkerDied {
+                        pid: w.conn.child.pid,
+                        name: w.conn.name.to_string(),
+                        reason: exit,
+                    },
+                };
+                let expected = w.retiring && w.inflight.is_empty();
+                self.remove_worker(idx, Some(err));
+                if !expected {
+                    self.counts.restarts += 1;
+                }
+            }
+        }
+    }
+
+    fn on_done(&mut self, worker: u64, id: u64, outcome: Outcome) {
+        let Some(idx) = self.workers.iter().position(|w| w.conn.id == worker) else {
+            return; // a late answer from a worker we stopped
+        };
+        let w = &mut self.workers[idx];
+        if w.inflight.front() != Some(&id) {
+            let err = Error::Protocol {
+                name: w.conn.name.to_string(),
+                reason: format!("answered task {id} out of order"),
+            };
+            self.stop_worker(idx, Some(err));
+            return;
+        }
+        w.inflight.pop_front();
+        w.head_since = (!w.inflight.is_empty()).then(Instant::now);
+        let name = Arc::clone(&w.conn.name);
+        let Some(task) = self.tasks.remove(&id) else {
+            return;
+        };
+        if task.cancelled {
+            return; // counted when it was cancelled
+        }
+        self.counts.running -= 1;
+        match outcome {
+            Outcome::Value(_) => self.counts.completed += 1,
+            _ => self.counts.failed += 1,
+        }
+        if let Some(reply) = task.reply {
+            reply(Ok(Finished {
+                outcome,
+                worker: name,
+            }));
+        }
+    }
+
+    fn on_deadline(&mut self) {
+        let now = Instant::now();
+        let mut idx = self.workers.len();
+        while idx > 0 {
+            idx -= 1;
+            let Some((at, cancelled)) = self.head_deadline(&self.workers[idx]) else {
+                continue;
+            };
+            if at > now {
+                continue;
+            }
+            let err = match (cancelled, self.cfg.task_timeout) {
+                (false, Some(after)) => Some(Error::Timeout { after }),
+                _ => None,
+            };
+            self.stop_worker(idx, err);
+        }
+    }
+
+    // ------------------------------------------------------------------- workers
+
+    /// Sends queued tasks to workers with room, least loaded first.
+    fn assign(&mut self) {
+        if let Some(reason) = self.broken.clone() {
+            while let Some(id) = self.pending.pop_front() {
+                if let Some(task) = self.tasks.remove(&id) {
+                    self.counts.queued -= 1;
+                    self.counts.failed += 1;
+                    if let Some(reply) = task.reply {
+                        reply(Err(Error::spawn(reason.clone(), None)));
+                    }
+                }
+            }
+            return;
+        }
+        while let Some(&id) = self.pending.front() {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                self.pending.pop_front(); // cancelled while queued
+                continue;
+            };
+            let Some(w) = self
+                .workers
+                .iter_mut()
+                .filter(|w| !w.retiring && w.inflight.len() < self.cfg.pipeline)
+                .min_by_key(|w| w.inflight.len())
+            else {
+                break;
+            };
+            self.pending.pop_front();
+            task.state = State::Sent;
+            self.counts.queued -= 1;
+            self.counts.running += 1;
+            w.conn.send(&Down::Run(Run {
+                id,
+                target: task.target.offset,
+                target_name: task.target.name.to_owned(),
+                args: ByteBuf::from(task.args.to_vec()),
+            }));
+            w.inflight.push_back(id);
+            if w.inflight.len() == 1 {
+                w.head_since = Some(Instant::now());
+            }
+            w.assigned += 1;
+            if self
+                .cfg
+                .max_tasks_per_child
+                .is_some_and(|max| w.assigned >= max)
+            {
+                // Replaced right away (see `maintain`), so a limit never deadlocks the
+                // pool (CPython gh-115634).
+                w.retiring = true;
+                w.conn.send(&Down::Shutdown);
+            }
+        }
+    }
+
+    /// Starts workers until there are as many as configured (or as needed to finish the
+    /// queue while closing), backing off after failures.
+    fn maintain(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
+        let want = match self.closing {
+            Some(_) if self.counts.queued == 0 => 0,
+            _ => self.cfg.processes,
+        };
+        let active = self.workers.iter().filter(|w| !w.retiring).count() + self.starting;
+        if active >= want || self.failures >= MAX_START_FAILURES {
+            return;
+        }
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        for _ in active..want {
+            self.starting += 1;
+            let id = self.next_worker;
+            self.next_worker += 1;
+            let identity = crate::process::next_identity();
+            tokio::spawn(worker::start(
+                id,
+                identity,
+                self.cfg.init.clone(),
+                self.events_tx.clone(),
+            ));
+        }
+    }
+
+    /// Removes worker `idx`: its running task fails with `head_err`, the tasks queued
+    /// behind it go back to the front of the queue.
+    fn remove_worker(&mut self, idx: usize, head_err: Option<Error>) -> Worker {
+        let mut w = self.workers.swap_remove(idx);
+        if let Some(head) = w.inflight.pop_front()
+            && let Some(task) = self.tasks.remove(&head)
+            && !task.cancelled
+        {
+            self.counts.running -= 1;
+            self.counts.failed += 1;
+            if let (Some(reply), Some(err)) = (task.reply, head_err) {
+                reply(Err(err));
+            }
+        }
+        for id in w.inflight.drain(..).rev() {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if task.cancelled {
+                self.tasks.remove(&id);
+                continue;
+            }
+            task.state = State::Queued;
+            self.counts.running -= 1;
+            self.counts.queued += 1;
+            self.pending.push_front(id);
+        }
+        w
+    }
+
+    /// Stops worker `idx` (SIGTERM to its group, grace, SIGKILL) and forgets it; a
+    /// replacement is started by `maintain`.
+    fn stop_worker(&mut self, idx: usize, head_err: Option<Error>) {
+        let w = self.remove_worker(idx, head_err);
+        self.counts.restarts += 1;
+        tokio::spawn(kill(w.conn.child, self.cfg.kill_grace));
+    }
+
+    fn head_deadline(&self, w: &Worker) -> Option<(Instant, bool)> {
+        let since = w.head_since?;
+        let head = w.inflight.front()?;
+        let cancelled = self.tasks.get(head).is_none_or(|t| t.cancelled);
+        let limit = if cancelled {
+            SKIP_GRACE
+        } else {
+            self.cfg.task_timeout?
+        };
+        Some((since + limit, cancelled))
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let heads = self.workers.iter().filter_map(|w| self.head_deadline(w));
+        let retry = self.retry_at.filter(|_| self.failures < MAX_START_FAILURES);
+        heads.map(|(at, _)| at).chain(retry).min()
+    }
+
+    // ------------------------------------------------------------- closing down
+
+    fn shut_idle_workers_when_closing(&mut self) {
+        if self.closing.is_none() || self.counts.queued > 0 {
+            return;
+        }
+        for w in &mut self.workers {
+            if !w.retiring && w.inflight.is_empty() {
+                w.retiring = true;
+                w.conn.send(&Down::Shutdown);
+            }
+        }
+    }
+
+    fn closed_down(&self) -> bool {
+        self.closing.is_some()
+            && self.counts.queued == 0
+            && self.workers.is_empty()
+            && self.starting == 0
+    }
+
+    /// Kills every worker, fails every outstanding task with `PoolClosed`, waits until
+    /// every worker is reaped.
+    async fn terminate(mut self, done: Option<oneshot::Sender<()>>) {
+        for (_, task) in self.tasks.drain() {
+            if let (false, Some(reply)) = (task.cancelled, task.reply) {
+                self.counts.cancelled += 1;
+                reply(Err(Error::PoolClosed));
+            }
+        }
+        self.pending.clear();
+        self.counts.queued = 0;
+        self.counts.running = 0;
+        let mut children: Vec<Arc<ChildHandle>> =
+            self.workers.drain(..).map(|w| w.conn.child).collect();
+        // Workers still starting: refuse their Ready (their start task then kills them),
+        // and take the ones already reported.
+        self.events.close();
+        while let Some(ev) = self.events.recv().await {
+            if let Event::Ready(conn) = ev {
+                children.push(conn.child);
+            }
+        }
+        for c in &children {
+            if let Err(e) = c.signal_group(rustix::process::Signal::KILL) {
+                eprintln!("procpool: cannot kill worker {}: {e}", c.name);
+            }
+        }
+        // All were sent SIGKILL, so waiting for them one after the other takes as long as
+        // the slowest.
+        for c in &children {
+            c.wait(&mut None).await;
+        }
+        self.publish_stats();
+        if let Some(done) = done {
+            done.send(()).ok();
+        }
+        for done in self.closing.take().unwrap_or_default() {
+            done.send(()).ok();
+        }
+    }
+
+    fn publish_stats(&self) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        *s = PoolStats {
+            workers: self.workers.len(),
+            idle: self
+                .workers
+                .iter()
+                .filter(|w| !w.retiring && w.inflight.is_empty())
+                .count(),
+            queued: self.counts.queued,
+            running: self.counts.running,
+            submitted: self.counts.submitted,
+            completed: self.counts.completed,
+            failed: self.counts.failed,
+            cancelled: self.counts.cancelled,
+            restarts: self.counts.restarts,
+        };
+    }
+}
+
+impl Worker {
+    fn new(conn: WorkerConn) -> Self {
+        Worker {
+            conn,
+            inflight: VecDeque::new(),
+            head_since: None,
+            assigned: 0,
+            retiring: false,
+        }
+    }
+}
+
+/// SIGTERM to the worker's process group, a grace period, then SIGKILL; then reap.
+async fn kill(child: Arc<ChildHandle>, grace: Duration) {
+    if let Err(e) = child.signal_group(rustix::process::Signal::TERM) {
+        eprintln!("procpool: cannot stop worker {}: {e}", child.name);
+    }
+    if tokio::time::timeout(grace, child.wait(&mut None))
+        .await
+        .is_err()
+    {
+        if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
+            eprintln!("procpool: cannot kill worker {}: {e}", child.name);
+        }
+        child.wait(&mut None).await;
+    }
+}

@@ -1,0 +1,278 @@
+//! The futures a caller awaits for one task: [`Apply`], [`TaskHandle`], [`TaskTimeout`].
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
+
+use super::Shared;
+use super::message::TaskResult;
+use crate::error::{Error, Result};
+use crate::target::TargetRef;
+
+/// The future of [`AsyncPool::apply`](super::AsyncPool::apply): runs one task and
+/// resolves with its return value.
+///
+/// Submits the task when first polled. Options go before that: [`timeout`](Self::timeout).
+///
+/// # Drop
+///
+/// Dropping it before it resolves cancels the task: a queued task is removed, a running
+/// one has its worker stopped and replaced.
+#[must_use = "futures do nothing unless polled"]
+pub struct Apply<R> {
+    shared: Arc<Shared>,
+    call: Option<Result<(TargetRef, Bytes)>>,
+    timeout: Option<Duration>,
+    running: Option<TaskTimeout<R>>,
+}
+
+impl<R> std::fmt::Debug for Apply<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Apply")
+            .field("timeout", &self.timeout)
+            .field("submitted", &self.running.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> Apply<R> {
+    pub(super) fn new(shared: Arc<Shared>, call: Result<(TargetRef, Bytes)>) -> Self {
+        Apply {
+            shared,
+            call: Some(call),
+            timeout: None,
+            running: None,
+        }
+    }
+
+    /// Gives up after `d` from the first poll: the future resolves with
+    /// [`Error::Timeout`] and the task is cancelled (its worker stopped if it is running).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+}
+
+impl<R: DeserializeOwned> Future for Apply<R> {
+    type Output = Result<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+        let this = &mut *self;
+        if this.running.is_none() {
+            let Some(call) = this.call.take() else {
+                return Poll::Ready(Err(Error::Cancelled)); // polled after completion
+            };
+            let handle = TaskHandle::submit(&this.shared, call);
+            this.running = Some(TaskTimeout::new(handle, this.timeout));
+        }
+        match this.running.as_mut() {
+            Some(t) => Pin::new(t).poll(cx),
+            None => Poll::Ready(Err(Error::Cancelled)),
+        }
+    }
+}
+
+/// A task submitted with [`AsyncPool::apply_async`](super::AsyncPool::apply_async) or
+/// [`map_async`](super::AsyncPool::map_async); a `Future` of its result.
+///
+/// - `handle.await` waits for the result.
+/// - `tokio::time::timeout(d, &mut handle)` waits at most `d` and does **not** cancel:
+///   wait again later (Python's `get(timeout)`).
+/// - [`handle.timeout(d)`](Self::timeout) waits at most `d`, then cancels.
+///
+/// # Drop
+///
+/// Dropping the handle before the task finished cancels it (a queued task is removed, a
+/// running one has its worker stopped and replaced), like dropping an [`Apply`].
+/// [`detach`](Self::detach) lets the task run on unobserved.
+#[must_use = "dropping a TaskHandle cancels its task; call `detach()` to let it run"]
+pub struct TaskHandle<R> {
+    inner: Inner<R>,
+}
+
+enum Inner<R> {
+    Task {
+        shared: Arc<Shared>,
+        id: u64,
+        rx: oneshot::Receiver<TaskResult>,
+        finished: bool,
+        _r: PhantomData<fn() -> R>,
+    },
+    Spawned {
+        join: tokio::task::JoinHandle<Result<R>>,
+        finished: bool,
+    },
+    /// Submission failed; the error is handed out once.
+    Failed(Option<Error>),
+    Detached,
+}
+
+impl<R> std::fmt::Debug for TaskHandle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle")
+            .field("finished", &self.is_finished())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> TaskHandle<R> {
+    pub(super) fn submit(shared: &Arc<Shared>, call: Result<(TargetRef, Bytes)>) -> Self {
+        let submitted = call.and_then(|(target, args)| {
+            let (tx, rx) = oneshot::channel();
+            let reply = Box::new(move |r: TaskResult| {
+                // The receiver is gone if the caller stopped waiting; nothing to do then.
+                drop(tx.send(r));
+            });
+            shared.submit(target, args, |_| reply).map(|id| (id, rx))
+        });
+        let inner = match submitted {
+            Ok((id, rx)) => Inner::Task {
+                shared: Arc::clone(shared),
+                id,
+                rx,
+                finished: false,
+                _r: PhantomData,
+            },
+            Err(e) => Inner::Failed(Some(e)),
+        };
+        TaskHandle { inner }
+    }
+
+    pub(super) fn spawned(join: tokio::task::JoinHandle<Result<R>>) -> Self {
+        TaskHandle {
+            inner: Inner::Spawned {
+                join,
+                finished: false,
+            },
+        }
+    }
+
+    /// True once the result is ready (awaiting will not wait).
+    pub fn is_finished(&self) -> bool {
+        match &self.inner {
+            Inner::Task { rx, finished, .. } => *finished || !rx.is_empty() || rx.is_terminated(),
+            Inner::Spawned { join, finished } => *finished || join.is_finished(),
+            Inner::Failed(_) | Inner::Detached => true,
+        }
+    }
+
+    /// Lets the task run to its end without anyone waiting for it.
+    pub fn detach(mut self) {
+        self.inner = Inner::Detached;
+    }
+
+    /// Waits at most `d`; then resolves with [`Error::Timeout`] and cancels the task.
+    pub fn timeout(self, d: Duration) -> TaskTimeout<R> {
+        TaskTimeout::new(self, Some(d))
+    }
+}
+
+impl<R: DeserializeOwned> Future for TaskHandle<R> {
+    type Output = Result<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+        match &mut self.inner {
+            Inner::Task { rx, finished, .. } => {
+                let res = ready!(Pin::new(rx).poll(cx));
+                *finished = true;
+                Poll::Ready(match res {
+                    Ok(Ok(done)) => done.outcome.to_result(&done.worker),
+                    Ok(Err(e)) => Err(e),
+                    // The dispatcher dropped the task without answering: it was terminated.
+                    Err(_) => Err(Error::PoolClosed),
+                })
+            }
+            Inner::Spawned { join, finished } => {
+                let res = ready!(Pin::new(join).poll(cx));
+                *finished = true;
+                Poll::Ready(match res {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => Err(Error::Cancelled),
+                })
+            }
+            Inner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(Error::Cancelled))),
+            Inner::Detached => Poll::Ready(Err(Error::Cancelled)),
+        }
+    }
+}
+
+impl<R> Drop for TaskHandle<R> {
+    fn drop(&mut self) {
+        match &mut self.inner {
+            Inner::Task {
+                shared,
+                id,
+                finished: false,
+                ..
+            } => shared.cancel(*id),
+            Inner::Spawned {
+                join,
+                finished: false,
+            } => join.abort(),
+            _ => {}
+        }
+    }
+}
+
+/// A [`TaskHandle`] with a deadline, from [`TaskHandle::timeout`] (and what
+/// [`Apply::timeout`] uses).
+///
+/// # Drop
+///
+/// Dropping it cancels the task, as dropping the handle does.
+#[must_use = "futures do nothing unless polled"]
+pub struct TaskTimeout<R> {
+    handle: TaskHandle<R>,
+    after: Option<Duration>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<R> std::fmt::Debug for TaskTimeout<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskTimeout")
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> TaskTimeout<R> {
+    fn new(handle: TaskHandle<R>, after: Option<Duration>) -> Self {
+        TaskTimeout {
+            handle,
+            after,
+            sleep: None,
+        }
+    }
+}
+
+impl<R: DeserializeOwned> Future for TaskTimeout<R> {
+    type Output = Result<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+        let this = &mut *self;
+        if let Poll::Ready(r) = Pin::new(&mut this.handle).poll(cx) {
+            return Poll::Ready(r);
+        }
+        let Some(after) = this.after else {
+            return Poll::Pending;
+        };
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        ready!(sleep.as_mut().poll(cx));
+        // Cancel now, not when this future is dropped.
+        this.handle = TaskHandle {
+            inner: Inner::Failed(None),
+        };
+        Poll::Ready(Err(Error::Timeout { after }))
+    }
+}

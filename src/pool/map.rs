@@ -1,0 +1,575 @@
+//! `map`, `starmap` and `imap`: many items through the pool in chunks.
+//!
+//! Items are encoded one by one into a single buffer when the call is made (so an item
+//! that cannot be encoded fails at once); a chunk is a MessagePack array header followed
+//! by a slice of that buffer, so chunking copies nothing twice. A worker runs a chunk's
+//! items in order and stops at the first failing one, reporting its index; the results
+//! of the items before it are kept.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+use super::Shared;
+use super::message::{Finished, TaskResult};
+use crate::error::{Error, Result};
+use crate::target::{ChunkOutput, TargetRef};
+use crate::wire::Outcome;
+
+/// Items encoded back to back; `ends[i]` is where item `i` ends.
+#[derive(Debug, Default)]
+pub(crate) struct Encoded {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Encoded {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn push<T: Serialize>(&mut self, item: &T) -> std::result::Result<(), String> {
+        let start = self.buf.len();
+        if let Err(e) = rmp_serde::encode::write_named(&mut self.buf, item) {
+            self.buf.truncate(start);
+            return Err(e.to_string());
+        }
+        self.ends.push(self.buf.len());
+        Ok(())
+    }
+
+    /// Items `range` as one MessagePack array.
+    fn chunk(&self, range: std::ops::Range<usize>) -> Bytes {
+        let start = if range.start == 0 {
+            0
+        } else {
+            self.ends[range.start - 1]
+        };
+        let end = self.ends[range.end - 1];
+        let mut out = Vec::with_capacity(end - start + 5);
+        // Writing into a Vec cannot fail.
+        drop(rmp::encode::write_array_len(&mut out, range.len() as u32));
+        out.extend_from_slice(&self.buf[start..end]);
+        Bytes::from(out)
+    }
+
+    /// Item `i` on its own (to resubmit the rest of a chunk).
+    fn item(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.buf[start..self.ends[i]]
+    }
+}
+
+/// Encodes every item now; the first that fails is the error.
+pub(crate) fn encode_items<T: Serialize, I: IntoIterator<Item = T>>(items: I) -> Result<Encoded> {
+    let mut enc = Encoded::default();
+    for item in items {
+        enc.push(&item).map_err(Error::encode::<T>)?;
+    }
+    Ok(enc)
+}
+
+/// Python's default: `ceil(len / (4 * processes))`.
+fn default_chunksize(len: usize, processes: usize) -> usize {
+    len.div_ceil(4 * processes.max(1)).max(1)
+}
+
+/// Decodes a chunk's answer: its values, or the error that stopped it (with how many
+/// items ran before it).
+fn decode_chunk<R: DeserializeOwned>(done: Finished) -> (Vec<R>, Option<Error>) {
+    match &done.outcome {
+        Outcome::Value(bytes) => match crate::wire::decode_value::<ChunkOutput<R>>(bytes) {
+            Ok((values, None)) => (values, None),
+            Ok((values, Some((_, failure)))) => {
+                let err = failure
+                    .to_result::<()>(&done.worker)
+                    .err()
+                    .unwrap_or(Error::Cancelled);
+                (values, Some(err))
+            }
+            Err(reason) => (Vec::new(), Some(Error::decode::<R>(reason))),
+        },
+        other => {
+            let err = other
+                .to_result::<()>(&done.worker)
+                .err()
+                .unwrap_or(Error::Cancelled);
+            (Vec::new(), Some(err))
+        }
+    }
+}
+
+// --------------------------------------------------------------------------- Map
+
+/// The future of [`AsyncPool::map`](super::AsyncPool::map) and
+/// [`starmap`](super::AsyncPool::starmap): resolves with every result in input order.
+///
+/// Submits its chunks when first polled. Options go before that:
+/// [`chunksize`](Self::chunksize), [`timeout`](Self::timeout).
+///
+/// # Drop
+///
+/// Dropping it cancels every chunk not yet finished (queued ones are removed, running
+/// ones have their workers stopped and replaced).
+#[must_use = "futures do nothing unless polled"]
+pub struct Map<R> {
+    shared: Arc<Shared>,
+    input: Option<Result<(TargetRef, Encoded)>>,
+    chunksize: Option<usize>,
+    timeout: Option<Duration>,
+    run: Option<MapRun<R>>,
+}
+
+// Nothing is pinned inside: results are plain values, never polled in place.
+impl<R> Unpin for Map<R> {}
+
+struct MapRun<R> {
+    rx: mpsc::UnboundedReceiver<(usize, TaskResult)>,
+    ids: Vec<u64>,
+    results: Vec<Option<Vec<R>>>,
+    remaining: usize,
+    sleep: Option<Pin<Box<Sleep>>>,
+    after: Duration,
+}
+
+impl<R> std::fmt::Debug for Map<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map")
+            .field("chunksize", &self.chunksize)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> Map<R> {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        target: Result<TargetRef>,
+        items: Result<Encoded>,
+    ) -> Self {
+        Map {
+            shared,
+            input: Some(target.and_then(|t| Ok((t, items?)))),
+            chunksize: None,
+            timeout: None,
+            run: None,
+        }
+    }
+
+    /// Items per chunk (per message to a worker). Default: `ceil(len / (4 * processes))`.
+    pub fn chunksize(mut self, n: usize) -> Self {
+        self.chunksize = Some(n.max(1));
+        self
+    }
+
+    /// Gives up after `d` from the first poll with [`Error::Timeout`], cancelling every
+    /// chunk not finished.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    fn start(&mut self) -> Result<Option<Vec<R>>> {
+        let (target, items) = self.input.take().ok_or(Error::Cancelled)??;
+        let n = items.len();
+        if n == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let size = self
+            .chunksize
+            .unwrap_or_else(|| default_chunksize(n, self.shared.processes()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut run = MapRun {
+            rx,
+            ids: Vec::new(),
+            results: Vec::new(),
+            remaining: 0,
+            sleep: self.timeout.map(|d| Box::pin(tokio::time::sleep(d))),
+            after: self.timeout.unwrap_or_default(),
+        };
+        for (idx, start) in (0..n).step_by(size).enumerate() {
+            let tx = tx.clone();
+            let reply = Box::new(move |r: TaskResult| {
+                // The receiver is gone only if the Map was dropped: nobody to tell.
+                drop(tx.send((idx, r)));
+            });
+            let args = items.chunk(start..(start + size).min(n));
+            match self.shared.submit(target, args, |_| reply) {
+                Ok(id) => run.ids.push(id),
+                Err(e) => {
+                    for &id in &run.ids {
+                        self.shared.cancel(id);
+                    }
+                    return Err(e);
+                }
+            }
+            run.results.push(None);
+            run.remaining += 1;
+        }
+        self.run = Some(run);
+        Ok(None)
+    }
+}
+
+impl<R: DeserializeOwned> Future for Map<R> {
+    type Output = Result<Vec<R>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<R>>> {
+        let this = &mut *self;
+        if this.run.is_none() {
+            match this.start() {
+                Ok(None) => {}
+                Ok(Some(empty)) => return Poll::Ready(Ok(empty)),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        let Some(run) = this.run.as_mut() else {
+            return Poll::Ready(Err(Error::Cancelled));
+        };
+        while let Poll::Ready(msg) = run.rx.poll_recv(cx) {
+            let Some((idx, res)) = msg else {
+                // Every sender dropped without an answer: the dispatcher is gone.
+                return Poll::Ready(Err(Error::PoolClosed));
+            };
+            let (values, err) = match res {
+                Ok(done) => decode_chunk::<R>(done),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            if run.results[idx].is_none() {
+                run.remaining -= 1;
+            }
+            run.results[idx] = Some(values);
+            if let Some(e) = err {
+                // The rest is cancelled by Drop.
+                return Poll::Ready(Err(e));
+            }
+            if run.remaining == 0 {
+                let all = run.results.drain(..).flatten().flatten().collect();
+                this.run = None;
+                return Poll::Ready(Ok(all));
+            }
+        }
+        if let Some(sleep) = run.sleep.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(Error::Timeout { after: run.after }));
+        }
+        Poll::Pending
+    }
+}
+
+impl<R> Drop for Map<R> {
+    fn drop(&mut self) {
+        if let Some(run) = &self.run {
+            for (id, res) in run.ids.iter().zip(&run.results) {
+                if res.is_none() {
+                    self.shared.cancel(*id);
+                }
+            }
+        }
+    }
+}
+
+// -------------------------------------------------------------------------- Imap
+
+/// Chunks in flight per worker in an [`Imap`]: bounds its memory.
+const IMAP_WINDOW_PER_WORKER: usize = 4;
+/// Adaptive chunking aims for chunks of about this duration.
+const IMAP_CHUNK_TARGET: Duration = Duration::from_millis(5);
+const IMAP_MAX_CHUNK: usize = 4096;
+
+/// The stream of [`AsyncPool::imap`](super::AsyncPool::imap) and
+/// [`imap_unordered`](super::AsyncPool::imap_unordered).
+///
+/// Pulls items from its iterator only as chunks finish, with at most
+/// `4 × processes` chunks in flight, so an endless iterator works in constant memory.
+/// Chunks start at one item and adapt to about 5 ms of work each; set a fixed size with
+/// [`chunksize`](Self::chunksize) before the first poll.
+///
+/// An item that panics (or cannot be encoded) is that item's `Err`; the stream goes on.
+/// A worker that dies fails the items of the chunk it was running.
+///
+/// # Drop
+///
+/// Dropping the stream cancels every chunk in flight.
+#[must_use = "streams do nothing unless polled"]
+pub struct Imap<R, I> {
+    shared: Arc<Shared>,
+    target: Option<Result<TargetRef>>,
+    items: I,
+    exhausted: bool,
+    ordered: bool,
+    fixed_chunk: Option<usize>,
+    /// Seconds per item, smoothed: drives the adaptive chunk size.
+    per_item: Option<f64>,
+    tx: mpsc::UnboundedSender<(u64, TaskResult)>,
+    rx: mpsc::UnboundedReceiver<(u64, TaskResult)>,
+    /// Chunks in flight by task id.
+    inflight: BTreeMap<u64, Chunk>,
+    next_seq: u64,
+    /// Ordered mode: results by sequence number, waiting for their turn.
+    parked: BTreeMap<u64, Parked<R>>,
+    emit_seq: u64,
+    out: VecDeque<Result<R>>,
+    _r: PhantomData<fn() -> R>,
+}
+
+// Nothing is pinned inside: results are plain values, never polled in place.
+impl<R, I: Unpin> Unpin for Imap<R, I> {}
+
+/// A chunk in flight: its items (kept to resubmit the rest after a failing item).
+struct Chunk {
+    seq: u64,
+    items: Encoded,
+    sent: Instant,
+}
+
+struct Parked<R> {
+    results: Vec<Result<R>>,
+    complete: bool,
+}
+
+impl<R, I> std::fmt::Debug for Imap<R, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Imap")
+            .field("ordered", &self.ordered)
+            .field("in_flight", &self.inflight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R, I> Imap<R, I> {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        target: Result<TargetRef>,
+        items: I,
+        ordered: bool,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Imap {
+            shared,
+            target: Some(target),
+            items,
+            exhausted: false,
+            ordered,
+            fixed_chunk: None,
+            per_item: None,
+            tx,
+            rx,
+            inflight: BTreeMap::new(),
+            next_seq: 0,
+            parked: BTreeMap::new(),
+            emit_seq: 0,
+            out: VecDeque::new(),
+            _r: PhantomData,
+        }
+    }
+
+    /// Items per chunk, fixed. Default: adaptive (see the type's docs).
+    pub fn chunksize(mut self, n: usize) -> Self {
+        self.fixed_chunk = Some(n.max(1));
+        self
+    }
+
+    fn chunk_size(&self) -> usize {
+        if let Some(n) = self.fixed_chunk {
+            return n;
+        }
+        match self.per_item {
+            None => 1,
+            Some(s) if s <= 0.0 => IMAP_MAX_CHUNK,
+            Some(s) => ((IMAP_CHUNK_TARGET.as_secs_f64() / s) as usize).clamp(1, IMAP_MAX_CHUNK),
+        }
+    }
+
+    fn submit(&mut self, target: TargetRef, seq: u64, items: Encoded) -> Result<()> {
+        let tx = self.tx.clone();
+        let args = items.chunk(0..items.len());
+        let id = self.shared.submit(target, args, move |id| {
+            Box::new(move |r: TaskResult| {
+                // The receiver is gone only if the stream was dropped.
+                drop(tx.send((id, r)));
+            })
+        })?;
+        self.inflight.insert(
+            id,
+            Chunk {
+                seq,
+                items,
+                sent: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    fn deliver(&mut self, seq: u64, results: Vec<Result<R>>, complete: bool) {
+        if !self.ordered {
+            self.out.extend(results);
+            return;
+        }
+        let p = self.parked.entry(seq).or_insert(Parked {
+            results: Vec::new(),
+            complete: false,
+        });
+        p.results.extend(results);
+        p.complete |= complete;
+        while let Some(p) = self.parked.get_mut(&self.emit_seq) {
+            self.out.extend(p.results.drain(..));
+            if !p.complete {
+                break;
+            }
+            self.parked.remove(&self.emit_seq);
+            self.emit_seq += 1;
+        }
+    }
+}
+
+impl<R, I, T> Imap<R, I>
+where
+    R: DeserializeOwned,
+    I: Iterator<Item = T>,
+    T: Serialize,
+{
+    /// Pulls items and submits chunks until the window is full.
+    fn fill(&mut self, target: TargetRef) {
+        let window = IMAP_WINDOW_PER_WORKER * self.shared.processes().max(1);
+        while !self.exhausted && self.inflight.len() < window {
+            let size = self.chunk_size();
+            let mut items = Encoded::default();
+            let mut bad = None;
+            while items.len() < size {
+                let Some(item) = self.items.next() else {
+                    self.exhausted = true;
+                    break;
+                };
+                if let Err(reason) = items.push(&item) {
+                    bad = Some(Error::encode::<T>(reason));
+                    break;
+                }
+            }
+            if items.len() > 0 {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                if let Err(e) = self.submit(target, seq, items) {
+                    self.deliver(seq, vec![Err(e)], true);
+                    self.exhausted = true;
+                }
+            }
+            if let Some(e) = bad {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.deliver(seq, vec![Err(e)], true);
+            }
+        }
+    }
+
+    fn on_result(&mut self, target: TargetRef, id: u64, res: TaskResult) {
+        let Some(chunk) = self.inflight.remove(&id) else {
+            return;
+        };
+        let n = chunk.items.len();
+        let (values, err) = match res {
+            Ok(done) => decode_chunk::<R>(done),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let ran = values.len();
+        if err.is_none() && n > 0 {
+            let s = chunk.sent.elapsed().as_secs_f64() / n as f64;
+            self.per_item = Some(self.per_item.map_or(s, |p| 0.7 * p + 0.3 * s));
+        }
+        let mut results: Vec<Result<R>> = values.into_iter().map(Ok).collect();
+        let Some(err) = err else {
+            self.deliver(chunk.seq, results, true);
+            return;
+        };
+        let item_failed = matches!(
+            err,
+            Error::Panicked { .. } | Error::Encode { .. } | Error::Decode { .. }
+        );
+        if item_failed && ran < n {
+            // The item at `ran` failed; the ones after it never ran: send them again.
+            results.push(Err(err));
+            let mut rest = Encoded::default();
+            for i in ran + 1..n {
+                rest.buf.extend_from_slice(chunk.items.item(i));
+                rest.ends.push(rest.buf.len());
+            }
+            let complete = rest.len() == 0;
+            self.deliver(chunk.seq, results, complete);
+            if !complete && let Err(e) = self.submit(target, chunk.seq, rest) {
+                self.deliver(chunk.seq, vec![Err(e)], true);
+            }
+        } else {
+            // The worker died, timed out or the pool closed: every item not answered fails.
+            let msg = err.to_string();
+            results.push(Err(err));
+            for _ in ran + 1..n {
+                results.push(Err(Error::spawn(
+                    format!("not run: an earlier item of its chunk failed: {msg}"),
+                    None,
+                )));
+            }
+            self.deliver(chunk.seq, results, true);
+        }
+    }
+}
+
+impl<R, I, T> Stream for Imap<R, I>
+where
+    R: DeserializeOwned,
+    I: Iterator<Item = T> + Unpin,
+    T: Serialize,
+{
+    type Item = Result<R>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+        let this = &mut *self;
+        let target = match this.target.take() {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => {
+                // The target itself cannot run: one error, then the end.
+                return Poll::Ready(Some(Err(e)));
+            }
+            Some(Ok(t)) => t,
+        };
+        this.target = Some(Ok(target));
+        loop {
+            if let Some(r) = this.out.pop_front() {
+                return Poll::Ready(Some(r));
+            }
+            this.fill(target);
+            if let Some(r) = this.out.pop_front() {
+                return Poll::Ready(Some(r));
+            }
+            if this.inflight.is_empty() && this.exhausted {
+                this.target = None;
+                return Poll::Ready(None);
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some((id, res))) => this.on_result(target, id, res),
+                // Unreachable while `self.tx` lives; end rather than spin.
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<R, I> Drop for Imap<R, I> {
+    fn drop(&mut self) {
+        for &id in self.inflight.keys() {
+            self.shared.cancel(id);
+        }
+    }
+}

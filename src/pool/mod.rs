@@ -1,0 +1,515 @@
+//! [`AsyncPool`]: a pool of worker processes driven by futures.
+//!
+//! The layout follows tower's `buffer`: [`AsyncPool`] is the cheap handle, `dispatcher`
+//! the background task, `message` what travels to it, `future` and `map` the named
+//! futures and streams callers await, `worker` one worker's I/O.
+
+mod dispatcher;
+mod future;
+mod map;
+mod message;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
+
+pub use future::{Apply, TaskHandle, TaskTimeout};
+pub use map::{Imap, Map};
+
+use crate::error::{Error, Result};
+use crate::target::{Target, TargetRef};
+use dispatcher::{Config, Dispatcher};
+use message::{Command, Job, Reply};
+use worker::Init;
+
+/// A pool of worker processes, like Python's `multiprocessing.Pool`, driven by futures.
+///
+/// Workers are this same executable, started as children and named `PoolWorker-N`. Each
+/// call sends a target and its arguments to a worker and resolves with the return value.
+/// A worker that panics keeps serving; one that crashes, exits or hangs past a timeout
+/// is replaced, and only the task it was running fails.
+///
+/// ```
+/// use procpool::AsyncPool;
+///
+/// fn doubler(x: i64) -> i64 {
+///     x * 2
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+/// let pool = AsyncPool::new(2).await?;
+/// assert_eq!(pool.map(doubler, vec![5, 10, 20]).await?, vec![10, 20, 40]);
+/// assert_eq!(pool.apply(doubler, (21,)).await?, 42);
+/// pool.close().await;
+/// # Ok(()) }
+/// ```
+///
+/// `AsyncPool` is a cheap handle: clone it into every task of a service. `close` and
+/// `terminate` act on the pool behind every clone.
+///
+/// # Drop
+///
+/// The workers live as long as any handle, future or [`TaskHandle`] of the pool. When the
+/// last of them is dropped the pool terminates: every worker is killed (its whole process
+/// group) and reaped by the background task.
+#[derive(Clone)]
+pub struct AsyncPool {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    tx: mpsc::UnboundedSender<Command>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    stats: Arc<Mutex<PoolStats>>,
+    processes: usize,
+}
+
+impl std::fmt::Debug for AsyncPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncPool")
+            .field("processes", &self.shared.processes)
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A snapshot of a pool's state, from [`AsyncPool::stats`].
+///
+/// Tasks are counted as the dispatcher sees them (a chunk of a `map` is one task), and
+/// always add up: `submitted == queued + running + completed + failed + cancelled`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Worker processes alive and serving (including ones about to retire).
+    pub workers: usize,
+    /// Workers with nothing to do.
+    pub idle: usize,
+    /// Tasks waiting for a worker.
+    pub queued: usize,
+    /// Tasks sent to a worker and not finished.
+    pub running: usize,
+    /// Tasks ever accepted.
+    pub submitted: u64,
+    /// Tasks that returned a value.
+    pub completed: u64,
+    /// Tasks that ended in an error (panic, worker death, timeout, encoding).
+    pub failed: u64,
+    /// Tasks whose caller gave up (dropped, its own timeout) or that `terminate` ended.
+    pub cancelled: u64,
+    /// Workers replaced because they died, hung or were stopped.
+    pub restarts: u64,
+}
+
+/// Configures an [`AsyncPool`]; made by [`AsyncPool::builder`].
+#[derive(Debug)]
+#[must_use = "a Builder does nothing until `build().await`"]
+pub struct Builder {
+    processes: Option<usize>,
+    init: Option<Result<Init>>,
+    max_tasks_per_child: Option<u32>,
+    task_timeout: Option<Duration>,
+    kill_grace: Duration,
+    pipeline: usize,
+}
+
+impl Builder {
+    /// Number of worker processes. Default: [`std::thread::available_parallelism`].
+    pub fn processes(mut self, n: usize) -> Self {
+        self.processes = Some(n);
+        self
+    }
+
+    /// Runs `f(args...)` once in each worker before its first task (Python's
+    /// `initializer`/`initargs`). Default: none.
+    ///
+    /// If it panics or fails in the first workers, [`build`](Self::build) returns that
+    /// error. If it fails in replacement workers, the pool retries with back-off and, after
+    /// 5 failures in a row with no worker left, fails the queued and new tasks with
+    /// [`Error::Spawn`] instead of respawning forever.
+    pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Self
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+    {
+        drop(f);
+        self.init = Some(crate::target::resolve::<F, M, A>().and_then(|target| {
+            let args = crate::wire::encode_value(&args).map_err(Error::encode::<A>)?;
+            Ok(Init {
+                target,
+                args: Bytes::from(args),
+            })
+        }));
+        self
+    }
+
+    /// Replaces each worker after it has run `n` tasks (Python's `maxtasksperchild`), to
+    /// bound leaks in native code. The replacement is started as soon as the limit is
+    /// reached, so the pool never stalls. A chunk of a `map` counts as one task.
+    /// Default: no limit.
+    pub fn max_tasks_per_child(mut self, n: u32) -> Self {
+        self.max_tasks_per_child = Some(n.max(1));
+        self
+    }
+
+    /// Limits the execution time of every task (time spent queued does not count). A task
+    /// over the limit fails with [`Error::Timeout`] and its worker is stopped (SIGTERM to
+    /// its process group, [`kill_grace`](Self::kill_grace), SIGKILL) and replaced.
+    /// Default: no limit.
+    pub fn task_timeout(mut self, d: Duration) -> Self {
+        self.task_timeout = Some(d);
+        self
+    }
+
+    /// How long a worker being stopped gets between SIGTERM and SIGKILL. Default: 100 ms.
+    pub fn kill_grace(mut self, d: Duration) -> Self {
+        self.kill_grace = d;
+        self
+    }
+
+    /// How many tasks may be sent ahead to one worker (it runs them in order). More hides
+    /// the round trip for small tasks; 1 makes every task wait for a free worker.
+    /// Default: 8.
+    pub fn pipeline_depth(mut self, n: usize) -> Self {
+        self.pipeline = n.max(1);
+        self
+    }
+
+    /// Starts the workers and waits until every one has handshaken and run the
+    /// initializer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for 0 processes; the initializer's error if it fails
+    /// (for example [`Error::Panicked`]); [`Error::Spawn`] if a worker cannot start.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: workers started so far are killed and reaped if the future is
+    /// dropped.
+    pub async fn build(self) -> Result<AsyncPool> {
+        let processes = match self.processes {
+            Some(0) => {
+                return Err(Error::InvalidConfig {
+                    reason: "a pool needs at least 1 process".into(),
+                });
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let init = self.init.transpose()?;
+        let cfg = Config {
+            processes,
+            init,
+            max_tasks_per_child: self.max_tasks_per_child,
+            task_timeout: self.task_timeout,
+            kill_grace: self.kill_grace,
+            pipeline: self.pipeline,
+        };
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        for id in 0..processes as u64 {
+            let identity = crate::process::next_identity();
+            tokio::spawn(worker::start(
+                id,
+                identity,
+                cfg.init.clone(),
+                events_tx.clone(),
+            ));
+        }
+        // Every connection made so far is held here until handed to the dispatcher, so a
+        // cancelled or failed build drops them and their workers die with their channels.
+        let mut ready = Vec::with_capacity(processes);
+        let mut first_error = None;
+        while ready.len() < processes {
+            match events.recv().await {
+                Some(worker::Event::Ready(conn)) => ready.push(conn),
+                Some(worker::Event::Failed(e)) => {
+                    first_error = Some(e);
+                    break;
+                }
+                Some(_) | None => {}
+            }
+        }
+        if let Some(e) = first_error {
+            for conn in &ready {
+                if let Err(err) = conn.child.signal_group(rustix::process::Signal::KILL) {
+                    eprintln!("procpool: cannot kill worker {}: {err}", conn.name);
+                }
+            }
+            return Err(e);
+        }
+        let (tx, cmds) = mpsc::unbounded_channel();
+        let stats = Arc::new(Mutex::new(PoolStats {
+            workers: processes,
+            idle: processes,
+            ..PoolStats::default()
+        }));
+        let dispatcher = Dispatcher::new(
+            cfg,
+            cmds,
+            Arc::clone(&stats),
+            ready,
+            processes as u64,
+            events_tx,
+            events,
+        );
+        tokio::spawn(dispatcher.run());
+        Ok(AsyncPool {
+            shared: Arc::new(Shared {
+                tx,
+                next_id: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+                stats,
+                processes,
+            }),
+        })
+    }
+}
+
+impl AsyncPool {
+    /// A pool of `processes` workers with default options.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Builder::build`]; 0 processes is [`Error::InvalidConfig`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`Builder::build`].
+    pub async fn new(processes: usize) -> Result<AsyncPool> {
+        AsyncPool::builder().processes(processes).build().await
+    }
+
+    /// A [`Builder`] to configure a pool.
+    pub fn builder() -> Builder {
+        Builder {
+            processes: None,
+            init: None,
+            max_tasks_per_child: None,
+            task_timeout: None,
+            kill_grace: Duration::from_millis(100),
+            pipeline: 8,
+        }
+    }
+
+    /// The number of worker processes the pool keeps.
+    pub fn processes(&self) -> usize {
+        self.shared.processes
+    }
+
+    /// Runs `f(args...)` in a worker and resolves with its return value.
+    ///
+    /// Returns a named future, submitted when first polled. Set options before that:
+    /// `.timeout(d)`.
+    ///
+    /// # Errors
+    ///
+    /// See the fault table of the crate docs: [`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], [`Error::Encode`] (arguments, nothing sent),
+    /// [`Error::Decode`], [`Error::PoolClosed`].
+    pub fn apply<F, A, M>(&self, f: F, args: A) -> Apply<F::Output>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+    {
+        drop(f);
+        Apply::new(Arc::clone(&self.shared), encode_call::<F, M, A>(&args))
+    }
+
+    /// Submits `f(args...)` now, like `tokio::spawn`, and returns a [`TaskHandle`] to
+    /// await its result.
+    ///
+    /// Dropping the handle cancels the task; [`TaskHandle::detach`] lets it run on.
+    /// Submission errors ([`Error::Encode`], [`Error::PoolClosed`]) are returned by the
+    /// handle.
+    pub fn apply_async<F, A, M>(&self, f: F, args: A) -> TaskHandle<F::Output>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+    {
+        drop(f);
+        TaskHandle::submit(&self.shared, encode_call::<F, M, A>(&args))
+    }
+
+    /// Runs `f(item)` for every item, in parallel across the workers, and resolves with
+    /// the results in input order.
+    ///
+    /// Items are sent in chunks; the default chunk size is Python's,
+    /// `ceil(len / (4 * processes))`; set it with `.chunksize(n)`. Empty input resolves
+    /// to `[]` at once. On the first error the chunks not yet started are cancelled and
+    /// that error is returned.
+    pub fn map<F, T, M, I>(&self, f: F, items: I) -> Map<F::Output>
+    where
+        F: Target<(T,), M>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        I: IntoIterator<Item = T>,
+    {
+        drop(f);
+        Map::new(
+            Arc::clone(&self.shared),
+            crate::target::resolve_map::<F, M, T>(),
+            map::encode_items(items),
+        )
+    }
+
+    /// Like [`map`](Self::map), but each item is a tuple of arguments:
+    /// `pool.starmap(add, vec![(1, 2), (3, 4)])`.
+    pub fn starmap<F, A, M, I>(&self, f: F, items: I) -> Map<F::Output>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        I: IntoIterator<Item = A>,
+    {
+        drop(f);
+        Map::new(
+            Arc::clone(&self.shared),
+            crate::target::resolve_starmap::<F, M, A>(),
+            map::encode_items(items),
+        )
+    }
+
+    /// [`map`](Self::map), submitted now; the [`TaskHandle`] resolves with all results.
+    ///
+    /// Needs a tokio runtime (the map is driven by a spawned task).
+    pub fn map_async<F, T, M, I>(&self, f: F, items: I) -> TaskHandle<Vec<F::Output>>
+    where
+        F: Target<(T,), M>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        I: IntoIterator<Item = T>,
+    {
+        TaskHandle::spawned(tokio::spawn(self.map(f, items)))
+    }
+
+    /// A stream of `f(item)` in input order, pulling `items` lazily with a bounded number
+    /// in flight: an endless iterator works in constant memory. An error in one item is
+    /// that item's `Err`; the stream goes on.
+    pub fn imap<F, T, M, I>(&self, f: F, items: I) -> Imap<F::Output, I::IntoIter>
+    where
+        F: Target<(T,), M>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        I: IntoIterator<Item = T>,
+    {
+        drop(f);
+        Imap::new(
+            Arc::clone(&self.shared),
+            crate::target::resolve_map::<F, M, T>(),
+            items.into_iter(),
+            true,
+        )
+    }
+
+    /// Like [`imap`](Self::imap), in completion order.
+    pub fn imap_unordered<F, T, M, I>(&self, f: F, items: I) -> Imap<F::Output, I::IntoIter>
+    where
+        F: Target<(T,), M>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        I: IntoIterator<Item = T>,
+    {
+        drop(f);
+        Imap::new(
+            Arc::clone(&self.shared),
+            crate::target::resolve_map::<F, M, T>(),
+            items.into_iter(),
+            false,
+        )
+    }
+
+    /// Stops taking work, lets queued and running tasks finish, then stops the workers and
+    /// waits until they are reaped (Python's `close()` then `join()`). Later calls on any
+    /// clone fail with [`Error::PoolClosed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the pool closes anyway; only the wait is abandoned.
+    pub async fn close(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let (done, wait) = oneshot::channel();
+        if self.shared.tx.send(Command::Close { done }).is_ok() {
+            // An error means the dispatcher already ended: closed either way.
+            drop(wait.await);
+        }
+    }
+
+    /// Kills every worker now; every outstanding future and handle resolves with
+    /// [`Error::PoolClosed`]. Waits until the workers are reaped. Later calls fail with
+    /// [`Error::PoolClosed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the pool terminates anyway; only the wait is abandoned.
+    pub async fn terminate(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let (done, wait) = oneshot::channel();
+        if self.shared.tx.send(Command::Terminate { done }).is_ok() {
+            drop(wait.await);
+        }
+    }
+
+    /// A snapshot of the pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Encodes a call: the target's entry point and the argument tuple.
+fn encode_call<F, M, A>(args: &A) -> Result<(TargetRef, Bytes)>
+where
+    F: Target<A, M>,
+    A: Serialize + DeserializeOwned + Send + 'static,
+    M: 'static,
+{
+    let target = crate::target::resolve::<F, M, A>()?;
+    let args = crate::wire::encode_value(args).map_err(Error::encode::<A>)?;
+    Ok((target, Bytes::from(args)))
+}
+
+impl Shared {
+    /// Sends a task to the dispatcher; its answer goes to the reply `make_reply` builds
+    /// from the task's id (the id exists before the dispatcher can answer).
+    fn submit(
+        &self,
+        target: TargetRef,
+        args: Bytes,
+        make_reply: impl FnOnce(u64) -> Reply,
+    ) -> Result<u64> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::PoolClosed);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            id,
+            target,
+            args,
+            reply: make_reply(id),
+        };
+        self.tx
+            .send(Command::Submit(job))
+            .map_err(|_| Error::PoolClosed)?;
+        Ok(id)
+    }
+
+    /// Tells the dispatcher the caller of task `id` gave up.
+    fn cancel(&self, id: u64) {
+        // An error means the dispatcher is gone, and the task with it.
+        drop(self.tx.send(Command::Cancel { id }));
+    }
+
+    fn processes(&self) -> usize {
+        self.processes
+    }
+}

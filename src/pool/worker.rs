@@ -1,0 +1,209 @@
+//! One pool worker as the dispatcher sees it: started and handshaken here, then driven by
+//! a reader task (frames in, forwarded as events) and a writer task (frames out, batched).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_bytes::ByteBuf;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, ExitReason};
+use crate::process::{ChildHandle, Spawned, spawn_child};
+use crate::target::{Image, TargetRef};
+use crate::wire::{
+    Channel, DEFAULT_MAX_FRAME, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Run, Up, WireError,
+};
+
+/// What a worker's I/O tasks tell the dispatcher.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A worker finished its handshake (and initializer).
+    Ready(WorkerConn),
+    /// A worker could not be started.
+    Failed(Error),
+    /// Task `id` finished on worker `worker`.
+    Done {
+        worker: u64,
+        id: u64,
+        outcome: Outcome,
+    },
+    /// Worker `worker` is gone (its channel closed and it was reaped).
+    Gone {
+        worker: u64,
+        exit: ExitReason,
+        protocol: Option<String>,
+    },
+}
+
+/// A live worker's handle: where to send frames, and its process.
+#[derive(Debug)]
+pub(crate) struct WorkerConn {
+    pub(crate) id: u64,
+    pub(crate) name: Arc<str>,
+    pub(crate) child: Arc<ChildHandle>,
+    frames: mpsc::UnboundedSender<Bytes>,
+}
+
+impl WorkerConn {
+    /// Queues a frame for the writer task. A worker whose writer stopped is dying; its
+    /// reader reports it, so a failed send needs no handling here.
+    pub(crate) fn send(&self, msg: &Down) {
+        drop(self.frames.send(crate::wire::to_frame(msg)));
+    }
+}
+
+/// The initializer every worker runs before its first task.
+#[derive(Debug, Clone)]
+pub(crate) struct Init {
+    pub(crate) target: TargetRef,
+    pub(crate) args: Bytes,
+}
+
+/// Starts worker `id`, named `name`, and sends `Ready` (or `Failed`) to `events`.
+///
+/// The dispatcher does not wait: this runs as its own task.
+pub(crate) async fn start(
+    id: u64,
+    identity: Vec<u32>,
+    init: Option<Init>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let name: Arc<str> = crate::process::named("PoolWorker", &identity).into();
+    let ev = match connect(id, &name, identity, init, events.clone()).await {
+        Ok(conn) => Event::Ready(conn),
+        Err(e) => Event::Failed(e),
+    };
+    if let Err(mpsc::error::SendError(Event::Ready(conn))) = events.send(ev) {
+        // The pool is gone: this worker has no one to serve.
+        if let Err(e) = conn.child.signal(rustix::process::Signal::KILL) {
+            eprintln!("procpool: cannot stop unneeded worker {}: {e}", conn.name);
+        }
+    }
+}
+
+async fn connect(
+    id: u64,
+    name: &Arc<str>,
+    identity: Vec<u32>,
+    init: Option<Init>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<WorkerConn, Error> {
+    let Spawned { channel, child } = spawn_child(name).await?;
+    channel.set_nonblocking(true)?;
+    let (rd, wr) = tokio::net::UnixStream::from_std(channel)?.into_split();
+    let mut channel = Channel::new(rd, wr, DEFAULT_MAX_FRAME);
+    let fingerprint = Image::get()
+        .map_err(|reason| Error::spawn(reason, None))?
+        .fingerprint();
+    let hello = Down::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        fingerprint,
+        name: name.to_string(),
+        identity,
+        role: Role::Worker,
+        init: init.map(|i| Run {
+            id: 0,
+            target: i.target.offset,
+            target_name: i.target.name.to_owned(),
+            args: ByteBuf::from(i.args.to_vec()),
+        }),
+    });
+    let sent = channel.send_all(&[hello]).await;
+    let reply = channel.recv::<Up>().await;
+    let fail = |reason: String| {
+        if let Err(e) = child.signal(rustix::process::Signal::KILL) {
+            eprintln!("procpool: cannot stop worker {name}: {e}");
+        }
+        Error::spawn(format!("worker {name} {reason}"), None)
+    };
+    match reply {
+        Ok(Some(Up::Ready { .. })) if sent.is_ok() => {}
+        Ok(Some(Up::InitFailed { outcome })) => {
+            child.wait(&mut None).await;
+            return Err(match outcome.to_result::<()>(name) {
+                Err(e) => e,
+                Ok(()) => Error::spawn("the initializer failed", None),
+            });
+        }
+        Ok(Some(Up::Refused { reason })) => {
+            child.wait(&mut None).await;
+            return Err(Error::spawn(
+                format!("{name} refused to run: {reason}"),
+                None,
+            ));
+        }
+        Ok(None) | Ok(Some(Up::Ready { .. })) | Err(WireError::Truncated | WireError::Io(_)) => {
+            let exit = child.wait(&mut None).await;
+            return Err(Error::spawn(
+                format!("{name} ended with {exit} before it was ready"),
+                None,
+            ));
+        }
+        Ok(Some(other)) => return Err(fail(format!("sent {other:?} instead of Ready"))),
+        Err(e) => return Err(fail(format!("sent garbage: {e}"))),
+    }
+    let (mut reader, mut writer) = channel.split();
+    let (frames, mut queued) = mpsc::unbounded_channel::<Bytes>();
+    tokio::spawn(async move {
+        // Batching: everything queued while the previous write ran goes in one write.
+        while let Some(frame) = queued.recv().await {
+            let mut res = writer.feed(frame).await;
+            while res.is_ok() {
+                match queued.try_recv() {
+                    Ok(more) => res = writer.feed(more).await,
+                    Err(_) => break,
+                }
+            }
+            if res.is_err() || writer.flush().await.is_err() {
+                // The worker is gone; the reader reports it.
+                return;
+            }
+        }
+    });
+    let reader_child = Arc::clone(&child);
+    tokio::spawn(async move {
+        let mut protocol = None;
+        loop {
+            match reader.recv::<Up>().await {
+                Ok(Some(Up::Done { id: task, outcome })) => {
+                    let done = Event::Done {
+                        worker: id,
+                        id: task,
+                        outcome,
+                    };
+                    if events.send(done).is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(other)) => {
+                    protocol = Some(format!("unexpected message {other:?}"));
+                    break;
+                }
+                Ok(None) | Err(WireError::Truncated | WireError::Io(_)) => break,
+                Err(e @ (WireError::Oversize { .. } | WireError::Garbage(_))) => {
+                    protocol = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if protocol.is_some() {
+            // Kill before the channel closes, so the exit status says it was killed.
+            if let Err(e) = reader_child.signal(rustix::process::Signal::KILL) {
+                eprintln!("procpool: cannot kill misbehaving worker: {e}");
+            }
+        }
+        drop(reader);
+        let exit = reader_child.wait(&mut None).await;
+        drop(events.send(Event::Gone {
+            worker: id,
+            exit,
+            protocol,
+        }));
+    });
+    Ok(WorkerConn {
+        id,
+        name: Arc::clone(name),
+        child,
+        frames,
+    })
+}
