@@ -164,14 +164,19 @@ impl Dispatcher {
                     }
                 }
                 cmd = self.cmds.recv() => {
+                    // Handle a batch, fetching only what will be handled: a command taken
+                    // from the channel must never be left behind.
                     let mut next = cmd;
-                    for _ in 0..256 {
-                        match next {
+                    for budget in (0..256).rev() {
+                        match next.take() {
                             None => return self.terminate(None).await,
                             Some(Command::Terminate { done }) => {
                                 return self.terminate(Some(done)).await;
                             }
                             Some(cmd) => self.on_command(cmd),
+                        }
+                        if budget == 0 {
+                            break;
                         }
                         match self.cmds.try_recv() {
                             Ok(cmd) => next = Some(cmd),

@@ -1,0 +1,345 @@
+//! Every call of DESIGN.md §3 against real worker processes.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use procpool::{AsyncPool, Error, current_process};
+use support::{TempDir, wait_for_file, write_file};
+
+fn doubler(x: i64) -> i64 {
+    x * 2
+}
+
+fn add3(a: i32, b: i32, c: i32) -> i32 {
+    a + b + c
+}
+
+async fn async_square(x: u64) -> u64 {
+    tokio::task::yield_now().await;
+    x * x
+}
+
+fn whoami() -> (String, u32) {
+    (current_process().name().to_owned(), std::process::id())
+}
+
+fn maybe_panic(x: u32) -> u32 {
+    if x % 10 == 3 {
+        panic!("item {x} is unlucky");
+    }
+    x
+}
+
+/// Item 0 waits for a file that item 1 writes: item 1 must finish first.
+fn ordered_pair(i: u32, gate: String) -> u32 {
+    if i == 0 {
+        wait_for_file(&gate);
+    } else {
+        write_file(&gate, "go");
+    }
+    i
+}
+
+#[tokio::test]
+async fn zero_processes_is_an_error() {
+    assert!(matches!(
+        AsyncPool::new(0).await,
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        AsyncPool::builder().processes(0).build().await,
+        Err(Error::InvalidConfig { .. })
+    ));
+}
+
+#[tokio::test]
+async fn apply_map_starmap() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    assert_eq!(pool.processes(), 2);
+    assert_eq!(pool.apply(doubler, (21,)).await.unwrap(), 42);
+    assert_eq!(pool.apply(add3, (1, 2, 3)).await.unwrap(), 6);
+    assert_eq!(pool.apply(async_square, (9,)).await.unwrap(), 81);
+    assert_eq!(pool.apply(|a: u8, b: u8| a * b, (6, 7)).await.unwrap(), 42);
+
+    assert_eq!(
+        pool.map(doubler, vec![5, 10, 20]).await.unwrap(),
+        vec![10, 20, 40]
+    );
+    let xs: Vec<i64> = (0..1000).collect();
+    let want: Vec<i64> = xs.iter().map(|x| x * 2).collect();
+    assert_eq!(pool.map(doubler, xs.clone()).await.unwrap(), want);
+    assert_eq!(
+        pool.map(doubler, xs.clone()).chunksize(1).await.unwrap(),
+        want
+    );
+    assert_eq!(
+        pool.map(doubler, xs.clone()).chunksize(7).await.unwrap(),
+        want
+    );
+    assert_eq!(
+        pool.map(async_square, 0..5u64).await.unwrap(),
+        vec![0, 1, 4, 9, 16]
+    );
+    assert_eq!(
+        pool.starmap(add3, vec![(1, 2, 3), (4, 5, 6)])
+            .await
+            .unwrap(),
+        vec![6, 15]
+    );
+    let empty: Vec<i64> = pool.map(doubler, Vec::<i64>::new()).await.unwrap();
+    assert!(empty.is_empty());
+    assert_eq!(
+        pool.map_async(doubler, vec![1, 2]).await.unwrap(),
+        vec![2, 4]
+    );
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn named_futures_work_in_join_all_and_select() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let futs: Vec<_> = (0..10).map(|i| pool.apply(doubler, (i,))).collect();
+    let out = futures::future::join_all(futs).await;
+    let out: Vec<i64> = out.into_iter().map(Result::unwrap).collect();
+    assert_eq!(out, (0..10).map(|i| i * 2).collect::<Vec<_>>());
+
+    let mut unordered: futures::stream::FuturesUnordered<_> =
+        (0..5).map(|i| pool.apply(doubler, (i,))).collect();
+    let mut sum = 0;
+    while let Some(r) = unordered.next().await {
+        sum += r.unwrap();
+    }
+    assert_eq!(sum, 20);
+
+    tokio::select! {
+        r = pool.apply(doubler, (4,)) => assert_eq!(r.unwrap(), 8),
+        () = std::future::pending() => unreachable!(),
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), pool.map(doubler, vec![1])).await;
+    assert_eq!(r.unwrap().unwrap(), vec![2]);
+}
+
+// Multi-thread: the test blocks its own thread on files while the dispatcher works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_async_handles() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let h = pool.apply_async(doubler, (5,));
+    assert_eq!(h.await.unwrap(), 10);
+
+    // Python's get(timeout): waiting under tokio's timeout does not cancel.
+    let dir = TempDir::new("handle");
+    let gate = dir.path("gate");
+    let mut h = pool.apply_async(ordered_pair, (0, gate.clone()));
+    assert!(!h.is_finished());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut h)
+            .await
+            .is_err()
+    );
+    write_file(&gate, "go");
+    assert_eq!(h.await.unwrap(), 0);
+
+    // A finished handle says so before it is awaited.
+    let h = pool.apply_async(doubler, (1,));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !h.is_finished() {
+        assert!(tokio::time::Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(h.await.unwrap(), 2);
+
+    // detach: runs on with nobody waiting.
+    let marker = dir.path("detached");
+    pool.apply_async(ordered_pair, (1, marker.clone())).detach();
+    support::read_file_within(&marker, Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn workers_are_pool_workers_and_pool_is_a_cheap_clone() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let (name, pid) = pool.apply(whoami, ()).await.unwrap();
+    assert!(name.starts_with("PoolWorker-"), "{name}");
+    assert_ne!(pid, std::process::id());
+
+    let clone = pool.clone();
+    let task = tokio::spawn(async move { clone.apply(doubler, (3,)).await });
+    assert_eq!(task.await.unwrap().unwrap(), 6);
+
+    let other = pool.clone();
+    pool.close().await;
+    assert!(matches!(
+        other.apply(doubler, (1,)).await,
+        Err(Error::PoolClosed)
+    ));
+    assert!(matches!(
+        other.map(doubler, vec![1]).await,
+        Err(Error::PoolClosed)
+    ));
+    assert!(matches!(
+        other.apply_async(doubler, (1,)).await,
+        Err(Error::PoolClosed)
+    ));
+}
+
+#[tokio::test]
+async fn imap_keeps_input_order_and_imap_unordered_does_not() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let got: Vec<i64> = pool
+        .imap(doubler, 0..100)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(got, (0..100).map(|x| x * 2).collect::<Vec<_>>());
+
+    let dir = TempDir::new("imap");
+    let gate = dir.path("gate");
+    // imap passes single arguments; use a one-argument wrapper for the pair.
+    fn pair(a: (u32, String)) -> u32 {
+        ordered_pair(a.0, a.1)
+    }
+    let none: Vec<u32> = pool
+        .imap(pair, Vec::new())
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert!(none.is_empty());
+    let items = vec![(0, gate.clone()), (1, gate.clone())];
+    let unordered: Vec<u32> = pool
+        .imap_unordered(pair, items.clone())
+        .chunksize(1)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(unordered, vec![1, 0], "completion order");
+    std::fs::remove_file(&gate).unwrap();
+    let ordered: Vec<u32> = pool
+        .imap(pair, items)
+        .chunksize(1)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(ordered, vec![0, 1], "input order");
+}
+
+#[tokio::test]
+async fn imap_errors_are_per_item() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    for chunk in [1, 4, 10] {
+        let got: Vec<Result<u32, Error>> = pool
+            .imap(maybe_panic, 0..30)
+            .chunksize(chunk)
+            .collect()
+            .await;
+        assert_eq!(got.len(), 30);
+        for (i, r) in got.iter().enumerate() {
+            if i % 10 == 3 {
+                assert!(
+                    matches!(r, Err(Error::Panicked { message, .. }) if message == &format!("item {i} is unlucky")),
+                    "chunk {chunk}, item {i}: {r:?}"
+                );
+            } else {
+                assert_eq!(r.as_ref().unwrap(), &(i as u32), "chunk {chunk}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn imap_pulls_an_endless_iterator_lazily() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    let endless = (0u64..).inspect(move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let first: Vec<u64> = pool
+        .imap(async_square, endless)
+        .chunksize(1)
+        .take(200)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(first, (0..200u64).map(|x| x * x).collect::<Vec<_>>());
+    let n = pulled.load(Ordering::Relaxed);
+    // At most the in-flight window (4 chunks per worker, of 1 item) beyond what was taken.
+    assert!(
+        n <= 200 + 2 * 8,
+        "pulled {n} items for 200 results: not lazy"
+    );
+}
+
+#[tokio::test]
+async fn map_stops_at_the_first_error() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let err = pool.map(maybe_panic, 0..100).await.unwrap_err();
+    assert!(matches!(err, Error::Panicked { .. }), "{err:?}");
+    // The pool serves on.
+    assert_eq!(pool.map(maybe_panic, vec![1, 2]).await.unwrap(), vec![1, 2]);
+}
+
+#[tokio::test]
+async fn stats_add_up() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let s = pool.stats();
+    assert_eq!((s.workers, s.idle, s.queued, s.running), (2, 2, 0, 0));
+    for i in 0..5 {
+        pool.apply(doubler, (i,)).await.unwrap();
+    }
+    assert!(pool.apply(maybe_panic, (3,)).await.is_err());
+    let s = pool.stats();
+    assert_eq!(s.completed, 5);
+    assert_eq!(s.failed, 1);
+    assert_eq!(s.submitted, 6);
+    assert_eq!(
+        s.submitted,
+        s.completed + s.failed + s.cancelled + (s.queued + s.running) as u64
+    );
+}
+
+static INIT_VALUE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn init(v: String) {
+    INIT_VALUE.set(v).expect("initializer runs once per worker");
+}
+
+fn read_init() -> Option<String> {
+    INIT_VALUE.get().cloned()
+}
+
+fn failing_init() {
+    panic!("no database");
+}
+
+#[tokio::test]
+async fn initializer_runs_once_per_worker_before_tasks() {
+    let pool = AsyncPool::builder()
+        .processes(2)
+        .initializer(init, ("ready".to_string(),))
+        .build()
+        .await
+        .unwrap();
+    let got = pool
+        .map(|_: u8| read_init(), vec![0; 20])
+        .chunksize(1)
+        .await
+        .unwrap();
+    assert!(got.iter().all(|v| v.as_deref() == Some("ready")), "{got:?}");
+}
+
+#[tokio::test]
+async fn an_initializer_that_fails_fails_build() {
+    let err = AsyncPool::builder()
+        .processes(2)
+        .initializer(failing_init, ())
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Panicked { message, .. } if message == "no database"),
+        "{err:?}"
+    );
+}
