@@ -1,0 +1,176 @@
+//! Cancellation by drop: queued tasks are removed, running ones have their worker stopped
+//! and replaced; waiting under tokio's timeout does not cancel.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use procpool::{AsyncPool, Error};
+use support::{TempDir, is_dead, read_file_async, write_file};
+
+fn doubler(x: i64) -> i64 {
+    x * 2
+}
+
+fn runs_and_reports(report: String) -> u8 {
+    write_file(&report, &std::process::id().to_string());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn marks(path: String) -> u8 {
+    write_file(&path, "ran");
+    0
+}
+
+async fn gone_within(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !is_dead(pid) {
+        assert!(Instant::now() < deadline, "worker {pid} still alive");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn dropping_a_running_task_stops_its_worker() {
+    let pool = AsyncPool::builder()
+        .processes(1)
+        .pipeline_depth(1)
+        .build()
+        .await
+        .unwrap();
+    let dir = TempDir::new("cancel-running");
+    let report = dir.path("pid");
+    let fut = pool.apply(runs_and_reports, (report.clone(),));
+    let queued_marker = dir.path("queued-ran");
+    let queued = pool.apply_async(marks, (queued_marker.clone(),));
+    // Poll the running task until it reports, then drop it (select!'s losing branch).
+    let mut fut = Box::pin(fut);
+    let worker = tokio::select! {
+        _ = &mut fut => unreachable!("it never returns"),
+        text = read_file_async(&report, Duration::from_secs(60)) => text.parse::<u32>().unwrap(),
+    };
+    drop(fut);
+    gone_within(worker, Duration::from_secs(5)).await;
+    // The queued task runs on the replacement.
+    assert_eq!(queued.await.unwrap(), 0);
+    assert!(std::path::Path::new(&queued_marker).exists());
+    let s = pool.stats();
+    assert_eq!((s.cancelled, s.restarts, s.completed), (1, 1, 1));
+    assert_eq!(pool.apply(doubler, (2,)).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn dropping_a_queued_task_removes_it() {
+    let pool = AsyncPool::builder()
+        .processes(1)
+        .pipeline_depth(1)
+        .build()
+        .await
+        .unwrap();
+    let dir = TempDir::new("cancel-queued");
+    let report = dir.path("pid");
+    let blocker = pool.apply_async(runs_and_reports, (report.clone(),));
+    let worker: u32 = read_file_async(&report, Duration::from_secs(60))
+        .await
+        .parse()
+        .unwrap();
+    let marker = dir.path("never");
+    let queued = pool.apply_async(marks, (marker.clone(),));
+    drop(queued);
+    // Stop the blocker; the replacement must not run the dropped task.
+    drop(blocker);
+    gone_within(worker, Duration::from_secs(5)).await;
+    assert_eq!(pool.apply(doubler, (1,)).await.unwrap(), 2);
+    pool.close().await;
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "a dropped queued task ran"
+    );
+    assert_eq!(pool.stats().cancelled, 2);
+}
+
+#[tokio::test]
+async fn a_dropped_pipelined_task_delivers_nothing_and_costs_nothing_else() {
+    // Default pipelining: the second task is already sent to the busy worker. Whether
+    // the worker skips it (the Skip frame arrived first) or starts it (it did not) is a
+    // race the test cannot order without sleeping; either way the caller is gone, the
+    // counts add up and the first task is unaffected.
+    let pool = AsyncPool::new(1).await.unwrap();
+    let dir = TempDir::new("cancel-pipelined");
+    let (report, marker) = (dir.path("pid"), dir.path("maybe"));
+    let gate = dir.path("gate");
+    let first = pool.apply_async(waits_then_marks, (gate.clone(), report.clone()));
+    let second = pool.apply_async(marks, (marker.clone(),));
+    read_file_async(&report, Duration::from_secs(60)).await;
+    drop(second);
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || pool.stats().cancelled == 1).await
+    );
+    write_file(&gate, "go");
+    assert_eq!(first.await.unwrap(), 7);
+    assert_eq!(pool.apply(doubler, (1,)).await.unwrap(), 2);
+    let s = pool.stats();
+    assert_eq!(
+        (s.submitted, s.completed, s.cancelled, s.failed),
+        (3, 2, 1, 0)
+    );
+}
+
+fn waits_then_marks(gate: String, report: String) -> u8 {
+    write_file(&report, "started");
+    support::wait_for_file(&gate);
+    7
+}
+
+#[tokio::test]
+async fn tokio_timeout_on_a_handle_does_not_cancel_but_handle_timeout_does() {
+    let pool = AsyncPool::new(1).await.unwrap();
+    let dir = TempDir::new("handle-timeout");
+    let gate = dir.path("gate");
+    let report = dir.path("r");
+    let mut h = pool.apply_async(waits_then_marks, (gate.clone(), report.clone()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut h)
+            .await
+            .is_err()
+    );
+    write_file(&gate, "go");
+    assert_eq!(h.await.unwrap(), 7);
+
+    let report2 = dir.path("r2");
+    let h = pool.apply_async(runs_and_reports, (report2.clone(),));
+    let worker: u32 = read_file_async(&report2, Duration::from_secs(60))
+        .await
+        .parse()
+        .unwrap();
+    let r = h.timeout(Duration::from_millis(50)).await;
+    assert!(matches!(r, Err(Error::Timeout { .. })));
+    gone_within(worker, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn dropping_a_map_cancels_its_chunks() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let dir = TempDir::new("cancel-map");
+    let report = dir.path("pid");
+    let map = pool
+        .map(runs_and_reports, vec![report.clone(); 4])
+        .chunksize(1);
+    let mut map = Box::pin(map);
+    tokio::select! {
+        _ = &mut map => unreachable!(),
+        _ = read_file_async(&report, Duration::from_secs(60)) => {}
+    }
+    drop(map);
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || {
+            let s = pool.stats();
+            s.queued == 0 && s.running == 0
+        })
+        .await
+    );
+    assert_eq!(pool.stats().cancelled, 4);
+    assert_eq!(pool.map(doubler, 0..10).await.unwrap().len(), 10);
+}

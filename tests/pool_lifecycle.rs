@@ -1,0 +1,137 @@
+//! close, terminate, dropping the last handle, and a SIGKILLed parent.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use procpool::{AsyncPool, Error, Process};
+use support::{TempDir, is_dead, proc_state, read_file_async, wait_for_file, write_file};
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+fn waits_then_returns(gate: String, v: u32) -> u32 {
+    wait_for_file(&gate);
+    v
+}
+
+fn hangs() -> u8 {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+async fn worker_pids(pool: &AsyncPool) -> Vec<u32> {
+    // One task per worker at a time (chunksize 1), enough tasks to reach both.
+    let mut pids: Vec<u32> = pool
+        .map(|_: u8| pid(), vec![0; 64])
+        .chunksize(1)
+        .await
+        .unwrap();
+    pids.sort();
+    pids.dedup();
+    pids
+}
+
+async fn reaped_within(pids: &[u32], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    for &p in pids {
+        // Our own children: reaped means gone from /proc entirely (no zombie).
+        while proc_state(p).is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "worker {p} still there ({:?}) after {limit:?}",
+                proc_state(p)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_lets_queued_work_finish_then_reaps() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let pids = worker_pids(&pool).await;
+    let dir = TempDir::new("close");
+    let gate = dir.path("gate");
+    let handles: Vec<_> = (0..10)
+        .map(|i| pool.apply_async(waits_then_returns, (gate.clone(), i)))
+        .collect();
+    // The first poll of close() marks the pool closed; it then waits for the queue.
+    let mut closing = Box::pin(pool.close());
+    assert!(futures::poll!(&mut closing).is_pending());
+    // New work is refused at once, while the queued work is still waiting.
+    assert!(matches!(pool.apply(pid, ()).await, Err(Error::PoolClosed)));
+    write_file(&gate, "go");
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(
+            h.await.unwrap(),
+            i as u32,
+            "queued work finishes after close"
+        );
+    }
+    closing.await;
+    reaped_within(&pids, Duration::from_secs(1)).await;
+    assert_eq!(pool.stats().workers, 0);
+}
+
+#[tokio::test]
+async fn terminate_resolves_everything_within_a_second_and_reaps() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let pids = worker_pids(&pool).await;
+    let running: Vec<_> = (0..2).map(|_| pool.apply_async(hangs, ())).collect();
+    let queued: Vec<_> = (0..5).map(|_| pool.apply_async(hangs, ())).collect();
+    let start = Instant::now();
+    pool.terminate().await;
+    for h in running.into_iter().chain(queued) {
+        let r = tokio::time::timeout(Duration::from_secs(1), h).await;
+        assert!(matches!(r, Ok(Err(Error::PoolClosed))), "{r:?}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(1) + Duration::from_millis(500));
+    reaped_within(&pids, Duration::from_secs(1)).await;
+    assert!(matches!(pool.apply(pid, ()).await, Err(Error::PoolClosed)));
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_kills_and_reaps_the_workers() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let pids = worker_pids(&pool).await;
+    let busy = pool.apply_async(hangs, ());
+    busy.detach();
+    drop(pool);
+    reaped_within(&pids, Duration::from_secs(1)).await;
+}
+
+async fn pool_reporting_its_workers(report: String) -> u8 {
+    let pool = AsyncPool::new(2).await.expect("pool in helper");
+    let pids = worker_pids(&pool).await;
+    let text: Vec<String> = pids.iter().map(u32::to_string).collect();
+    write_file(&report, &text.join(" "));
+    std::future::pending::<()>().await;
+    unreachable!()
+}
+
+#[tokio::test]
+async fn a_sigkilled_parent_leaves_no_pool_worker_running() {
+    let dir = TempDir::new("pool-orphans");
+    let report = dir.path("workers");
+    let mut helper = Process::new(pool_reporting_its_workers, (report.clone(),));
+    helper.start().await.unwrap();
+    let text = read_file_async(&report, Duration::from_secs(60)).await;
+    let workers: Vec<u32> = text.split(' ').map(|p| p.parse().unwrap()).collect();
+    assert_eq!(workers.len(), 2);
+    assert!(workers.iter().all(|&w| !is_dead(w)));
+    helper.kill().unwrap();
+    let killed = Instant::now();
+    assert!(matches!(helper.join().await, Err(Error::WorkerDied { .. })));
+    for w in workers {
+        while !is_dead(w) {
+            assert!(
+                killed.elapsed() < Duration::from_secs(1),
+                "pool worker {w} still running 1 s after its parent was SIGKILLed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
