@@ -1,0 +1,51 @@
+//! Public types are Send and Sync where a service needs them to be (after tokio's
+//! `tests/async_send_sync.rs`): compile-time checks.
+#![allow(dead_code)]
+
+use procpool::*;
+
+fn require_send<T: Send>() {}
+fn require_sync<T: Sync>() {}
+fn require_unpin<T: Unpin>() {}
+
+#[test]
+fn send_sync_unpin() {
+    require_send::<AsyncPool>();
+    require_sync::<AsyncPool>();
+    require_send::<Apply<i32>>();
+    require_sync::<Apply<i32>>();
+    require_unpin::<Apply<i32>>();
+    require_send::<Map<String>>();
+    require_sync::<Map<String>>();
+    require_unpin::<Map<String>>();
+    require_send::<TaskHandle<Vec<u8>>>();
+    require_sync::<TaskHandle<Vec<u8>>>();
+    require_unpin::<TaskHandle<Vec<u8>>>();
+    require_send::<TaskTimeout<i32>>();
+    require_sync::<TaskTimeout<i32>>();
+    require_send::<Imap<i32, std::vec::IntoIter<i32>>>();
+    require_sync::<Imap<i32, std::vec::IntoIter<i32>>>();
+    require_unpin::<Imap<i32, std::ops::RangeFrom<i32>>>();
+    require_send::<Process<i32>>();
+    require_sync::<Process<i32>>();
+    require_send::<Error>();
+    require_sync::<Error>();
+    require_send::<PoolStats>();
+    require_send::<Builder>();
+    require_send::<ProcessInfo>();
+}
+
+// Futures returned by async fns are Send, so they can be `tokio::spawn`ed.
+fn require_send_val<T: Send>(_: &T) {}
+
+async fn uses_everything(pool: AsyncPool) {
+    let f = pool.close();
+    require_send_val(&f);
+    let f = pool.terminate();
+    require_send_val(&f);
+    let f = AsyncPool::new(1);
+    require_send_val(&f);
+    let mut p = Process::new(|| 1u8, ());
+    require_send_val(&p.start());
+    require_send_val(&p.join());
+}
