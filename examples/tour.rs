@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use procpool::{Error, Process, current_process};
+use futures::StreamExt;
+use procpool::{AsyncPool, Error, Process, current_process};
 
 fn doubler(number: i64) -> i64 {
     let result = number * 2;
@@ -50,6 +51,17 @@ async fn spawns_a_grandchild() -> String {
         .await
         .expect("spawn grandchild");
     p.join().await.expect("join grandchild")
+}
+
+fn pool_worker_name(_: u8) -> String {
+    current_process().name().to_owned()
+}
+
+fn unlucky(x: u32) -> u32 {
+    if x == 3 {
+        panic!("3 is unlucky");
+    }
+    x * 10
 }
 
 #[tokio::main]
@@ -108,6 +120,58 @@ async fn main() -> procpool::Result<()> {
     let mut p = procpool::spawn(spawns_a_grandchild, ()).await?;
     let grandchild = p.join().await?;
     println!("  {} started {grandchild}", p.name());
+
+    println!("== AsyncPool: map, apply, apply_async, starmap, imap");
+    let pool = AsyncPool::new(2).await?;
+    println!(
+        "  map(doubler, [5, 10, 20]) = {:?}",
+        pool.map(|x: i64| x * 2, vec![5, 10, 20]).await?
+    );
+    let mut names = pool.map(pool_worker_name, vec![0; 8]).chunksize(1).await?;
+    names.sort();
+    names.dedup();
+    println!("  workers: {names:?}");
+    println!(
+        "  apply(divide, (7, 2)) = {:?}",
+        pool.apply(divide, (7, 2)).await?
+    );
+    let handle = pool.apply_async(fetch_len, ("procpool".to_string(),));
+    println!("  apply_async(fetch_len).await = {}", handle.await?);
+    println!(
+        "  starmap = {:?}",
+        pool.starmap(|a: u32, b: u32| a * b, vec![(2, 3), (4, 5)])
+            .await?
+    );
+    let per_item: Vec<String> = pool
+        .imap(unlucky, 0..6)
+        .map(|r| match r {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("Err({})", e.to_string().split(": ").last().unwrap_or("")),
+        })
+        .collect()
+        .await;
+    println!("  imap(unlucky, 0..6) = {per_item:?} (an error is one item's, the stream goes on)");
+
+    println!("== Pool faults: one task fails, the pool serves on");
+    report(pool.apply(panics, ()).await);
+    report(pool.apply(aborts, ()).await);
+    report(
+        pool.apply(hangs, ())
+            .timeout(Duration::from_millis(200))
+            .await,
+    );
+    let racing = tokio::select! {
+        r = pool.apply(hangs, ()) => format!("{r:?}"),
+        () = tokio::time::sleep(Duration::from_millis(100)) => "select! deadline won; the task was cancelled and its worker stopped".to_string(),
+    };
+    println!("  {racing}");
+    println!(
+        "  still serving: {}",
+        pool.apply(|x: u8| x + 1, (41,)).await?
+    );
+    println!("  stats: {:?}", pool.stats());
+    pool.close().await;
+    println!("  after close: {:?}", pool.apply(|x: u8| x, (1,)).await);
     Ok(())
 }
 

@@ -71,3 +71,8 @@ pub use pool::{Apply, AsyncPool, Builder, Imap, Map, PoolStats, TaskHandle, Task
 pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
 pub use target::{Async, Blocking, Target};
 pub use wire::DEFAULT_MAX_FRAME;
+
+/// The README's examples, compiled and run as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
