@@ -1,0 +1,302 @@
+//! How a function is named across the process boundary.
+//!
+//! A *target* is a fn item or a closure that captures nothing (a zero-sized type), with 0
+//! to 8 parameters, passed with its arguments as a tuple. Plain functions and `async`
+//! functions both work:
+//!
+//! ```
+//! fn doubler(x: i64) -> i64 { x * 2 }
+//! async fn fetch(n: u32, tag: String) -> String { format!("{tag}{n}") }
+//! # fn check<F: procpool::Target<A, M>, A, M>(_: F, _: A) {}
+//! check(doubler, (5,));
+//! check(fetch, (1, "n".to_string()));
+//! check(|a: u8, b: u8, c: u8| a + b + c, (1, 2, 3));
+//! fn parse<T: std::str::FromStr>(s: String) -> Option<T> { s.parse().ok() }
+//! check(parse::<u32>, ("7".to_string(),));   // generic functions: name the types
+//! ```
+//!
+//! A closure that captures a variable is refused at compile time (when the program is
+//! built, not by `cargo check`):
+//!
+//! ```compile_fail
+//! # #[tokio::main] async fn main() {
+//! let factor = 3;
+//! let p = procpool::Process::new(move |x: i64| x * factor, (5,));
+//! # }
+//! ```
+//!
+//! The machinery and its soundness argument are in the private module `sys`, the only
+//! place in the crate with `unsafe` code.
+
+mod image;
+#[allow(unsafe_code)]
+mod sys;
+
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_bytes::ByteBuf;
+
+pub(crate) use image::Image;
+pub(crate) use sys::{
+    ignore_sigpipe, inherit_fd, inherited_channel, keep_boot_linked, lookup, watch_pidfd,
+};
+
+use crate::error::Error;
+use crate::wire::{self, Outcome};
+
+/// A function that can run in another process with arguments `Args` (a tuple).
+///
+/// Implemented for every fn item and non-capturing closure whose parameters and return
+/// value are `Serialize + DeserializeOwned + Send + 'static`, both plain
+/// (`Fn(A, B) -> R`, marker [`Blocking`]) and async (`Fn(A, B) -> impl Future<Output = R>`,
+/// marker [`Async`]). You never implement it yourself; the `Marker` parameter only lets
+/// the compiler tell the two kinds apart.
+///
+/// A plain target runs on the child's main thread with no async runtime around it, so it
+/// may block (use the `blocking_*` methods of the IPC types). An async target runs on a
+/// current-thread tokio runtime created in the child.
+pub trait Target<Args, Marker>: Send + Sync + 'static {
+    /// What the target returns (for an async target, what its future resolves to).
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    #[doc(hidden)]
+    fn __invoke(self, args: Args, cx: &mut Context) -> Self::Output;
+}
+
+/// Marker for plain (non-async) targets. See [`Target`].
+#[derive(Debug)]
+pub enum Blocking {}
+
+/// Marker for async targets. See [`Target`].
+#[derive(Debug)]
+pub enum Async {}
+
+/// What a target runs with in the child: a lazily built runtime for async targets.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Context {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Context {
+    fn block_on<F: Future>(&mut self, fut: F) -> F::Output {
+        let rt =
+            self.rt.get_or_insert_with(|| {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => panic!("procpool: could not build a tokio runtime in the child: {e}"),
+                }
+            });
+        rt.block_on(fut)
+    }
+}
+
+macro_rules! impl_target {
+    ($($A:ident),*) => {
+        impl<Func, Ret, $($A,)*> Target<($($A,)*), Blocking> for Func
+        where
+            Func: Fn($($A),*) -> Ret + Send + Sync + 'static,
+            Ret: Serialize + DeserializeOwned + Send + 'static,
+            $($A: Serialize + DeserializeOwned + Send + 'static,)*
+        {
+            type Output = Ret;
+
+            #[allow(non_snake_case)]
+            fn __invoke(self, args: ($($A,)*), _cx: &mut Context) -> Ret {
+                let ($($A,)*) = args;
+                self($($A),*)
+            }
+        }
+
+        impl<Func, Fut, $($A,)*> Target<($($A,)*), Async> for Func
+        where
+            Func: Fn($($A),*) -> Fut + Send + Sync + 'static,
+            Fut: Future,
+            Fut::Output: Serialize + DeserializeOwned + Send + 'static,
+            $($A: Serialize + DeserializeOwned + Send + 'static,)*
+        {
+            type Output = Fut::Output;
+
+            #[allow(non_snake_case)]
+            fn __invoke(self, args: ($($A,)*), cx: &mut Context) -> Fut::Output {
+                let ($($A,)*) = args;
+                cx.block_on(self($($A),*))
+            }
+        }
+    };
+}
+
+impl_target!();
+impl_target!(A1);
+impl_target!(A1, A2);
+impl_target!(A1, A2, A3);
+impl_target!(A1, A2, A3, A4);
+impl_target!(A1, A2, A3, A4, A5);
+impl_target!(A1, A2, A3, A4, A5, A6);
+impl_target!(A1, A2, A3, A4, A5, A6, A7);
+impl_target!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// The entry point a child calls: decode arguments, run, encode the result.
+pub(crate) type Entry = fn(&[u8], &mut Context) -> Outcome;
+
+/// A target as the parent sends it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TargetRef {
+    pub(crate) offset: u64,
+    pub(crate) name: &'static str,
+}
+
+/// Names the target `F` for a child. Fails to compile if `F` captures anything.
+pub(crate) fn resolve<F, M, A>() -> Result<TargetRef, Error>
+where
+    F: Target<A, M>,
+    A: Serialize + DeserializeOwned + Send + 'static,
+    M: 'static,
+{
+    resolve_entry::<F>(entry::<F, M, A>)
+}
+
+/// Names the chunk runner of `F` for `map`: a chunk is an array of single arguments.
+pub(crate) fn resolve_map<F, M, T>() -> Result<TargetRef, Error>
+where
+    F: Target<(T,), M>,
+    T: Serialize + DeserializeOwned + Send + 'static,
+    M: 'static,
+{
+    resolve_entry::<F>(map_entry::<F, M, T>)
+}
+
+/// Names the chunk runner of `F` for `starmap`: a chunk is an array of argument tuples.
+pub(crate) fn resolve_starmap<F, M, A>() -> Result<TargetRef, Error>
+where
+    F: Target<A, M>,
+    A: Serialize + DeserializeOwned + Send + 'static,
+    M: 'static,
+{
+    resolve_entry::<F>(starmap_entry::<F, M, A>)
+}
+
+fn resolve_entry<F>(entry: Entry) -> Result<TargetRef, Error> {
+    const {
+        assert!(
+            size_of::<F>() == 0,
+            "procpool: a target must be a fn item or a closure that captures nothing; \
+             pass captured values as arguments instead"
+        )
+    };
+    keep_boot_linked();
+    let name = std::any::type_name::<F>();
+    let image = Image::get().map_err(|reason| Error::UnsupportedTarget {
+        name: name.to_owned(),
+        reason,
+    })?;
+    let offset = image
+        .offset_of(entry as usize)
+        .ok_or_else(|| Error::UnsupportedTarget {
+            name: name.to_owned(),
+            reason: "it is not code of the main executable (is it in a dynamically loaded \
+                     library?); only functions linked into the program can run in a child"
+                .to_owned(),
+        })?;
+    Ok(TargetRef { offset, name })
+}
+
+/// What a chunk sends back: the values of the items that ran, in order, and the failure
+/// that stopped it, with the failing item's index in the chunk. Items after a failure did
+/// not run.
+pub(crate) type ChunkOutput<R> = (Vec<R>, Option<(u32, Outcome)>);
+
+fn map_entry<F, M, T>(args: &[u8], cx: &mut Context) -> Outcome
+where
+    F: Target<(T,), M>,
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
+    run_chunk::<F, M, (T,), T>(args, cx, |t| (t,))
+}
+
+fn starmap_entry<F, M, A>(args: &[u8], cx: &mut Context) -> Outcome
+where
+    F: Target<A, M>,
+    A: Serialize + DeserializeOwned + Send + 'static,
+{
+    run_chunk::<F, M, A, A>(args, cx, |a| a)
+}
+
+fn run_chunk<F, M, A, T>(args: &[u8], cx: &mut Context, wrap: fn(T) -> A) -> Outcome
+where
+    F: Target<A, M>,
+    T: DeserializeOwned,
+{
+    let items: Vec<T> = match wire::decode_value(args) {
+        Ok(items) => items,
+        Err(reason) => {
+            return Outcome::Decode {
+                type_name: std::any::type_name::<Vec<T>>().to_owned(),
+                reason,
+            };
+        }
+    };
+    let mut values = Vec::with_capacity(items.len());
+    let mut failure = None;
+    for (i, item) in items.into_iter().enumerate() {
+        let f: F = sys::conjure::<F>();
+        match catch_unwind(AssertUnwindSafe(|| f.__invoke(wrap(item), cx))) {
+            Ok(v) => values.push(v),
+            Err(payload) => {
+                let (message, location) = crate::child::panic_details(payload.as_ref());
+                failure = Some((i as u32, Outcome::Panicked { message, location }));
+                break;
+            }
+        }
+    }
+    match catch_unwind(AssertUnwindSafe(|| {
+        wire::encode_value(&(&values, &failure))
+    })) {
+        Ok(Ok(bytes)) => Outcome::Value(ByteBuf::from(bytes)),
+        Ok(Err(reason)) => Outcome::Encode {
+            type_name: std::any::type_name::<F::Output>().to_owned(),
+            reason,
+        },
+        Err(payload) => {
+            let (message, location) = crate::child::panic_details(payload.as_ref());
+            Outcome::Panicked { message, location }
+        }
+    }
+}
+
+fn entry<F, M, A>(args: &[u8], cx: &mut Context) -> Outcome
+where
+    F: Target<A, M>,
+    A: Serialize + DeserializeOwned + Send + 'static,
+{
+    let args: A = match wire::decode_value(args) {
+        Ok(a) => a,
+        Err(reason) => {
+            return Outcome::Decode {
+                type_name: std::any::type_name::<A>().to_owned(),
+                reason,
+            };
+        }
+    };
+    let f: F = sys::conjure::<F>();
+    let run = catch_unwind(AssertUnwindSafe(|| {
+        let value = f.__invoke(args, cx);
+        wire::encode_value(&value).map_err(|reason| Outcome::Encode {
+            type_name: std::any::type_name::<F::Output>().to_owned(),
+            reason,
+        })
+    }));
+    match run {
+        Ok(Ok(bytes)) => Outcome::Value(ByteBuf::from(bytes)),
+        Ok(Err(outcome)) => outcome,
+        Err(payload) => {
+            let (message, location) = crate::child::panic_details(payload.as_ref());
+            Outcome::Panicked { message, location }
+        }
+    }
+}
