@@ -34,7 +34,7 @@ fn maybe_panic(x: u32) -> u32 {
     x
 }
 
-/// Item 0 waits for a file that item 1 writes: item 1 must finish first.
+/// Item 0 waits for `gate`; item 1 opens it.
 fn ordered_pair(i: u32, gate: String) -> u32 {
     if i == 0 {
         wait_for_file(&gate);
@@ -196,33 +196,50 @@ async fn imap_keeps_input_order_and_imap_unordered_does_not() {
     assert_eq!(got, (0..100).map(|x| x * 2).collect::<Vec<_>>());
 
     let dir = TempDir::new("imap");
-    let gate = dir.path("gate");
-    // imap passes single arguments; use a one-argument wrapper for the pair.
-    fn pair(a: (u32, String)) -> u32 {
-        ordered_pair(a.0, a.1)
+    // Item 0 waits for a gate the test opens only after it has received item 1's result
+    // (unordered) or seen item 1 complete (ordered): deterministic either way.
+    fn gated(a: (u32, Option<String>)) -> u32 {
+        if let Some(gate) = a.1 {
+            wait_for_file(&gate);
+        }
+        a.0
     }
     let none: Vec<u32> = pool
-        .imap(pair, Vec::new())
+        .imap(gated, Vec::new())
         .map(Result::unwrap)
         .collect()
         .await;
     assert!(none.is_empty());
-    let items = vec![(0, gate.clone()), (1, gate.clone())];
-    let unordered: Vec<u32> = pool
-        .imap_unordered(pair, items.clone())
-        .chunksize(1)
-        .map(Result::unwrap)
-        .collect()
-        .await;
-    assert_eq!(unordered, vec![1, 0], "completion order");
-    std::fs::remove_file(&gate).unwrap();
-    let ordered: Vec<u32> = pool
-        .imap(pair, items)
-        .chunksize(1)
-        .map(Result::unwrap)
-        .collect()
-        .await;
-    assert_eq!(ordered, vec![0, 1], "input order");
+
+    let gate = dir.path("unordered");
+    let mut s = pool
+        .imap_unordered(gated, vec![(0, Some(gate.clone())), (1, None)])
+        .chunksize(1);
+    assert_eq!(s.next().await.unwrap().unwrap(), 1, "completion order");
+    write_file(&gate, "go");
+    assert_eq!(s.next().await.unwrap().unwrap(), 0);
+    assert!(s.next().await.is_none());
+
+    let gate = dir.path("ordered");
+    let completed = pool.stats().completed;
+    let mut s = pool
+        .imap(gated, vec![(0, Some(gate.clone())), (1, None)])
+        .chunksize(1);
+    let first = tokio::spawn(async move {
+        let first = s.next().await.unwrap().unwrap();
+        (first, s)
+    });
+    // Item 1 is done before item 0 can be; the ordered stream still holds it back.
+    assert!(
+        support::eventually_async(Duration::from_secs(30), || pool.stats().completed
+            > completed)
+        .await
+    );
+    assert!(!first.is_finished());
+    write_file(&gate, "go");
+    let (first, mut s) = first.await.unwrap();
+    assert_eq!(first, 0, "input order");
+    assert_eq!(s.next().await.unwrap().unwrap(), 1);
 }
 
 #[tokio::test]

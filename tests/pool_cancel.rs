@@ -3,10 +3,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use procpool::{AsyncPool, Error};
-use support::{TempDir, is_dead, read_file_async, write_file};
+use support::{TempDir, gone_within, read_file_async, write_file};
 
 fn doubler(x: i64) -> i64 {
     x * 2
@@ -22,14 +22,6 @@ fn runs_and_reports(report: String) -> u8 {
 fn marks(path: String) -> u8 {
     write_file(&path, "ran");
     0
-}
-
-async fn gone_within(pid: u32, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !is_dead(pid) {
-        assert!(Instant::now() < deadline, "worker {pid} still alive");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]

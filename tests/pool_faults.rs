@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use procpool::{AsyncPool, Error, ExitReason};
 use serde::{Deserialize, Serialize};
-use support::{TempDir, eventually_async, is_dead, read_file_async, wait_for_file, write_file};
+use support::{
+    NoEncode, TempDir, eventually_async, gone_within, hangs, overflows, read_file_async,
+    wait_for_file, write_file,
+};
 
 fn pid() -> u32 {
     std::process::id()
@@ -29,24 +32,10 @@ fn exits(code: i32) -> u8 {
     std::process::exit(code)
 }
 
-fn overflows(depth: u64) -> u64 {
-    let pad = std::hint::black_box([depth; 64]);
-    if depth == u64::MAX {
-        return pad[0];
-    }
-    overflows(depth + 1) + std::hint::black_box(pad[63])
-}
-
 fn kills_itself() -> u8 {
     rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL)
         .expect("SIGKILL to self");
     unreachable!()
-}
-
-fn hangs() -> u8 {
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
 }
 
 /// Reports its pid through `report`, then hangs.
@@ -101,17 +90,6 @@ async fn pid_in(path: &str) -> u32 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-async fn gone_within(pid: u32, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !is_dead(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} still alive after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]
@@ -301,18 +279,6 @@ async fn a_timeout_stops_the_tasks_own_subprocesses() {
     let pids: Vec<u32> = text.split(' ').map(|p| p.parse().unwrap()).collect();
     gone_within(pids[0], Duration::from_secs(5)).await;
     gone_within(pids[1], Duration::from_secs(5)).await;
-}
-
-struct NoEncode;
-impl Serialize for NoEncode {
-    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
-        Err(serde::ser::Error::custom("never encodes"))
-    }
-}
-impl<'de> Deserialize<'de> for NoEncode {
-    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
-        Ok(NoEncode)
-    }
 }
 
 #[derive(Debug, Serialize)]

@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use procpool::{AsyncPool, Error, Process};
-use support::{TempDir, is_dead, proc_state, read_file_async, wait_for_file, write_file};
+use support::{TempDir, hangs, is_dead, proc_state, read_file_async, wait_for_file, write_file};
 
 fn pid() -> u32 {
     std::process::id()
@@ -14,12 +14,6 @@ fn pid() -> u32 {
 fn waits_then_returns(gate: String, v: u32) -> u32 {
     wait_for_file(&gate);
     v
-}
-
-fn hangs() -> u8 {
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
 }
 
 async fn worker_pids(pool: &AsyncPool) -> Vec<u32> {

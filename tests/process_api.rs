@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use procpool::{Error, Process, current_process};
 use serde::{Deserialize, Serialize};
-use support::{TempDir, wait_for_file, write_file};
+use support::{NoEncode, TempDir, wait_for_file, write_file};
 
 fn doubler(x: i64) -> i64 {
     x * 2
@@ -286,18 +286,6 @@ impl Serialize for FailsInChild {
         } else {
             Err(serde::ser::Error::custom("no serialising in children"))
         }
-    }
-}
-
-struct NoEncode;
-impl Serialize for NoEncode {
-    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
-        Err(serde::ser::Error::custom("never encodes"))
-    }
-}
-impl<'de> Deserialize<'de> for NoEncode {
-    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
-        Ok(NoEncode)
     }
 }
 

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use procpool::{Error, ExitReason, Process};
-use support::{TempDir, eventually, is_dead, proc_state, wait_for_file, write_file};
+use support::{TempDir, eventually, is_dead, overflows, proc_state, wait_for_file, write_file};
 
 fn panics(msg: String) -> u8 {
     panic!("{msg}");
@@ -18,16 +18,6 @@ fn aborts() -> u8 {
 
 fn exits(code: i32) -> u8 {
     std::process::exit(code);
-}
-
-/// A real segmentation fault from safe code: a child never ran Rust's `main`, so there is
-/// no stack-overflow handler, and running off the stack's guard page is SIGSEGV.
-fn overflows(depth: u64) -> u64 {
-    let pad = std::hint::black_box([depth; 64]);
-    if depth == u64::MAX {
-        return pad[0];
-    }
-    overflows(depth + 1) + std::hint::black_box(pad[63])
 }
 
 fn sleeps_forever() -> u8 {

@@ -444,7 +444,9 @@ where
     /// Pulls items and submits chunks until the window is full.
     fn fill(&mut self, target: TargetRef) {
         let window = IMAP_WINDOW_PER_WORKER * self.shared.processes().max(1);
-        while !self.exhausted && self.inflight.len() < window {
+        // Results parked behind a slow chunk (ordered mode) count against the window too,
+        // or a stuck head would let memory grow without bound.
+        while !self.exhausted && self.inflight.len() + self.parked.len() < window {
             let size = self.chunk_size();
             let mut items = Encoded::default();
             let mut bad = None;

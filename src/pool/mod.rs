@@ -403,17 +403,21 @@ impl AsyncPool {
         M: 'static,
         I: IntoIterator<Item = T>,
     {
-        drop(f);
-        Imap::new(
-            Arc::clone(&self.shared),
-            crate::target::resolve_map::<F, M, T>(),
-            items.into_iter(),
-            true,
-        )
+        self.imap_with(f, items, true)
     }
 
     /// Like [`imap`](Self::imap), in completion order.
     pub fn imap_unordered<F, T, M, I>(&self, f: F, items: I) -> Imap<F::Output, I::IntoIter>
+    where
+        F: Target<(T,), M>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        I: IntoIterator<Item = T>,
+    {
+        self.imap_with(f, items, false)
+    }
+
+    fn imap_with<F, T, M, I>(&self, f: F, items: I, ordered: bool) -> Imap<F::Output, I::IntoIter>
     where
         F: Target<(T,), M>,
         T: Serialize + DeserializeOwned + Send + 'static,
@@ -425,7 +429,7 @@ impl AsyncPool {
             Arc::clone(&self.shared),
             crate::target::resolve_map::<F, M, T>(),
             items.into_iter(),
-            false,
+            ordered,
         )
     }
 

@@ -42,7 +42,10 @@ pub fn wait_for_file(path: &str) {
 
 /// Creates `path` atomically (write then rename), so a reader never sees it half written.
 pub fn write_file(path: &str, contents: &str) {
-    let tmp = format!("{path}.tmp");
+    // Unique per process and call: several children may write the same file at once.
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = format!("{path}.{}.{n}.tmp", std::process::id());
     std::fs::write(&tmp, contents).expect("write handshake file");
     std::fs::rename(&tmp, path).expect("rename handshake file");
 }
@@ -157,5 +160,49 @@ pub async fn eventually_async(limit: Duration, mut cond: impl FnMut() -> bool) -
             return false;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits up to `limit` for `pid` to be dead, without blocking the runtime's thread.
+pub async fn gone_within(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !is_dead(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still alive after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A target that never returns.
+pub fn hangs() -> u8 {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A real segmentation fault from safe code: a child never ran Rust's `main`, so there is
+/// no stack-overflow handler, and running off the stack's guard page is SIGSEGV.
+pub fn overflows(depth: u64) -> u64 {
+    let pad = std::hint::black_box([depth; 64]);
+    if depth == u64::MAX {
+        return pad[0];
+    }
+    overflows(depth + 1) + std::hint::black_box(pad[63])
+}
+
+/// Decodes anywhere, never encodes: an argument or result that cannot cross.
+pub struct NoEncode;
+
+impl serde::Serialize for NoEncode {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("never encodes"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NoEncode {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Ok(NoEncode)
     }
 }
