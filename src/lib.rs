@@ -61,12 +61,14 @@
 
 mod child;
 mod error;
+mod log;
 mod pool;
 mod process;
 mod target;
 mod wire;
 
 pub use error::{Error, ExitReason, Result};
+pub use log::log_to_stderr;
 pub use pool::{Apply, AsyncPool, Builder, Imap, Map, PoolStats, TaskHandle, TaskTimeout};
 pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
 pub use target::{Async, Blocking, Target};

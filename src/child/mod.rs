@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use crate::target::{self, Context, Image};
 use crate::wire::{
-    self, BlockingChannel, BlockingWriter, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Run, Up,
+    self, BlockingChannel, Down, Hello, Outbox, Outcome, PROTOCOL_VERSION, Role, Run, Up,
 };
 
 /// `argv[1]` of every procpool child.
@@ -84,6 +84,10 @@ fn serve(args: Args) -> i32 {
             return EXIT_PROTOCOL;
         }
     };
+    let outbox = match stream.try_clone() {
+        Ok(w) => Outbox::new(w, wire::DEFAULT_MAX_FRAME),
+        Err(_) => return EXIT_PROTOCOL,
+    };
     let mut chan = BlockingChannel::new(stream, wire::DEFAULT_MAX_FRAME);
     let hello: Hello = match chan.recv::<Down>() {
         Ok(Some(Down::Hello(h))) => h,
@@ -92,7 +96,7 @@ fn serve(args: Args) -> i32 {
     };
     if let Err(reason) = check_build(&hello) {
         // The parent reports this as a spawn error; a failed send only means it is gone.
-        let sent = chan.send(&Up::Refused { reason });
+        let sent = outbox.send(&Up::Refused { reason });
         return if sent.is_ok() {
             EXIT_REFUSED
         } else {
@@ -100,6 +104,7 @@ fn serve(args: Args) -> i32 {
         };
     }
     crate::process::become_child(&hello.name, hello.identity.clone());
+    crate::log::install_forwarding(hello.log_level, outbox.clone());
     set_title(&hello.name);
     // Python prints the traceback of a `Process` that raised, not of a pool task (the
     // pool hands the error to the caller instead).
@@ -108,7 +113,7 @@ fn serve(args: Args) -> i32 {
     if let Some(init) = hello.init {
         let outcome = execute(&init, &mut cx);
         if !matches!(outcome, Outcome::Value(_)) {
-            return match chan.send(&Up::InitFailed { outcome }) {
+            return match outbox.send(&Up::InitFailed { outcome }) {
                 Ok(()) => EXIT_PANICKED,
                 Err(_) => EXIT_ORPHANED,
             };
@@ -118,12 +123,12 @@ fn serve(args: Args) -> i32 {
         version: PROTOCOL_VERSION,
         pid: std::process::id(),
     };
-    if chan.send(&ready).is_err() {
+    if outbox.send(&ready).is_err() {
         return EXIT_ORPHANED;
     }
     match hello.role {
-        Role::Process => run_once(chan, cx),
-        Role::Worker => serve_pool(chan, cx),
+        Role::Process => run_once(chan, outbox, cx),
+        Role::Worker => serve_pool(chan, outbox, cx),
     }
 }
 
@@ -156,19 +161,23 @@ fn check_build(hello: &Hello) -> Result<(), String> {
 }
 
 /// The `Process` role: run one target, send its outcome, exit.
-fn run_once(mut chan: BlockingChannel, mut cx: Context) -> i32 {
+fn run_once(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
     let run = match chan.recv::<Down>() {
         Ok(Some(Down::Run(run))) => run,
         Ok(None) => return EXIT_ORPHANED,
         Ok(Some(_)) | Err(_) => return EXIT_PROTOCOL,
     };
     watch_for_parent_eof(chan.get_ref());
+    // Python's wording, so people recognise them.
+    tracing::info!("child process calling self.run()");
     let outcome = execute(&run, &mut cx);
     let code = match outcome {
         Outcome::Panicked { .. } => EXIT_PANICKED,
         _ => 0,
     };
-    match chan.send(&Up::Done {
+    tracing::info!("process shutting down");
+    tracing::info!("process exiting with exitcode {code}");
+    match outbox.send(&Up::Done {
         id: run.id,
         outcome,
     }) {
@@ -189,10 +198,7 @@ enum Job {
 /// parent's end closes: the end-of-channel watch), the executor (this thread: user code
 /// runs here, so a plain target may block), and a writer (sends results, several per
 /// write when they come faster than the socket takes them).
-fn serve_pool(mut chan: BlockingChannel, mut cx: Context) -> i32 {
-    let Ok(write_half) = chan.get_ref().try_clone() else {
-        return EXIT_PROTOCOL;
-    };
+fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
     let skips: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let (jobs_tx, jobs) = mpsc::channel::<Job>();
     let reader_skips = Arc::clone(&skips);
@@ -222,19 +228,20 @@ fn serve_pool(mut chan: BlockingChannel, mut cx: Context) -> i32 {
     let writer = std::thread::Builder::new()
         .name("procpool-writer".into())
         .spawn(move || {
-            let mut w = BlockingWriter::new(write_half, wire::DEFAULT_MAX_FRAME);
+            let mut batch = Vec::new();
             while let Ok(msg) = out.recv() {
-                let mut res = w.feed(&msg);
-                while res.is_ok() && w.pending() < (1 << 20) {
+                batch.push(msg);
+                while batch.len() < 1024 {
                     match out.try_recv() {
-                        Ok(more) => res = w.feed(&more),
+                        Ok(more) => batch.push(more),
                         Err(_) => break,
                     }
                 }
-                if res.and_then(|()| w.flush()).is_err() {
+                if outbox.send_all(&batch).is_err() {
                     // The parent is gone.
                     std::process::exit(EXIT_ORPHANED);
                 }
+                batch.clear();
             }
         });
     let Ok(writer) = writer else {

@@ -101,6 +101,7 @@ async fn connect(
         name: name.to_string(),
         identity,
         role: Role::Worker,
+        log_level: crate::log::current_level(),
         init: init.map(|i| Run {
             id: 0,
             target: i.target.offset,
@@ -109,7 +110,13 @@ async fn connect(
         }),
     });
     let sent = channel.send_all(&[hello]).await;
-    let reply = channel.recv::<Up>().await;
+    // The initializer may log before the worker is ready.
+    let reply = loop {
+        match channel.recv::<Up>().await {
+            Ok(Some(Up::Log(record))) => crate::log::reemit(name, child.pid, &record),
+            other => break other,
+        }
+    };
     let fail = |reason: String| {
         if let Err(e) = child.signal(rustix::process::Signal::KILL) {
             eprintln!("procpool: cannot stop worker {name}: {e}");
@@ -161,6 +168,7 @@ async fn connect(
         }
     });
     let reader_child = Arc::clone(&child);
+    let reader_name = Arc::clone(name);
     tokio::spawn(async move {
         let mut protocol = None;
         loop {
@@ -174,6 +182,9 @@ async fn connect(
                     if events.send(done).is_err() {
                         break;
                     }
+                }
+                Ok(Some(Up::Log(record))) => {
+                    crate::log::reemit(&reader_name, reader_child.pid, &record);
                 }
                 Ok(Some(other)) => {
                     protocol = Some(format!("unexpected message {other:?}"));

@@ -3,17 +3,15 @@
 mod service;
 
 use std::marker::PhantomData;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_bytes::ByteBuf;
-use tokio::io::unix::AsyncFd;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{oneshot, watch};
 
-pub(crate) use service::{ChildHandle, Spawned, adopt, spawn_child};
+pub(crate) use service::{ChildHandle, Spawned, spawn_child};
 
 use crate::error::{Error, ExitReason, Result};
 use crate::target::{Target, TargetRef, resolve};
@@ -142,20 +140,19 @@ struct Launch {
     args: Vec<u8>,
 }
 
-/// A started child and everything learnt from it so far. Every field is kept across
-/// calls, which is what makes `join` cancel safe and repeatable.
+/// A started child. Its channel is driven on the service thread (see [`drive`]), which
+/// publishes how it ended; `join` waits for that, which is what makes it cancel safe and
+/// repeatable.
 struct Running {
     child: Arc<ChildHandle>,
-    channel: Option<Channel<OwnedReadHalf, OwnedWriteHalf>>,
-    outcome: Option<Result<Outcome, Stored>>,
-    exit: Option<ExitReason>,
-    exit_fd: Option<AsyncFd<OwnedFd>>,
+    ended: watch::Receiver<Option<Arc<Ended>>>,
 }
 
-/// An error stored for repeated joins (`Error` is not `Clone`).
-#[derive(Debug, Clone)]
-enum Stored {
-    Protocol(String),
+/// How a child ended: what it sent (if anything) and its exit status.
+#[derive(Debug)]
+struct Ended {
+    outcome: Option<Result<Outcome, String>>,
+    exit: ExitReason,
 }
 
 impl<R> std::fmt::Debug for Process<R> {
@@ -231,7 +228,7 @@ impl<R> Process<R> {
     pub fn exitcode(&self) -> Option<i32> {
         self.run
             .as_ref()
-            .and_then(|r| r.exit.or_else(|| r.child.try_exit()))
+            .and_then(|r| r.child.try_exit())
             .and_then(ExitReason::exitcode)
     }
 
@@ -281,10 +278,6 @@ impl<R> Process<R> {
             None => return Err(Error::AlreadyStarted),
             Some(launch) => launch?,
         };
-        let Spawned { channel, child } = spawn_child(&self.name).await?;
-        channel.set_nonblocking(true)?;
-        let (rd, wr) = tokio::net::UnixStream::from_std(channel)?.into_split();
-        let mut channel = Channel::new(rd, wr, DEFAULT_MAX_FRAME);
         let fingerprint = crate::target::Image::get()
             .map_err(|reason| Error::spawn(reason, None))?
             .fingerprint();
@@ -295,6 +288,7 @@ impl<R> Process<R> {
             identity: self.identity.clone(),
             role: Role::Process,
             init: None,
+            log_level: crate::log::current_level(),
         });
         let run = Down::Run(Run {
             id: 0,
@@ -302,61 +296,23 @@ impl<R> Process<R> {
             target_name: launch.target.name.to_owned(),
             args: ByteBuf::from(launch.args),
         });
-        // A child that refuses closes its end; the reason is in the reply read below.
-        let sent = channel.send_all(&[hello, run]).await;
-        let reply = channel.recv::<Up>().await;
-        let mut running = Running {
-            child,
-            channel: Some(channel),
-            outcome: None,
-            exit: None,
-            exit_fd: None,
-        };
-        match reply {
-            Ok(Some(Up::Ready { .. })) => {
-                if let Err(e) = sent {
-                    // Ready, yet it closed before taking the arguments: it died.
-                    let exit = running.wait_exit().await;
-                    return Err(Error::spawn(
-                        format!(
-                            "{} ended with {exit} while receiving its arguments",
-                            self.name
-                        ),
-                        Some(e),
-                    ));
-                }
-                self.run = Some(running);
-                Ok(())
-            }
-            Ok(Some(Up::Refused { reason })) => {
-                running.wait_exit().await;
-                Err(Error::spawn(
-                    format!("{} refused to run: {reason}", self.name),
-                    None,
-                ))
-            }
-            Ok(None) | Err(WireError::Truncated) | Err(WireError::Io(_)) => {
-                let exit = running.wait_exit().await;
-                Err(Error::spawn(
-                    format!("{} ended with {exit} before it was ready", self.name),
-                    None,
-                ))
-            }
-            Ok(Some(other)) => {
-                running.fail(format!("expected Ready, got {other:?}"));
-                Err(Error::spawn(
-                    format!("{} sent an unexpected reply", self.name),
-                    None,
-                ))
-            }
-            Err(e) => {
-                running.fail(e.to_string());
-                Err(Error::spawn(
-                    format!("{} sent garbage: {e}", self.name),
-                    None,
-                ))
-            }
-        }
+        let Spawned { channel, child } = spawn_child(&self.name).await?;
+        let (started_tx, started) = oneshot::channel();
+        let (ended_tx, ended) = watch::channel(None);
+        let io = drive(
+            channel,
+            Arc::clone(&child),
+            self.name.clone(),
+            [hello, run],
+            started_tx,
+            ended_tx,
+        );
+        service::run(io)?;
+        started
+            .await
+            .map_err(|_| Error::spawn("the procpool service thread stopped", None))??;
+        self.run = Some(Running { child, ended });
+        Ok(())
     }
 }
 
@@ -382,83 +338,135 @@ impl<R: DeserializeOwned> Process<R> {
     pub async fn join(&mut self) -> Result<R> {
         let name = self.name.clone();
         let run = self.run.as_mut().ok_or(Error::NotStarted)?;
-        run.read_outcome(&name).await;
-        let exit = run.wait_exit().await;
-        match &run.outcome {
+        let ended = run
+            .ended
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::spawn("the procpool service thread stopped", None))?
+            .clone();
+        let Some(ended) = ended else {
+            return Err(Error::NotStarted); // wait_for guarantees Some
+        };
+        match &ended.outcome {
             Some(Ok(outcome)) => outcome.to_result(&name),
-            Some(Err(Stored::Protocol(reason))) => Err(Error::Protocol {
+            Some(Err(reason)) => Err(Error::Protocol {
                 name,
                 reason: reason.clone(),
             }),
             None => Err(Error::WorkerDied {
                 pid: run.child.pid,
                 name,
-                reason: exit,
+                reason: ended.exit,
             }),
         }
     }
 }
 
-impl Running {
-    /// Reads until the child's outcome or the end of its channel. Cancel safe.
-    async fn read_outcome(&mut self, name: &str) {
-        while self.outcome.is_none() {
-            let Some(channel) = self.channel.as_mut() else {
-                return;
-            };
-            match channel.recv::<Up>().await {
-                Ok(Some(Up::Done { outcome, .. })) => self.outcome = Some(Ok(outcome)),
-                Ok(Some(other)) => self.fail(format!("{name} sent {other:?} while running")),
-                // The child ended (or died mid-frame): the exit status tells why.
-                Ok(None) | Err(WireError::Truncated) | Err(WireError::Io(_)) => {
-                    self.channel = None;
-                }
-                Err(e @ (WireError::Oversize { .. } | WireError::Garbage(_))) => {
-                    self.fail(e.to_string())
-                }
+/// Drives one `Process` child on the service thread: handshake, then every frame until
+/// the end of the channel (forwarding log events as they come), then the exit status.
+///
+/// Living on the service thread, it keeps going if the caller's runtime ends or the
+/// `Process` is dropped unjoined: the child runs to its end, its log events still reach
+/// the parent's subscriber, and it is reaped.
+async fn drive(
+    channel: std::os::unix::net::UnixStream,
+    child: Arc<ChildHandle>,
+    name: String,
+    first: [Down; 2],
+    started: oneshot::Sender<Result<()>>,
+    ended: watch::Sender<Option<Arc<Ended>>>,
+) {
+    let pid = child.pid;
+    let kill = |why: &str| {
+        // Kill before the channel closes, so the exit status says it was killed.
+        if let Err(e) = child.signal(rustix::process::Signal::KILL) {
+            eprintln!("procpool: cannot kill {why} child {pid}: {e}");
+        }
+    };
+    let stream = channel
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(channel));
+    let mut chan = match stream {
+        Ok(s) => {
+            let (rd, wr) = s.into_split();
+            Channel::new(rd, wr, DEFAULT_MAX_FRAME)
+        }
+        Err(e) => {
+            kill("unusable");
+            child.wait(&mut None).await;
+            started
+                .send(Err(Error::spawn("cannot use the channel", Some(e))))
+                .ok();
+            return;
+        }
+    };
+    // Hello and Run go together: a start costs one round trip. A child that refuses
+    // closes its end; the reason is in the reply read below.
+    let sent = chan.send_all(&first).await;
+    let reply = loop {
+        match chan.recv::<Up>().await {
+            Ok(Some(Up::Log(record))) => crate::log::reemit(&name, pid, &record),
+            other => break other,
+        }
+    };
+    let failed = match reply {
+        Ok(Some(Up::Ready { .. })) if sent.is_ok() => None,
+        Ok(Some(Up::Refused { reason })) => Some(format!("{name} refused to run: {reason}")),
+        Ok(None) | Ok(Some(Up::Ready { .. })) | Err(WireError::Truncated | WireError::Io(_)) => {
+            drop(chan);
+            let exit = child.wait(&mut None).await;
+            started
+                .send(Err(Error::spawn(
+                    format!("{name} ended with {exit} before it was ready"),
+                    None,
+                )))
+                .ok();
+            return;
+        }
+        Ok(Some(other)) => {
+            kill("misbehaving");
+            Some(format!("{name} sent {other:?} instead of Ready"))
+        }
+        Err(e) => {
+            kill("misbehaving");
+            Some(format!("{name} sent garbage: {e}"))
+        }
+    };
+    if let Some(reason) = failed {
+        drop(chan);
+        child.wait(&mut None).await;
+        started.send(Err(Error::spawn(reason, None))).ok();
+        return;
+    }
+    if started.send(Ok(())).is_err() {
+        // The caller gave up on start(): nobody will ever join this child.
+        kill("abandoned");
+        drop(chan);
+        child.wait(&mut None).await;
+        return;
+    }
+    let mut outcome = None;
+    loop {
+        match chan.recv::<Up>().await {
+            Ok(Some(Up::Log(record))) => crate::log::reemit(&name, pid, &record),
+            Ok(Some(Up::Done { outcome: o, .. })) if outcome.is_none() => outcome = Some(Ok(o)),
+            Ok(Some(other)) => {
+                kill("misbehaving");
+                outcome = Some(Err(format!("{name} sent {other:?} while running")));
+                break;
+            }
+            // The child ended (or died mid-frame): the exit status tells why.
+            Ok(None) | Err(WireError::Truncated | WireError::Io(_)) => break,
+            Err(e @ (WireError::Oversize { .. } | WireError::Garbage(_))) => {
+                kill("misbehaving");
+                outcome = Some(Err(e.to_string()));
+                break;
             }
         }
     }
-
-    /// Records a protocol violation and kills the child.
-    fn fail(&mut self, reason: String) {
-        self.outcome = Some(Err(Stored::Protocol(reason)));
-        // Kill before closing the channel: the child exits by itself when its channel
-        // closes, and the exit status must say it was killed.
-        if let Err(e) = self.child.signal(rustix::process::Signal::KILL) {
-            // The child is unusable either way; say so rather than hide it.
-            eprintln!(
-                "procpool: cannot kill misbehaving child {}: {e}",
-                self.child.pid
-            );
-        }
-        self.channel = None;
-    }
-
-    /// Waits for the child to exit. Cancel safe.
-    async fn wait_exit(&mut self) -> ExitReason {
-        if let Some(e) = self.exit {
-            return e;
-        }
-        let e = self.child.wait(&mut self.exit_fd).await;
-        self.exit = Some(e);
-        e
-    }
-}
-
-impl<R> Drop for Process<R> {
-    fn drop(&mut self) {
-        let Some(run) = self.run.take() else { return };
-        if run.exit.is_some() || run.child.try_exit().is_some() {
-            return;
-        }
-        // Still running: let it finish; the service drains its channel and reaps it.
-        let channel = run.channel.and_then(|c| {
-            let (rd, wr, _) = c.into_parts();
-            rd.reunite(wr).ok()?.into_std().ok()
-        });
-        adopt(run.child, channel);
-    }
+    drop(chan);
+    let exit = child.wait(&mut None).await;
+    ended.send_replace(Some(Arc::new(Ended { outcome, exit })));
 }
 
 /// Creates and starts a [`Process`] in one call (`Process::new(target, args)` then

@@ -18,7 +18,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::io::unix::AsyncFd;
 
 use crate::error::{Error, ExitReason};
@@ -263,22 +262,12 @@ impl Drop for ChildHandle {
     }
 }
 
-/// Lets a child whose owner went away run to its end: drains its channel (so it can
-/// write its result and exit) and reaps it.
-pub(crate) fn adopt(child: Arc<ChildHandle>, channel: Option<UnixStream>) {
-    let Ok(svc) = service() else { return };
-    svc.handle.spawn(async move {
-        if let Some(stream) = channel.and_then(|s| tokio::net::UnixStream::from_std(s).ok()) {
-            let mut stream = stream;
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = stream.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        }
-        child.wait(&mut None).await;
-    });
+/// Runs `fut` on the service thread.
+pub(crate) fn run<F: std::future::Future<Output = ()> + Send + 'static>(
+    fut: F,
+) -> Result<(), Error> {
+    service()?.handle.spawn(fut);
+    Ok(())
 }
 
 /// Children of this process, for [`active_children`](crate::active_children).

@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use serde::{Serialize, de::DeserializeOwned};
@@ -53,14 +54,6 @@ impl<S: Read + Write> BlockingChannel<S> {
         }
     }
 
-    /// Writes one message.
-    pub(crate) fn send<M: Serialize>(&mut self, msg: &M) -> std::io::Result<()> {
-        let mut out = BytesMut::new();
-        self.codec.encode(to_frame(msg), &mut out)?;
-        self.io.write_all(&out)?;
-        self.io.flush()
-    }
-
     pub(crate) fn get_ref(&self) -> &S {
         &self.io
     }
@@ -88,11 +81,6 @@ impl<S: Write> BlockingWriter<S> {
         self.codec.encode(to_frame(msg), &mut self.buf)
     }
 
-    /// Bytes queued and not yet written.
-    pub(crate) fn pending(&self) -> usize {
-        self.buf.len()
-    }
-
     /// Writes everything queued.
     pub(crate) fn flush(&mut self) -> std::io::Result<()> {
         self.io.write_all(&self.buf)?;
@@ -113,4 +101,31 @@ fn read_buf<S: Read>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
     };
     buf.truncate(start + *res.as_ref().unwrap_or(&0));
     res
+}
+
+/// A child's one way out: results and log events are written under one lock, each whole,
+/// before `send` returns (so nothing is lost if the process ends right after).
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox(Arc<Mutex<BlockingWriter<UnixStream>>>);
+
+impl Outbox {
+    pub(crate) fn new(stream: UnixStream, max_frame: usize) -> Self {
+        Outbox(Arc::new(Mutex::new(BlockingWriter::new(stream, max_frame))))
+    }
+
+    /// Writes one message.
+    pub(crate) fn send<M: Serialize>(&self, msg: &M) -> std::io::Result<()> {
+        self.send_all(std::slice::from_ref(msg))
+    }
+
+    /// Writes several messages with as few writes as possible.
+    pub(crate) fn send_all<M: Serialize>(&self, msgs: &[M]) -> std::io::Result<()> {
+        // A panic while holding the lock leaves at worst a partial buffer, which `flush`
+        // would send as garbage; the parent then kills this child. Keep going.
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for m in msgs {
+            w.feed(m)?;
+        }
+        w.flush()
+    }
 }

@@ -19,7 +19,7 @@
 
 mod blocking;
 
-pub(crate) use blocking::{BlockingChannel, BlockingWriter};
+pub(crate) use blocking::{BlockingChannel, Outbox};
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -55,6 +55,9 @@ pub(crate) struct Hello {
     pub(crate) role: Role,
     /// A pool's initializer: runs once before `Ready`.
     pub(crate) init: Option<Run>,
+    /// The most verbose level the parent's subscriber wants (0 = off, 1 = ERROR ..
+    /// 5 = TRACE): events above it are disabled in the child and cost nothing.
+    pub(crate) log_level: u8,
 }
 
 /// Run one target.
@@ -98,6 +101,19 @@ pub(crate) enum Up {
         id: u64,
         outcome: Outcome,
     },
+    /// A `tracing` event emitted in the child.
+    Log(LogRecord),
+}
+
+/// A child's `tracing` event as it crosses.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct LogRecord {
+    /// 1 = ERROR .. 5 = TRACE.
+    pub(crate) level: u8,
+    pub(crate) target: String,
+    pub(crate) message: String,
+    /// The event's other fields, `key=value` separated by spaces.
+    pub(crate) fields: String,
 }
 
 /// What running a target produced.
@@ -306,12 +322,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Channel<R, W> {
     /// The two halves, for a reader task and a writer task.
     pub(crate) fn split(self) -> (FrameReader<R>, FrameWriter<W>) {
         (self.reader, self.writer)
-    }
-
-    /// Gives back the two halves; buffered, unread bytes are returned too.
-    pub(crate) fn into_parts(self) -> (R, W, BytesMut) {
-        let parts = self.reader.rd.into_parts();
-        (parts.io, self.writer.wr.into_inner(), parts.read_buf)
     }
 }
 
