@@ -172,7 +172,19 @@ async fn main() -> procpool::Result<()> {
     println!("  stats: {:?}", pool.stats());
     pool.close().await;
     println!("  after close: {:?}", pool.apply(|x: u8| x, (1,)).await);
+
+    println!("== Logging: child tracing events in the parent, Python's log_to_stderr");
+    procpool::log_to_stderr(tracing::Level::INFO)?;
+    tracing::info!("the parent logs too");
+    let mut p = procpool::spawn(logs_and_doubles, (21,)).await?;
+    let value = p.join().await?;
+    println!("  {} returned {value}", p.name());
     Ok(())
+}
+
+fn logs_and_doubles(x: u32) -> u32 {
+    tracing::info!(x, "doubling");
+    x * 2
 }
 
 fn report<T: std::fmt::Debug>(r: procpool::Result<T>) {

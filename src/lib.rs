@@ -49,6 +49,28 @@
 //! - **stdout is yours.** Children inherit stdin, stdout and stderr; the protocol has its
 //!   own socket.
 //!
+//! # Logging
+//!
+//! A child's `tracing` events are forwarded to the parent and emitted there with the
+//! child's name and pid, so the parent's subscriber sees them; [`log_to_stderr`] prints
+//! them like Python's `log_to_stderr()`. A forwarded event has target `procpool::child`
+//! and these fields:
+//!
+//! | field | value |
+//! |---|---|
+//! | `process` | the child's name (`Process-1`, `PoolWorker-2`) |
+//! | `pid` | the child's pid |
+//! | `child_target` | the event's target in the child (its module path) |
+//! | `fields` | the event's other fields, `key=value` separated by spaces (only if any) |
+//! | `message` | the event's message |
+//!
+//! The child's level is the parent's ([`tracing::level_filters::LevelFilter::current`]
+//! when the child starts), so disabled events cost nothing there. Each event is written
+//! to the parent before the call that emitted it returns: events from one child keep
+//! their order, and the ones just before a panic, `exit` or `abort` are not lost.
+//! A child's `println!` goes straight to the shared stdout, while its events go through
+//! the parent: between the two streams, order is not guaranteed.
+//!
 //! # Errors
 //!
 //! Every fault in a child arrives as an [`Error`] variant: [`Error::Panicked`] with the

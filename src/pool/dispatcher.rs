@@ -230,6 +230,7 @@ impl Dispatcher {
         self.counts.cancelled += 1;
         match task.state {
             State::Queued => {
+                tracing::debug!(task = id, "task cancelled while queued");
                 self.counts.queued -= 1;
                 // Its id stays in `pending` and is skipped there.
                 self.tasks.remove(&id);
@@ -244,6 +245,8 @@ impl Dispatcher {
                 };
                 if self.workers[idx].inflight.front() == Some(&id) {
                     // Running: stop the worker so no CPU goes to unwanted work.
+                    tracing::info!(task = id, worker = %self.workers[idx].conn.name,
+                        "task cancelled; worker replaced");
                     self.stop_worker(idx, None);
                 } else {
                     self.workers[idx].conn.send(&Down::Skip { id });
@@ -257,12 +260,14 @@ impl Dispatcher {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Ready(conn) => {
+                tracing::info!(worker = %conn.name, pid = conn.child.pid, "worker started");
                 self.starting -= 1;
                 self.failures = 0;
                 self.retry_at = None;
                 self.workers.push(Worker::new(conn));
             }
             Event::Failed(err) => {
+                tracing::warn!("a worker failed to start: {err}");
                 self.starting -= 1;
                 self.failures += 1;
                 if self.failures >= MAX_START_FAILURES {
@@ -303,6 +308,12 @@ impl Dispatcher {
                     },
                 };
                 let expected = w.retiring && w.inflight.is_empty();
+                if expected {
+                    tracing::debug!(worker = %w.conn.name, "worker retired");
+                } else {
+                    tracing::info!(worker = %w.conn.name, pid = w.conn.child.pid,
+                        "worker replaced: {err}");
+                }
                 self.remove_worker(idx, Some(err));
                 if !expected {
                     self.counts.restarts += 1;
@@ -334,6 +345,7 @@ impl Dispatcher {
             return; // counted when it was cancelled
         }
         self.counts.running -= 1;
+        tracing::debug!(task = id, worker = %name, "task done");
         match outcome {
             Outcome::Value(_) => self.counts.completed += 1,
             _ => self.counts.failed += 1,
@@ -357,9 +369,16 @@ impl Dispatcher {
             if at > now {
                 continue;
             }
+            let name = &self.workers[idx].conn.name;
             let err = match (cancelled, self.cfg.task_timeout) {
-                (false, Some(after)) => Some(Error::Timeout { after }),
-                _ => None,
+                (false, Some(after)) => {
+                    tracing::info!(worker = %name, "task timed out after {after:?}; worker replaced");
+                    Some(Error::Timeout { after })
+                }
+                _ => {
+                    tracing::info!(worker = %name, "cancelled task did not stop; worker replaced");
+                    None
+                }
             };
             self.stop_worker(idx, err);
         }
@@ -404,6 +423,7 @@ impl Dispatcher {
                 target_name: task.target.name.to_owned(),
                 args: ByteBuf::from(task.args.to_vec()),
             }));
+            tracing::debug!(task = id, worker = %w.conn.name, "task sent");
             w.inflight.push_back(id);
             if w.inflight.len() == 1 {
                 w.head_since = Some(Instant::now());
