@@ -1,5 +1,7 @@
 //! Time to start and join one child running a no-op, beside the raw cost of starting
-//! `/bin/true` and waiting for it, measured in the same run.
+//! `/bin/true` and waiting for it, measured in the same run: through std's default path
+//! (`posix_spawn`, vfork-like) and through fork+exec (what procpool does, since the child
+//! must inherit its channel).
 //!
 //! ```text
 //! cargo bench --bench process_spawn
@@ -16,12 +18,25 @@ fn spawn(c: &mut Criterion) {
         .expect("runtime");
     let mut g = c.benchmark_group("process_spawn");
     g.sample_size(200);
-    g.bench_function("baseline: std Command /bin/true spawn+wait", |b| {
+    g.bench_function("baseline: posix_spawn /bin/true spawn+wait", |b| {
         b.iter(|| {
             let status = std::process::Command::new("/bin/true")
                 .status()
                 .expect("/bin/true");
             assert!(status.success());
+        })
+    });
+    g.bench_function("baseline: fork+exec /bin/true spawn+wait", |b| {
+        b.iter(|| {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = std::process::Command::new("/bin/true");
+            #[allow(unsafe_code)]
+            // SAFETY: an empty pre-exec hook does nothing in the child; it only makes std
+            // fork+exec instead of posix_spawn, which is what this baseline measures.
+            unsafe {
+                cmd.pre_exec(|| Ok(()));
+            }
+            assert!(cmd.status().expect("/bin/true").success());
         })
     });
     g.bench_function("procpool: Process start+join of a no-op", |b| {

@@ -296,19 +296,23 @@ impl<R> Process<R> {
             target_name: launch.target.name.to_owned(),
             args: ByteBuf::from(launch.args),
         });
-        let Spawned { channel, child } = spawn_child(&self.name).await?;
+        // Spawning and driving happen in one task on the service thread: one hop there,
+        // one back when the child is ready.
         let (started_tx, started) = oneshot::channel();
         let (ended_tx, ended) = watch::channel(None);
-        let io = drive(
-            channel,
-            Arc::clone(&child),
-            self.name.clone(),
-            [hello, run],
-            started_tx,
-            ended_tx,
-        );
-        service::run(io)?;
-        started
+        let name = self.name.clone();
+        service::run(async move {
+            match service::spawn_here(&name) {
+                Ok(Spawned { channel, child }) => {
+                    drive(channel, child, name, [hello, run], started_tx, ended_tx).await;
+                }
+                Err(e) => {
+                    // The caller may have given up; then there is no one to tell.
+                    started_tx.send(Err(e)).ok();
+                }
+            }
+        })?;
+        let child = started
             .await
             .map_err(|_| Error::spawn("the procpool service thread stopped", None))??;
         self.run = Some(Running { child, ended });
@@ -373,7 +377,7 @@ async fn drive(
     child: Arc<ChildHandle>,
     name: String,
     first: [Down; 2],
-    started: oneshot::Sender<Result<()>>,
+    started: oneshot::Sender<Result<Arc<ChildHandle>>>,
     ended: watch::Sender<Option<Arc<Ended>>>,
 ) {
     let pid = child.pid;
@@ -438,7 +442,7 @@ async fn drive(
         started.send(Err(Error::spawn(reason, None))).ok();
         return;
     }
-    if started.send(Ok(())).is_err() {
+    if started.send(Ok(Arc::clone(&child))).is_err() {
         // The caller gave up on start(): nobody will ever join this child.
         kill("abandoned");
         drop(chan);

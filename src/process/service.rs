@@ -55,21 +55,26 @@ pub(crate) struct Spawned {
 /// Cancel safe: if the caller goes away, the child sees its channel close and exits, and
 /// the service reaps it.
 pub(crate) async fn spawn_child(name: &str) -> Result<Spawned, Error> {
-    crate::target::keep_boot_linked();
     let svc = service()?;
-    let (ours, theirs) =
-        UnixStream::pair().map_err(|e| Error::spawn("socketpair failed", Some(e)))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let name = name.to_owned();
     svc.handle.spawn(async move {
-        let res = start(&name, theirs);
-        // If the caller gave up, dropping the result closes nothing of the child's but
-        // its handle, whose Drop hands the child to the reaper.
-        drop(tx.send(res));
+        // If the caller gave up, dropping the result closes our end of the channel (the
+        // child then exits) and its handle hands the child to the reaper.
+        tx.send(spawn_here(&name)).ok();
     });
-    let child = rx
-        .await
-        .map_err(|_| Error::spawn("the procpool service thread stopped", None))??;
+    rx.await
+        .map_err(|_| Error::spawn("the procpool service thread stopped", None))?
+}
+
+/// Starts a child now, on the calling thread. Call it only from a task given to [`run`]:
+/// the parent-death signal follows the thread that forks, and only the service thread
+/// lives as long as the process.
+pub(crate) fn spawn_here(name: &str) -> Result<Spawned, Error> {
+    crate::target::keep_boot_linked();
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| Error::spawn("socketpair failed", Some(e)))?;
+    let child = start(name, theirs)?;
     Ok(Spawned {
         channel: ours,
         child,
