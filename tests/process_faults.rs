@@ -6,7 +6,9 @@ mod support;
 use std::time::Duration;
 
 use procpool::{Error, ExitReason, Process};
-use support::{TempDir, eventually, is_dead, overflows, proc_state, wait_for_file, write_file};
+use support::{
+    TempDir, eventually, hangs, is_dead, overflows, proc_state, wait_for_file, write_file,
+};
 
 fn panics(msg: String) -> u8 {
     panic!("{msg}");
@@ -20,16 +22,10 @@ fn exits(code: i32) -> u8 {
     std::process::exit(code);
 }
 
-fn sleeps_forever() -> u8 {
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
-}
-
 fn stops_itself() -> u8 {
     rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP)
         .expect("SIGSTOP to self");
-    sleeps_forever()
+    hangs()
 }
 
 async fn died(p: &mut Process<impl serde::de::DeserializeOwned>) -> (u32, ExitReason) {
@@ -98,7 +94,7 @@ async fn exit_is_worker_died_with_the_code() {
 
 #[tokio::test]
 async fn sigkill_is_worker_died_with_minus_nine() {
-    let mut p = procpool::spawn(sleeps_forever, ()).await.unwrap();
+    let mut p = procpool::spawn(hangs, ()).await.unwrap();
     p.kill().unwrap();
     let (_, reason) = died(&mut p).await;
     assert_eq!(reason, ExitReason::Signal(9));
@@ -107,7 +103,7 @@ async fn sigkill_is_worker_died_with_minus_nine() {
 
 #[tokio::test]
 async fn sigterm_is_worker_died_with_minus_fifteen() {
-    let mut p = procpool::spawn(sleeps_forever, ()).await.unwrap();
+    let mut p = procpool::spawn(hangs, ()).await.unwrap();
     p.terminate().unwrap();
     let (_, reason) = died(&mut p).await;
     assert_eq!(reason, ExitReason::Signal(15));

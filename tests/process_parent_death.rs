@@ -9,18 +9,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use procpool::{Error, ExitReason, Process};
-use support::{TempDir, is_dead, read_file_within, write_file};
-
-fn sleeps_forever() -> u8 {
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
-}
+use support::{TempDir, hangs, is_dead, read_file_within, write_file};
 
 async fn helper(report: String) -> u8 {
-    let grandchild = procpool::spawn(sleeps_forever, ())
-        .await
-        .expect("grandchild");
+    let grandchild = procpool::spawn(hangs, ()).await.expect("grandchild");
     let pid = grandchild.pid().expect("pid");
     write_file(&report, &pid.to_string());
     std::future::pending::<()>().await;
