@@ -224,8 +224,11 @@ impl Builder {
                 events_tx.clone(),
             ));
         }
-        // Every connection made so far is held here until handed to the dispatcher, so a
-        // cancelled or failed build drops them and their workers die with their channels.
+        // Every connection made so far is held here until handed to the dispatcher. If
+        // the build is cancelled, dropping a connection drops its writer, whose write half
+        // shuts the socket down (tokio's OwnedWriteHalf does on drop): the worker reads
+        // end-of-channel and exits, and is reaped (tests/pool_build_cancel.rs). Workers
+        // still starting find `events` gone and kill themselves (worker::start).
         let mut ready = Vec::with_capacity(processes);
         let mut first_error = None;
         while ready.len() < processes {

@@ -1,0 +1,27 @@
+//! A `build()` cancelled at any point leaves no worker behind. Its own test binary, so
+//! the census of child processes sees only these pools.
+
+mod support;
+
+use std::time::Duration;
+
+use procpool::AsyncPool;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_build_leaves_no_worker() {
+    // Cut the build short at many points: before, during and after the handshakes.
+    for micros in (0..4000).step_by(250) {
+        let cut = Duration::from_micros(micros);
+        match tokio::time::timeout(cut, AsyncPool::new(2)).await {
+            Ok(pool) => drop(pool.unwrap()),
+            Err(_) => {} // cancelled mid-build
+        }
+    }
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || support::os_children()
+            .is_empty())
+        .await,
+        "workers left behind: {:?}",
+        support::os_children()
+    );
+}
