@@ -31,6 +31,60 @@
 //! }
 //! ```
 //!
+//! A pool of workers, with futures for everything Python's `Pool` does and timeouts that
+//! really stop the work:
+//!
+//! ```
+//! use std::time::Duration;
+//! use futures::StreamExt;
+//! use procpool::{AsyncPool, Error};
+//!
+//! fn doubler(x: i64) -> i64 {
+//!     x * 2
+//! }
+//!
+//! fn hangs() -> i64 {
+//!     loop {
+//!         std::thread::sleep(Duration::from_secs(60));
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+//! let pool = AsyncPool::new(2).await?;
+//! assert_eq!(pool.map(doubler, vec![5, 10, 20]).await?, vec![10, 20, 40]);
+//! assert_eq!(pool.apply(doubler, (21,)).await?, 42);
+//!
+//! let handle = pool.apply_async(doubler, (25,)); // submitted now, like tokio::spawn
+//! assert_eq!(handle.await?, 50);
+//!
+//! // A hung task is stopped: its worker is killed and replaced.
+//! let r = pool.apply(hangs, ()).timeout(Duration::from_millis(100)).await;
+//! assert!(matches!(r, Err(Error::Timeout { .. })));
+//!
+//! // imap pulls its input lazily; an endless iterator is fine.
+//! let first: Vec<i64> = pool.imap(doubler, 0..).take(3).map(Result::unwrap).collect().await;
+//! assert_eq!(first, vec![0, 2, 4]);
+//! pool.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # What happens when a task fails
+//!
+//! Never a hang, never a panic in the parent, never a lost handle:
+//!
+//! | fault in a task | the caller gets | the pool |
+//! |---|---|---|
+//! | panics | [`Error::Panicked`] with message and location | worker keeps serving |
+//! | aborts, segfaults, `process::exit`, is killed | [`Error::WorkerDied`] with signal or code | worker replaced, other tasks unaffected |
+//! | exceeds `task_timeout` or `.timeout(d)` | [`Error::Timeout`] | SIGTERM to its process group, grace, SIGKILL; replaced |
+//! | argument cannot be encoded | [`Error::Encode`] at submit, nothing sent | unaffected |
+//! | result cannot be encoded / decoded | [`Error::Encode`] / [`Error::Decode`] | worker keeps serving |
+//! | initializer fails | `build()` or the tasks fail with that error | no endless respawn loop |
+//! | the parent dies, even by SIGKILL | — | every child exits within a second |
+//!
+//! Dropping a future or [`TaskHandle`] cancels its task: a queued task is removed, a
+//! running one has its worker stopped and replaced.
+//!
 //! # How it works
 //!
 //! - **No set-up.** A child is this same executable, started again from
