@@ -134,6 +134,10 @@ impl Builder {
     /// error. If it fails in replacement workers, the pool retries with back-off and, after
     /// 5 failures in a row with no worker left, fails the queued and new tasks with
     /// [`Error::Spawn`] instead of respawning forever.
+    ///
+    /// `task_timeout` does not apply to the initializer: one that never returns makes
+    /// `build()` wait forever. Bound it with `tokio::time::timeout(d, builder.build())`;
+    /// cancelling a build stops and reaps the workers it started.
     pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Self
     where
         F: Target<A, M>,
