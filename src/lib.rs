@@ -122,8 +122,10 @@
 //! when the child starts), so disabled events cost nothing there. Each event is written
 //! to the parent before the call that emitted it returns: events from one child keep
 //! their order, and the ones just before a panic, `exit` or `abort` are not lost.
-//! A child's `println!` goes straight to the shared stdout, while its events go through
-//! the parent: between the two streams, order is not guaranteed.
+//! Under [`log_to_stderr`], children print their events to the shared stderr themselves,
+//! in the same format, so a child's log lines keep program order with its own output, as
+//! in Python. Under any other subscriber, events go through the parent, and their order
+//! relative to a child's direct `println!` output is not guaranteed.
 //!
 //! # Errors
 //!

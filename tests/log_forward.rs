@@ -236,6 +236,32 @@ fn log_to_stderr_prints_pythons_format_line_by_line() {
 }
 
 #[test]
+fn with_log_to_stderr_a_childs_lines_keep_program_order_with_its_output() {
+    // stdout and stderr into one pipe, as on a terminal.
+    let bin = support::example_bin("logging");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{}' 2>&1", bin.display()))
+        .output()
+        .expect("run the logging example");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut want = vec!["[INFO/MainProcess] starting 3 printers".to_string()];
+    for (n, item) in [(1, "tango"), (2, "foxtrot"), (3, "10")] {
+        want.push(format!(
+            "[INFO/Process-{n}] child process calling self.run()"
+        ));
+        want.push(item.to_string());
+        want.push(format!("[INFO/Process-{n}] printed {item}"));
+        want.push(format!("[INFO/Process-{n}] process shutting down"));
+        want.push(format!(
+            "[INFO/Process-{n}] process exiting with exitcode 0"
+        ));
+    }
+    assert_eq!(text.lines().collect::<Vec<_>>(), want);
+}
+
+#[test]
 fn log_to_stderr_twice_is_an_error_not_a_panic() {
     capture(); // a global subscriber is now set
     assert!(matches!(

@@ -104,7 +104,7 @@ fn serve(args: Args) -> i32 {
         };
     }
     crate::process::become_child(&hello.name, hello.identity.clone());
-    crate::log::install_forwarding(hello.log_level, outbox.clone());
+    crate::log::install_forwarding(hello.log_level, hello.log_print, outbox.clone());
     set_title(&hello.name);
     // Python prints the traceback of a `Process` that raised, not of a pool task (the
     // pool hands the error to the caller instead).

@@ -3,7 +3,9 @@
 //!
 //! # How events travel
 //!
-//! In a child, procpool installs a subscriber whose only layer encodes each event
+//! If the parent's subscriber is [`log_to_stderr`]'s, a child prints its events itself in
+//! the same format (program order with its own output, as in Python). Otherwise, in a
+//! child, procpool installs a subscriber whose only layer encodes each event
 //! (level, target, message, other fields) and writes it on the child's channel at once,
 //! under the same lock as results: an event is on the wire before the call that emitted
 //! it returns, so events emitted just before a child exits, aborts or panics are not
@@ -26,6 +28,7 @@
 //! set); it should emit events and let the parent decide where they go.
 
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -38,6 +41,15 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
 use crate::wire::{LogRecord, Outbox, Up};
+
+/// Set by [`log_to_stderr`]: children then print their events themselves, in the same
+/// format, so their lines keep program order with their own stdout (as in Python).
+static STDERR_FORMAT: AtomicBool = AtomicBool::new(false);
+
+/// Whether children should print events to stderr themselves (see [`log_to_stderr`]).
+pub(crate) fn children_print() -> bool {
+    STDERR_FORMAT.load(Ordering::Relaxed)
+}
 
 /// The level the parent passes to a child: 0 = off, 1 = ERROR .. 5 = TRACE.
 pub(crate) fn current_level() -> u8 {
@@ -144,11 +156,17 @@ impl<S: Subscriber> Layer<S> for Forward {
     }
 }
 
-/// Installs forwarding in a child, at the parent's level.
-pub(crate) fn install_forwarding(level: u8, outbox: Outbox) {
-    let subscriber =
-        tracing_subscriber::registry().with(Forward { outbox }.with_filter(filter_of(level)));
-    if tracing::subscriber::set_global_default(subscriber).is_err() {
+/// Installs forwarding in a child, at the parent's level; or, if the parent's subscriber
+/// is [`log_to_stderr`]'s, the same printer here.
+pub(crate) fn install_forwarding(level: u8, print_here: bool, outbox: Outbox) {
+    let set = if print_here {
+        tracing::subscriber::set_global_default(python_format_subscriber(filter_of(level)))
+    } else {
+        let subscriber =
+            tracing_subscriber::registry().with(Forward { outbox }.with_filter(filter_of(level)));
+        tracing::subscriber::set_global_default(subscriber)
+    };
+    if set.is_err() {
         eprintln!(
             "procpool: a tracing subscriber was already set in this child; its events stay here"
         );
@@ -183,8 +201,10 @@ pub(crate) fn reemit(name: &str, pid: u32, r: &LogRecord) {
 /// `multiprocessing.log_to_stderr()` does: `[INFO/MainProcess] message` for this
 /// process, `[INFO/Process-1] message` for events forwarded from a child.
 ///
-/// Installs a global `tracing` subscriber. Children inherit the level: their events at
-/// `level` or above are forwarded and printed here.
+/// Installs a global `tracing` subscriber. Children inherit it: they print their events at
+/// `level` or above to the shared stderr themselves, in the same format, so a child's
+/// lines keep program order with its own output (as in Python). Under any other
+/// subscriber, children's events are forwarded to this process instead.
 ///
 /// ```
 /// procpool::log_to_stderr(tracing::Level::INFO).expect("no other subscriber yet");
@@ -195,14 +215,20 @@ pub(crate) fn reemit(name: &str, pid: u32, r: &LogRecord) {
 ///
 /// [`Error::InvalidConfig`] if a global subscriber is already set (nothing changes).
 pub fn log_to_stderr(level: Level) -> Result<()> {
-    let subscriber = tracing_subscriber::fmt()
+    let subscriber = python_format_subscriber(LevelFilter::from_level(level));
+    tracing::subscriber::set_global_default(subscriber).map_err(|e| Error::InvalidConfig {
+        reason: format!("log_to_stderr: {e}"),
+    })?;
+    STDERR_FORMAT.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+fn python_format_subscriber(level: LevelFilter) -> impl Subscriber + Send + Sync {
+    tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .event_format(PythonFormat)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).map_err(|e| Error::InvalidConfig {
-        reason: format!("log_to_stderr: {e}"),
-    })
+        .finish()
 }
 
 /// `[LEVEL/process] message key=value ...`

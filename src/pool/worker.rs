@@ -102,6 +102,7 @@ async fn connect(
         identity,
         role: Role::Worker,
         log_level: crate::log::current_level(),
+        log_print: crate::log::children_print(),
         init: init.map(|i| Run {
             id: 0,
             target: i.target.offset,

@@ -289,6 +289,7 @@ impl<R> Process<R> {
             role: Role::Process,
             init: None,
             log_level: crate::log::current_level(),
+            log_print: crate::log::children_print(),
         });
         let run = Down::Run(Run {
             id: 0,

@@ -58,6 +58,8 @@ pub(crate) struct Hello {
     /// The most verbose level the parent's subscriber wants (0 = off, 1 = ERROR ..
     /// 5 = TRACE): events above it are disabled in the child and cost nothing.
     pub(crate) log_level: u8,
+    /// The parent's subscriber is `log_to_stderr`'s: print events here in its format.
+    pub(crate) log_print: bool,
 }
 
 /// Run one target.
