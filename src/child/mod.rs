@@ -103,6 +103,7 @@ fn serve(args: Args) -> i32 {
             EXIT_ORPHANED
         };
     }
+    watch_for_parent_eof(chan.get_ref());
     crate::process::become_child(&hello.name, hello.identity.clone());
     crate::log::install_forwarding(hello.log_level, hello.log_print, outbox.clone());
     set_title(&hello.name);
@@ -167,7 +168,6 @@ fn run_once(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
         Ok(None) => return EXIT_ORPHANED,
         Ok(Some(_)) | Err(_) => return EXIT_PROTOCOL,
     };
-    watch_for_parent_eof(chan.get_ref());
     // Python's wording, so people recognise them.
     tracing::info!("child process calling self.run()");
     let outcome = execute(&run, &mut cx);
@@ -276,9 +276,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Exits as soon as the parent's end of the channel closes (the parent died or dropped
-/// us): the parent-death signal alone misses a parent that is reaped by a subreaper
-/// before the signal is armed, and a parent that closed the channel on purpose.
+/// Exits as soon as the parent's end of the channel closes (the parent died, or gave
+/// up on this child): the parent-death signal alone misses a parent that gave up while
+/// staying alive, for example a cancelled pool build while an initializer runs.
+///
+/// It polls for the peer's hang-up without reading, so it never takes a frame from the
+/// reader thread of a pool worker.
 fn watch_for_parent_eof(stream: &UnixStream) {
     let Ok(stream) = stream.try_clone() else {
         return;
@@ -286,11 +289,17 @@ fn watch_for_parent_eof(stream: &UnixStream) {
     let spawned = std::thread::Builder::new()
         .name("procpool-eof-watch".into())
         .spawn(move || {
-            let mut buf = [0u8; 64];
+            use rustix::event::{PollFd, PollFlags, poll};
             loop {
-                match rustix::io::read(&stream, &mut buf) {
-                    Ok(0) => std::process::exit(EXIT_ORPHANED),
-                    Err(rustix::io::Errno::INTR) | Ok(_) => continue,
+                let mut fds = [PollFd::new(&stream, PollFlags::RDHUP)];
+                match poll(&mut fds, None) {
+                    Ok(_) => {
+                        let got = fds[0].revents();
+                        if got.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
+                            std::process::exit(EXIT_ORPHANED);
+                        }
+                    }
+                    Err(rustix::io::Errno::INTR) => {}
                     Err(_) => std::process::exit(EXIT_ORPHANED),
                 }
             }

@@ -69,9 +69,15 @@ pub(crate) async fn start(
     events: mpsc::UnboundedSender<Event>,
 ) {
     let name: Arc<str> = crate::process::named("PoolWorker", &identity).into();
-    let ev = match connect(id, &name, identity, init, events.clone()).await {
-        Ok(conn) => Event::Ready(conn),
-        Err(e) => Event::Failed(e),
+    let ev = tokio::select! {
+        r = connect(id, &name, identity, init, events.clone()) => match r {
+            Ok(conn) => Event::Ready(conn),
+            Err(e) => Event::Failed(e),
+        },
+        // The pool is gone (a cancelled build, a terminated pool) while this worker was
+        // starting, perhaps stuck in its initializer: dropping `connect` closes the
+        // channel, the worker sees the hang-up and exits, and its handle is reaped.
+        () = events.closed() => return,
     };
     if let Err(mpsc::error::SendError(Event::Ready(conn))) = events.send(ev) {
         // The pool is gone: this worker has no one to serve.
