@@ -218,6 +218,54 @@ impl Error {
         matches!(self, Error::WorkerDied { .. })
     }
 
+    /// A copy of this error for another caller, where the variant carries plain data
+    /// (`Io` and the source of `Spawn` cannot be copied; their text is kept).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Error::Timeout { after } => Error::Timeout { after: *after },
+            Error::WorkerDied { pid, name, reason } => Error::WorkerDied {
+                pid: *pid,
+                name: name.clone(),
+                reason: *reason,
+            },
+            Error::Panicked {
+                message,
+                location,
+                name,
+            } => Error::Panicked {
+                message: message.clone(),
+                location: location.clone(),
+                name: name.clone(),
+            },
+            Error::Encode { type_name, reason } => Error::Encode {
+                type_name: type_name.clone(),
+                reason: reason.clone(),
+            },
+            Error::Decode { type_name, reason } => Error::Decode {
+                type_name: type_name.clone(),
+                reason: reason.clone(),
+            },
+            Error::PoolClosed => Error::PoolClosed,
+            Error::Cancelled => Error::Cancelled,
+            Error::Closed => Error::Closed,
+            Error::NotStarted => Error::NotStarted,
+            Error::AlreadyStarted => Error::AlreadyStarted,
+            Error::Protocol { name, reason } => Error::Protocol {
+                name: name.clone(),
+                reason: reason.clone(),
+            },
+            Error::UnsupportedTarget { name, reason } => Error::UnsupportedTarget {
+                name: name.clone(),
+                reason: reason.clone(),
+            },
+            Error::InvalidConfig { reason } => Error::InvalidConfig {
+                reason: reason.clone(),
+            },
+            Error::Spawn { reason, .. } => Error::spawn(reason.clone(), None),
+            Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+
     pub(crate) fn spawn(reason: impl Into<String>, source: Option<std::io::Error>) -> Self {
         Error::Spawn {
             reason: reason.into(),
@@ -250,6 +298,23 @@ mod tests {
         assert_eq!(ExitReason::Signal(9).exitcode(), Some(-9));
         assert_eq!(ExitReason::Unknown.exitcode(), None);
         assert_eq!(ExitReason::Signal(11).to_string(), "signal 11 (SIGSEGV)");
+    }
+
+    #[test]
+    fn duplicates_keep_variant_and_data() {
+        let e = Error::WorkerDied {
+            pid: 7,
+            name: "PoolWorker-1".into(),
+            reason: ExitReason::Signal(9),
+        };
+        assert_eq!(e.duplicate().to_string(), e.to_string());
+        assert!(
+            matches!(Error::Timeout { after: Duration::from_secs(1) }.duplicate(), Error::Timeout { after } if after == Duration::from_secs(1))
+        );
+        let io = Error::Io(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "gone"));
+        assert!(
+            matches!(io.duplicate(), Error::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+        );
     }
 
     #[test]

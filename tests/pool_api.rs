@@ -265,6 +265,37 @@ async fn imap_errors_are_per_item() {
     }
 }
 
+fn aborts_on_5(x: u32) -> u32 {
+    if x == 5 {
+        std::process::abort();
+    }
+    x
+}
+
+#[tokio::test]
+async fn imap_a_crash_fails_the_unanswered_items_of_its_chunk_only() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let got: Vec<Result<u32, Error>> = pool.imap(aborts_on_5, 0..12).chunksize(4).collect().await;
+    assert_eq!(got.len(), 12);
+    for (i, r) in got.iter().enumerate() {
+        if (4..8).contains(&i) {
+            // The chunk [4, 5, 6, 7] ran on the worker that died; its answers were lost.
+            assert!(
+                matches!(
+                    r,
+                    Err(Error::WorkerDied {
+                        reason: procpool::ExitReason::Signal(6),
+                        ..
+                    })
+                ),
+                "item {i}: {r:?}"
+            );
+        } else {
+            assert_eq!(r.as_ref().unwrap(), &(i as u32));
+        }
+    }
+}
+
 #[tokio::test]
 async fn imap_pulls_an_endless_iterator_lazily() {
     let pool = AsyncPool::new(2).await.unwrap();

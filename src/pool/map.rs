@@ -513,15 +513,12 @@ where
                 self.deliver(chunk.seq, vec![Err(e)], true);
             }
         } else {
-            // The worker died, timed out or the pool closed: every item not answered fails.
-            let msg = err.to_string();
-            results.push(Err(err));
+            // The worker died, timed out or the pool closed: every item not answered gets
+            // that error (which of them was running is unknown).
             for _ in ran + 1..n {
-                results.push(Err(Error::spawn(
-                    format!("not run: an earlier item of its chunk failed: {msg}"),
-                    None,
-                )));
+                results.push(Err(err.duplicate()));
             }
+            results.push(Err(err));
             self.deliver(chunk.seq, results, true);
         }
     }

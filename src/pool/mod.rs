@@ -402,7 +402,9 @@ impl AsyncPool {
 
     /// A stream of `f(item)` in input order, pulling `items` lazily with a bounded number
     /// in flight: an endless iterator works in constant memory. An error in one item is
-    /// that item's `Err`; the stream goes on.
+    /// that item's `Err`; the stream goes on. If a worker dies (or a task times out) while
+    /// running a chunk of several items, every item of that chunk not yet answered gets
+    /// that error; `.chunksize(1)` pins it to the one item.
     pub fn imap<F, T, M, I>(&self, f: F, items: I) -> Imap<F::Output, I::IntoIter>
     where
         F: Target<(T,), M>,
