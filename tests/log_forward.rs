@@ -213,6 +213,25 @@ async fn pool_workers_forward_too() {
     assert_eq!(evs[0].fields, "x=7");
 }
 
+/// What examples/logging.rs prints on stderr, and with its stdout if `with_output`.
+fn logging_example_lines(with_output: bool) -> Vec<String> {
+    let mut want = vec!["[INFO/MainProcess] starting 3 printers".to_string()];
+    for (n, item) in [(1, "tango"), (2, "foxtrot"), (3, "10")] {
+        want.push(format!(
+            "[INFO/Process-{n}] child process calling self.run()"
+        ));
+        if with_output {
+            want.push(item.to_string());
+        }
+        want.push(format!("[INFO/Process-{n}] printed {item}"));
+        want.push(format!("[INFO/Process-{n}] process shutting down"));
+        want.push(format!(
+            "[INFO/Process-{n}] process exiting with exitcode 0"
+        ));
+    }
+    want
+}
+
 #[test]
 fn log_to_stderr_prints_pythons_format_line_by_line() {
     let out = std::process::Command::new(support::example_bin("logging"))
@@ -221,17 +240,7 @@ fn log_to_stderr_prints_pythons_format_line_by_line() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "tango\nfoxtrot\n10\n");
     let stderr = String::from_utf8(out.stderr).unwrap();
-    let mut want = vec!["[INFO/MainProcess] starting 3 printers".to_string()];
-    for (n, item) in [(1, "tango"), (2, "foxtrot"), (3, "10")] {
-        want.push(format!(
-            "[INFO/Process-{n}] child process calling self.run()"
-        ));
-        want.push(format!("[INFO/Process-{n}] printed {item}"));
-        want.push(format!("[INFO/Process-{n}] process shutting down"));
-        want.push(format!(
-            "[INFO/Process-{n}] process exiting with exitcode 0"
-        ));
-    }
+    let want = logging_example_lines(false);
     assert_eq!(stderr.lines().collect::<Vec<_>>(), want);
 }
 
@@ -246,18 +255,7 @@ fn with_log_to_stderr_a_childs_lines_keep_program_order_with_its_output() {
         .expect("run the logging example");
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    let mut want = vec!["[INFO/MainProcess] starting 3 printers".to_string()];
-    for (n, item) in [(1, "tango"), (2, "foxtrot"), (3, "10")] {
-        want.push(format!(
-            "[INFO/Process-{n}] child process calling self.run()"
-        ));
-        want.push(item.to_string());
-        want.push(format!("[INFO/Process-{n}] printed {item}"));
-        want.push(format!("[INFO/Process-{n}] process shutting down"));
-        want.push(format!(
-            "[INFO/Process-{n}] process exiting with exitcode 0"
-        ));
-    }
+    let want = logging_example_lines(true);
     assert_eq!(text.lines().collect::<Vec<_>>(), want);
 }
 

@@ -155,7 +155,7 @@ async fn apply_async_handles() {
     // detach: runs on with nobody waiting.
     let marker = dir.path("detached");
     pool.apply_async(ordered_pair, (1, marker.clone())).detach();
-    support::read_file_within(&marker, Duration::from_secs(30));
+    support::read_file_async(&marker, Duration::from_secs(30)).await;
 }
 
 #[tokio::test]

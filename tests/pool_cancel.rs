@@ -24,14 +24,19 @@ fn marks(path: String) -> u8 {
     0
 }
 
-#[tokio::test]
-async fn dropping_a_running_task_stops_its_worker() {
-    let pool = AsyncPool::builder()
+/// One worker that is sent one task at a time: a queued task stays in the dispatcher.
+async fn one_worker_one_task_at_a_time() -> AsyncPool {
+    AsyncPool::builder()
         .processes(1)
         .pipeline_depth(1)
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn dropping_a_running_task_stops_its_worker() {
+    let pool = one_worker_one_task_at_a_time().await;
     let dir = TempDir::new("cancel-running");
     let report = dir.path("pid");
     let fut = pool.apply(runs_and_reports, (report.clone(),));
@@ -55,12 +60,7 @@ async fn dropping_a_running_task_stops_its_worker() {
 
 #[tokio::test]
 async fn dropping_a_queued_task_removes_it() {
-    let pool = AsyncPool::builder()
-        .processes(1)
-        .pipeline_depth(1)
-        .build()
-        .await
-        .unwrap();
+    let pool = one_worker_one_task_at_a_time().await;
     let dir = TempDir::new("cancel-queued");
     let report = dir.path("pid");
     let blocker = pool.apply_async(runs_and_reports, (report.clone(),));

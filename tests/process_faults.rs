@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use procpool::{Error, ExitReason, Process};
 use support::{
-    TempDir, eventually, hangs, is_dead, overflows, proc_state, wait_for_file, write_file,
+    TempDir, eventually_async, hangs, is_dead, overflows, proc_state, wait_for_file, write_file,
 };
 
 fn panics(msg: String) -> u8 {
@@ -114,7 +114,7 @@ async fn sigterm_is_worker_died_with_minus_fifteen() {
 async fn kill_stops_a_stopped_child_too() {
     let mut p = procpool::spawn(stops_itself, ()).await.unwrap();
     let pid = p.pid().unwrap();
-    assert!(eventually(Duration::from_secs(30), || proc_state(pid) == Some('T')));
+    assert!(eventually_async(Duration::from_secs(30), || proc_state(pid) == Some('T')).await);
     p.kill().unwrap();
     assert_eq!(died(&mut p).await.1, ExitReason::Signal(9));
 }
@@ -137,10 +137,10 @@ async fn dropping_an_unjoined_process_neither_kills_nor_leaves_a_zombie() {
     // Still running after the drop: it waits for the release and then finishes its work.
     assert_eq!(proc_state(pid).map(|s| s != 'Z'), Some(true));
     write_file(&release, "go");
-    support::read_file_within(&done, Duration::from_secs(30));
+    support::read_file_async(&done, Duration::from_secs(30)).await;
     // Reaped in the background: the pid disappears from /proc entirely (no zombie).
     assert!(
-        eventually(Duration::from_secs(30), || proc_state(pid).is_none()),
+        eventually_async(Duration::from_secs(30), || proc_state(pid).is_none()).await,
         "child {pid} left in state {:?}",
         proc_state(pid)
     );

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use procpool::{Error, ExitReason, Process};
-use support::{TempDir, hangs, is_dead, read_file_within, write_file};
+use support::{TempDir, hangs, is_dead, read_file_async, write_file};
 
 async fn helper(report: String) -> u8 {
     let grandchild = procpool::spawn(hangs, ()).await.expect("grandchild");
@@ -25,7 +25,7 @@ async fn grandchild_dies_within_a_second_of_a_sigkilled_parent() {
     let report = dir.path("grandchild.pid");
     let mut p = Process::new(helper, (report.clone(),));
     p.start().await.unwrap();
-    let text = read_file_within(&report, Duration::from_secs(60));
+    let text = read_file_async(&report, Duration::from_secs(60)).await;
     let grandchild: u32 = text.trim().parse().unwrap();
     assert!(
         !is_dead(grandchild),
@@ -48,6 +48,6 @@ async fn grandchild_dies_within_a_second_of_a_sigkilled_parent() {
             killed_at.elapsed() < Duration::from_secs(1),
             "grandchild {grandchild} still running 1 s after its parent was SIGKILLed"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -28,7 +27,7 @@ use super::worker::{self, Event, Init, WorkerConn};
 use crate::error::Error;
 use crate::process::ChildHandle;
 use crate::target::TargetRef;
-use crate::wire::{Down, Outcome, Run};
+use crate::wire::{self, Down, Outcome};
 
 /// How long a worker may take to skip a cancelled task that reached the head of its
 /// queue before the dispatcher assumes it is running it and stops the worker.
@@ -417,12 +416,12 @@ impl Dispatcher {
             task.state = State::Sent;
             self.counts.queued -= 1;
             self.counts.running += 1;
-            w.conn.send(&Down::Run(Run {
+            w.conn.send_frame(wire::run_frame(
                 id,
-                target: task.target.offset,
-                target_name: task.target.name.to_owned(),
-                args: ByteBuf::from(task.args.to_vec()),
-            }));
+                task.target.offset,
+                task.target.name,
+                &task.args,
+            ));
             tracing::debug!(task = id, worker = %w.conn.name, "task sent");
             w.inflight.push_back(id);
             if w.inflight.len() == 1 {

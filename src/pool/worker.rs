@@ -9,10 +9,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, ExitReason};
 use crate::process::{ChildHandle, Spawned, spawn_child};
-use crate::target::{Image, TargetRef};
-use crate::wire::{
-    Channel, DEFAULT_MAX_FRAME, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Run, Up, WireError,
-};
+use crate::target::TargetRef;
+use crate::wire::{Down, Outcome, Role, Run, Up, WireError};
 
 /// What a worker's I/O tasks tell the dispatcher.
 #[derive(Debug)]
@@ -48,7 +46,12 @@ impl WorkerConn {
     /// Queues a frame for the writer task. A worker whose writer stopped is dying; its
     /// reader reports it, so a failed send needs no handling here.
     pub(crate) fn send(&self, msg: &Down) {
-        drop(self.frames.send(crate::wire::to_frame(msg)));
+        self.send_frame(crate::wire::to_frame(msg));
+    }
+
+    /// Queues an encoded frame (see [`send`](Self::send)).
+    pub(crate) fn send_frame(&self, frame: Bytes) {
+        drop(self.frames.send(frame));
     }
 }
 
@@ -95,67 +98,15 @@ async fn connect(
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<WorkerConn, Error> {
     let Spawned { channel, child } = spawn_child(name).await?;
-    channel.set_nonblocking(true)?;
-    let (rd, wr) = tokio::net::UnixStream::from_std(channel)?.into_split();
-    let mut channel = Channel::new(rd, wr, DEFAULT_MAX_FRAME);
-    let fingerprint = Image::get()
-        .map_err(|reason| Error::spawn(reason, None))?
-        .fingerprint();
-    let hello = Down::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        fingerprint,
-        name: name.to_string(),
-        identity,
-        role: Role::Worker,
-        log_level: crate::log::current_level(),
-        log_print: crate::log::children_print(),
-        init: init.map(|i| Run {
-            id: 0,
-            target: i.target.offset,
-            target_name: i.target.name.to_owned(),
-            args: ByteBuf::from(i.args.to_vec()),
-        }),
+    let mut channel = crate::process::child_channel(channel)?;
+    let init = init.map(|i| Run {
+        id: 0,
+        target: i.target.offset,
+        target_name: i.target.name.to_owned(),
+        args: ByteBuf::from(i.args.to_vec()),
     });
-    let sent = channel.send_all(&[hello]).await;
-    // The initializer may log before the worker is ready.
-    let reply = loop {
-        match channel.recv::<Up>().await {
-            Ok(Some(Up::Log(record))) => crate::log::reemit(name, child.pid, &record),
-            other => break other,
-        }
-    };
-    let fail = |reason: String| {
-        if let Err(e) = child.signal(rustix::process::Signal::KILL) {
-            eprintln!("procpool: cannot stop worker {name}: {e}");
-        }
-        Error::spawn(format!("worker {name} {reason}"), None)
-    };
-    match reply {
-        Ok(Some(Up::Ready { .. })) if sent.is_ok() => {}
-        Ok(Some(Up::InitFailed { outcome })) => {
-            child.wait(&mut None).await;
-            return Err(match outcome.to_result::<()>(name) {
-                Err(e) => e,
-                Ok(()) => Error::spawn("the initializer failed", None),
-            });
-        }
-        Ok(Some(Up::Refused { reason })) => {
-            child.wait(&mut None).await;
-            return Err(Error::spawn(
-                format!("{name} refused to run: {reason}"),
-                None,
-            ));
-        }
-        Ok(None) | Ok(Some(Up::Ready { .. })) | Err(WireError::Truncated | WireError::Io(_)) => {
-            let exit = child.wait(&mut None).await;
-            return Err(Error::spawn(
-                format!("{name} ended with {exit} before it was ready"),
-                None,
-            ));
-        }
-        Ok(Some(other)) => return Err(fail(format!("sent {other:?} instead of Ready"))),
-        Err(e) => return Err(fail(format!("sent garbage: {e}"))),
-    }
+    let hello = crate::process::hello(name, identity, Role::Worker, init)?;
+    crate::process::handshake(&mut channel, &child, name, &[hello]).await?;
     let (mut reader, mut writer) = channel.split();
     let (frames, mut queued) = mpsc::unbounded_channel::<Bytes>();
     tokio::spawn(async move {

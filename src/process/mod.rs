@@ -1,5 +1,6 @@
 //! [`Process`]: run one target in a new OS process and await its return value.
 
+mod handshake;
 mod service;
 
 use std::marker::PhantomData;
@@ -11,14 +12,12 @@ use serde::de::DeserializeOwned;
 use serde_bytes::ByteBuf;
 use tokio::sync::{oneshot, watch};
 
+pub(crate) use handshake::{channel as child_channel, handshake, hello};
 pub(crate) use service::{ChildHandle, Spawned, spawn_child};
 
 use crate::error::{Error, ExitReason, Result};
 use crate::target::{Target, TargetRef, resolve};
-use crate::wire::{
-    self, Channel, DEFAULT_MAX_FRAME, Down, Hello, Outcome, PROTOCOL_VERSION, Role, Run, Up,
-    WireError,
-};
+use crate::wire::{self, Down, Outcome, Role, Run, Up, WireError};
 
 // ----------------------------------------------------------------------------- naming
 
@@ -278,19 +277,7 @@ impl<R> Process<R> {
             None => return Err(Error::AlreadyStarted),
             Some(launch) => launch?,
         };
-        let fingerprint = crate::target::Image::get()
-            .map_err(|reason| Error::spawn(reason, None))?
-            .fingerprint();
-        let hello = Down::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            fingerprint,
-            name: self.name.clone(),
-            identity: self.identity.clone(),
-            role: Role::Process,
-            init: None,
-            log_level: crate::log::current_level(),
-            log_print: crate::log::children_print(),
-        });
+        let hello = handshake::hello(&self.name, self.identity.clone(), Role::Process, None)?;
         let run = Down::Run(Run {
             id: 0,
             target: launch.target.offset,
@@ -388,14 +375,8 @@ async fn drive(
             eprintln!("procpool: cannot kill {why} child {pid}: {e}");
         }
     };
-    let stream = channel
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixStream::from_std(channel));
-    let mut chan = match stream {
-        Ok(s) => {
-            let (rd, wr) = s.into_split();
-            Channel::new(rd, wr, DEFAULT_MAX_FRAME)
-        }
+    let mut chan = match handshake::channel(channel) {
+        Ok(chan) => chan,
         Err(e) => {
             kill("unusable");
             child.wait(&mut None).await;
@@ -405,42 +386,9 @@ async fn drive(
             return;
         }
     };
-    // Hello and Run go together: a start costs one round trip. A child that refuses
-    // closes its end; the reason is in the reply read below.
-    let sent = chan.send_all(&first).await;
-    let reply = loop {
-        match chan.recv::<Up>().await {
-            Ok(Some(Up::Log(record))) => crate::log::reemit(&name, pid, &record),
-            other => break other,
-        }
-    };
-    let failed = match reply {
-        Ok(Some(Up::Ready { .. })) if sent.is_ok() => None,
-        Ok(Some(Up::Refused { reason })) => Some(format!("{name} refused to run: {reason}")),
-        Ok(None) | Ok(Some(Up::Ready { .. })) | Err(WireError::Truncated | WireError::Io(_)) => {
-            drop(chan);
-            let exit = child.wait(&mut None).await;
-            started
-                .send(Err(Error::spawn(
-                    format!("{name} ended with {exit} before it was ready"),
-                    None,
-                )))
-                .ok();
-            return;
-        }
-        Ok(Some(other)) => {
-            kill("misbehaving");
-            Some(format!("{name} sent {other:?} instead of Ready"))
-        }
-        Err(e) => {
-            kill("misbehaving");
-            Some(format!("{name} sent garbage: {e}"))
-        }
-    };
-    if let Some(reason) = failed {
-        drop(chan);
-        child.wait(&mut None).await;
-        started.send(Err(Error::spawn(reason, None))).ok();
+    // Hello and Run go together: a start costs one round trip.
+    if let Err(e) = handshake::handshake(&mut chan, &child, &name, &first).await {
+        started.send(Err(e)).ok();
         return;
     }
     if started.send(Ok(Arc::clone(&child))).is_err() {

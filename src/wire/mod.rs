@@ -262,6 +262,33 @@ pub(crate) fn to_frame<M: Serialize>(msg: &M) -> Bytes {
     }
 }
 
+/// `Down::Run` encoded from borrowed parts: the dispatcher sends one per task, and this
+/// copies the arguments once, into the frame, instead of first into an owned [`Run`].
+/// It decodes as `Down::Run` (tested).
+pub(crate) fn run_frame(id: u64, target: u64, target_name: &str, args: &[u8]) -> Bytes {
+    #[derive(Serialize)]
+    struct RunRef<'a> {
+        id: u64,
+        target: u64,
+        target_name: &'a str,
+        #[serde(with = "serde_bytes")]
+        args: &'a [u8],
+    }
+    /// Mirrors [`Down`] up to `Run`: same variant names and indices.
+    #[derive(Serialize)]
+    enum DownRef<'a> {
+        #[allow(dead_code)]
+        Hello(()),
+        Run(RunRef<'a>),
+    }
+    to_frame(&DownRef::Run(RunRef {
+        id,
+        target,
+        target_name,
+        args,
+    }))
+}
+
 /// Decodes one protocol message.
 pub(crate) fn from_frame<M: DeserializeOwned>(frame: &[u8]) -> Result<M, WireError> {
     rmp_serde::from_slice(frame).map_err(|e| WireError::Garbage(e.to_string()))

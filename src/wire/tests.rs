@@ -214,3 +214,27 @@ fn user_values_keep_flatten_and_internal_tags() {
     let back: (Outer, Vec<Shape>) = decode_value(&bytes).unwrap();
     assert_eq!(back, v);
 }
+
+#[test]
+fn borrowed_run_frame_decodes_as_down_run() {
+    let frame = run_frame(7, 0x1234, "crate::doubler", &[1, 2, 3]);
+    match from_frame::<Down>(&frame) {
+        Ok(Down::Run(Run {
+            id: 7,
+            target: 0x1234,
+            target_name,
+            args,
+        })) => {
+            assert_eq!(target_name, "crate::doubler");
+            assert_eq!(args.as_ref(), &[1, 2, 3]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let owned = to_frame(&Down::Run(Run {
+        id: 7,
+        target: 0x1234,
+        target_name: "crate::doubler".into(),
+        args: serde_bytes::ByteBuf::from(vec![1, 2, 3]),
+    }));
+    assert_eq!(frame, owned, "same bytes as the owned message");
+}
