@@ -142,6 +142,7 @@ mod error;
 mod log;
 mod pool;
 mod process;
+mod sync;
 mod target;
 mod wire;
 
@@ -149,6 +150,7 @@ pub use error::{Error, ExitReason, Result};
 pub use log::log_to_stderr;
 pub use pool::{Apply, AsyncPool, Builder, Imap, Map, PoolStats, TaskHandle, TaskTimeout};
 pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
+pub use sync::{Connection, Event, Lock, LockGuard, Queue, TryPutError, pipe};
 pub use target::{Async, Blocking, Target};
 pub use wire::DEFAULT_MAX_FRAME;
 

@@ -171,6 +171,8 @@ fn run_once(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
     // Python's wording, so people recognise them.
     tracing::info!("child process calling self.run()");
     let outcome = execute(&run, &mut cx);
+    // What the target sent to queues, locks and events is applied before we report.
+    crate::sync::settle();
     let code = match outcome {
         Outcome::Panicked { .. } => EXIT_PANICKED,
         _ => 0,
@@ -252,7 +254,9 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
         let outcome = if skipped {
             Outcome::Skipped
         } else {
-            execute(&run, &mut cx)
+            let outcome = execute(&run, &mut cx);
+            crate::sync::settle();
+            outcome
         };
         if out_tx
             .send(Up::Done {

@@ -15,6 +15,7 @@ use tokio::time::Sleep;
 use super::Shared;
 use super::message::TaskResult;
 use crate::error::{Error, Result};
+use crate::sync::Pins;
 use crate::target::TargetRef;
 
 /// The future of [`AsyncPool::apply`](super::AsyncPool::apply): runs one task and
@@ -29,7 +30,7 @@ use crate::target::TargetRef;
 #[must_use = "futures do nothing unless polled"]
 pub struct Apply<R> {
     shared: Arc<Shared>,
-    call: Option<Result<(TargetRef, Bytes)>>,
+    call: Option<Result<(TargetRef, Bytes, Pins)>>,
     timeout: Option<Duration>,
     running: Option<TaskTimeout<R>>,
 }
@@ -44,7 +45,7 @@ impl<R> std::fmt::Debug for Apply<R> {
 }
 
 impl<R> Apply<R> {
-    pub(super) fn new(shared: Arc<Shared>, call: Result<(TargetRef, Bytes)>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, call: Result<(TargetRef, Bytes, Pins)>) -> Self {
         Apply {
             shared,
             call: Some(call),
@@ -124,12 +125,14 @@ impl<R> std::fmt::Debug for TaskHandle<R> {
 }
 
 impl<R> TaskHandle<R> {
-    pub(super) fn submit(shared: &Arc<Shared>, call: Result<(TargetRef, Bytes)>) -> Self {
-        let submitted = call.and_then(|(target, args)| {
+    pub(super) fn submit(shared: &Arc<Shared>, call: Result<(TargetRef, Bytes, Pins)>) -> Self {
+        let submitted = call.and_then(|(target, args, pins)| {
             let (tx, rx) = oneshot::channel();
             let reply = Box::new(move |r: TaskResult| {
                 // The receiver is gone if the caller stopped waiting; nothing to do then.
                 drop(tx.send(r));
+                // The task is over: what its arguments referred to may go.
+                drop(pins);
             });
             shared.submit(target, args, |_| reply).map(|id| (id, rx))
         });

@@ -32,6 +32,9 @@ use crate::wire::Outcome;
 pub(crate) struct Encoded {
     buf: Vec<u8>,
     ends: Vec<usize>,
+    /// Keeps queues, locks, events and pipe ends among the items alive while the items
+    /// are in flight.
+    pins: crate::sync::Pins,
 }
 
 impl Encoded {
@@ -41,10 +44,13 @@ impl Encoded {
 
     fn push<T: Serialize>(&mut self, item: &T) -> std::result::Result<(), String> {
         let start = self.buf.len();
-        if let Err(e) = rmp_serde::encode::write_named(&mut self.buf, item) {
+        let (res, pins) =
+            crate::sync::collect(|| rmp_serde::encode::write_named(&mut self.buf, item));
+        if let Err(e) = res {
             self.buf.truncate(start);
             return Err(e.to_string());
         }
+        self.pins.extend(pins);
         self.ends.push(self.buf.len());
         Ok(())
     }
@@ -141,6 +147,8 @@ struct MapRun<R> {
     remaining: usize,
     sleep: Option<Pin<Box<Sleep>>>,
     after: Duration,
+    /// Held until the map is over (see [`Encoded`]).
+    _pins: crate::sync::Pins,
 }
 
 impl<R> std::fmt::Debug for Map<R> {
@@ -181,7 +189,7 @@ impl<R> Map<R> {
     }
 
     fn start(&mut self) -> Result<Option<Vec<R>>> {
-        let (target, items) = self.input.take().ok_or(Error::Cancelled)??;
+        let (target, mut items) = self.input.take().ok_or(Error::Cancelled)??;
         let n = items.len();
         if n == 0 {
             return Ok(Some(Vec::new()));
@@ -197,6 +205,7 @@ impl<R> Map<R> {
             remaining: 0,
             sleep: self.timeout.map(|d| Box::pin(tokio::time::sleep(d))),
             after: self.timeout.unwrap_or_default(),
+            _pins: std::mem::take(&mut items.pins),
         };
         for (idx, start) in (0..n).step_by(size).enumerate() {
             let tx = tx.clone();

@@ -480,15 +480,16 @@ impl AsyncPool {
 }
 
 /// Encodes a call: the target's entry point and the argument tuple.
-fn encode_call<F, M, A>(args: &A) -> Result<(TargetRef, Bytes)>
+fn encode_call<F, M, A>(args: &A) -> Result<(TargetRef, Bytes, crate::sync::Pins)>
 where
     F: Target<A, M>,
     A: Serialize + DeserializeOwned + Send + 'static,
     M: 'static,
 {
     let target = crate::target::resolve::<F, M, A>()?;
-    let args = crate::wire::encode_value(args).map_err(Error::encode::<A>)?;
-    Ok((target, Bytes::from(args)))
+    let (args, pins) = crate::sync::encode_args(args);
+    let args = args.map_err(Error::encode::<A>)?;
+    Ok((target, Bytes::from(args), pins))
 }
 
 impl Shared {

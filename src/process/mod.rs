@@ -1,7 +1,7 @@
 //! [`Process`]: run one target in a new OS process and await its return value.
 
 mod handshake;
-mod service;
+pub(crate) mod service;
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,7 +17,7 @@ pub(crate) use service::{ChildHandle, Spawned, spawn_child};
 
 use crate::error::{Error, ExitReason, Result};
 use crate::target::{Target, TargetRef, resolve};
-use crate::wire::{self, Down, Outcome, Role, Run, Up, WireError};
+use crate::wire::{Down, Outcome, Role, Run, Up, WireError};
 
 // ----------------------------------------------------------------------------- naming
 
@@ -133,10 +133,21 @@ pub struct Process<R> {
     _output: PhantomData<fn() -> R>,
 }
 
-#[derive(Debug)]
 struct Launch {
     target: TargetRef,
     args: Vec<u8>,
+    /// Keeps queues, locks, events and pipe ends among the arguments alive until the
+    /// child has ended.
+    pins: crate::sync::Pins,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("target", &self.target)
+            .field("args", &self.args.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A started child. Its channel is driven on the service thread (see [`drive`]), which
@@ -183,8 +194,9 @@ where
         drop(target);
         let identity = next_identity();
         let launch = resolve::<F, M, A>().and_then(|target| {
-            let args = wire::encode_value(&args).map_err(Error::encode::<A>)?;
-            Ok(Launch { target, args })
+            let (args, pins) = crate::sync::encode_args(&args);
+            let args = args.map_err(Error::encode::<A>)?;
+            Ok(Launch { target, args, pins })
         });
         Process {
             name: name_of(&identity),
@@ -289,10 +301,12 @@ impl<R> Process<R> {
         let (started_tx, started) = oneshot::channel();
         let (ended_tx, ended) = watch::channel(None);
         let name = self.name.clone();
+        let pins = launch.pins;
         service::run(async move {
             match service::spawn_here(&name) {
                 Ok(Spawned { channel, child }) => {
                     drive(channel, child, name, [hello, run], started_tx, ended_tx).await;
+                    drop(pins);
                 }
                 Err(e) => {
                     // The caller may have given up; then there is no one to tell.

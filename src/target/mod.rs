@@ -40,7 +40,8 @@ use serde_bytes::ByteBuf;
 
 pub(crate) use image::Image;
 pub(crate) use sys::{
-    ignore_sigpipe, inherit_fd, inherited_channel, keep_boot_linked, lookup, watch_pidfd,
+    ignore_sigpipe, inherit_fd, inherited_channel, keep_boot_linked, lookup, register_fd,
+    watch_pidfd,
 };
 
 use crate::error::Error;

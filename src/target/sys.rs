@@ -89,11 +89,18 @@ pub(crate) fn lookup(offset: u64) -> Result<Entry, String> {
 
 /// Registers a pidfd with the current tokio runtime to wait for the process's exit.
 pub(crate) fn watch_pidfd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    register_fd(fd, tokio::io::Interest::READABLE)
+}
+
+/// Registers `fd` with the current tokio runtime (the reactor of the calling context).
+pub(crate) fn register_fd(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: `AsyncFd` takes ownership of the `OwnedFd`, so the descriptor stays open
     // and is not replaced for as long as it is registered; it is closed only when the
     // `AsyncFd` is dropped, after deregistration.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into())
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into())
 }
 
 /// Lets the child started by `cmd` inherit `fd` (everything else stays close-on-exec).

@@ -1,0 +1,1154 @@
+//! The hub: how a `Queue`, `Lock` or `Event` created in one process is reached from the
+//! others, and how a pipe end's file descriptor travels to another process.
+//!
+//! Every process that hands one of its objects to another process starts a hub: a unix
+//! socket in the abstract namespace (`procpool/<pid>/<nonce>`), served on the procpool
+//! service thread. A handle crosses the boundary as `(hub address, token, object id)`.
+//! Another process deserializing it connects to that hub once (one connection per pair of
+//! processes, shared by every object) and opens the object; the hub keeps an object alive
+//! while a process has it open, and forgets what a process held when its connection ends.
+//! That is how a lock whose holder dies is released and how items a dead consumer had
+//! taken but not yet handed out are put back.
+//!
+//! A pipe end travels differently: its fd is parked in the hub's export table, and the
+//! receiver claims it over a short-lived connection with `SCM_RIGHTS`, so afterwards the
+//! two ends talk over their own socketpair, with no process in between.
+//!
+//! Connections are authenticated by a random token (and the peer's uid), and every frame
+//! is length-prefixed MessagePack with the same codec as the child channel.
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::codec::FramedRead;
+
+use super::event::EventCore;
+use super::lock::LockCore;
+use super::queue::QueueCore;
+use crate::error::Error;
+use crate::wire;
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every critical
+/// section here updates plain fields without calling user code).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The largest frame on a hub connection (the child channel's limit).
+const MAX_FRAME: usize = wire::DEFAULT_MAX_FRAME;
+
+/// How long a claim of a pipe end may take before it is given up.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a hub listens and the token that opens it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct HubRef {
+    pub(crate) name: String,
+    pub(crate) token: u64,
+}
+
+impl HubRef {
+    fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        let addr = SocketAddr::from_abstract_name(self.name.as_bytes())?;
+        std::os::unix::net::UnixStream::connect_addr(&addr)
+    }
+}
+
+/// What kind of object an id names (checked when a process opens it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Kind {
+    Queue,
+    Lock,
+    Event,
+}
+
+/// An object owned by this process's hub.
+#[derive(Clone)]
+pub(crate) enum Obj {
+    Queue(Arc<QueueCore>),
+    Lock(Arc<LockCore>),
+    Event(Arc<EventCore>),
+}
+
+#[derive(Clone)]
+enum WeakObj {
+    Queue(Weak<QueueCore>),
+    Lock(Weak<LockCore>),
+    Event(Weak<EventCore>),
+}
+
+impl Obj {
+    fn kind(&self) -> Kind {
+        match self {
+            Obj::Queue(_) => Kind::Queue,
+            Obj::Lock(_) => Kind::Lock,
+            Obj::Event(_) => Kind::Event,
+        }
+    }
+
+    fn downgrade(&self) -> WeakObj {
+        match self {
+            Obj::Queue(c) => WeakObj::Queue(Arc::downgrade(c)),
+            Obj::Lock(c) => WeakObj::Lock(Arc::downgrade(c)),
+            Obj::Event(c) => WeakObj::Event(Arc::downgrade(c)),
+        }
+    }
+
+    /// The process behind `peer` no longer uses this object.
+    fn peer_gone(&self, peer: &Arc<Peer>) {
+        match self {
+            Obj::Queue(c) => c.peer_gone(peer),
+            Obj::Lock(c) => c.peer_gone(peer),
+            Obj::Event(c) => c.peer_gone(peer),
+        }
+    }
+
+    fn handle(&self, peer: &Arc<Peer>, id: u64, op: Op) {
+        match self {
+            Obj::Queue(c) => c.remote_op(peer, id, op),
+            Obj::Lock(c) => c.remote_op(peer, id, op),
+            Obj::Event(c) => c.remote_op(peer, id, op),
+        }
+    }
+}
+
+impl WeakObj {
+    fn upgrade(&self) -> Option<Obj> {
+        match self {
+            WeakObj::Queue(w) => w.upgrade().map(Obj::Queue),
+            WeakObj::Lock(w) => w.upgrade().map(Obj::Lock),
+            WeakObj::Event(w) => w.upgrade().map(Obj::Event),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Protocol
+
+/// What the first frame of a connection asks for.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Purpose {
+    /// A long-lived connection carrying requests for any number of objects.
+    Session,
+    /// Hand over exported pipe end `n`, then close.
+    Claim(u64),
+}
+
+/// A process using an object, to its creator's hub.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToHub {
+    Hello {
+        token: u64,
+        purpose: Purpose,
+    },
+    /// This process holds a handle to `obj` (sent once per process).
+    Open {
+        obj: u64,
+        kind: Kind,
+    },
+    /// This process dropped its last handle to `obj`.
+    Forget {
+        obj: u64,
+    },
+    /// A request; the answer is `FromHub::Reply` with the same id (0: no answer wanted).
+    Req {
+        id: u64,
+        obj: u64,
+        op: Op,
+    },
+    /// Items for an unbounded queue, in order; no answer.
+    Puts {
+        obj: u64,
+        items: Vec<ByteBuf>,
+    },
+    /// Every item delivered to this process with a sequence number `<= upto` was handed
+    /// to a caller.
+    Ack {
+        obj: u64,
+        upto: u64,
+    },
+    /// Items `from..=to` delivered to this process were not handed out: put them back.
+    Return {
+        obj: u64,
+        from: u64,
+        to: u64,
+    },
+    /// The caller of request `id` gave up.
+    Cancel {
+        obj: u64,
+        id: u64,
+    },
+    /// Releases the lock this process holds.
+    Release {
+        obj: u64,
+    },
+}
+
+/// Operations on objects.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Op {
+    /// Answered `Ok` once everything sent before it on this connection has been applied.
+    Sync,
+    Put {
+        item: ByteBuf,
+        wait: bool,
+    },
+    /// Up to `n` items (and about `MAX_BATCH_BYTES`); parked while empty if `wait`.
+    Want {
+        n: u32,
+        wait: bool,
+    },
+    Len,
+    Close,
+    TaskDone,
+    Join,
+    Acquire {
+        wait: bool,
+    },
+    Set,
+    Clear,
+    IsSet,
+    Wait,
+}
+
+/// A hub to a process using its objects.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum FromHub {
+    Reply {
+        id: u64,
+        reply: Reply,
+    },
+    /// Give back what you hold of `obj` and have not handed out: someone else is waiting.
+    Recall {
+        obj: u64,
+    },
+}
+
+/// Answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    Ok,
+    Bool(bool),
+    Len(u64),
+    /// Queue items, numbered from `first`.
+    Items {
+        first: u64,
+        items: Vec<ByteBuf>,
+    },
+    Empty,
+    Full,
+    /// The queue was closed.
+    Closed,
+    /// The request was cancelled before it took effect.
+    Cancelled,
+    Granted {
+        abandoned: bool,
+    },
+    /// No such object (it was dropped everywhere, or the id is of another kind).
+    Gone,
+    /// The request is not valid (`task_done` called too often).
+    Invalid(String),
+}
+
+/// Appends one length-prefixed frame (the child channel's framing).
+fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
+    let start = buf.len();
+    buf.put_u32(0);
+    // Our messages hold integers, strings and byte buffers: encoding cannot fail.
+    if let Err(e) = rmp_serde::encode::write(&mut (&mut *buf).writer(), msg) {
+        unreachable!("hub messages always encode: {e}");
+    }
+    let len = (buf.len() - start - 4) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbox: frames waiting for the writer task of one connection
+
+/// Frames for one connection, written by a task on the service thread. Pushing never
+/// blocks: callers on any thread (async or not) append, the writer takes everything
+/// queued in one write.
+pub(crate) struct Outbox {
+    st: Mutex<OutState>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct OutState {
+    buf: BytesMut,
+    /// Consecutive puts to one queue, sent as one `Puts` frame.
+    puts: Option<(u64, Vec<ByteBuf>, usize)>,
+    /// Latest acknowledgement per queue, sent before the next frame.
+    acks: HashMap<u64, u64>,
+    closed: bool,
+}
+
+impl OutState {
+    fn flush(&mut self) {
+        if let Some((obj, items, _)) = self.puts.take() {
+            frame_into(&mut self.buf, &ToHub::Puts { obj, items });
+        }
+        for (obj, upto) in self.acks.drain() {
+            frame_into(&mut self.buf, &ToHub::Ack { obj, upto });
+        }
+    }
+}
+
+impl Outbox {
+    fn new() -> Arc<Self> {
+        Arc::new(Outbox {
+            st: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Queues a frame. False if the connection is closed.
+    pub(crate) fn push<M: Serialize>(&self, msg: &M) -> bool {
+        let mut st = lock(&self.st);
+        if st.closed {
+            return false;
+        }
+        st.flush();
+        frame_into(&mut st.buf, msg);
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Queues one item for an unbounded queue, batched with the puts before it.
+    fn push_put(&self, obj: u64, item: Vec<u8>) -> bool {
+        let mut st = lock(&self.st);
+        if st.closed {
+            return false;
+        }
+        let size = item.len();
+        match &mut st.puts {
+            Some((o, items, bytes)) if *o == obj && *bytes < 64 * 1024 => {
+                items.push(ByteBuf::from(item));
+                *bytes += size;
+            }
+            _ => {
+                st.flush();
+                st.puts = Some((obj, vec![ByteBuf::from(item)], size));
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Records that items up to `upto` were handed out (coalesced with earlier acks).
+    fn push_ack(&self, obj: u64, upto: u64) {
+        let mut st = lock(&self.st);
+        if st.closed {
+            return;
+        }
+        if let Some((o, _, _)) = &st.puts
+            && *o != obj
+        {
+            st.flush();
+        }
+        st.acks.insert(obj, upto);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        lock(&self.st).closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Writes queued frames until the outbox is closed and drained, or the peer is gone.
+    async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(self: Arc<Self>, mut wr: W) {
+        loop {
+            let chunk = {
+                let mut st = lock(&self.st);
+                st.flush();
+                if st.buf.is_empty() {
+                    if st.closed {
+                        return;
+                    }
+                    None
+                } else {
+                    Some(st.buf.split().freeze())
+                }
+            };
+            match chunk {
+                Some(bytes) => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        self.close();
+                        return;
+                    }
+                }
+                None => self.wake.notified().await,
+            }
+        }
+    }
+}
+
+/// The connection of one process to this hub, as objects see it.
+pub(crate) struct Peer {
+    pub(crate) id: u64,
+    out: Arc<Outbox>,
+}
+
+impl Peer {
+    pub(crate) fn reply(&self, id: u64, reply: Reply) {
+        if id != 0 {
+            // False: that process is gone; its connection's end cleans up after it.
+            self.out.push(&FromHub::Reply { id, reply });
+        }
+    }
+
+    pub(crate) fn recall(&self, obj: u64) {
+        self.out.push(&FromHub::Recall { obj });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// This process's hub
+
+pub(crate) struct Hub {
+    pub(crate) me: HubRef,
+    objects: Mutex<HashMap<u64, WeakObj>>,
+    /// Objects serialized outside procpool's own argument passing: kept for good.
+    forever: Mutex<HashMap<u64, Obj>>,
+    exports: Mutex<HashMap<u64, OwnedFd>>,
+}
+
+static HUB: OnceLock<Result<Arc<Hub>, String>> = OnceLock::new();
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A process-unique id for an object or an export.
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// This process's hub if it was started.
+pub(crate) fn own() -> Option<&'static Arc<Hub>> {
+    HUB.get().and_then(|h| h.as_ref().ok())
+}
+
+/// This process's hub, started on first use.
+pub(crate) fn hub() -> Result<&'static Arc<Hub>, String> {
+    HUB.get_or_init(start).as_ref().map_err(Clone::clone)
+}
+
+fn random_u64() -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty())
+        .map_err(|e| format!("getrandom failed: {e}"))?;
+    Ok(u64::from_ne_bytes(b))
+}
+
+fn start() -> Result<Arc<Hub>, String> {
+    let me = HubRef {
+        name: format!("procpool/{}/{:016x}", std::process::id(), random_u64()?),
+        token: random_u64()?,
+    };
+    let addr = SocketAddr::from_abstract_name(me.name.as_bytes())
+        .map_err(|e| format!("bad hub address: {e}"))?;
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr)
+        .map_err(|e| format!("cannot listen on the hub socket: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("hub socket: {e}"))?;
+    let hub = Arc::new(Hub {
+        me,
+        objects: Mutex::default(),
+        forever: Mutex::default(),
+        exports: Mutex::default(),
+    });
+    let serving = Arc::clone(&hub);
+    crate::process::service::run(async move {
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("procpool: the hub cannot serve: {e}");
+                return;
+            }
+        };
+        serving.accept_loop(listener).await;
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(hub)
+}
+
+impl Hub {
+    /// Makes `obj` reachable from other processes under `id`.
+    pub(crate) fn register(&self, id: u64, obj: &Obj) {
+        lock(&self.objects).insert(id, obj.downgrade());
+    }
+
+    /// The object `id` if it still exists here.
+    pub(crate) fn find(&self, id: u64, kind: Kind) -> Option<Obj> {
+        let mut objects = lock(&self.objects);
+        let found = objects.get(&id).and_then(WeakObj::upgrade);
+        if found.is_none() {
+            objects.remove(&id);
+        }
+        found.filter(|o| o.kind() == kind)
+    }
+
+    /// Parks a pipe end until another process claims it.
+    pub(crate) fn export(&self, fd: OwnedFd) -> u64 {
+        let id = next_id();
+        lock(&self.exports).insert(id, fd);
+        id
+    }
+
+    pub(crate) fn take_export(&self, id: u64) -> Option<OwnedFd> {
+        lock(&self.exports).remove(&id)
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        let uid = rustix::process::geteuid();
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of fds, most likely: wait instead of spinning.
+                    tracing::warn!("procpool: the hub cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match rustix::net::sockopt::socket_peercred(&stream) {
+                Ok(cred) if cred.uid == uid => {}
+                _ => continue,
+            }
+            let hub = Arc::clone(&self);
+            tokio::spawn(async move { hub.serve(stream).await });
+        }
+    }
+
+    async fn serve(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        let (rd, wr) = stream.into_split();
+        let mut frames = FramedRead::new(rd, wire::codec(MAX_FRAME));
+        let purpose = match frames.next().await {
+            Some(Ok(f)) => match wire::from_frame::<ToHub>(&f) {
+                Ok(ToHub::Hello { token, purpose }) if token == self.me.token => purpose,
+                _ => return,
+            },
+            _ => return,
+        };
+        match purpose {
+            Purpose::Claim(id) => {
+                let fd = self.take_export(id);
+                if let Err(e) = send_fd(wr.as_ref(), fd).await {
+                    tracing::debug!("procpool: handing over a pipe end failed: {e}");
+                }
+            }
+            Purpose::Session => self.session(frames, wr).await,
+        }
+    }
+
+    async fn session(
+        &self,
+        mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, wire::FrameCodec>,
+        wr: tokio::net::unix::OwnedWriteHalf,
+    ) {
+        static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
+        let out = Outbox::new();
+        let peer = Arc::new(Peer {
+            id: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
+            out: Arc::clone(&out),
+        });
+        tokio::spawn(Arc::clone(&out).write_loop(wr));
+        // What this process opened, with how many times.
+        let mut open: HashMap<u64, (Obj, u32)> = HashMap::new();
+        while let Some(Ok(frame)) = frames.next().await {
+            let Ok(msg) = wire::from_frame::<ToHub>(&frame) else {
+                tracing::warn!("procpool: the hub got a malformed frame; dropping that connection");
+                break;
+            };
+            match msg {
+                ToHub::Hello { .. } => break,
+                ToHub::Open { obj, kind } => {
+                    if let Some((_, n)) = open.get_mut(&obj) {
+                        *n += 1;
+                    } else if let Some(o) = self.find(obj, kind) {
+                        open.insert(obj, (o, 1));
+                    }
+                }
+                ToHub::Forget { obj } => {
+                    if let Some((o, n)) = open.get_mut(&obj) {
+                        *n -= 1;
+                        if *n == 0 {
+                            o.peer_gone(&peer);
+                            open.remove(&obj);
+                        }
+                    }
+                }
+                ToHub::Req {
+                    id, op: Op::Sync, ..
+                } => peer.reply(id, Reply::Ok),
+                ToHub::Req { id, obj, op } => match open.get(&obj) {
+                    Some((o, _)) => o.handle(&peer, id, op),
+                    None => peer.reply(id, Reply::Gone),
+                },
+                ToHub::Puts { obj, items } => {
+                    if let Some((Obj::Queue(q), _)) = open.get(&obj) {
+                        q.put_many(items);
+                    }
+                }
+                ToHub::Ack { obj, upto } => {
+                    if let Some((Obj::Queue(q), _)) = open.get(&obj) {
+                        q.ack(&peer, upto);
+                    }
+                }
+                ToHub::Return { obj, from, to } => {
+                    if let Some((Obj::Queue(q), _)) = open.get(&obj) {
+                        q.give_back(&peer, from, to);
+                    }
+                }
+                ToHub::Cancel { obj, id } => match open.get(&obj) {
+                    Some((Obj::Queue(q), _)) => q.cancel(&peer, id),
+                    Some((Obj::Lock(l), _)) => l.cancel(&peer, id),
+                    Some((Obj::Event(e), _)) => e.cancel(&peer, id),
+                    None => {}
+                },
+                ToHub::Release { obj } => {
+                    if let Some((Obj::Lock(l), _)) = open.get(&obj) {
+                        l.release_peer(&peer);
+                    }
+                }
+            }
+        }
+        // The process is gone (or broke the protocol): undo what it held.
+        for (_, (o, _)) in open.drain() {
+            o.peer_gone(&peer);
+        }
+        out.close();
+    }
+}
+
+async fn send_fd(sock: &tokio::net::UnixStream, fd: Option<OwnedFd>) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    loop {
+        sock.writable().await?;
+        let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut anc = SendAncillaryBuffer::new(&mut space);
+            let fds;
+            let byte = match &fd {
+                Some(fd) => {
+                    fds = [fd.as_fd()];
+                    anc.push(SendAncillaryMessage::ScmRights(&fds));
+                    [1u8]
+                }
+                None => [0u8],
+            };
+            rustix::net::sendmsg(sock, &[IoSlice::new(&byte)], &mut anc, SendFlags::NOSIGNAL)
+                .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Takes pipe end `export` from the hub at `hub` (blocking, briefly: the hub answers at
+/// once from its service thread).
+pub(crate) fn claim(hub: &HubRef, export: u64) -> Result<OwnedFd, String> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    if let Some(h) = own()
+        && h.me == *hub
+    {
+        return h
+            .take_export(export)
+            .ok_or_else(|| "the pipe end was already taken or dropped".to_owned());
+    }
+    let gone = |e: std::io::Error| format!("the process that sent the pipe end is gone ({e})");
+    let mut sock = hub.connect().map_err(gone)?;
+    sock.set_read_timeout(Some(CLAIM_TIMEOUT)).map_err(gone)?;
+    let mut hello = BytesMut::new();
+    frame_into(
+        &mut hello,
+        &ToHub::Hello {
+            token: hub.token,
+            purpose: Purpose::Claim(export),
+        },
+    );
+    sock.write_all(&hello).map_err(gone)?;
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &sock,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| gone(e.into()))?;
+    let mut fd = None;
+    for msg in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            fd = fd.or(fds.next());
+        }
+    }
+    match (got.bytes, byte[0], fd) {
+        (1, 1, Some(fd)) => Ok(fd),
+        (1, 0, _) => Err("the pipe end was already taken or dropped".to_owned()),
+        _ => Err("the process that sent the pipe end did not hand it over".to_owned()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Pins: keeping an object (or an exported fd) alive until its receiver has it
+
+/// Keeps what a serialized handle refers to alive; dropping it lets go.
+pub(crate) enum Pin {
+    Obj(#[allow(dead_code)] Obj),
+    Export(u64),
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Pin::Export(id) = *self
+            && id != 0
+            && let Some(h) = own()
+        {
+            // Unclaimed: closing it lets the other end see EOF.
+            drop(h.take_export(id));
+        }
+    }
+}
+
+/// The pins taken while encoding one set of arguments, held until the child that
+/// receives them is done with them.
+#[derive(Default)]
+pub(crate) struct Pins(Vec<Pin>);
+
+impl Pins {
+    pub(crate) fn extend(&mut self, more: Pins) {
+        self.0.extend(more.0);
+    }
+}
+
+impl std::fmt::Debug for Pins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pins({})", self.0.len())
+    }
+}
+
+thread_local! {
+    static COLLECTOR: std::cell::RefCell<Option<Vec<Pin>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (an encoding) and returns the pins taken by the handles it serialized.
+pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, Pins) {
+    let outer = COLLECTOR.with(|c| c.borrow_mut().replace(Vec::new()));
+    let r = f();
+    let pins = COLLECTOR.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+    (r, Pins(pins.unwrap_or_default()))
+}
+
+/// Keeps `pin` until the current carrier is done, or for good without one.
+pub(crate) fn pin(pin: Pin) {
+    let rest = COLLECTOR.with(|c| match c.borrow_mut().as_mut() {
+        Some(v) => {
+            v.push(pin);
+            None
+        }
+        None => Some(pin),
+    });
+    let Some(mut pin) = rest else {
+        return;
+    };
+    match &mut pin {
+        Pin::Obj(obj) => {
+            if let Some(h) = own() {
+                let id = match &*obj {
+                    Obj::Queue(c) => c.id,
+                    Obj::Lock(c) => c.id,
+                    Obj::Event(c) => c.id,
+                };
+                lock(&h.forever).insert(id, obj.clone());
+            }
+        }
+        // Stays exported until claimed.
+        Pin::Export(id) => *id = 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The client side: this process using objects of another process
+
+/// One connection from this process to another process's hub.
+pub(crate) struct Client {
+    pub(crate) out: Arc<Outbox>,
+    next_req: AtomicU64,
+    pending: Mutex<HashMap<u64, Pending>>,
+    remotes: Mutex<HashMap<u64, Weak<Remote>>>,
+    closed: AtomicBool,
+    /// Something was sent since the last [`settle`].
+    dirty: AtomicBool,
+}
+
+enum Pending {
+    /// An answer for a caller; `obj` to undo an unwanted lock grant.
+    Reply {
+        obj: u64,
+        tx: oneshot::Sender<Answer>,
+    },
+    /// Items for a queue's buffer.
+    Want {
+        remote: Weak<Remote>,
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+fn clients() -> &'static Mutex<HashMap<HubRef, Weak<Client>>> {
+    static CLIENTS: OnceLock<Mutex<HashMap<HubRef, Weak<Client>>>> = OnceLock::new();
+    CLIENTS.get_or_init(Mutex::default)
+}
+
+impl Client {
+    /// The connection to `hub`, opened if needed. Does not block: the connect of a unix
+    /// socket completes at once, and the I/O runs on the service thread.
+    fn get(hub: &HubRef) -> Result<Arc<Client>, String> {
+        let mut all = lock(clients());
+        if let Some(c) = all.get(hub).and_then(Weak::upgrade)
+            && !c.closed.load(Ordering::SeqCst)
+        {
+            return Ok(c);
+        }
+        let stream = hub
+            .connect()
+            .map_err(|e| format!("the process that created it is gone ({e})"))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| format!("hub connection: {e}"))?;
+        let client = Arc::new(Client {
+            out: Outbox::new(),
+            next_req: AtomicU64::new(1),
+            pending: Mutex::default(),
+            remotes: Mutex::default(),
+            closed: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+        });
+        client.out.push(&ToHub::Hello {
+            token: hub.token,
+            purpose: Purpose::Session,
+        });
+        let io = Arc::clone(&client);
+        crate::process::service::run(async move { io.run(stream).await })
+            .map_err(|e| e.to_string())?;
+        all.retain(|_, w| w.strong_count() > 0);
+        all.insert(hub.clone(), Arc::downgrade(&client));
+        Ok(client)
+    }
+
+    async fn run(self: Arc<Self>, stream: std::os::unix::net::UnixStream) {
+        let stream = match tokio::net::UnixStream::from_std(stream) {
+            Ok(s) => s,
+            Err(_) => return self.fail(),
+        };
+        let (rd, wr) = stream.into_split();
+        let writer = tokio::spawn(Arc::clone(&self.out).write_loop(wr));
+        let mut frames = FramedRead::new(rd, wire::codec(MAX_FRAME));
+        while let Some(Ok(frame)) = frames.next().await {
+            match wire::from_frame::<FromHub>(&frame) {
+                Ok(FromHub::Reply { id, reply }) => self.on_reply(id, reply),
+                Ok(FromHub::Recall { obj }) => {
+                    let r = lock(&self.remotes).get(&obj).and_then(Weak::upgrade);
+                    if let Some(r) = r {
+                        r.on_recall();
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        writer.abort();
+        self.fail();
+    }
+
+    fn on_reply(self: &Arc<Self>, id: u64, reply: Reply) {
+        let pending = lock(&self.pending).remove(&id);
+        match pending {
+            Some(Pending::Reply { obj, tx }) => {
+                // If the caller is gone, the answer is dropped here (see `Answer`).
+                drop(tx.send(Answer {
+                    reply: Some(reply),
+                    client: Arc::downgrade(self),
+                    obj,
+                }));
+            }
+            Some(Pending::Want { remote, done }) => {
+                if let Some(r) = remote.upgrade() {
+                    r.on_items(id, reply);
+                }
+                if let Some(done) = done {
+                    // Err: the caller stopped waiting; the items stay buffered.
+                    done.send(()).ok();
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The hub is gone: every waiting caller gets `Closed`.
+    fn fail(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.out.close();
+        let pending: Vec<Pending> = lock(&self.pending).drain().map(|(_, p)| p).collect();
+        drop(pending);
+        let remotes: Vec<Arc<Remote>> = lock(&self.remotes)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for r in remotes {
+            r.on_closed();
+        }
+    }
+
+    pub(crate) fn send<M: Serialize>(&self, msg: &M) -> bool {
+        self.dirty.store(true, Ordering::Relaxed);
+        self.out.push(msg)
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_req.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// An answer from a hub. A lock grant that nobody takes (its caller gave up while it
+/// was on its way) is released when the answer is dropped.
+pub(crate) struct Answer {
+    reply: Option<Reply>,
+    client: Weak<Client>,
+    obj: u64,
+}
+
+impl Answer {
+    pub(crate) fn take(mut self) -> Reply {
+        self.reply.take().unwrap_or(Reply::Gone)
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(Reply::Granted { .. }) = self.reply
+            && let Some(c) = self.client.upgrade()
+        {
+            c.send(&ToHub::Release { obj: self.obj });
+        }
+    }
+}
+
+/// This process's view of one object of another process: shared by every handle to it
+/// here.
+pub(crate) struct Remote {
+    pub(crate) client: Arc<Client>,
+    pub(crate) obj: u64,
+    /// The queue state (unused for locks and events).
+    pub(crate) q: Mutex<super::queue::Buffer>,
+    pub(crate) changed: Notify,
+}
+
+impl Remote {
+    /// Opens object `obj` of `hub` (or joins this process's existing view of it).
+    pub(crate) fn open(hub: &HubRef, obj: u64, kind: Kind) -> Result<Arc<Remote>, String> {
+        let client = Client::get(hub)?;
+        let mut remotes = lock(&client.remotes);
+        if let Some(r) = remotes.get(&obj).and_then(Weak::upgrade) {
+            return Ok(r);
+        }
+        let r = Arc::new(Remote {
+            client: Arc::clone(&client),
+            obj,
+            q: Mutex::default(),
+            changed: Notify::new(),
+        });
+        remotes.retain(|_, w| w.strong_count() > 0);
+        remotes.insert(obj, Arc::downgrade(&r));
+        drop(remotes);
+        client.send(&ToHub::Open { obj, kind });
+        Ok(r)
+    }
+
+    pub(crate) fn closed(&self) -> bool {
+        self.client.closed.load(Ordering::SeqCst)
+    }
+
+    /// Sends request `op` and returns where its answer will arrive.
+    pub(crate) fn request(&self, op: Op) -> Result<(u64, oneshot::Receiver<Answer>), Error> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.client.next_id();
+        lock(&self.client.pending).insert(id, Pending::Reply { obj: self.obj, tx });
+        if self.closed()
+            || !self.client.send(&ToHub::Req {
+                id,
+                obj: self.obj,
+                op,
+            })
+        {
+            lock(&self.client.pending).remove(&id);
+            return Err(Error::Closed);
+        }
+        Ok((id, rx))
+    }
+
+    /// Sends `op` and waits for the answer.
+    ///
+    /// Cancel safe as far as this connection goes; callers say what a dropped request
+    /// means for their object.
+    pub(crate) async fn call(&self, op: Op) -> Result<Reply, Error> {
+        let (_, rx) = self.request(op)?;
+        rx.await.map(Answer::take).map_err(|_| Error::Closed)
+    }
+
+    /// [`call`](Self::call) from synchronous code.
+    pub(crate) fn blocking_call(&self, op: Op) -> Result<Reply, Error> {
+        futures::executor::block_on(self.call(op))
+    }
+
+    /// Asks for queue items; they land in this process's buffer. `done` fires when the
+    /// answer arrived.
+    pub(crate) fn want(
+        self: &Arc<Self>,
+        n: u32,
+        wait: bool,
+        done: Option<oneshot::Sender<()>>,
+    ) -> Option<u64> {
+        let id = self.client.next_id();
+        lock(&self.client.pending).insert(
+            id,
+            Pending::Want {
+                remote: Arc::downgrade(self),
+                done,
+            },
+        );
+        let sent = self.client.send(&ToHub::Req {
+            id,
+            obj: self.obj,
+            op: Op::Want { n, wait },
+        });
+        if !sent {
+            lock(&self.client.pending).remove(&id);
+            return None;
+        }
+        Some(id)
+    }
+
+    pub(crate) fn cancel(&self, id: u64) {
+        self.client.send(&ToHub::Cancel { obj: self.obj, id });
+    }
+
+    pub(crate) fn put_unbounded(&self, item: Vec<u8>) -> bool {
+        self.client.dirty.store(true, Ordering::Relaxed);
+        !self.closed() && self.client.out.push_put(self.obj, item)
+    }
+
+    pub(crate) fn ack(&self, upto: u64) {
+        self.client.dirty.store(true, Ordering::Relaxed);
+        self.client.out.push_ack(self.obj, upto);
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let st = self.q.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.consumed > st.acked {
+            self.client.out.push_ack(self.obj, st.consumed);
+        }
+        // Whatever is still buffered is put back by the hub when it forgets us.
+        self.client.send(&ToHub::Forget { obj: self.obj });
+    }
+}
+
+/// Waits until everything this process sent to other processes' hubs has been applied.
+///
+/// A child calls it after each task and before it reports the result, so a parent that
+/// sees the result also sees the items the task put, the locks it released and the
+/// events it set.
+pub(crate) fn settle() {
+    let all: Vec<Arc<Client>> = lock(clients()).values().filter_map(Weak::upgrade).collect();
+    for c in all {
+        if !c.dirty.swap(false, Ordering::Relaxed) || c.closed.load(Ordering::SeqCst) {
+            continue;
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = c.next_id();
+        lock(&c.pending).insert(id, Pending::Reply { obj: 0, tx });
+        if c.out.push(&ToHub::Req {
+            id,
+            obj: 0,
+            op: Op::Sync,
+        }) {
+            // Err: the hub is gone, and with it anything to wait for.
+            drop(futures::executor::block_on(rx));
+        }
+    }
+}
+
+/// Reads one frame in blocking mode (tests of the framing use it).
+#[cfg(test)]
+pub(crate) fn read_frame(mut r: impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let mut body = vec![0; u32::from_be_bytes(len) as usize];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_decode_with_the_channel_codec() {
+        let mut buf = BytesMut::new();
+        frame_into(
+            &mut buf,
+            &ToHub::Puts {
+                obj: 7,
+                items: vec![ByteBuf::from(vec![1, 2, 3]), ByteBuf::new()],
+            },
+        );
+        let body = read_frame(&buf[..]).unwrap();
+        match wire::from_frame::<ToHub>(&body).unwrap() {
+            ToHub::Puts { obj: 7, items } => {
+                assert_eq!(items, vec![ByteBuf::from(vec![1, 2, 3]), ByteBuf::new()])
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn puts_and_acks_keep_their_order_with_other_frames() {
+        let out = Outbox::new();
+        assert!(out.push_put(1, vec![1]));
+        assert!(out.push_put(1, vec![2]));
+        out.push_ack(2, 5);
+        assert!(out.push(&ToHub::Forget { obj: 2 }));
+        let mut st = lock(&out.st);
+        st.flush();
+        let mut rest = &st.buf[..];
+        let mut got = Vec::new();
+        while !rest.is_empty() {
+            let body = read_frame(&mut rest).unwrap();
+            got.push(format!("{:?}", wire::from_frame::<ToHub>(&body).unwrap()));
+        }
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].starts_with("Puts { obj: 1"), "{got:?}");
+        assert!(got[1].starts_with("Ack { obj: 2, upto: 5"), "{got:?}");
+        assert!(got[2].starts_with("Forget { obj: 2"), "{got:?}");
+    }
+}

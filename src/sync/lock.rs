@@ -1,0 +1,381 @@
+//! `Lock`: a mutual-exclusion lock shared by processes, released when its holder dies.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::oneshot;
+
+use super::hub::{self, Kind, Obj, Op, Peer, Remote, Reply, lock};
+use super::queue::unexpected;
+use super::{Access, Handle};
+use crate::error::{Error, Result};
+
+pub(crate) struct LockCore {
+    pub(crate) id: u64,
+    st: Mutex<LState>,
+}
+
+struct LState {
+    holder: Option<Holder>,
+    /// The last holder died holding it; the next one is told.
+    abandoned: bool,
+    waiters: VecDeque<Waiter>,
+}
+
+#[derive(PartialEq, Eq)]
+enum Holder {
+    Here,
+    Peer(u64),
+}
+
+enum Waiter {
+    Here(oneshot::Sender<Grant>),
+    Peer(Arc<Peer>, u64),
+}
+
+/// The lock, held by a caller in the owner process. Dropping it releases the lock,
+/// including when it was granted to a caller that had already gone away.
+struct Grant {
+    core: Arc<LockCore>,
+    abandoned: bool,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.core.release();
+    }
+}
+
+impl LockCore {
+    fn new() -> Arc<Self> {
+        Arc::new(LockCore {
+            id: hub::next_id(),
+            st: Mutex::new(LState {
+                holder: None,
+                abandoned: false,
+                waiters: VecDeque::new(),
+            }),
+        })
+    }
+
+    /// The holder lets go: the first waiter still there gets it.
+    fn release(self: &Arc<Self>) {
+        let mut st = lock(&self.st);
+        st.holder = None;
+        match st.waiters.pop_front() {
+            None => {}
+            Some(Waiter::Peer(peer, id)) => {
+                st.holder = Some(Holder::Peer(peer.id));
+                let abandoned = std::mem::take(&mut st.abandoned);
+                peer.reply(id, Reply::Granted { abandoned });
+            }
+            Some(Waiter::Here(tx)) => {
+                st.holder = Some(Holder::Here);
+                let abandoned = std::mem::take(&mut st.abandoned);
+                drop(st);
+                let grant = Grant {
+                    core: Arc::clone(self),
+                    abandoned,
+                };
+                // If that waiter left, the returned grant is dropped: released again.
+                if let Err(grant) = tx.send(grant)
+                    && grant.abandoned
+                {
+                    lock(&self.st).abandoned = true;
+                }
+            }
+        }
+    }
+
+    fn try_acquire_here(self: &Arc<Self>) -> Option<Grant> {
+        let mut st = lock(&self.st);
+        if st.holder.is_some() {
+            return None;
+        }
+        st.holder = Some(Holder::Here);
+        let abandoned = std::mem::take(&mut st.abandoned);
+        Some(Grant {
+            core: Arc::clone(self),
+            abandoned,
+        })
+    }
+
+    async fn acquire_here(self: &Arc<Self>) -> Result<Grant> {
+        let rx = {
+            let mut st = lock(&self.st);
+            if st.holder.is_none() {
+                st.holder = Some(Holder::Here);
+                let abandoned = std::mem::take(&mut st.abandoned);
+                return Ok(Grant {
+                    core: Arc::clone(self),
+                    abandoned,
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(Waiter::Here(tx));
+            rx
+        };
+        // The sender lives in our own state: it is never dropped unsent.
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    pub(crate) fn remote_op(self: &Arc<Self>, peer: &Arc<Peer>, id: u64, op: Op) {
+        let mut st = lock(&self.st);
+        match op {
+            Op::Acquire { wait } => {
+                if st.holder.is_none() {
+                    st.holder = Some(Holder::Peer(peer.id));
+                    let abandoned = std::mem::take(&mut st.abandoned);
+                    peer.reply(id, Reply::Granted { abandoned });
+                } else if wait {
+                    st.waiters.push_back(Waiter::Peer(Arc::clone(peer), id));
+                } else {
+                    peer.reply(id, Reply::Bool(false));
+                }
+            }
+            _ => peer.reply(id, Reply::Invalid("not a lock operation".to_owned())),
+        }
+    }
+
+    pub(crate) fn release_peer(self: &Arc<Self>, peer: &Peer) {
+        let held = lock(&self.st).holder == Some(Holder::Peer(peer.id));
+        if held {
+            self.release();
+        }
+    }
+
+    pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
+        lock(&self.st)
+            .waiters
+            .retain(|w| !matches!(w, Waiter::Peer(p, i) if p.id == peer.id && *i == id));
+    }
+
+    /// `peer`'s process let go of the lock's handle or died: if it held the lock, the
+    /// lock is released and marked abandoned for the next holder.
+    pub(crate) fn peer_gone(self: &Arc<Self>, peer: &Arc<Peer>) {
+        let mut st = lock(&self.st);
+        st.waiters
+            .retain(|w| !matches!(w, Waiter::Peer(p, _) if p.id == peer.id));
+        if st.holder == Some(Holder::Peer(peer.id)) {
+            st.abandoned = true;
+            drop(st);
+            tracing::warn!(
+                "a process died holding a procpool::Lock; it was released for the next waiter"
+            );
+            self.release();
+        }
+    }
+}
+
+/// A lock shared by processes: Python's `multiprocessing.Lock`, async, with an RAII
+/// guard.
+///
+/// Create it in any process and pass clones to children as arguments. `lock().await`
+/// waits without blocking a thread; [`blocking_lock`](Lock::blocking_lock) is for plain
+/// synchronous targets. Waiters get the lock in the order they asked for it.
+///
+/// ```
+/// use procpool::{Lock, Process};
+///
+/// fn worker(lock: Lock, n: u32) {
+///     let guard = lock.blocking_lock().expect("the parent keeps the lock");
+///     println!("worker {n} has the lock (abandoned: {})", guard.abandoned());
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procpool::Result<()> {
+/// let lock = Lock::new();
+/// let mut p = Process::new(worker, (lock.clone(), 1));
+/// p.start().await?;
+/// p.join().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # When the holder dies
+///
+/// A lock held by a process that dies (crash, `SIGKILL`, a pool task stopped on
+/// timeout) is released, and the next waiter gets it: Python deadlocks here. The new
+/// holder can tell: [`LockGuard::abandoned`] is true, meaning whatever the lock protects
+/// may have been left half-updated. The owner logs a warning as well.
+///
+/// Like the [`Queue`](crate::Queue), the lock lives in the process that created it; once
+/// that process is gone, calls elsewhere fail with [`Error::Closed`]. It is not
+/// reentrant: locking it twice from one process without releasing waits forever, as
+/// with Python's `Lock`.
+///
+/// Dropping a `Lock` handle does not release a guard taken through it (the guard keeps
+/// what it needs).
+#[derive(Clone)]
+pub struct Lock {
+    h: Handle<LockCore>,
+}
+
+impl fmt::Debug for Lock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lock")
+            .field("id", &self.h.id)
+            .field("owned_here", &matches!(self.h.access, Access::Local(_)))
+            .finish()
+    }
+}
+
+impl Default for Lock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Holds a [`Lock`]; dropping it releases the lock (also when it is dropped by a
+/// panic's unwinding). A guard never outlives its process: if the process dies, the
+/// owner releases the lock.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct LockGuard {
+    held: Held,
+    abandoned: bool,
+}
+
+enum Held {
+    Here(#[allow(dead_code)] Grant),
+    Remote(Arc<Remote>),
+}
+
+impl LockGuard {
+    /// True if the previous holder died holding the lock (see [`Lock`]): what the lock
+    /// protects may be inconsistent.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("abandoned", &self.abandoned)
+            .finish()
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Held::Remote(r) = &self.held {
+            r.client.send(&hub::ToHub::Release { obj: r.obj });
+        }
+        // `Held::Here` releases in the grant's own Drop.
+    }
+}
+
+impl Lock {
+    /// A new, unlocked lock owned by this process.
+    pub fn new() -> Self {
+        let core = LockCore::new();
+        Lock {
+            h: Handle::local(core.id, core),
+        }
+    }
+
+    /// Waits for the lock and returns its guard.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the owner process is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped, this caller leaves the queue of waiters,
+    /// and a grant that raced with the drop is released at once.
+    pub async fn lock(&self) -> Result<LockGuard> {
+        match &self.h.access {
+            Access::Local(core) => {
+                let grant = core.acquire_here().await?;
+                Ok(LockGuard {
+                    abandoned: grant.abandoned,
+                    held: Held::Here(grant),
+                })
+            }
+            Access::Remote(r) => {
+                let (id, rx) = r.request(Op::Acquire { wait: true })?;
+                let mut cancel = super::queue::CancelOnDrop(r, Some(id));
+                let answer = rx.await.map_err(|_| Error::Closed)?;
+                cancel.1 = None;
+                remote_guard(r, answer.take())
+            }
+            Access::Dead(_) => Err(Error::Closed),
+        }
+    }
+
+    /// [`lock`](Self::lock) for synchronous code: blocks this thread. Do not call it
+    /// from async code.
+    ///
+    /// # Errors
+    ///
+    /// As for `lock`.
+    pub fn blocking_lock(&self) -> Result<LockGuard> {
+        futures::executor::block_on(self.lock())
+    }
+
+    /// Takes the lock if it is free now (`Ok(None)` if not). From a process other than
+    /// the owner this asks the owner (a round trip, blocking this thread briefly).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the owner process is gone.
+    pub fn try_lock(&self) -> Result<Option<LockGuard>> {
+        match &self.h.access {
+            Access::Local(core) => Ok(core.try_acquire_here().map(|grant| LockGuard {
+                abandoned: grant.abandoned,
+                held: Held::Here(grant),
+            })),
+            Access::Remote(r) => {
+                let (_, rx) = r.request(Op::Acquire { wait: false })?;
+                let answer = futures::executor::block_on(rx).map_err(|_| Error::Closed)?;
+                match answer.take() {
+                    Reply::Bool(false) => Ok(None),
+                    other => remote_guard(r, other).map(Some),
+                }
+            }
+            Access::Dead(_) => Err(Error::Closed),
+        }
+    }
+}
+
+fn remote_guard(r: &Arc<Remote>, reply: Reply) -> Result<LockGuard> {
+    match reply {
+        Reply::Granted { abandoned } => Ok(LockGuard {
+            held: Held::Remote(Arc::clone(r)),
+            abandoned,
+        }),
+        other => Err(unexpected(other)),
+    }
+}
+
+impl Serialize for Lock {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.h.serialize(None, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lock {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(Lock {
+            h: Handle::deserialize(d)?.0,
+        })
+    }
+}
+
+impl super::Core for LockCore {
+    const KIND: Kind = Kind::Lock;
+
+    fn obj(self: &Arc<Self>) -> Obj {
+        Obj::Lock(Arc::clone(self))
+    }
+
+    fn from_obj(obj: Obj) -> Option<Arc<Self>> {
+        match obj {
+            Obj::Lock(c) => Some(c),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Queues, pipes, locks and events shared between processes (Python's `Queue`, `Pipe`,
+//! `Lock` and `Event`).
+//!
+//! Every type here is `Clone + Serialize + Deserialize`: create it in any process (the
+//! parent, a [`Process`](crate::Process), a pool worker), pass it to children as an
+//! ordinary argument, and use it from async code (`.await`) or from plain synchronous
+//! targets (the `blocking_*` methods, tokio's naming).
+//!
+//! - [`Queue`] and [`Lock`] and [`Event`] live in the process that created them (the
+//!   *owner*) and are reached from other processes through the owner's procpool thread
+//!   over a unix socket. A process that dies lets go of what it held: its lock is
+//!   released (and the next holder told, see [`LockGuard::abandoned`]), the queue items
+//!   it had fetched but not handed out go back to the queue.
+//! - A [`pipe`]'s ends are sockets of their own: after an end reaches its process,
+//!   messages go straight between the two processes. The other end sees
+//!   [`Error::Closed`](crate::Error::Closed) when an end is dropped or its process dies.
+//!
+//! Before a child reports a result (a pool task's value, a `Process`'s exit), everything
+//! it sent to queues, locks and events was applied by their owners.
+
+mod event;
+pub(crate) mod hub;
+mod lock;
+mod pipe;
+mod queue;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use event::Event;
+pub use lock::{Lock, LockGuard};
+pub use pipe::{Connection, pipe};
+pub use queue::{Queue, TryPutError};
+
+use hub::{HubRef, Kind, Obj, Pin, Remote};
+pub(crate) use hub::{Pins, collect, settle};
+
+/// The object behind a handle, as seen from the process the handle is in.
+pub(crate) trait Core: Send + Sync + Sized + 'static {
+    const KIND: Kind;
+    fn obj(self: &Arc<Self>) -> Obj;
+    fn from_obj(obj: Obj) -> Option<Arc<Self>>;
+}
+
+/// A handle's way to its object.
+pub(crate) enum Access<C> {
+    /// This process owns it.
+    Local(Arc<C>),
+    /// Another process owns it.
+    Remote(Arc<Remote>),
+    /// It could not be reached when the handle arrived; calls fail with `Closed`.
+    Dead(#[allow(dead_code)] String),
+}
+
+impl<C> Clone for Access<C> {
+    fn clone(&self) -> Self {
+        match self {
+            Access::Local(c) => Access::Local(Arc::clone(c)),
+            Access::Remote(r) => Access::Remote(Arc::clone(r)),
+            Access::Dead(s) => Access::Dead(s.clone()),
+        }
+    }
+}
+
+/// What every shared object's handle holds.
+pub(crate) struct Handle<C> {
+    pub(crate) id: u64,
+    pub(crate) access: Access<C>,
+    /// The owner's hub, for handles of another process's object.
+    owner: Option<HubRef>,
+}
+
+impl<C> Clone for Handle<C> {
+    fn clone(&self) -> Self {
+        Handle {
+            id: self.id,
+            access: self.access.clone(),
+            owner: self.owner.clone(),
+        }
+    }
+}
+
+/// How a handle travels.
+#[derive(Serialize, Deserialize)]
+struct HandleWire {
+    hub: HubRef,
+    obj: u64,
+    /// A queue's bound.
+    cap: Option<u64>,
+}
+
+impl<C: Core> Handle<C> {
+    pub(crate) fn local(id: u64, core: Arc<C>) -> Self {
+        Handle {
+            id,
+            access: Access::Local(core),
+            owner: None,
+        }
+    }
+
+    pub(crate) fn serialize<S: Serializer>(
+        &self,
+        cap: Option<usize>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let hub = match &self.access {
+            Access::Local(core) => {
+                let hub = hub::hub().map_err(S::Error::custom)?;
+                let obj = core.obj();
+                hub.register(self.id, &obj);
+                hub::pin(Pin::Obj(obj));
+                hub.me.clone()
+            }
+            Access::Remote(_) => match &self.owner {
+                Some(h) => h.clone(),
+                None => return Err(S::Error::custom("a remote handle without its owner")),
+            },
+            Access::Dead(reason) => {
+                return Err(S::Error::custom(format!(
+                    "cannot send a handle whose owner process is gone ({reason})"
+                )));
+            }
+        };
+        HandleWire {
+            hub,
+            obj: self.id,
+            cap: cap.map(|c| c as u64),
+        }
+        .serialize(s)
+    }
+
+    /// The handle and the queue bound it carried.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<(Self, Option<u64>), D::Error> {
+        let w = HandleWire::deserialize(d)?;
+        let mine = hub::own().filter(|h| h.me == w.hub);
+        let access = match mine {
+            Some(h) => match h.find(w.obj, C::KIND).and_then(C::from_obj) {
+                Some(core) => Access::Local(core),
+                None => Access::Dead("it was dropped".to_owned()),
+            },
+            None => match Remote::open(&w.hub, w.obj, C::KIND) {
+                Ok(r) => Access::Remote(r),
+                Err(reason) => Access::Dead(reason),
+            },
+        };
+        Ok((
+            Handle {
+                id: w.obj,
+                access,
+                owner: Some(w.hub),
+            },
+            w.cap,
+        ))
+    }
+}
+
+/// Encodes task arguments, and returns what keeps the handles among them alive until
+/// the receiving child has them.
+pub(crate) fn encode_args<T: Serialize + ?Sized>(value: &T) -> (Result<Vec<u8>, String>, Pins) {
+    hub::collect(|| crate::wire::encode_value(value))
+}

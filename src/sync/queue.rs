@@ -1,0 +1,1022 @@
+//! `Queue<T>`: a multi-producer, multi-consumer FIFO shared by any number of processes.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_bytes::ByteBuf;
+use tokio::sync::{Notify, oneshot};
+
+use super::hub::{self, Kind, Obj, Op, Peer, Remote, Reply, lock};
+use super::{Access, Handle};
+use crate::error::{Error, Result};
+use crate::wire;
+
+/// About how many bytes of items one answer to a consumer carries (at least one item).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// The most items a consumer process asks for at once.
+const MAX_PREFETCH: u32 = 1024;
+
+// ---------------------------------------------------------------------------------------
+// The queue itself, in the process that created it
+
+pub(crate) struct QueueCore {
+    pub(crate) id: u64,
+    st: Mutex<QState>,
+    /// Wakes waiters in this process: items, room, closing, `join`.
+    changed: Notify,
+}
+
+struct QState {
+    items: VecDeque<Vec<u8>>,
+    cap: Option<usize>,
+    closed: bool,
+    /// Items put and not yet marked done (`task_done`).
+    unfinished: u64,
+    /// Items handed to other processes and not yet acknowledged, by process.
+    held: HashMap<u64, Held>,
+    held_count: usize,
+    /// Consumers in other processes waiting for items.
+    wants: VecDeque<(Arc<Peer>, u64, u32)>,
+    /// Producers in other processes waiting for room.
+    puts: VecDeque<(Arc<Peer>, u64, Vec<u8>)>,
+    joiners: Vec<(Arc<Peer>, u64)>,
+}
+
+struct Held {
+    peer: Arc<Peer>,
+    next_seq: u64,
+    items: VecDeque<(u64, Vec<u8>)>,
+    recalled: bool,
+}
+
+enum Take {
+    Item(Vec<u8>),
+    Empty,
+    Closed,
+}
+
+enum Put {
+    Done,
+    Full(Vec<u8>),
+    Closed,
+}
+
+impl QState {
+    fn count(&self) -> usize {
+        self.items.len() + self.held_count
+    }
+
+    fn has_room(&self) -> bool {
+        self.cap.is_none_or(|c| self.count() < c)
+    }
+
+    fn push(&mut self, item: Vec<u8>) {
+        self.items.push_back(item);
+        self.unfinished += 1;
+    }
+
+    /// Hands items to waiting consumers of other processes and admits waiting producers,
+    /// until neither can move.
+    fn serve(&mut self, qid: u64) {
+        loop {
+            let mut moved = false;
+            while !self.items.is_empty() {
+                let Some((peer, id, n)) = self.wants.pop_front() else {
+                    break;
+                };
+                self.deliver(&peer, id, n);
+                moved = true;
+            }
+            while self.has_room() && !self.closed {
+                let Some((peer, id, item)) = self.puts.pop_front() else {
+                    break;
+                };
+                self.push(item);
+                peer.reply(id, Reply::Ok);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        if self.items.is_empty() && (!self.wants.is_empty()) {
+            self.recall(qid, None);
+        }
+    }
+
+    fn deliver(&mut self, peer: &Arc<Peer>, id: u64, n: u32) {
+        let held = self.held.entry(peer.id).or_insert_with(|| Held {
+            peer: Arc::clone(peer),
+            next_seq: 1,
+            items: VecDeque::new(),
+            recalled: false,
+        });
+        held.recalled = false;
+        let first = held.next_seq;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while out.len() < n.max(1) as usize && (out.is_empty() || bytes < MAX_BATCH_BYTES) {
+            let Some(item) = self.items.pop_front() else {
+                break;
+            };
+            bytes += item.len();
+            out.push(ByteBuf::from(item.clone()));
+            held.items.push_back((held.next_seq, item));
+            held.next_seq += 1;
+        }
+        self.held_count += out.len();
+        peer.reply(id, Reply::Items { first, items: out });
+    }
+
+    /// Asks processes sitting on items they have not handed out to give them back:
+    /// someone (`except` aside) is waiting.
+    fn recall(&mut self, qid: u64, except: Option<u64>) {
+        for (pid, held) in &mut self.held {
+            if Some(*pid) != except && !held.recalled && !held.items.is_empty() {
+                held.recalled = true;
+                held.peer.recall(qid);
+            }
+        }
+    }
+
+    fn requeue(&mut self, items: impl DoubleEndedIterator<Item = Vec<u8>>) {
+        for item in items.rev() {
+            self.items.push_front(item);
+        }
+    }
+}
+
+impl QueueCore {
+    fn new(cap: Option<usize>) -> Arc<Self> {
+        Arc::new(QueueCore {
+            id: hub::next_id(),
+            st: Mutex::new(QState {
+                items: VecDeque::new(),
+                cap,
+                closed: false,
+                unfinished: 0,
+                held: HashMap::new(),
+                held_count: 0,
+                wants: VecDeque::new(),
+                puts: VecDeque::new(),
+                joiners: Vec::new(),
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn update<R>(&self, f: impl FnOnce(&mut QState) -> R) -> R {
+        let mut st = lock(&self.st);
+        let r = f(&mut st);
+        st.serve(self.id);
+        drop(st);
+        self.changed.notify_waiters();
+        r
+    }
+
+    fn take(&self) -> Take {
+        self.update(|st| match st.items.pop_front() {
+            Some(item) => Take::Item(item),
+            None if st.closed => Take::Closed,
+            None => {
+                st.recall(self.id, None);
+                Take::Empty
+            }
+        })
+    }
+
+    fn put(&self, item: Vec<u8>) -> Put {
+        self.update(|st| {
+            if st.closed {
+                Put::Closed
+            } else if st.has_room() {
+                st.push(item);
+                Put::Done
+            } else {
+                Put::Full(item)
+            }
+        })
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.st).count()
+    }
+
+    fn close(&self) {
+        self.update(|st| {
+            st.closed = true;
+            for (peer, id, _) in st.wants.drain(..) {
+                peer.reply(id, Reply::Closed);
+            }
+            for (peer, id, _) in st.puts.drain(..) {
+                peer.reply(id, Reply::Closed);
+            }
+        });
+    }
+
+    fn task_done(&self) -> std::result::Result<(), String> {
+        self.update(|st| {
+            if st.unfinished == 0 {
+                return Err("task_done() called more times than there were items".to_owned());
+            }
+            st.unfinished -= 1;
+            if st.unfinished == 0 {
+                for (peer, id) in st.joiners.drain(..) {
+                    peer.reply(id, Reply::Ok);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn unfinished(&self) -> u64 {
+        lock(&self.st).unfinished
+    }
+
+    /// Items for an unbounded queue from another process.
+    pub(crate) fn put_many(&self, items: Vec<ByteBuf>) {
+        self.update(|st| {
+            if !st.closed {
+                for item in items {
+                    st.push(item.into_vec());
+                }
+            }
+        });
+    }
+
+    pub(crate) fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op) {
+        match op {
+            Op::Close => {
+                self.close();
+                peer.reply(id, Reply::Ok);
+            }
+            Op::TaskDone => match self.task_done() {
+                Ok(()) => peer.reply(id, Reply::Ok),
+                Err(e) => peer.reply(id, Reply::Invalid(e)),
+            },
+            op => self.update(|st| match op {
+                Op::Put { item, wait } => {
+                    if st.closed {
+                        peer.reply(id, Reply::Closed);
+                    } else if st.has_room() {
+                        st.push(item.into_vec());
+                        peer.reply(id, Reply::Ok);
+                    } else if wait {
+                        st.puts.push_back((Arc::clone(peer), id, item.into_vec()));
+                    } else {
+                        peer.reply(id, Reply::Full);
+                    }
+                }
+                Op::Want { n, wait } => {
+                    if !st.items.is_empty() {
+                        st.deliver(peer, id, n);
+                    } else if st.closed {
+                        peer.reply(id, Reply::Closed);
+                    } else if wait {
+                        st.wants.push_back((Arc::clone(peer), id, n));
+                        st.recall(self.id, Some(peer.id));
+                    } else {
+                        st.recall(self.id, Some(peer.id));
+                        peer.reply(id, Reply::Empty);
+                    }
+                }
+                Op::Len => peer.reply(id, Reply::Len(st.count() as u64)),
+                Op::Join if st.unfinished == 0 => peer.reply(id, Reply::Ok),
+                Op::Join => st.joiners.push((Arc::clone(peer), id)),
+                _ => peer.reply(id, Reply::Invalid("not a queue operation".to_owned())),
+            }),
+        }
+    }
+
+    /// `peer` handed out every item it got up to sequence number `upto`.
+    pub(crate) fn ack(&self, peer: &Peer, upto: u64) {
+        self.update(|st| {
+            if let Some(held) = st.held.get_mut(&peer.id) {
+                let before = held.items.len();
+                while held.items.front().is_some_and(|(s, _)| *s <= upto) {
+                    held.items.pop_front();
+                }
+                let acked = before - held.items.len();
+                st.held_count -= acked;
+            }
+        });
+    }
+
+    /// `peer` gives back items `from..=to` that it did not hand out.
+    pub(crate) fn give_back(&self, peer: &Peer, from: u64, to: u64) {
+        self.update(|st| {
+            let Some(held) = st.held.get_mut(&peer.id) else {
+                return;
+            };
+            let (back, keep): (Vec<_>, Vec<_>) = held
+                .items
+                .drain(..)
+                .partition(|(s, _)| (from..=to).contains(s));
+            held.items = keep.into();
+            st.held_count -= back.len();
+            st.requeue(back.into_iter().map(|(_, i)| i));
+        });
+    }
+
+    pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
+        self.update(|st| {
+            st.wants.retain(|(p, i, _)| !(p.id == peer.id && *i == id));
+            st.joiners.retain(|(p, i)| !(p.id == peer.id && *i == id));
+            if let Some(at) = st
+                .puts
+                .iter()
+                .position(|(p, i, _)| p.id == peer.id && *i == id)
+            {
+                st.puts.remove(at);
+                peer.reply(id, Reply::Cancelled);
+            }
+        });
+    }
+
+    /// `peer`'s process dropped the queue or died: what it held and did not hand out
+    /// goes back to the front, in order; its waiting requests are dropped.
+    pub(crate) fn peer_gone(&self, peer: &Arc<Peer>) {
+        self.update(|st| {
+            if let Some(held) = st.held.remove(&peer.id) {
+                st.held_count -= held.items.len();
+                st.requeue(held.items.into_iter().map(|(_, i)| i));
+            }
+            st.wants.retain(|(p, _, _)| p.id != peer.id);
+            st.puts.retain(|(p, _, _)| p.id != peer.id);
+            st.joiners.retain(|(p, _)| p.id != peer.id);
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A queue of another process, as this process sees it
+
+/// Items delivered to this process and not yet handed to a caller.
+#[derive(Default)]
+pub(crate) struct Buffer {
+    items: VecDeque<(u64, Vec<u8>)>,
+    /// The outstanding request for items, if any.
+    want: Option<u64>,
+    /// The last sequence number handed to a caller, and the last acknowledged.
+    pub(crate) consumed: u64,
+    pub(crate) acked: u64,
+    /// Items handed out since the last request: how many to ask for next.
+    streak: u32,
+    getters: usize,
+    closed: bool,
+}
+
+impl Remote {
+    pub(crate) fn on_items(&self, id: u64, reply: Reply) {
+        let mut q = lock(&self.q);
+        if q.want == Some(id) {
+            q.want = None;
+        }
+        match reply {
+            Reply::Items { first, items } => {
+                for (i, item) in items.into_iter().enumerate() {
+                    q.items.push_back((first + i as u64, item.into_vec()));
+                }
+            }
+            Reply::Closed | Reply::Gone => q.closed = true,
+            _ => {}
+        }
+        drop(q);
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn on_recall(&self) {
+        let mut q = lock(&self.q);
+        if q.getters > 0 {
+            return;
+        }
+        if let (Some((from, _)), Some((to, _))) = (q.items.front(), q.items.back()) {
+            let (from, to) = (*from, *to);
+            q.items.clear();
+            drop(q);
+            self.client.send(&hub::ToHub::Return {
+                obj: self.obj,
+                from,
+                to,
+            });
+        }
+    }
+
+    pub(crate) fn on_closed(&self) {
+        lock(&self.q).closed = true;
+        self.changed.notify_waiters();
+    }
+
+    /// The next buffered item, acknowledged; `Err(Closed)` when none will come.
+    fn pop(&self) -> Result<Option<Vec<u8>>> {
+        let mut q = lock(&self.q);
+        match q.items.pop_front() {
+            Some((seq, item)) => {
+                q.consumed = seq;
+                q.acked = seq;
+                q.streak += 1;
+                drop(q);
+                self.ack(seq);
+                Ok(Some(item))
+            }
+            None if q.closed => Err(Error::Closed),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes sure a request for items is on its way.
+    fn ensure_want(self: &Arc<Self>) {
+        let mut q = lock(&self.q);
+        if q.want.is_some() || q.closed {
+            return;
+        }
+        let n = (q.streak * 2).clamp(1, MAX_PREFETCH);
+        q.streak = 0;
+        match self.want(n, true, None) {
+            Some(id) => q.want = Some(id),
+            None => q.closed = true,
+        }
+    }
+
+    async fn get(self: &Arc<Self>) -> Result<Vec<u8>> {
+        let _getter = Getter::new(self);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(item) = self.pop()? {
+                return Ok(item);
+            }
+            self.ensure_want();
+            notified.await;
+        }
+    }
+
+    fn try_get(self: &Arc<Self>) -> Result<Option<Vec<u8>>> {
+        if let Some(item) = self.pop()? {
+            return Ok(Some(item));
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.want(1, false, Some(tx)).is_none() {
+            return Err(Error::Closed);
+        }
+        // Err: the connection ended; `pop` reports it.
+        drop(futures::executor::block_on(rx));
+        self.pop()
+    }
+}
+
+/// Counts a waiting `get`; the last one to leave cancels the request for items nobody
+/// waits for any more (items already on their way stay buffered here, or are recalled).
+struct Getter<'a>(&'a Arc<Remote>);
+
+impl<'a> Getter<'a> {
+    fn new(r: &'a Arc<Remote>) -> Self {
+        lock(&r.q).getters += 1;
+        Getter(r)
+    }
+}
+
+impl Drop for Getter<'_> {
+    fn drop(&mut self) {
+        let mut q = lock(&self.0.q);
+        q.getters -= 1;
+        if q.getters == 0
+            && let Some(id) = q.want.take()
+        {
+            drop(q);
+            self.0.cancel(id);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The handle
+
+/// A FIFO queue shared by processes: Python's `multiprocessing.Queue`, async.
+///
+/// Create it in any process, clone it, and pass clones to children as ordinary arguments
+/// (to [`Process`](crate::Process) or to pool tasks); every holder can put and get.
+/// Each item is delivered to exactly one `get`; items from one producer come out in the
+/// order they were put. Items travel as MessagePack, like task arguments.
+///
+/// ```
+/// use procpool::{Process, Queue};
+///
+/// fn producer(q: Queue<i32>) {
+///     for i in 0..3 {
+///         q.blocking_put(i).expect("the parent keeps the queue");
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> procpool::Result<()> {
+/// let q = Queue::new();
+/// let mut p = Process::new(producer, (q.clone(),));
+/// p.start().await?;
+/// for i in 0..3 {
+///     assert_eq!(q.get().await?, i);
+/// }
+/// p.join().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # How it works, and what it costs
+///
+/// The queue lives in the process that created it (its *owner*). Other processes reach
+/// it over one unix socket each, served by the owner's procpool thread; so the queue
+/// works for as long as its owner runs, and calls from other processes fail with
+/// [`Error::Closed`] after the owner exits. From the owner, every call is a few
+/// instructions under a mutex.
+///
+/// From another process, `put` on an unbounded queue returns as soon as the item is
+/// queued for sending (puts are batched), and `get` prefetches: a consumer that keeps
+/// taking items receives them in growing batches. Items a process prefetched but did not
+/// hand out go back to the front of the queue when another consumer is waiting, when
+/// the process drops its last handle, or when it dies; so nothing is lost and nothing is
+/// delivered twice. Only if a consumer process dies in the instant between handing an
+/// item to its caller and acknowledging it (the acknowledgement is sent at once, in the
+/// background) can that item be delivered again.
+///
+/// A bounded queue counts prefetched items as in the queue; a `put` to it from another
+/// process takes one round trip to the owner.
+///
+/// Before a child reports its result, everything it sent to queues, locks and events
+/// has been applied: once `join` or a task's result returns, the parent sees the items
+/// the child put.
+///
+/// # Lifetime
+///
+/// The queue (and its items) is freed when no process holds a handle any more. A handle
+/// sent as an argument keeps the queue alive until the receiving child is done with it;
+/// one serialized by other means (inside an item of another queue, say) keeps it alive
+/// for as long as the owner runs.
+///
+/// Dropping a handle does nothing else: items stay for the other holders.
+pub struct Queue<T> {
+    h: Handle<QueueCore>,
+    cap: Option<usize>,
+    _t: PhantomData<fn(T) -> T>,
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            h: self.h.clone(),
+            cap: self.cap,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("id", &self.h.id)
+            .field("owned_here", &matches!(self.h.access, Access::Local(_)))
+            .field("bounded", &self.cap)
+            .finish()
+    }
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why [`Queue::try_put`] did not put an item; the item comes back.
+#[derive(Debug)]
+pub enum TryPutError<T> {
+    /// The queue is bounded and full.
+    Full(T),
+    /// The queue was closed, or its owner process is gone.
+    Closed(T),
+    /// Something else failed (the item cannot be encoded, for example).
+    Failed(Error),
+}
+
+impl<T> fmt::Display for TryPutError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TryPutError::Full(_) => f.write_str("the queue is full"),
+            TryPutError::Closed(_) => f.write_str("the queue is closed"),
+            TryPutError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<T: fmt::Debug> std::error::Error for TryPutError<T> {}
+
+impl<T> Queue<T> {
+    /// An unbounded queue owned by this process.
+    pub fn new() -> Self {
+        Self::with_cap(None)
+    }
+
+    /// A queue that holds at most `n` items (at least 1): `put` waits for room, in
+    /// every process.
+    pub fn bounded(n: usize) -> Self {
+        Self::with_cap(Some(n.max(1)))
+    }
+
+    fn with_cap(cap: Option<usize>) -> Self {
+        let core = QueueCore::new(cap);
+        Queue {
+            h: Handle::local(core.id, core),
+            cap,
+            _t: PhantomData,
+        }
+    }
+
+    /// How many items are in the queue (including items other processes fetched and
+    /// have not handed out yet). From another process this asks the owner (a round trip,
+    /// blocking this thread briefly). Like Python's `qsize`, it may be stale as soon as
+    /// it returns. 0 if the owner is gone.
+    pub fn len(&self) -> usize {
+        match &self.h.access {
+            Access::Local(core) => core.len(),
+            Access::Remote(r) => match r.blocking_call(Op::Len) {
+                Ok(Reply::Len(n)) => n as usize,
+                _ => 0,
+            },
+            Access::Dead(_) => 0,
+        }
+    }
+
+    /// `len() == 0`.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes the queue for everyone: further puts fail with [`Error::Closed`]; gets
+    /// return the remaining items, then [`Error::Closed`] (so consumers can stop without
+    /// a sentinel). Waiting producers and consumers are woken with that error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the owner process is gone.
+    pub fn close(&self) -> Result<()> {
+        match &self.h.access {
+            Access::Local(core) => {
+                core.close();
+                Ok(())
+            }
+            Access::Remote(r) => expect_ok(r.blocking_call(Op::Close)?),
+            Access::Dead(_) => Err(Error::Closed),
+        }
+    }
+
+    /// Marks one item taken from the queue as processed (Python's
+    /// `JoinableQueue.task_done`). [`join`](Self::join) returns once every item ever put
+    /// was marked.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] if called more times than items were put;
+    /// [`Error::Closed`] if the owner is gone.
+    pub fn task_done(&self) -> Result<()> {
+        match &self.h.access {
+            Access::Local(core) => core
+                .task_done()
+                .map_err(|reason| Error::InvalidConfig { reason }),
+            Access::Remote(r) => expect_ok(r.blocking_call(Op::TaskDone)?),
+            Access::Dead(_) => Err(Error::Closed),
+        }
+    }
+
+    /// Waits until every item put has been marked with [`task_done`](Self::task_done)
+    /// (Python's `JoinableQueue.join`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the owner is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn join(&self) -> Result<()> {
+        match &self.h.access {
+            Access::Local(core) => loop {
+                let notified = core.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if core.unfinished() == 0 {
+                    return Ok(());
+                }
+                notified.await;
+            },
+            Access::Remote(r) => {
+                let (id, rx) = r.request(Op::Join)?;
+                let mut guard = CancelOnDrop(r, Some(id));
+                let answer = rx.await.map_err(|_| Error::Closed)?;
+                guard.1 = None;
+                expect_ok(answer.take())
+            }
+            Access::Dead(_) => Err(Error::Closed),
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Queue<T> {
+    /// Puts `item` at the back, waiting for room if the queue is bounded and full.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] if the item cannot be encoded; [`Error::Closed`] if the queue
+    /// was closed or its owner process is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the item was either
+    /// put or not, never put twice; only an unbounded queue's put completes without
+    /// waiting, and a bounded put dropped while waiting for room is withdrawn.
+    pub async fn put(&self, item: T) -> Result<()> {
+        let bytes = encode(&item)?;
+        match &self.h.access {
+            Access::Local(core) => {
+                let mut bytes = bytes;
+                loop {
+                    let notified = core.changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    match core.put(bytes) {
+                        Put::Done => return Ok(()),
+                        Put::Closed => return Err(Error::Closed),
+                        Put::Full(b) => bytes = b,
+                    }
+                    notified.await;
+                }
+            }
+            Access::Remote(r) if self.cap.is_none() => match r.put_unbounded(bytes) {
+                true => Ok(()),
+                false => Err(Error::Closed),
+            },
+            Access::Remote(r) => {
+                let (id, rx) = r.request(Op::Put {
+                    item: ByteBuf::from(bytes),
+                    wait: true,
+                })?;
+                let mut guard = CancelOnDrop(r, Some(id));
+                let answer = rx.await.map_err(|_| Error::Closed)?;
+                guard.1 = None;
+                expect_ok(answer.take())
+            }
+            Access::Dead(_) => Err(Error::Closed),
+        }
+    }
+
+    /// [`put`](Self::put), giving up after `d` with [`Error::Timeout`] if the queue stays
+    /// full. A timed-out item was not put.
+    ///
+    /// # Errors
+    ///
+    /// As for `put`, and [`Error::Timeout`].
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime with timers enabled (as `tokio::time::timeout`).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for `put`.
+    pub async fn put_timeout(&self, item: T, d: Duration) -> Result<()> {
+        let bytes = encode(&item)?;
+        match &self.h.access {
+            Access::Remote(r) if self.cap.is_some() => {
+                let (id, rx) = r.request(Op::Put {
+                    item: ByteBuf::from(bytes),
+                    wait: true,
+                })?;
+                let mut guard = CancelOnDrop(r, Some(id));
+                tokio::pin!(rx);
+                let reply = match tokio::time::timeout(d, &mut rx).await {
+                    Ok(reply) => reply,
+                    Err(_) => {
+                        // Withdraw it; the answer says whether it made it in first.
+                        r.cancel(id);
+                        rx.await
+                    }
+                };
+                guard.1 = None;
+                match reply.map_err(|_| Error::Closed)?.take() {
+                    Reply::Cancelled => Err(Error::Timeout { after: d }),
+                    other => expect_ok(other),
+                }
+            }
+            _ => match tokio::time::timeout(d, self.put(item)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout { after: d }),
+            },
+        }
+    }
+
+    /// Puts `item` if there is room now.
+    ///
+    /// From another process, on a bounded queue, this asks the owner (a round trip,
+    /// blocking this thread briefly).
+    ///
+    /// # Errors
+    ///
+    /// [`TryPutError::Full`] or [`TryPutError::Closed`] with the item;
+    /// [`TryPutError::Failed`] if it cannot be encoded.
+    pub fn try_put(&self, item: T) -> std::result::Result<(), TryPutError<T>> {
+        let bytes = match encode(&item) {
+            Ok(b) => b,
+            Err(e) => return Err(TryPutError::Failed(e)),
+        };
+        match &self.h.access {
+            Access::Local(core) => match core.put(bytes) {
+                Put::Done => Ok(()),
+                Put::Full(_) => Err(TryPutError::Full(item)),
+                Put::Closed => Err(TryPutError::Closed(item)),
+            },
+            Access::Remote(r) if self.cap.is_none() => match r.put_unbounded(bytes) {
+                true => Ok(()),
+                false => Err(TryPutError::Closed(item)),
+            },
+            Access::Remote(r) => match r.blocking_call(Op::Put {
+                item: ByteBuf::from(bytes),
+                wait: false,
+            }) {
+                Ok(Reply::Ok) => Ok(()),
+                Ok(Reply::Full) => Err(TryPutError::Full(item)),
+                Ok(Reply::Closed | Reply::Gone) | Err(Error::Closed) => {
+                    Err(TryPutError::Closed(item))
+                }
+                Ok(other) => Err(TryPutError::Failed(unexpected(other))),
+                Err(e) => Err(TryPutError::Failed(e)),
+            },
+            Access::Dead(_) => Err(TryPutError::Closed(item)),
+        }
+    }
+
+    /// Takes the item at the front, waiting until there is one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Decode`] if the item is not a `T` (it is consumed); [`Error::Closed`]
+    /// once the queue is closed and empty, or its owner process is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: an item is taken only when the future completes with it. Items
+    /// already fetched for this process when the future is dropped stay buffered for the
+    /// next `get` here, or go back to the queue as soon as a consumer elsewhere waits.
+    pub async fn get(&self) -> Result<T> {
+        let bytes = match &self.h.access {
+            Access::Local(core) => loop {
+                let notified = core.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                match core.take() {
+                    Take::Item(item) => break item,
+                    Take::Closed => return Err(Error::Closed),
+                    Take::Empty => notified.await,
+                }
+            },
+            Access::Remote(r) => r.get().await?,
+            Access::Dead(_) => return Err(Error::Closed),
+        };
+        decode(&bytes)
+    }
+
+    /// [`get`](Self::get), giving up after `d` with [`Error::Timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As for `get`, and [`Error::Timeout`].
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime with timers enabled (as `tokio::time::timeout`).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for `get`.
+    pub async fn get_timeout(&self, d: Duration) -> Result<T> {
+        match tokio::time::timeout(d, self.get()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout { after: d }),
+        }
+    }
+
+    /// Takes the item at the front if there is one now (`Ok(None)` if the queue is
+    /// empty). From another process with nothing prefetched, this asks the owner (a
+    /// round trip, blocking this thread briefly).
+    ///
+    /// # Errors
+    ///
+    /// As for [`get`](Self::get).
+    pub fn try_get(&self) -> Result<Option<T>> {
+        let bytes = match &self.h.access {
+            Access::Local(core) => match core.take() {
+                Take::Item(item) => item,
+                Take::Empty => return Ok(None),
+                Take::Closed => return Err(Error::Closed),
+            },
+            Access::Remote(r) => match r.try_get()? {
+                Some(item) => item,
+                None => return Ok(None),
+            },
+            Access::Dead(_) => return Err(Error::Closed),
+        };
+        decode(&bytes).map(Some)
+    }
+
+    /// [`put`](Self::put) for synchronous code: blocks this thread. Do not call it from
+    /// async code (use `put`).
+    ///
+    /// # Errors
+    ///
+    /// As for `put`.
+    pub fn blocking_put(&self, item: T) -> Result<()> {
+        futures::executor::block_on(self.put(item))
+    }
+
+    /// [`get`](Self::get) for synchronous code: blocks this thread. Do not call it from
+    /// async code (use `get`).
+    ///
+    /// # Errors
+    ///
+    /// As for `get`.
+    pub fn blocking_get(&self) -> Result<T> {
+        futures::executor::block_on(self.get())
+    }
+}
+
+/// Withdraws a request whose caller went away.
+pub(crate) struct CancelOnDrop<'a>(pub(crate) &'a Arc<Remote>, pub(crate) Option<u64>);
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.1 {
+            self.0.cancel(id);
+        }
+    }
+}
+
+fn encode<T: Serialize>(item: &T) -> Result<Vec<u8>> {
+    // Handles inside items are kept alive for good (no child to tie them to).
+    wire::encode_value(item).map_err(Error::encode::<T>)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    wire::decode_value(bytes).map_err(Error::decode::<T>)
+}
+
+pub(crate) fn expect_ok(reply: Reply) -> Result<()> {
+    match reply {
+        Reply::Ok => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) fn unexpected(reply: Reply) -> Error {
+    match reply {
+        Reply::Closed | Reply::Gone => Error::Closed,
+        Reply::Invalid(reason) => Error::InvalidConfig { reason },
+        other => Error::Protocol {
+            name: "hub".to_owned(),
+            reason: format!("unexpected answer {other:?}"),
+        },
+    }
+}
+
+impl<T> Serialize for Queue<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.h.serialize(self.cap, s)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Queue<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let (h, cap) = Handle::deserialize(d)?;
+        Ok(Queue {
+            h,
+            cap: cap.map(|c| c as usize),
+            _t: PhantomData,
+        })
+    }
+}
+
+impl super::Core for QueueCore {
+    const KIND: Kind = Kind::Queue;
+
+    fn obj(self: &Arc<Self>) -> Obj {
+        Obj::Queue(Arc::clone(self))
+    }
+
+    fn from_obj(obj: Obj) -> Option<Arc<Self>> {
+        match obj {
+            Obj::Queue(c) => Some(c),
+            _ => None,
+        }
+    }
+}
