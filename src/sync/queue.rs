@@ -179,28 +179,38 @@ impl QueueCore {
         r
     }
 
+    /// Takes the front item. Waiters are notified only when something changed: a
+    /// waiter's own failed attempt must not wake it.
     fn take(&self) -> Take {
-        self.update(|st| match st.items.pop_front() {
-            Some(item) => Take::Item(item),
+        let mut st = lock(&self.st);
+        match st.items.pop_front() {
+            Some(item) => {
+                st.serve(self.id);
+                drop(st);
+                self.changed.notify_waiters();
+                Take::Item(item)
+            }
             None if st.closed => Take::Closed,
             None => {
                 st.recall(self.id, None);
                 Take::Empty
             }
-        })
+        }
     }
 
     fn put(&self, item: Vec<u8>) -> Put {
-        self.update(|st| {
-            if st.closed {
-                Put::Closed
-            } else if st.has_room() {
-                st.push(item);
-                Put::Done
-            } else {
-                Put::Full(item)
-            }
-        })
+        let mut st = lock(&self.st);
+        if st.closed {
+            Put::Closed
+        } else if st.has_room() {
+            st.push(item);
+            st.serve(self.id);
+            drop(st);
+            self.changed.notify_waiters();
+            Put::Done
+        } else {
+            Put::Full(item)
+        }
     }
 
     fn len(&self) -> usize {
