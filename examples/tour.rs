@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use procpool::{AsyncPool, Error, Process, current_process};
+use procpool::{AsyncPool, Connection, Error, Event, Lock, Process, Queue, current_process, pipe};
 
 fn doubler(number: i64) -> i64 {
     let result = number * 2;
@@ -173,6 +173,62 @@ async fn main() -> procpool::Result<()> {
     pool.close().await;
     println!("  after close: {:?}", pool.apply(|x: u8| x, (1,)).await);
 
+    println!("== Queue: a creator and a consumer process, the sentinel -1 ends it");
+    let q = Queue::new();
+    let mut creator = Process::new(creator, (vec![5, 10, 13, -1], q.clone()));
+    let mut consumer = Process::new(consumer, (q.clone(),));
+    creator.start().await?;
+    consumer.start().await?;
+    creator.join().await?;
+    consumer.join().await?;
+
+    println!("== Lock: three processes print under one lock");
+    let lock = Lock::new();
+    let mut printers = Vec::new();
+    for item in ["tango", "foxtrot", "10"] {
+        printers.push(procpool::spawn(printer, (item.to_owned(), lock.clone())).await?);
+    }
+    for mut p in printers {
+        p.join().await?;
+    }
+
+    println!("== Lock: the holder is SIGKILLed; the next waiter gets it, and is told");
+    let held = Event::new();
+    let holder = procpool::spawn(hold_forever, (lock.clone(), held.clone())).await?;
+    held.wait().await?;
+    println!(
+        "  try_lock while a child holds it: {:?}",
+        lock.try_lock()?.map(|_| "got it")
+    );
+    holder.kill()?;
+    let guard = lock.lock().await?;
+    println!(
+        "  after the kill: locked, abandoned = {}",
+        guard.abandoned()
+    );
+    drop(guard);
+
+    println!("== Pipe: a sender and a receiver process, START to END");
+    let (a, b) = pipe();
+    let mut tx = procpool::spawn(sender, (a,)).await?;
+    let mut rx = procpool::spawn(receiver, (b,)).await?;
+    tx.join().await?;
+    rx.join().await?;
+
+    println!("== Queue and Event through pool tasks");
+    let pool = AsyncPool::builder().processes(2).build().await?;
+    let results: Queue<String> = Queue::new();
+    let go = Event::new();
+    pool.starmap(report_square, (1..=3).map(|x| (x, results.clone())))
+        .await?;
+    let waiting = pool.apply_async(wait_then_report, (go.clone(), results.clone()));
+    go.set()?;
+    waiting.await?;
+    while let Some(line) = results.try_get()? {
+        println!("  {line}");
+    }
+    pool.close().await;
+
     println!("== Logging: child tracing events in the parent, Python's log_to_stderr");
     procpool::log_to_stderr(tracing::Level::INFO)?;
     tracing::info!("the parent logs too");
@@ -180,6 +236,65 @@ async fn main() -> procpool::Result<()> {
     let value = p.join().await?;
     println!("  {} returned {value}", p.name());
     Ok(())
+}
+
+fn creator(data: Vec<i64>, q: Queue<i64>) {
+    println!("  Creating data and putting it on the queue");
+    for item in data {
+        q.blocking_put(item).expect("the parent keeps the queue");
+    }
+}
+
+fn consumer(q: Queue<i64>) {
+    loop {
+        let data = q.blocking_get().expect("the parent keeps the queue");
+        println!("  data found to be processed: {data}");
+        println!("  {}", data * 2);
+        if data == -1 {
+            return;
+        }
+    }
+}
+
+fn printer(item: String, lock: Lock) {
+    let _guard = lock.blocking_lock().expect("the parent keeps the lock");
+    println!("  {item}");
+}
+
+fn hold_forever(lock: Lock, held: Event) {
+    let _guard = lock.blocking_lock().expect("the parent keeps the lock");
+    held.set().expect("the parent keeps the event");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn sender(conn: Connection<String>) {
+    for msg in ["START", "hello", "world", "END"] {
+        conn.blocking_send(msg.to_owned())
+            .expect("the receiver is there");
+    }
+}
+
+fn receiver(conn: Connection<String>) {
+    loop {
+        let msg = conn.blocking_recv().expect("the sender ends with END");
+        if msg == "END" {
+            return;
+        }
+        println!("  Received the message: {msg}");
+    }
+}
+
+fn report_square(x: u32, out: Queue<String>) {
+    let line = format!("{} squared {x}: {}", current_process().name(), x * x);
+    out.blocking_put(line).expect("the parent keeps the queue");
+}
+
+async fn wait_then_report(go: Event, out: Queue<String>) {
+    go.wait().await.expect("the parent keeps the event");
+    let line = format!("{} saw the event set", current_process().name());
+    out.put(line).await.expect("the parent keeps the queue");
 }
 
 fn logs_and_doubles(x: u32) -> u32 {

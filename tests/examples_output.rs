@@ -50,3 +50,39 @@ fn doubler_prints_from_five_child_processes() {
         "each number is doubled by its own process: {out}"
     );
 }
+
+#[test]
+fn queue_prints_the_seeds_lines_in_order() {
+    assert_eq!(
+        run("queue"),
+        "Creating data and putting it on the queue\n\
+         data found to be processed: 5\n10\n\
+         data found to be processed: 10\n20\n\
+         data found to be processed: 13\n26\n\
+         data found to be processed: -1\n-2\n"
+    );
+}
+
+#[test]
+fn lock_prints_each_item_whole() {
+    let out = run("lock");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["10", "foxtrot", "tango"], "{out}");
+}
+
+#[test]
+fn pipe_sends_and_receives_each_message_in_order() {
+    let out = run("pipe");
+    let sent: Vec<&str> = out.lines().filter(|l| l.starts_with("Sent")).collect();
+    let received: Vec<&str> = out.lines().filter(|l| l.starts_with("Received")).collect();
+    assert_eq!(
+        sent,
+        ["START", "hello", "world", "END"].map(|m| format!("Sent the message: {m}"))
+    );
+    assert_eq!(
+        received,
+        ["START", "hello", "world"].map(|m| format!("Received the message: {m}"))
+    );
+    assert_eq!(out.lines().count(), 7, "{out}");
+}

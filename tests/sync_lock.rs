@@ -1,0 +1,272 @@
+//! `Lock` and `Event` across real processes: exclusion, a holder killed while holding,
+//! cancellation, and every Event method.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use procpool::{Error, Event, Lock, Queue};
+use support::{TempDir, hangs};
+
+const SOON: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn lock_methods_in_the_owner_process() {
+    let lock = Lock::new();
+    let g = lock.lock().await.unwrap();
+    assert!(!g.abandoned());
+    assert!(lock.try_lock().unwrap().is_none(), "try_lock while held");
+    // A waiter that gives up leaves the line (cancel safety).
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), lock.lock()).await;
+    assert!(gave_up.is_err());
+    drop(g);
+    let g = lock
+        .try_lock()
+        .unwrap()
+        .expect("free after the guard dropped");
+    drop(g);
+    let l2 = lock.clone();
+    let g = tokio::task::spawn_blocking(move || l2.blocking_lock().map(|g| g.abandoned()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!g);
+    tokio::time::timeout(SOON, lock.lock())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Appends `start n` and `end n` to `path` under the lock, `rounds` times.
+fn append_under_lock(lock: Lock, path: String, n: u32, rounds: u32) {
+    use std::io::Write;
+    for _ in 0..rounds {
+        let _g = lock.blocking_lock().unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .unwrap();
+        writeln!(f, "start {n}").unwrap();
+        f.flush().unwrap();
+        std::thread::yield_now();
+        writeln!(f, "end {n}").unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_excludes_other_processes() {
+    let dir = TempDir::new("lock");
+    let path = dir.path("log");
+    let lock = Lock::new();
+    let mut children = Vec::new();
+    for n in 0..4 {
+        children.push(
+            procpool::spawn(append_under_lock, (lock.clone(), path.clone(), n, 50))
+                .await
+                .unwrap(),
+        );
+    }
+    for c in &mut children {
+        c.join().await.unwrap();
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4 * 50 * 2);
+    for pair in lines.chunks(2) {
+        let n = pair[0].strip_prefix("start ").expect("a start line");
+        assert_eq!(pair[1], format!("end {n}"), "interleaved: {pair:?}");
+    }
+}
+
+fn hold_and_hang(lock: Lock, held: Event) {
+    let _g = lock.blocking_lock().unwrap();
+    held.set().unwrap();
+    hangs();
+}
+
+async fn take_when_free(lock: Lock, waiting: Event) -> bool {
+    let pending = lock.lock();
+    waiting.set().unwrap();
+    pending.await.unwrap().abandoned()
+}
+
+#[tokio::test]
+async fn a_lock_whose_holder_is_killed_goes_to_the_next_waiter() {
+    let lock = Lock::new();
+    let held = Event::new();
+    let mut holder = procpool::spawn(hold_and_hang, (lock.clone(), held.clone()))
+        .await
+        .unwrap();
+    tokio::time::timeout(SOON, held.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(lock.try_lock().unwrap().is_none(), "the child holds it");
+
+    let waiting = Event::new();
+    let mut next = procpool::spawn(take_when_free, (lock.clone(), waiting.clone()))
+        .await
+        .unwrap();
+    tokio::time::timeout(SOON, waiting.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    holder.kill().unwrap();
+    assert!(matches!(holder.join().await, Err(Error::WorkerDied { .. })));
+    let abandoned = tokio::time::timeout(SOON, next.join())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        abandoned,
+        "the next holder is told the last one died holding it"
+    );
+    // And it is free again, no longer marked.
+    let g = tokio::time::timeout(SOON, lock.lock())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!g.abandoned());
+}
+
+/// try_lock from a child while the parent holds it, then a lock() that times out, then
+/// one that succeeds once the parent lets go (signalled through `go`).
+async fn remote_lock_calls(lock: Lock, report: Queue<String>, go: Event) -> bool {
+    report
+        .put(format!(
+            "try_lock held {}",
+            lock.try_lock().unwrap().is_none()
+        ))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), lock.lock()).await;
+    report
+        .put(format!(
+            "gave up {} after {}ms",
+            gave_up.is_err(),
+            t.elapsed().as_millis() / 100 * 100
+        ))
+        .await
+        .unwrap();
+    go.wait().await.unwrap();
+    let g = lock.lock().await.unwrap();
+    let again = lock.try_lock().unwrap().is_none();
+    drop(g);
+    again
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_calls_from_another_process() {
+    let lock = Lock::new();
+    let report: Queue<String> = Queue::new();
+    let go = Event::new();
+    let g = lock.lock().await.unwrap();
+    let mut child = procpool::spawn(
+        remote_lock_calls,
+        (lock.clone(), report.clone(), go.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report.get_timeout(SOON).await.unwrap(),
+        "try_lock held true"
+    );
+    let gave_up = report.get_timeout(SOON).await.unwrap();
+    assert!(gave_up.starts_with("gave up true after "), "{gave_up}");
+    drop(g);
+    go.set().unwrap();
+    assert!(
+        tokio::time::timeout(SOON, child.join())
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    // The child released it, and its cancelled waiter left no grant behind.
+    tokio::time::timeout(SOON, lock.lock())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn event_methods_in_the_owner_process() {
+    let ev = Event::new();
+    assert!(!ev.is_set());
+    let t = Instant::now();
+    assert!(!ev.wait_timeout(Duration::from_millis(200)).await.unwrap());
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    ev.set().unwrap();
+    assert!(ev.is_set());
+    ev.wait().await.unwrap();
+    assert!(ev.wait_timeout(Duration::ZERO).await.unwrap());
+    ev.blocking_wait().unwrap();
+    ev.clear().unwrap();
+    assert!(!ev.is_set());
+}
+
+/// Every Event call from a child; `go` is set by the parent, `back` by the child.
+async fn remote_event_calls(go: Event, back: Event) -> Vec<String> {
+    let mut seen = Vec::new();
+    let t = Instant::now();
+    let early = go.wait_timeout(Duration::from_millis(200)).await.unwrap();
+    let ms = t.elapsed().as_millis();
+    seen.push(format!(
+        "wait_timeout {early} in time {}",
+        (200..3200).contains(&ms)
+    ));
+    back.set().unwrap();
+    go.wait().await.unwrap();
+    seen.push(format!("is_set {}", go.is_set()));
+    go.clear().unwrap();
+    seen.push(format!("cleared {}", !go.is_set()));
+    seen
+}
+
+fn blocking_waiter(ev: Event) -> bool {
+    ev.blocking_wait().unwrap();
+    ev.is_set()
+}
+
+#[tokio::test]
+async fn event_calls_from_another_process() {
+    let go = Event::new();
+    let back = Event::new();
+    let mut child = procpool::spawn(remote_event_calls, (go.clone(), back.clone()))
+        .await
+        .unwrap();
+    tokio::time::timeout(SOON, back.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    go.set().unwrap();
+    let seen = tokio::time::timeout(SOON, child.join())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen,
+        [
+            "wait_timeout false in time true",
+            "is_set true",
+            "cleared true"
+        ]
+    );
+    assert!(!go.is_set(), "the child's clear is visible here");
+
+    let mut child = procpool::spawn(blocking_waiter, (go.clone(),))
+        .await
+        .unwrap();
+    go.set().unwrap();
+    assert!(
+        tokio::time::timeout(SOON, child.join())
+            .await
+            .unwrap()
+            .unwrap()
+    );
+}
