@@ -103,6 +103,37 @@
 //! - **stdout is yours.** Children inherit stdin, stdout and stderr; the protocol has its
 //!   own socket.
 //!
+//! # Queues, pipes, locks and events
+//!
+//! [`Queue`], [`pipe`] ([`Connection`]), [`Lock`] and [`Event`] are Python's, async, and
+//! travel to children as ordinary arguments, to a [`Process`] or to pool tasks:
+//!
+//! ```
+//! use procpool::{Connection, Event, Lock, Process, Queue, pipe};
+//!
+//! fn worker(q: Queue<u32>, lock: Lock, ready: Event, conn: Connection<String>) {
+//!     let _guard = lock.blocking_lock().expect("the parent is there");
+//!     q.blocking_put(42).expect("the parent is there");
+//!     ready.set().expect("the parent is there");
+//!     conn.blocking_send("done".to_owned()).expect("the parent is there");
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+//! let (q, lock, ready) = (Queue::new(), Lock::new(), Event::new());
+//! let (here, there) = pipe();
+//! let mut p = Process::new(worker, (q.clone(), lock.clone(), ready.clone(), there));
+//! p.start().await?;
+//! assert_eq!(q.get().await?, 42);
+//! ready.wait().await?;
+//! assert_eq!(here.recv().await?, "done");
+//! p.join().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Each queue item is delivered exactly once, and a lock whose holder dies is released
+//! (the next holder is told, see [`LockGuard::abandoned`]) where Python would deadlock.
+//! A pipe end whose process dies gives the other end [`Error::Closed`].
+//!
 //! # Logging
 //!
 //! A child's `tracing` events are forwarded to the parent and emitted there with the

@@ -33,6 +33,17 @@ fn send_sync_unpin() {
     require_send::<PoolStats>();
     require_send::<Builder>();
     require_send::<ProcessInfo>();
+    require_send::<Queue<String>>();
+    require_sync::<Queue<String>>();
+    require_send::<Connection<Vec<u8>>>();
+    require_sync::<Connection<Vec<u8>>>();
+    require_send::<Lock>();
+    require_sync::<Lock>();
+    require_send::<LockGuard>();
+    require_sync::<LockGuard>();
+    require_send::<Event>();
+    require_sync::<Event>();
+    require_send::<TryPutError<String>>();
 }
 
 // Futures returned by async fns are Send, so they can be `tokio::spawn`ed.
@@ -48,4 +59,19 @@ async fn uses_everything(pool: AsyncPool) {
     let mut p = Process::new(|| 1u8, ());
     require_send_val(&p.start());
     require_send_val(&p.join());
+    let q: Queue<String> = Queue::new();
+    require_send_val(&q.put(String::new()));
+    require_send_val(&q.get());
+    require_send_val(&q.get_timeout(std::time::Duration::ZERO));
+    require_send_val(&q.put_timeout(String::new(), std::time::Duration::ZERO));
+    require_send_val(&q.join());
+    let (a, _b) = pipe::<String>();
+    require_send_val(&a.send(String::new()));
+    require_send_val(&a.recv());
+    require_send_val(&a.poll(std::time::Duration::ZERO));
+    let lock = Lock::new();
+    require_send_val(&lock.lock());
+    let ev = Event::new();
+    require_send_val(&ev.wait());
+    require_send_val(&ev.wait_timeout(std::time::Duration::ZERO));
 }

@@ -31,10 +31,11 @@ async fn lock_methods_in_the_owner_process() {
         .unwrap()
         .unwrap();
     assert!(!g);
-    tokio::time::timeout(SOON, lock.lock())
+    let g = tokio::time::timeout(SOON, lock.lock())
         .await
         .unwrap()
         .unwrap();
+    drop(g);
 }
 
 /// Appends `start n` and `end n` to `path` under the lock, `rounds` times.
@@ -184,10 +185,11 @@ async fn lock_calls_from_another_process() {
             .unwrap()
     );
     // The child released it, and its cancelled waiter left no grant behind.
-    tokio::time::timeout(SOON, lock.lock())
+    let g = tokio::time::timeout(SOON, lock.lock())
         .await
         .unwrap()
         .unwrap();
+    drop(g);
 }
 
 #[tokio::test]

@@ -89,6 +89,7 @@ async fn recv_gives_closed_once_the_peer_process_is_killed() {
         here.send("anyone?".into()).await,
         Err(Error::Closed)
     ));
+    assert!(matches!(child.join().await, Err(Error::WorkerDied { .. })));
 }
 
 fn send_and_return(conn: Connection<String>) {
