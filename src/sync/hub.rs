@@ -856,6 +856,7 @@ impl Client {
     }
 
     async fn run(self: Arc<Self>, stream: std::os::unix::net::UnixStream) {
+        // (Runs on the service thread: `Remote::on_recall` may spawn a retry there.)
         let stream = match tokio::net::UnixStream::from_std(stream) {
             Ok(s) => s,
             Err(_) => return self.fail(),

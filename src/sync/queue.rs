@@ -75,6 +75,21 @@ impl QState {
         self.cap.is_none_or(|c| self.count() < c)
     }
 
+    /// Whether a process other than `peer` holds items it has not acknowledged. While
+    /// one does, nobody else is served: those items may come back (recalled, or their
+    /// holder died) and must then be handed out before anything newer, or a consumer
+    /// could see a producer's items out of order.
+    fn others_hold(&self, peer: Option<u64>) -> bool {
+        self.held
+            .iter()
+            .any(|(p, h)| Some(*p) != peer && !h.items.is_empty())
+    }
+
+    /// Closed, and nothing left that could still be handed out.
+    fn drained(&self) -> bool {
+        self.closed && self.items.is_empty() && self.held_count == 0
+    }
+
     fn push(&mut self, item: Vec<u8>) {
         self.items.push_back(item);
         self.unfinished += 1;
@@ -86,6 +101,13 @@ impl QState {
         loop {
             let mut moved = false;
             while !self.items.is_empty() {
+                let Some(peer) = self.wants.front().map(|(p, _, _)| p.id) else {
+                    break;
+                };
+                if self.others_hold(Some(peer)) {
+                    self.recall(qid, Some(peer));
+                    break;
+                }
                 let Some((peer, id, n)) = self.wants.pop_front() else {
                     break;
                 };
@@ -104,8 +126,13 @@ impl QState {
                 break;
             }
         }
-        if self.items.is_empty() && (!self.wants.is_empty()) {
+        if self.items.is_empty() && !self.wants.is_empty() {
             self.recall(qid, None);
+        }
+        if self.drained() {
+            for (peer, id, _) in self.wants.drain(..) {
+                peer.reply(id, Reply::Closed);
+            }
         }
     }
 
@@ -183,6 +210,13 @@ impl QueueCore {
     /// waiter's own failed attempt must not wake it.
     fn take(&self) -> Take {
         let mut st = lock(&self.st);
+        if st.drained() {
+            return Take::Closed;
+        }
+        if st.others_hold(None) {
+            st.recall(self.id, None);
+            return Take::Empty;
+        }
         match st.items.pop_front() {
             Some(item) => {
                 st.serve(self.id);
@@ -190,7 +224,6 @@ impl QueueCore {
                 self.changed.notify_waiters();
                 Take::Item(item)
             }
-            None if st.closed => Take::Closed,
             None => {
                 st.recall(self.id, None);
                 Take::Empty
@@ -218,11 +251,9 @@ impl QueueCore {
     }
 
     fn close(&self) {
+        // `update` serves: waiting consumers get what is left, then `Closed`.
         self.update(|st| {
             st.closed = true;
-            for (peer, id, _) in st.wants.drain(..) {
-                peer.reply(id, Reply::Closed);
-            }
             for (peer, id, _) in st.puts.drain(..) {
                 peer.reply(id, Reply::Closed);
             }
@@ -283,9 +314,9 @@ impl QueueCore {
                     }
                 }
                 Op::Want { n, wait } => {
-                    if !st.items.is_empty() {
+                    if !st.items.is_empty() && !st.others_hold(Some(peer.id)) {
                         st.deliver(peer, id, n);
-                    } else if st.closed {
+                    } else if st.drained() {
                         peer.reply(id, Reply::Closed);
                     } else if wait {
                         st.wants.push_back((Arc::clone(peer), id, n));
@@ -312,6 +343,10 @@ impl QueueCore {
                     held.items.pop_front();
                 }
                 let acked = before - held.items.len();
+                if acked > 0 {
+                    // Progress: if someone still waits, ask again for the rest.
+                    held.recalled = false;
+                }
                 st.held_count -= acked;
             }
         });
@@ -379,7 +414,12 @@ pub(crate) struct Buffer {
     streak: u32,
     getters: usize,
     closed: bool,
+    /// When a caller last took an item from this buffer.
+    last_take: Option<std::time::Instant>,
 }
+
+/// How long a consumer that is taking items keeps its batch when recalled.
+const RECALL_GRACE: Duration = Duration::from_millis(2);
 
 impl Remote {
     pub(crate) fn on_items(&self, id: u64, reply: Reply) {
@@ -400,15 +440,27 @@ impl Remote {
         self.changed.notify_waiters();
     }
 
-    pub(crate) fn on_recall(&self) {
+    /// The owner wants back what we hold and have not handed out (someone else waits).
+    /// A consumer still taking from its batch keeps it and is asked again shortly;
+    /// an idle one gives everything back at once.
+    pub(crate) fn on_recall(self: &Arc<Self>) {
         let mut q = lock(&self.q);
-        if q.getters > 0 {
+        if q.items.is_empty() {
+            return;
+        }
+        if q.last_take.is_some_and(|t| t.elapsed() < RECALL_GRACE) {
+            drop(q);
+            let r = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(RECALL_GRACE).await;
+                r.on_recall();
+            });
             return;
         }
         if let (Some((from, _)), Some((to, _))) = (q.items.front(), q.items.back()) {
             let (from, to) = (*from, *to);
             q.items.clear();
-            drop(q);
+            // Sent under the lock: no request for more items may overtake it.
             self.client.send(&hub::ToHub::Return {
                 obj: self.obj,
                 from,
@@ -430,6 +482,7 @@ impl Remote {
                 q.consumed = seq;
                 q.acked = seq;
                 q.streak += 1;
+                q.last_take = Some(std::time::Instant::now());
                 drop(q);
                 self.ack(seq);
                 Ok(Some(item))
