@@ -169,7 +169,11 @@ async fn main() -> procpool::Result<()> {
             pool.apply(doubler, (i,)).await?;
         }
         if want(&only, "tiny_map") {
-            for (label, cs) in [("cs=1", Some(1)), ("cs=1000", Some(1000)), ("cs=12500", None)] {
+            for (label, cs) in [
+                ("cs=1", Some(1)),
+                ("cs=1000", Some(1000)),
+                ("cs=12500", None),
+            ] {
                 let mut dts = Vec::new();
                 for _ in 0..if cs == Some(1) { 1 } else { 5 } {
                     let t0 = Instant::now();
@@ -182,12 +186,20 @@ async fn main() -> procpool::Result<()> {
                     assert_eq!(res.len(), N_TINY as usize);
                 }
                 let v = N_TINY as f64 / median(&mut dts);
-                emit(sys, &format!("tiny_map[{label}]"), "throughput", v, "tasks/s");
+                emit(
+                    sys,
+                    &format!("tiny_map[{label}]"),
+                    "throughput",
+                    v,
+                    "tasks/s",
+                );
             }
         }
         if want(&only, "apply_async") {
             let t0 = Instant::now();
-            let handles: Vec<_> = (0..N_TINY).map(|x| pool.apply_async(doubler, (x,))).collect();
+            let handles: Vec<_> = (0..N_TINY)
+                .map(|x| pool.apply_async(doubler, (x,)))
+                .collect();
             for h in handles {
                 h.await?;
             }
@@ -214,7 +226,13 @@ async fn main() -> procpool::Result<()> {
             let res = pool.map(length, payloads).chunksize(1).await?;
             let dt = t0.elapsed().as_secs_f64();
             assert_eq!(res.iter().sum::<usize>(), total);
-            emit(sys, "large_payload", "throughput", total as f64 / 1e6 / dt, "MB/s");
+            emit(
+                sys,
+                "large_payload",
+                "throughput",
+                total as f64 / 1e6 / dt,
+                "MB/s",
+            );
         }
         pool.close().await;
     }
@@ -271,7 +289,13 @@ async fn main() -> procpool::Result<()> {
         let dt = t0.elapsed().as_secs_f64();
         prod.join().await?;
         assert_eq!(got, N_QUEUE);
-        emit(sys, "queue_throughput", "throughput", N_QUEUE as f64 / dt, "items/s");
+        emit(
+            sys,
+            "queue_throughput",
+            "throughput",
+            N_QUEUE as f64 / dt,
+            "items/s",
+        );
     }
 
     if want(&only, "pipe_pingpong") {

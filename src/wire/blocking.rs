@@ -42,7 +42,16 @@ impl<S: Read + Write> BlockingChannel<S> {
             if let Some(frame) = frame {
                 return from_frame(&frame).map(Some);
             }
-            self.buf.reserve(8 * 1024);
+            // Room for the whole frame once its length is known (one allocation for a
+            // large argument), else for a read's worth.
+            let want = match self.buf.get(..4) {
+                Some(h) => (u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize)
+                    .min(self.max_frame)
+                    .saturating_add(4)
+                    .saturating_sub(self.buf.len()),
+                None => 0,
+            };
+            self.buf.reserve(want.max(8 * 1024));
             let n = read_buf(&mut self.io, &mut self.buf).map_err(WireError::Io)?;
             if n == 0 {
                 return match self.codec.decode_eof(&mut self.buf) {
@@ -89,10 +98,14 @@ impl<S: Write> BlockingWriter<S> {
     }
 }
 
+/// The most one read takes: the spare capacity is zeroed before reading, so this bounds
+/// that cost to about what a read returns (a socket buffer's worth).
+const READ_WINDOW: usize = 1 << 20;
+
 /// Reads once into the spare capacity of `buf`.
 fn read_buf<S: Read>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
     let start = buf.len();
-    buf.resize(buf.capacity(), 0);
+    buf.resize(buf.capacity().min(start + READ_WINDOW), 0);
     let res = loop {
         match io.read(&mut buf[start..]) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
