@@ -93,7 +93,7 @@ fn q_producer(q: Queue<Option<u64>>, go: Queue<()>) -> u128 {
 async fn q_consumer(q: Queue<Option<u64>>, go: Queue<()>) -> u64 {
     go.put(()).await.expect("go");
     let mut got = 0;
-    while let Some(_) = q.get().await.expect("get") {
+    while q.get().await.expect("get").is_some() {
         got += 1;
     }
     got
