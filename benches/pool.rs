@@ -10,8 +10,7 @@
 //! - `map 100k`: `pool.map(doubler, 0..100_000)` with default options.
 //! - `apply_async 100k`: 100,000 `apply_async` submitted, then all awaited (no chunking).
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+mod support;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use procpool::AsyncPool;
@@ -29,22 +28,11 @@ fn pool(c: &mut Criterion) {
     let pool = rt.block_on(AsyncPool::new(2)).expect("pool");
 
     let mut g = c.benchmark_group("pool");
-    let mut cat = Command::new("cat")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cat");
-    let mut to_cat = cat.stdin.take().expect("stdin");
-    let mut from_cat = cat.stdout.take().expect("stdout");
+    let mut cat = support::CatPingPong::start();
     g.bench_function("baseline: pipe ping-pong (cat)", |b| {
-        let mut buf = [0u8; 8];
-        b.iter(|| {
-            to_cat.write_all(&[7u8; 8]).expect("write");
-            from_cat.read_exact(&mut buf).expect("read");
-        })
+        b.iter(|| cat.round_trip())
     });
-    drop(to_cat);
-    cat.wait().expect("cat exits");
+    drop(cat);
 
     g.bench_function("apply round trip", |b| {
         b.iter(|| rt.block_on(pool.apply(doubler, (21,))).expect("apply"))

@@ -12,8 +12,7 @@
 //! - `Queue 1 -> 1, 100k items`: a producer process puts 100,000 `u64`s on a queue owned
 //!   by the parent, a consumer process takes them (Python's workload: 160 k items/s).
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+mod support;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use procpool::{Connection, Process, Queue, pipe};
@@ -61,22 +60,11 @@ fn sync(c: &mut Criterion) {
         .expect("runtime");
     let mut g = c.benchmark_group("sync");
 
-    let mut cat = Command::new("cat")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cat");
-    let mut to_cat = cat.stdin.take().expect("stdin");
-    let mut from_cat = cat.stdout.take().expect("stdout");
+    let mut cat = support::CatPingPong::start();
     g.bench_function("baseline: pipe ping-pong (cat)", |b| {
-        let mut buf = [0u8; 8];
-        b.iter(|| {
-            to_cat.write_all(&[7u8; 8]).expect("write");
-            from_cat.read_exact(&mut buf).expect("read");
-        })
+        b.iter(|| cat.round_trip())
     });
-    drop(to_cat);
-    cat.wait().expect("cat exits");
+    drop(cat);
 
     let (here, there) = pipe::<u64>();
     let mut child = Process::new(echo, (there,));
