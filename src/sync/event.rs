@@ -8,8 +8,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::Notify;
 
 use super::hub::{self, Kind, Obj, Op, Peer, Reply, lock};
-use super::queue::{CancelOnDrop, expect_ok, unexpected};
-use super::{Access, Handle};
+use super::queue::expect_ok;
+use super::{Access, Handle, wait_until};
 use crate::error::{Error, Result};
 
 pub(crate) struct EventCore {
@@ -193,25 +193,11 @@ impl Event {
     /// Cancel safe.
     pub async fn wait(&self) -> Result<()> {
         match &self.h.access {
-            Access::Local(core) => loop {
-                let notified = core.changed.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if core.is_set() {
-                    return Ok(());
-                }
-                notified.await;
-            },
-            Access::Remote(r) => {
-                let (id, rx) = r.request(Op::Wait)?;
-                let mut cancel = CancelOnDrop(r, Some(id));
-                let answer = rx.await.map_err(|_| Error::Closed)?;
-                cancel.1 = None;
-                match answer.take() {
-                    Reply::Ok => Ok(()),
-                    other => Err(unexpected(other)),
-                }
+            Access::Local(core) => {
+                wait_until(&core.changed, || core.is_set().then_some(())).await;
+                Ok(())
             }
+            Access::Remote(r) => expect_ok(r.call(Op::Wait).await?),
             Access::Dead(_) => Err(Error::Closed),
         }
     }

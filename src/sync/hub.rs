@@ -1006,13 +1006,15 @@ impl Remote {
         Ok((id, rx))
     }
 
-    /// Sends `op` and waits for the answer.
-    ///
-    /// Cancel safe as far as this connection goes; callers say what a dropped request
-    /// means for their object.
+    /// Sends `op` and waits for the answer. If the future is dropped first, the request
+    /// is withdrawn (a parked get, put, lock or wait leaves its line; a lock granted on
+    /// the way is released, see [`Answer`]).
     pub(crate) async fn call(&self, op: Op) -> Result<Reply, Error> {
-        let (_, rx) = self.request(op)?;
-        rx.await.map(Answer::take).map_err(|_| Error::Closed)
+        let (id, rx) = self.request(op)?;
+        let mut withdraw = Withdraw(self, Some(id));
+        let answer = rx.await.map_err(|_| Error::Closed)?;
+        withdraw.1 = None;
+        Ok(answer.take())
     }
 
     /// [`call`](Self::call) from synchronous code.
@@ -1052,6 +1054,11 @@ impl Remote {
         self.client.send(&ToHub::Cancel { obj: self.obj, id });
     }
 
+    /// A guard that withdraws request `id` unless disarmed.
+    pub(crate) fn withdraw_on_drop(&self, id: u64) -> Withdraw<'_> {
+        Withdraw(self, Some(id))
+    }
+
     pub(crate) fn put_unbounded(&self, item: Vec<u8>) -> bool {
         self.client.dirty.store(true, Ordering::Relaxed);
         !self.closed() && self.client.out.push_put(self.obj, item)
@@ -1063,13 +1070,28 @@ impl Remote {
     }
 }
 
+/// Withdraws a request whose caller went away.
+pub(crate) struct Withdraw<'a>(&'a Remote, Option<u64>);
+
+impl Withdraw<'_> {
+    /// The answer arrived: nothing to withdraw.
+    pub(crate) fn disarm(mut self) {
+        self.1 = None;
+    }
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.1 {
+            self.0.cancel(id);
+        }
+    }
+}
+
 impl Drop for Remote {
     fn drop(&mut self) {
-        let st = self.q.get_mut().unwrap_or_else(|p| p.into_inner());
-        if st.consumed > st.acked {
-            self.client.out.push_ack(self.obj, st.consumed);
-        }
-        // Whatever is still buffered is put back by the hub when it forgets us.
+        // Every item handed out was acknowledged as it was; whatever is still buffered
+        // is put back by the hub when it forgets us.
         self.client.send(&ToHub::Forget { obj: self.obj });
     }
 }

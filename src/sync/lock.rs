@@ -295,13 +295,7 @@ impl Lock {
                     held: Held::Here(grant),
                 })
             }
-            Access::Remote(r) => {
-                let (id, rx) = r.request(Op::Acquire { wait: true })?;
-                let mut cancel = super::queue::CancelOnDrop(r, Some(id));
-                let answer = rx.await.map_err(|_| Error::Closed)?;
-                cancel.1 = None;
-                remote_guard(r, answer.take())
-            }
+            Access::Remote(r) => remote_guard(r, r.call(Op::Acquire { wait: true }).await?),
             Access::Dead(_) => Err(Error::Closed),
         }
     }

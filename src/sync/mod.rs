@@ -158,6 +158,24 @@ impl<C: Core> Handle<C> {
     }
 }
 
+/// Waits until `check` gives a value, checking again each time `changed` is notified.
+/// Registered before each check, so a change between the check and the wait is not
+/// missed. Cancel safe if `check` is.
+pub(crate) async fn wait_until<R>(
+    changed: &tokio::sync::Notify,
+    mut check: impl FnMut() -> Option<R>,
+) -> R {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(r) = check() {
+            return r;
+        }
+        notified.await;
+    }
+}
+
 /// Encodes task arguments, and returns what keeps the handles among them alive until
 /// the receiving child has them.
 pub(crate) fn encode_args<T: Serialize + ?Sized>(value: &T) -> (Result<Vec<u8>, String>, Pins) {

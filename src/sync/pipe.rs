@@ -148,8 +148,11 @@ impl Endpoint {
         let sock = self.sock()?;
         let mut rx = lock(&self.rx);
         loop {
-            if rx.buf.len() >= 4 {
-                let len = u32::from_be_bytes([rx.buf[0], rx.buf[1], rx.buf[2], rx.buf[3]]) as usize;
+            let len = rx
+                .buf
+                .get(..4)
+                .map(|h| u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize);
+            if let Some(len) = len {
                 if len > MAX_MESSAGE {
                     return Err(Error::Protocol {
                         name: "pipe".to_owned(),
@@ -173,31 +176,11 @@ impl Endpoint {
                     })
                 };
             }
-            // Read what is there, sized for the message in progress.
-            let have = rx.buf.len();
-            let need = if have >= 4 {
-                4 + u32::from_be_bytes([rx.buf[0], rx.buf[1], rx.buf[2], rx.buf[3]]) as usize - have
-            } else {
-                0
-            };
-            let chunk = need.max(READ_CHUNK);
-            rx.buf.resize(have + chunk, 0);
-            let got = (&*sock).read(&mut rx.buf[have..]);
-            match got {
-                Ok(0) => {
-                    rx.buf.truncate(have);
-                    rx.eof = true;
-                }
-                Ok(n) => rx.buf.truncate(have + n),
-                Err(e) => {
-                    rx.buf.truncate(have);
-                    match e.kind() {
-                        std::io::ErrorKind::WouldBlock => return Ok(None),
-                        std::io::ErrorKind::Interrupted => {}
-                        std::io::ErrorKind::ConnectionReset => rx.eof = true,
-                        _ => return Err(Error::Io(e)),
-                    }
-                }
+            // Room for the whole message in progress (one allocation); read a window.
+            let need = len.map_or(0, |len| 4 + len - rx.buf.len());
+            rx.buf.reserve(need);
+            if let Filled::WouldBlock = fill(sock, &mut rx)? {
+                return Ok(None);
             }
         }
     }
@@ -340,32 +323,47 @@ impl Endpoint {
     /// Reads what is there into the buffer without taking a message.
     fn try_recv_peek(&self) -> Result<bool> {
         let sock = self.sock()?;
-        let mut rx = lock(&self.rx);
-        let have = rx.buf.len();
-        rx.buf.resize(have + READ_CHUNK, 0);
+        Ok(matches!(fill(sock, &mut lock(&self.rx))?, Filled::Some))
+    }
+}
+
+enum Filled {
+    /// Bytes were read, or the end of the stream was reached.
+    Some,
+    WouldBlock,
+}
+
+/// Reads once into `rx` (retrying on EINTR). The buffer is zeroed before the read, so
+/// one read takes at most `READ_CHUNK` bytes beyond what is reserved, and zeroes at most
+/// 1 MiB: a large message is not zeroed again on every read.
+fn fill(sock: &UnixStream, rx: &mut RxState) -> Result<Filled> {
+    let have = rx.buf.len();
+    let window = rx
+        .buf
+        .capacity()
+        .saturating_sub(have)
+        .clamp(READ_CHUNK, 1 << 20);
+    rx.buf.resize(have + window, 0);
+    loop {
         let got = (&*sock).read(&mut rx.buf[have..]);
-        match got {
+        let (n, filled) = match got {
             Ok(0) => {
-                rx.buf.truncate(have);
                 rx.eof = true;
-                Ok(true)
+                (0, Ok(Filled::Some))
             }
-            Ok(n) => {
-                rx.buf.truncate(have + n);
-                Ok(true)
-            }
-            Err(e) => {
-                rx.buf.truncate(have);
-                match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
-                    std::io::ErrorKind::ConnectionReset => {
-                        rx.eof = true;
-                        Ok(true)
-                    }
-                    _ => Err(Error::Io(e)),
+            Ok(n) => (n, Ok(Filled::Some)),
+            Err(e) => match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => (0, Ok(Filled::WouldBlock)),
+                std::io::ErrorKind::ConnectionReset => {
+                    rx.eof = true;
+                    (0, Ok(Filled::Some))
                 }
-            }
-        }
+                _ => (0, Err(Error::Io(e))),
+            },
+        };
+        rx.buf.truncate(have + n);
+        return filled;
     }
 }
 

@@ -12,7 +12,7 @@ use serde_bytes::ByteBuf;
 use tokio::sync::{Notify, oneshot};
 
 use super::hub::{self, Kind, Obj, Op, Peer, Remote, Reply, lock};
-use super::{Access, Handle};
+use super::{Access, Handle, wait_until};
 use crate::error::{Error, Result};
 use crate::wire;
 
@@ -407,9 +407,8 @@ pub(crate) struct Buffer {
     items: VecDeque<(u64, Vec<u8>)>,
     /// The outstanding request for items, if any.
     want: Option<u64>,
-    /// The last sequence number handed to a caller, and the last acknowledged.
-    pub(crate) consumed: u64,
-    pub(crate) acked: u64,
+    /// The last sequence number handed to a caller (acknowledged as it is).
+    consumed: u64,
     /// Items handed out since the last request: how many to ask for next.
     streak: u32,
     getters: usize,
@@ -480,7 +479,6 @@ impl Remote {
         match q.items.pop_front() {
             Some((seq, item)) => {
                 q.consumed = seq;
-                q.acked = seq;
                 q.streak += 1;
                 q.last_take = Some(std::time::Instant::now());
                 drop(q);
@@ -508,16 +506,15 @@ impl Remote {
 
     async fn get(self: &Arc<Self>) -> Result<Vec<u8>> {
         let _getter = Getter::new(self);
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(item) = self.pop()? {
-                return Ok(item);
+        wait_until(&self.changed, || match self.pop() {
+            Ok(Some(item)) => Some(Ok(item)),
+            Ok(None) => {
+                self.ensure_want();
+                None
             }
-            self.ensure_want();
-            notified.await;
-        }
+            Err(e) => Some(Err(e)),
+        })
+        .await
     }
 
     fn try_get(self: &Arc<Self>) -> Result<Option<Vec<u8>>> {
@@ -766,22 +763,11 @@ impl<T> Queue<T> {
     /// Cancel safe.
     pub async fn join(&self) -> Result<()> {
         match &self.h.access {
-            Access::Local(core) => loop {
-                let notified = core.changed.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if core.unfinished() == 0 {
-                    return Ok(());
-                }
-                notified.await;
-            },
-            Access::Remote(r) => {
-                let (id, rx) = r.request(Op::Join)?;
-                let mut guard = CancelOnDrop(r, Some(id));
-                let answer = rx.await.map_err(|_| Error::Closed)?;
-                guard.1 = None;
-                expect_ok(answer.take())
+            Access::Local(core) => {
+                wait_until(&core.changed, || (core.unfinished() == 0).then_some(())).await;
+                Ok(())
             }
+            Access::Remote(r) => expect_ok(r.call(Op::Join).await?),
             Access::Dead(_) => Err(Error::Closed),
         }
     }
@@ -804,33 +790,29 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         let bytes = encode(&item)?;
         match &self.h.access {
             Access::Local(core) => {
-                let mut bytes = bytes;
-                loop {
-                    let notified = core.changed.notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    match core.put(bytes) {
-                        Put::Done => return Ok(()),
-                        Put::Closed => return Err(Error::Closed),
-                        Put::Full(b) => bytes = b,
+                // Full hands the item back for the next try.
+                let mut item = Some(bytes);
+                wait_until(&core.changed, || match core.put(item.take()?) {
+                    Put::Done => Some(Ok(())),
+                    Put::Closed => Some(Err(Error::Closed)),
+                    Put::Full(back) => {
+                        item = Some(back);
+                        None
                     }
-                    notified.await;
-                }
+                })
+                .await
             }
             Access::Remote(r) if self.cap.is_none() => match r.put_unbounded(bytes) {
                 true => Ok(()),
                 false => Err(Error::Closed),
             },
-            Access::Remote(r) => {
-                let (id, rx) = r.request(Op::Put {
+            Access::Remote(r) => expect_ok(
+                r.call(Op::Put {
                     item: ByteBuf::from(bytes),
                     wait: true,
-                })?;
-                let mut guard = CancelOnDrop(r, Some(id));
-                let answer = rx.await.map_err(|_| Error::Closed)?;
-                guard.1 = None;
-                expect_ok(answer.take())
-            }
+                })
+                .await?,
+            ),
             Access::Dead(_) => Err(Error::Closed),
         }
     }
@@ -857,7 +839,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     item: ByteBuf::from(bytes),
                     wait: true,
                 })?;
-                let mut guard = CancelOnDrop(r, Some(id));
+                let guard = r.withdraw_on_drop(id);
                 tokio::pin!(rx);
                 let reply = match tokio::time::timeout(d, &mut rx).await {
                     Ok(reply) => reply,
@@ -867,7 +849,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                         rx.await
                     }
                 };
-                guard.1 = None;
+                guard.disarm();
                 match reply.map_err(|_| Error::Closed)?.take() {
                     Reply::Cancelled => Err(Error::Timeout { after: d }),
                     other => expect_ok(other),
@@ -934,16 +916,14 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// next `get` here, or go back to the queue as soon as a consumer elsewhere waits.
     pub async fn get(&self) -> Result<T> {
         let bytes = match &self.h.access {
-            Access::Local(core) => loop {
-                let notified = core.changed.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                match core.take() {
-                    Take::Item(item) => break item,
-                    Take::Closed => return Err(Error::Closed),
-                    Take::Empty => notified.await,
-                }
-            },
+            Access::Local(core) => {
+                wait_until(&core.changed, || match core.take() {
+                    Take::Item(item) => Some(Ok(item)),
+                    Take::Closed => Some(Err(Error::Closed)),
+                    Take::Empty => None,
+                })
+                .await?
+            }
             Access::Remote(r) => r.get().await?,
             Access::Dead(_) => return Err(Error::Closed),
         };
@@ -1011,17 +991,6 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// As for `get`.
     pub fn blocking_get(&self) -> Result<T> {
         futures::executor::block_on(self.get())
-    }
-}
-
-/// Withdraws a request whose caller went away.
-pub(crate) struct CancelOnDrop<'a>(pub(crate) &'a Arc<Remote>, pub(crate) Option<u64>);
-
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.1 {
-            self.0.cancel(id);
-        }
     }
 }
 
