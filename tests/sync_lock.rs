@@ -6,9 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use procpool::{Error, Event, Lock, Queue};
-use support::{TempDir, hangs};
-
-const SOON: Duration = Duration::from_secs(10);
+use support::{SOON, TempDir, hangs, soon};
 
 #[tokio::test]
 async fn lock_methods_in_the_owner_process() {
@@ -31,10 +29,7 @@ async fn lock_methods_in_the_owner_process() {
         .unwrap()
         .unwrap();
     assert!(!g);
-    let g = tokio::time::timeout(SOON, lock.lock())
-        .await
-        .unwrap()
-        .unwrap();
+    let g = soon(lock.lock()).await.unwrap();
     drop(g);
 }
 
@@ -99,35 +94,23 @@ async fn a_lock_whose_holder_is_killed_goes_to_the_next_waiter() {
     let mut holder = procpool::spawn(hold_and_hang, (lock.clone(), held.clone()))
         .await
         .unwrap();
-    tokio::time::timeout(SOON, held.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    soon(held.wait()).await.unwrap();
     assert!(lock.try_lock().unwrap().is_none(), "the child holds it");
 
     let waiting = Event::new();
     let mut next = procpool::spawn(take_when_free, (lock.clone(), waiting.clone()))
         .await
         .unwrap();
-    tokio::time::timeout(SOON, waiting.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    soon(waiting.wait()).await.unwrap();
     holder.kill().unwrap();
     assert!(matches!(holder.join().await, Err(Error::WorkerDied { .. })));
-    let abandoned = tokio::time::timeout(SOON, next.join())
-        .await
-        .unwrap()
-        .unwrap();
+    let abandoned = soon(next.join()).await.unwrap();
     assert!(
         abandoned,
         "the next holder is told the last one died holding it"
     );
     // And it is free again, no longer marked.
-    let g = tokio::time::timeout(SOON, lock.lock())
-        .await
-        .unwrap()
-        .unwrap();
+    let g = soon(lock.lock()).await.unwrap();
     assert!(!g.abandoned());
 }
 
@@ -178,17 +161,9 @@ async fn lock_calls_from_another_process() {
     assert!(gave_up.starts_with("gave up true after "), "{gave_up}");
     drop(g);
     go.set().unwrap();
-    assert!(
-        tokio::time::timeout(SOON, child.join())
-            .await
-            .unwrap()
-            .unwrap()
-    );
+    assert!(soon(child.join()).await.unwrap());
     // The child released it, and its cancelled waiter left no grant behind.
-    let g = tokio::time::timeout(SOON, lock.lock())
-        .await
-        .unwrap()
-        .unwrap();
+    let g = soon(lock.lock()).await.unwrap();
     drop(g);
 }
 
@@ -242,15 +217,9 @@ async fn event_calls_from_another_process() {
     let mut child = procpool::spawn(remote_event_calls, (go.clone(), back.clone()))
         .await
         .unwrap();
-    tokio::time::timeout(SOON, back.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    soon(back.wait()).await.unwrap();
     go.set().unwrap();
-    let seen = tokio::time::timeout(SOON, child.join())
-        .await
-        .unwrap()
-        .unwrap();
+    let seen = soon(child.join()).await.unwrap();
     assert_eq!(
         seen,
         [
@@ -265,10 +234,5 @@ async fn event_calls_from_another_process() {
         .await
         .unwrap();
     go.set().unwrap();
-    assert!(
-        tokio::time::timeout(SOON, child.join())
-            .await
-            .unwrap()
-            .unwrap()
-    );
+    assert!(soon(child.join()).await.unwrap());
 }

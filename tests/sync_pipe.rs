@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use procpool::{Connection, Error, Event, pipe};
 use serde_bytes::ByteBuf;
-use support::hangs;
-
-const SOON: Duration = Duration::from_secs(10);
+use support::{SOON, hangs, soon};
 
 /// Echoes every message back until the other end goes away; returns how many.
 fn echo(conn: Connection<ByteBuf>) -> usize {
@@ -51,10 +49,7 @@ async fn messages_keep_their_boundaries_both_ways_including_empty_and_16_mib() {
             here.send(m.clone()).await.unwrap();
         }
         for m in &msgs {
-            let back = tokio::time::timeout(SOON, here.recv())
-                .await
-                .unwrap()
-                .unwrap();
+            let back = soon(here.recv()).await.unwrap();
             assert_eq!(back.len(), m.len(), "{name}");
             assert!(back == *m, "{name}: a message changed on the way");
         }
@@ -76,14 +71,11 @@ async fn recv_gives_closed_once_the_peer_process_is_killed() {
     let mut child = procpool::spawn(send_then_hang, (there, sent.clone()))
         .await
         .unwrap();
-    tokio::time::timeout(SOON, sent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    soon(sent.wait()).await.unwrap();
     child.kill().unwrap();
     // What it sent before dying still arrives, then the end.
     assert_eq!(here.recv().await.unwrap(), "before dying");
-    let end = tokio::time::timeout(SOON, here.recv()).await.unwrap();
+    let end = soon(here.recv()).await;
     assert!(matches!(end, Err(Error::Closed)), "{end:?}");
     assert!(matches!(
         here.send("anyone?".into()).await,
@@ -174,7 +166,7 @@ async fn both_ends_in_two_children_talk_directly() {
     let mut s = procpool::spawn(sender, (a, msgs.clone())).await.unwrap();
     let mut r = procpool::spawn(receiver, (b,)).await.unwrap();
     s.join().await.unwrap();
-    let got = tokio::time::timeout(SOON, r.join()).await.unwrap().unwrap();
+    let got = soon(r.join()).await.unwrap();
     assert_eq!(got, msgs[..1000]);
 }
 

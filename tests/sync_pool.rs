@@ -1,10 +1,11 @@
 //! Queues, locks, events and pipe ends passed to pool tasks as ordinary arguments.
 
+mod support;
+
 use std::time::Duration;
 
 use procpool::{AsyncPool, Connection, Error, Event, Lock, Queue, pipe};
-
-const SOON: Duration = Duration::from_secs(10);
+use support::soon;
 
 fn put_double(x: u32, q: Queue<u32>) {
     q.blocking_put(x * 2).unwrap();
@@ -56,7 +57,7 @@ async fn primitives_pass_through_pool_tasks() {
     let ev = Event::new();
     let task = pool.apply_async(wait_in_task, (ev.clone(),));
     ev.set().unwrap();
-    assert!(tokio::time::timeout(SOON, task).await.unwrap().unwrap());
+    assert!(soon(task).await.unwrap());
 
     // A pipe end, moved into a task.
     let (here, there) = pipe::<String>();
@@ -65,10 +66,7 @@ async fn primitives_pass_through_pool_tasks() {
     assert_eq!(here.recv().await.unwrap(), "hi!");
     task.await.unwrap();
     // The task is over and the end it had is gone with it.
-    assert!(matches!(
-        tokio::time::timeout(SOON, here.recv()).await.unwrap(),
-        Err(Error::Closed)
-    ));
+    assert!(matches!(soon(here.recv()).await, Err(Error::Closed)));
     pool.close().await;
 }
 
@@ -88,10 +86,7 @@ async fn a_lock_held_by_a_timed_out_task_is_released() {
         _ = task => panic!("the task cannot finish"),
         () = killer => {}
     }
-    let g = tokio::time::timeout(SOON, lock.lock())
-        .await
-        .unwrap()
-        .unwrap();
+    let g = soon(lock.lock()).await.unwrap();
     assert!(g.abandoned(), "the worker died holding it");
     pool.close().await;
 }

@@ -7,10 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use procpool::{Error, Event, Process, Queue, TryPutError};
-use support::hangs;
-
-/// Generous upper bound for anything that should be quick, on a loaded 2-core machine.
-const SOON: Duration = Duration::from_secs(10);
+use support::{SOON, hangs, soon};
 
 fn elapsed_about(start: Instant, d: Duration) {
     let took = start.elapsed();
@@ -75,7 +72,7 @@ async fn task_done_and_join_in_the_owner() {
     q.task_done().unwrap();
     q.get().await.unwrap();
     q.task_done().unwrap();
-    tokio::time::timeout(SOON, q.join()).await.unwrap().unwrap();
+    soon(q.join()).await.unwrap();
     assert!(matches!(q.task_done(), Err(Error::InvalidConfig { .. })));
 }
 
@@ -256,16 +253,19 @@ async fn a_bounded_queue_blocks_a_producer_in_another_process() {
     assert_eq!(q.len(), 0);
 }
 
-/// Takes `n` items quickly (so it prefetches more), reports them, then waits.
-fn take_then_idle(q: Queue<u32>, report: Queue<Vec<u32>>, n: usize, release: Event) {
+/// Takes `n` items quickly (so it prefetches more) and reports them.
+fn take_and_report(q: &Queue<u32>, report: &Queue<Vec<u32>>, n: usize) {
     let got = (0..n).map(|_| q.blocking_get().unwrap()).collect();
     report.blocking_put(got).unwrap();
+}
+
+fn take_then_idle(q: Queue<u32>, report: Queue<Vec<u32>>, n: usize, release: Event) {
+    take_and_report(&q, &report, n);
     release.blocking_wait().unwrap();
 }
 
 fn take_then_hang(q: Queue<u32>, report: Queue<Vec<u32>>, n: usize) {
-    let got = (0..n).map(|_| q.blocking_get().unwrap()).collect();
-    report.blocking_put(got).unwrap();
+    take_and_report(&q, &report, n);
     hangs();
 }
 
@@ -336,15 +336,9 @@ async fn closing_wakes_a_consumer_in_another_process() {
     let mut child = procpool::spawn(get_until_closed, (q.clone(), ready.clone()))
         .await
         .unwrap();
-    tokio::time::timeout(SOON, ready.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    soon(ready.wait()).await.unwrap();
     q.close().unwrap();
-    let got = tokio::time::timeout(SOON, child.join())
-        .await
-        .unwrap()
-        .unwrap();
+    let got = soon(child.join()).await.unwrap();
     assert_eq!(got, "Err(Closed)");
 }
 
@@ -387,6 +381,6 @@ async fn join_waits_for_task_done_from_another_process() {
     }
     let mut child = Process::new(mark_done, (q.clone(),));
     child.start().await.unwrap();
-    tokio::time::timeout(SOON, q.join()).await.unwrap().unwrap();
+    soon(q.join()).await.unwrap();
     child.join().await.unwrap();
 }

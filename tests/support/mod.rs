@@ -206,3 +206,14 @@ impl<'de> serde::Deserialize<'de> for NoEncode {
         Ok(NoEncode)
     }
 }
+
+/// Generous bound for anything that should be quick, on a loaded 2-core machine.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// Awaits `f`, failing the test if it takes longer than [`SOON`].
+pub async fn soon<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::time::timeout(SOON, f).await {
+        Ok(out) => out,
+        Err(_) => panic!("did not finish within {SOON:?}"),
+    }
+}
