@@ -42,15 +42,14 @@ impl Encoded {
         self.ends.len()
     }
 
+    /// Appends one item. Run it inside [`crate::sync::collect`] (once for many items:
+    /// it is not free) and keep the pins in `self.pins`.
     fn push<T: Serialize>(&mut self, item: &T) -> std::result::Result<(), String> {
         let start = self.buf.len();
-        let (res, pins) =
-            crate::sync::collect(|| rmp_serde::encode::write_named(&mut self.buf, item));
-        if let Err(e) = res {
+        if let Err(e) = rmp_serde::encode::write_named(&mut self.buf, item) {
             self.buf.truncate(start);
             return Err(e.to_string());
         }
-        self.pins.extend(pins);
         self.ends.push(self.buf.len());
         Ok(())
     }
@@ -79,11 +78,17 @@ impl Encoded {
 
 /// Encodes every item now; the first that fails is the error.
 pub(crate) fn encode_items<T: Serialize, I: IntoIterator<Item = T>>(items: I) -> Result<Encoded> {
+    let items = items.into_iter();
     let mut enc = Encoded::default();
-    for item in items {
-        enc.push(&item).map_err(Error::encode::<T>)?;
-    }
-    Ok(enc)
+    enc.ends.reserve(items.size_hint().0);
+    let (res, pins) = crate::sync::collect(|| {
+        for item in items {
+            enc.push(&item).map_err(Error::encode::<T>)?;
+        }
+        Ok(())
+    });
+    enc.pins = pins;
+    res.map(|()| enc)
 }
 
 /// Python's default: `ceil(len / (4 * processes))`.
@@ -459,16 +464,19 @@ where
             let size = self.chunk_size();
             let mut items = Encoded::default();
             let mut bad = None;
-            while items.len() < size {
-                let Some(item) = self.items.next() else {
-                    self.exhausted = true;
-                    break;
-                };
-                if let Err(reason) = items.push(&item) {
-                    bad = Some(Error::encode::<T>(reason));
-                    break;
+            let ((), pins) = crate::sync::collect(|| {
+                while items.len() < size {
+                    let Some(item) = self.items.next() else {
+                        self.exhausted = true;
+                        break;
+                    };
+                    if let Err(reason) = items.push(&item) {
+                        bad = Some(Error::encode::<T>(reason));
+                        break;
+                    }
                 }
-            }
+            });
+            items.pins = pins;
             if items.len() > 0 {
                 let seq = self.next_seq;
                 self.next_seq += 1;
@@ -486,7 +494,7 @@ where
     }
 
     fn on_result(&mut self, target: TargetRef, id: u64, res: TaskResult) {
-        let Some(chunk) = self.inflight.remove(&id) else {
+        let Some(mut chunk) = self.inflight.remove(&id) else {
             return;
         };
         let n = chunk.items.len();
@@ -511,7 +519,11 @@ where
         if item_failed && ran < n {
             // The item at `ran` failed; the ones after it never ran: send them again.
             results.push(Err(err));
-            let mut rest = Encoded::default();
+            let mut rest = Encoded {
+                // Handles among the items stay alive while the rest is in flight.
+                pins: std::mem::take(&mut chunk.items.pins),
+                ..Encoded::default()
+            };
             for i in ran + 1..n {
                 rest.buf.extend_from_slice(chunk.items.item(i));
                 rest.ends.push(rest.buf.len());

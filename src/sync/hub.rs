@@ -735,12 +735,6 @@ impl Drop for Pin {
 #[derive(Default)]
 pub(crate) struct Pins(Vec<Pin>);
 
-impl Pins {
-    pub(crate) fn extend(&mut self, more: Pins) {
-        self.0.extend(more.0);
-    }
-}
-
 impl std::fmt::Debug for Pins {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Pins({})", self.0.len())
