@@ -391,3 +391,48 @@ async fn an_initializer_that_fails_fails_build() {
         "{err:?}"
     );
 }
+
+/// A byte pattern that a shifted, truncated or duplicated chunk cannot reproduce.
+fn pattern(len: usize, seed: u8) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// The payload back, reversed: every byte must have crossed both ways intact.
+fn reversed(mut b: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {
+    b.reverse();
+    b
+}
+
+#[tokio::test]
+async fn payloads_larger_than_the_socket_buffer_cross_intact_and_in_order() {
+    // Tens of MB in flight at once: more than a socket buffer holds, so the parent's
+    // writes block part-way and resume, with small tasks queued behind the large ones.
+    let pool = AsyncPool::new(2).await.unwrap();
+    let big: Vec<_> = (0..6).map(|i| pattern(3_000_000 + i, i as u8)).collect();
+    let large = pool.map(reversed, big.clone()).chunksize(1);
+    let small: Vec<_> = (0..200).map(|i| pool.apply_async(doubler, (i,))).collect();
+    let huge = pool.apply(reversed, (pattern(12_000_000, 0xA5),));
+    // Generous: a debug build on a loaded machine; a stalled write would hang forever.
+    let (large, huge) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(large, huge)
+    })
+    .await
+    .expect("large payloads stalled");
+    for (i, h) in small.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap(), 2 * i as i64);
+    }
+    for (got, sent) in large.unwrap().iter().zip(&big) {
+        assert_eq!(got.len(), sent.len());
+        assert!(
+            got.iter().eq(sent.iter().rev()),
+            "a payload changed on the way"
+        );
+    }
+    let huge = huge.unwrap();
+    assert!(huge.iter().eq(pattern(12_000_000, 0xA5).iter().rev()));
+    pool.close().await;
+}

@@ -9,14 +9,13 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, mpsc};
 
 use crate::target::{self, Context, Image};
 use crate::wire::{
-    self, BlockingChannel, Down, Hello, Outbox, Outcome, PROTOCOL_VERSION, Role, Run, Up,
+    self, BlockingChannel, Down, Hello, Next, Outbox, Outcome, PROTOCOL_VERSION, Role, Run, Up,
 };
 
 /// `argv[1]` of every procpool child.
@@ -188,7 +187,7 @@ fn run_once(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
     }
 }
 
-/// What the reader thread hands the executor.
+/// A frame the worker keeps until its turn.
 enum Job {
     Run(Run),
     Shutdown,
@@ -196,88 +195,66 @@ enum Job {
 
 /// The `Worker` role: tasks run one at a time, in the order they arrive.
 ///
-/// Three threads: a reader (decodes frames, records skips, exits the process when the
-/// parent's end closes: the end-of-channel watch), the executor (this thread: user code
-/// runs here, so a plain target may block), and a writer (sends results, several per
-/// write when they come faster than the socket takes them).
+/// One thread does it all, with no hand-off between threads on the way (each would cost
+/// a wake-up per task): it takes every frame that has arrived without waiting, notes
+/// skips, runs the oldest task, writes its answer at once (an earlier answer must never
+/// wait for a later task to finish), and waits for frames only when it has nothing to
+/// run. While a task runs, the end-of-channel watch (see [`watch_for_parent_eof`]) exits
+/// the process if the parent goes away; a skip that arrives while its task runs is moot
+/// (the dispatcher stops a worker that does not move on).
 fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
-    let skips: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    let (jobs_tx, jobs) = mpsc::channel::<Job>();
-    let reader_skips = Arc::clone(&skips);
-    let reader = std::thread::Builder::new()
-        .name("procpool-reader".into())
-        .spawn(move || {
-            loop {
-                let job = match chan.recv::<Down>() {
-                    Ok(Some(Down::Run(run))) => Job::Run(run),
-                    Ok(Some(Down::Skip { id })) => {
-                        lock(&reader_skips).insert(id);
-                        continue;
-                    }
-                    Ok(Some(Down::Shutdown)) => Job::Shutdown,
-                    Ok(None) => std::process::exit(EXIT_ORPHANED),
-                    Ok(Some(Down::Hello(_))) | Err(_) => std::process::exit(EXIT_PROTOCOL),
-                };
-                if jobs_tx.send(job).is_err() {
-                    return;
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    // Ids of queued tasks to skip; only ids in `queue` are ever added.
+    let mut skips: HashSet<u64> = HashSet::new();
+    loop {
+        // Every frame already here, then (if there is nothing to run) wait for one.
+        loop {
+            let next = if queue.is_empty() {
+                match chan.recv::<Down>() {
+                    Ok(Some(msg)) => Next::Msg(msg),
+                    Ok(None) => Next::End,
+                    Err(_) => return EXIT_PROTOCOL,
                 }
-            }
-        });
-    if reader.is_err() {
-        return EXIT_PROTOCOL;
-    }
-    let (out_tx, out) = mpsc::channel::<Up>();
-    let writer = std::thread::Builder::new()
-        .name("procpool-writer".into())
-        .spawn(move || {
-            let mut batch = Vec::new();
-            while let Ok(msg) = out.recv() {
-                batch.push(msg);
-                while batch.len() < 1024 {
-                    match out.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
+            } else {
+                match chan.try_recv::<Down>() {
+                    Ok(next) => next,
+                    Err(_) => return EXIT_PROTOCOL,
+                }
+            };
+            match next {
+                Next::Msg(Down::Run(run)) => queue.push_back(Job::Run(run)),
+                Next::Msg(Down::Skip { id }) => {
+                    if queue.iter().any(|j| matches!(j, Job::Run(r) if r.id == id)) {
+                        skips.insert(id);
                     }
                 }
-                if outbox.send_all(&batch).is_err() {
-                    // The parent is gone.
-                    std::process::exit(EXIT_ORPHANED);
-                }
-                batch.clear();
+                Next::Msg(Down::Shutdown) => queue.push_back(Job::Shutdown),
+                Next::Msg(Down::Hello(_)) => return EXIT_PROTOCOL,
+                Next::Nothing => break,
+                Next::End => return EXIT_ORPHANED,
             }
-        });
-    let Ok(writer) = writer else {
-        return EXIT_PROTOCOL;
-    };
-    while let Ok(Job::Run(run)) = jobs.recv() {
-        let skipped = lock(&skips).remove(&run.id);
-        let outcome = if skipped {
+        }
+        let run = match queue.pop_front() {
+            Some(Job::Run(run)) => run,
+            // Whatever came before it has been answered.
+            Some(Job::Shutdown) => return 0,
+            None => continue,
+        };
+        let outcome = if skips.remove(&run.id) {
             Outcome::Skipped
         } else {
             let outcome = execute(&run, &mut cx);
             crate::sync::settle();
             outcome
         };
-        if out_tx
-            .send(Up::Done {
-                id: run.id,
-                outcome,
-            })
-            .is_err()
-        {
-            break;
+        let done = Up::Done {
+            id: run.id,
+            outcome,
+        };
+        if outbox.send(&done).is_err() {
+            return EXIT_ORPHANED;
         }
     }
-    // Shutdown (or the reader stopped): let the writer send what is queued, then exit.
-    drop(out_tx);
-    match writer.join() {
-        Ok(()) => 0,
-        Err(_) => EXIT_PROTOCOL,
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Exits as soon as the parent's end of the channel closes (the parent died, or gave

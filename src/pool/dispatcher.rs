@@ -27,7 +27,7 @@ use super::worker::{self, Event, Init, WorkerConn};
 use crate::error::Error;
 use crate::process::ChildHandle;
 use crate::target::TargetRef;
-use crate::wire::{self, Down, Outcome};
+use crate::wire::{Down, Outcome};
 
 /// How long a worker may take to skip a cancelled task that reached the head of its
 /// queue before the dispatcher assumes it is running it and stops the worker.
@@ -144,6 +144,9 @@ impl Dispatcher {
                     done.send(()).ok();
                 }
                 return;
+            }
+            for w in &self.workers {
+                w.conn.flush();
             }
             let deadline = self.next_deadline();
             let sleep = async {
@@ -416,12 +419,7 @@ impl Dispatcher {
             task.state = State::Sent;
             self.counts.queued -= 1;
             self.counts.running += 1;
-            w.conn.send_frame(wire::run_frame(
-                id,
-                task.target.offset,
-                task.target.name,
-                &task.args,
-            ));
+            w.conn.send_run(id, task.target, &task.args);
             tracing::debug!(task = id, worker = %w.conn.name, "task sent");
             w.inflight.push_back(id);
             if w.inflight.len() == 1 {
@@ -507,7 +505,7 @@ impl Dispatcher {
     fn stop_worker(&mut self, idx: usize, head_err: Option<Error>) {
         let w = self.remove_worker(idx, head_err);
         self.counts.restarts += 1;
-        tokio::spawn(kill(w.conn.child, self.cfg.kill_grace));
+        tokio::spawn(kill(Arc::clone(&w.conn.child), self.cfg.kill_grace));
     }
 
     fn head_deadline(&self, w: &Worker) -> Option<(Instant, bool)> {
@@ -561,14 +559,17 @@ impl Dispatcher {
         self.pending.clear();
         self.counts.queued = 0;
         self.counts.running = 0;
-        let mut children: Vec<Arc<ChildHandle>> =
-            self.workers.drain(..).map(|w| w.conn.child).collect();
+        let mut children: Vec<Arc<ChildHandle>> = self
+            .workers
+            .drain(..)
+            .map(|w| Arc::clone(&w.conn.child))
+            .collect();
         // Workers still starting: refuse their Ready (their start task then kills them),
         // and take the ones already reported.
         self.events.close();
         while let Some(ev) = self.events.recv().await {
             if let Event::Ready(conn) = ev {
-                children.push(conn.child);
+                children.push(Arc::clone(&conn.child));
             }
         }
         for c in &children {

@@ -504,6 +504,17 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::PoolClosed);
         }
+        // A frame holds the arguments plus a few bytes of header (target name and ids).
+        if args.len() + 64 * 1024 > crate::wire::DEFAULT_MAX_FRAME {
+            return Err(Error::Encode {
+                type_name: "task arguments".to_owned(),
+                reason: format!(
+                    "{} bytes encoded; one message holds at most {} bytes",
+                    args.len(),
+                    crate::wire::DEFAULT_MAX_FRAME - 64 * 1024
+                ),
+            });
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             id,

@@ -1,11 +1,12 @@
 //! One pool worker as the dispatcher sees it: started and handshaken here, then driven by
 //! a reader task (frames in, forwarded as events) and a writer task (frames out, batched).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use serde_bytes::ByteBuf;
-use tokio::sync::mpsc;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{Notify, mpsc};
 
 use crate::error::{Error, ExitReason};
 use crate::process::{ChildHandle, Spawned, spawn_child};
@@ -34,24 +35,138 @@ pub(crate) enum Event {
 }
 
 /// A live worker's handle: where to send frames, and its process.
+///
+/// # Drop
+///
+/// Frames already queued are still written; then the parent's end of the channel
+/// closes, which a worker takes as the order to exit.
 #[derive(Debug)]
 pub(crate) struct WorkerConn {
     pub(crate) id: u64,
     pub(crate) name: Arc<str>,
     pub(crate) child: Arc<ChildHandle>,
-    frames: mpsc::UnboundedSender<Bytes>,
+    out: Arc<Out>,
+}
+
+/// Frames on their way to a worker.
+///
+/// The dispatcher appends frames and then [`flush`](WorkerConn::flush)es, writing
+/// straight to the socket (no task hop, no wake-up: a write that fits costs one
+/// syscall). Only when the socket is full does the rest wait for the writer task, which
+/// owns the waiting for writability.
+#[derive(Debug)]
+struct Out {
+    io: OwnedWriteHalf,
+    state: Mutex<OutState>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct OutState {
+    /// Whole frames, not yet written (the first perhaps partly written).
+    buf: BytesMut,
+    /// The socket was full: the writer task is in charge until `buf` is empty.
+    blocked: bool,
+    /// The handle is gone: the writer task ends once `buf` is written.
+    closed: bool,
+    /// A write failed: the worker is gone (its reader reports it); drop what comes.
+    dead: bool,
+}
+
+impl Out {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes what it can without waiting. Returns true if bytes are left over.
+    fn write_now(&self, st: &mut OutState) -> bool {
+        while !st.buf.is_empty() {
+            match self.io.try_write(&st.buf) {
+                Ok(n) => st.buf.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    st.dead = true;
+                    st.buf = BytesMut::new();
+                }
+            }
+        }
+        false
+    }
 }
 
 impl WorkerConn {
-    /// Queues a frame for the writer task. A worker whose writer stopped is dying; its
-    /// reader reports it, so a failed send needs no handling here.
+    /// Queues a message; it is written by the next [`flush`](Self::flush).
     pub(crate) fn send(&self, msg: &Down) {
-        self.send_frame(crate::wire::to_frame(msg));
+        let mut st = self.out.lock();
+        if !st.dead {
+            crate::wire::frame_into(&mut st.buf, msg);
+        }
     }
 
-    /// Queues an encoded frame (see [`send`](Self::send)).
-    pub(crate) fn send_frame(&self, frame: Bytes) {
-        drop(self.frames.send(frame));
+    /// Queues task `id` (see [`send`](Self::send)).
+    pub(crate) fn send_run(&self, id: u64, target: TargetRef, args: &[u8]) {
+        let mut st = self.out.lock();
+        if !st.dead {
+            crate::wire::run_frame_into(&mut st.buf, id, target.offset, target.name, args);
+        }
+    }
+
+    /// Writes what is queued, as far as the socket takes it now; the writer task writes
+    /// the rest when it can. A worker whose socket fails is dying; its reader reports
+    /// it, so a failed write needs no handling here.
+    pub(crate) fn flush(&self) {
+        let mut st = self.out.lock();
+        if st.blocked || st.buf.is_empty() {
+            return;
+        }
+        if self.out.write_now(&mut st) {
+            st.blocked = true;
+            self.out.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for WorkerConn {
+    fn drop(&mut self) {
+        self.out.lock().closed = true;
+        self.out.wake.notify_one();
+    }
+}
+
+/// Writes what [`WorkerConn::flush`] could not, as the socket drains, until the handle is
+/// dropped and everything queued is written.
+async fn write_task(out: Arc<Out>) {
+    enum Next {
+        Sleep,
+        AwaitWritable,
+        End,
+    }
+    loop {
+        let next = {
+            let mut st = out.lock();
+            if !st.dead && (st.blocked || st.closed) && !st.buf.is_empty() {
+                st.blocked = out.write_now(&mut st);
+            } else {
+                st.blocked = false;
+            }
+            if st.dead || (st.closed && !st.blocked) {
+                Next::End
+            } else if st.blocked {
+                Next::AwaitWritable
+            } else {
+                Next::Sleep
+            }
+        };
+        match next {
+            Next::End => return,
+            Next::Sleep => out.wake.notified().await,
+            Next::AwaitWritable => {
+                if out.io.writable().await.is_err() {
+                    out.lock().dead = true;
+                }
+            }
+        }
     }
 }
 
@@ -107,24 +222,13 @@ async fn connect(
     });
     let hello = crate::process::hello(name, identity, Role::Worker, init)?;
     crate::process::handshake(&mut channel, &child, name, &[hello]).await?;
-    let (mut reader, mut writer) = channel.split();
-    let (frames, mut queued) = mpsc::unbounded_channel::<Bytes>();
-    tokio::spawn(async move {
-        // Batching: everything queued while the previous write ran goes in one write.
-        while let Some(frame) = queued.recv().await {
-            let mut res = writer.feed(frame).await;
-            while res.is_ok() {
-                match queued.try_recv() {
-                    Ok(more) => res = writer.feed(more).await,
-                    Err(_) => break,
-                }
-            }
-            if res.is_err() || writer.flush().await.is_err() {
-                // The worker is gone; the reader reports it.
-                return;
-            }
-        }
+    let (mut reader, writer) = channel.split();
+    let out = Arc::new(Out {
+        io: writer.into_inner(),
+        state: Mutex::default(),
+        wake: Notify::new(),
     });
+    tokio::spawn(write_task(Arc::clone(&out)));
     let reader_child = Arc::clone(&child);
     let reader_name = Arc::clone(name);
     tokio::spawn(async move {
@@ -173,6 +277,6 @@ async fn connect(
         id,
         name: Arc::clone(name),
         child,
-        frames,
+        out,
     })
 }

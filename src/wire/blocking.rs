@@ -13,6 +13,29 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::{FrameCodec, WireError, codec, from_frame, to_frame};
 
+/// A byte source that can also be read without waiting.
+pub(crate) trait Source: Read {
+    /// Reads what is already there; `ErrorKind::WouldBlock` if nothing is.
+    fn read_now(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl Source for UnixStream {
+    fn read_now(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Ok(rustix::net::recv(&*self, buf, rustix::net::RecvFlags::DONTWAIT)?.0)
+    }
+}
+
+/// What [`BlockingChannel::try_recv`] found.
+#[derive(Debug)]
+pub(crate) enum Next<M> {
+    /// A whole message.
+    Msg(M),
+    /// Nothing yet (perhaps part of a message).
+    Nothing,
+    /// The peer closed its end.
+    End,
+}
+
 /// A blocking, framed channel over a Unix socket.
 #[derive(Debug)]
 pub(crate) struct BlockingChannel<S = UnixStream> {
@@ -22,7 +45,7 @@ pub(crate) struct BlockingChannel<S = UnixStream> {
     max_frame: usize,
 }
 
-impl<S: Read + Write> BlockingChannel<S> {
+impl<S: Source> BlockingChannel<S> {
     pub(crate) fn new(io: S, max_frame: usize) -> Self {
         BlockingChannel {
             io,
@@ -34,13 +57,26 @@ impl<S: Read + Write> BlockingChannel<S> {
 
     /// Reads the next message; `Ok(None)` at a clean end of stream.
     pub(crate) fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, WireError> {
+        match self.next(true)? {
+            Next::Msg(m) => Ok(Some(m)),
+            // A blocking read returns something or the end.
+            Next::End | Next::Nothing => Ok(None),
+        }
+    }
+
+    /// The next message if one has fully arrived; never waits.
+    pub(crate) fn try_recv<M: DeserializeOwned>(&mut self) -> Result<Next<M>, WireError> {
+        self.next(false)
+    }
+
+    fn next<M: DeserializeOwned>(&mut self, wait: bool) -> Result<Next<M>, WireError> {
         loop {
             let frame = self
                 .codec
                 .decode(&mut self.buf)
                 .map_err(|e| WireError::from_codec(e, self.max_frame))?;
             if let Some(frame) = frame {
-                return from_frame(&frame).map(Some);
+                return from_frame(&frame).map(Next::Msg);
             }
             // Room for the whole frame once its length is known (one allocation for a
             // large argument), else for a read's worth.
@@ -52,11 +88,15 @@ impl<S: Read + Write> BlockingChannel<S> {
                 None => 0,
             };
             self.buf.reserve(want.max(8 * 1024));
-            let n = read_buf(&mut self.io, &mut self.buf).map_err(WireError::Io)?;
+            let n = match read_buf(&mut self.io, &mut self.buf, wait) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Next::Nothing),
+                Err(e) => return Err(WireError::Io(e)),
+            };
             if n == 0 {
                 return match self.codec.decode_eof(&mut self.buf) {
-                    Ok(Some(frame)) => from_frame(&frame).map(Some),
-                    Ok(None) => Ok(None),
+                    Ok(Some(frame)) => from_frame(&frame).map(Next::Msg),
+                    Ok(None) => Ok(Next::End),
                     Err(e) => Err(WireError::from_codec(e, self.max_frame)),
                 };
             }
@@ -102,12 +142,17 @@ impl<S: Write> BlockingWriter<S> {
 /// that cost to about what a read returns (a socket buffer's worth).
 const READ_WINDOW: usize = 1 << 20;
 
-/// Reads once into the spare capacity of `buf`.
-fn read_buf<S: Read>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
+/// Reads once into the spare capacity of `buf`, waiting for data if `wait`.
+fn read_buf<S: Source>(io: &mut S, buf: &mut BytesMut, wait: bool) -> std::io::Result<usize> {
     let start = buf.len();
     buf.resize(buf.capacity().min(start + READ_WINDOW), 0);
     let res = loop {
-        match io.read(&mut buf[start..]) {
+        let res = if wait {
+            io.read(&mut buf[start..])
+        } else {
+            io.read_now(&mut buf[start..])
+        };
+        match res {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             other => break other,
         }

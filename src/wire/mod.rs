@@ -19,7 +19,7 @@
 
 mod blocking;
 
-pub(crate) use blocking::{BlockingChannel, Outbox};
+pub(crate) use blocking::{BlockingChannel, Next, Outbox};
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -262,10 +262,31 @@ pub(crate) fn to_frame<M: Serialize>(msg: &M) -> Bytes {
     }
 }
 
-/// `Down::Run` encoded from borrowed parts: the dispatcher sends one per task, and this
-/// copies the arguments once, into the frame, instead of first into an owned [`Run`].
-/// It decodes as `Down::Run` (tested).
-pub(crate) fn run_frame(id: u64, target: u64, target_name: &str, args: &[u8]) -> Bytes {
+/// Appends one protocol message to `buf` as a whole frame: its 4-byte length, then the
+/// message (what [`FrameCodec`] would write for [`to_frame`]'s output, without the
+/// intermediate buffer).
+pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
+    use bytes::BufMut;
+    let start = buf.len();
+    buf.put_u32(0);
+    // As in `to_frame`: our messages always encode.
+    if let Err(e) = rmp_serde::encode::write(&mut (&mut *buf).writer(), msg) {
+        unreachable!("protocol messages always encode: {e}");
+    }
+    let len = (buf.len() - start - 4) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// `Down::Run` framed from borrowed parts into `buf` (see [`frame_into`]): the dispatcher
+/// sends one per task, and this copies the arguments once, straight into the outgoing
+/// buffer, instead of first into an owned [`Run`]. It decodes as `Down::Run` (tested).
+pub(crate) fn run_frame_into(
+    buf: &mut BytesMut,
+    id: u64,
+    target: u64,
+    target_name: &str,
+    args: &[u8],
+) {
     #[derive(Serialize)]
     struct RunRef<'a> {
         id: u64,
@@ -281,12 +302,15 @@ pub(crate) fn run_frame(id: u64, target: u64, target_name: &str, args: &[u8]) ->
         Hello(()),
         Run(RunRef<'a>),
     }
-    to_frame(&DownRef::Run(RunRef {
-        id,
-        target,
-        target_name,
-        args,
-    }))
+    frame_into(
+        buf,
+        &DownRef::Run(RunRef {
+            id,
+            target,
+            target_name,
+            args,
+        }),
+    );
 }
 
 /// Decodes one protocol message.
@@ -378,15 +402,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         SinkExt::<Bytes>::flush(&mut self.wr).await
     }
 
-    /// Queues an encoded frame; written by the next [`flush`](Self::flush) (or sooner if
-    /// the buffer fills).
-    pub(crate) async fn feed(&mut self, frame: Bytes) -> std::io::Result<()> {
-        self.wr.feed(frame).await
-    }
-
-    /// Writes everything queued.
-    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
-        SinkExt::<Bytes>::flush(&mut self.wr).await
+    /// The socket itself; anything queued and not flushed is lost.
+    pub(crate) fn into_inner(self) -> W {
+        self.wr.into_inner()
     }
 }
 

@@ -52,6 +52,12 @@ impl Read for Script {
     }
 }
 
+impl super::blocking::Source for Script {
+    fn read_now(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.read(out)
+    }
+}
+
 impl Write for Script {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         Ok(b.len())
@@ -217,8 +223,16 @@ fn user_values_keep_flatten_and_internal_tags() {
 
 #[test]
 fn borrowed_run_frame_decodes_as_down_run() {
-    let frame = run_frame(7, 0x1234, "crate::doubler", &[1, 2, 3]);
-    match from_frame::<Down>(&frame) {
+    let mut framed = BytesMut::from(&b"already queued"[..]);
+    run_frame_into(&mut framed, 7, 0x1234, "crate::doubler", &[1, 2, 3]);
+    let frame = framed.split_off(14);
+    let body = &frame[4..];
+    assert_eq!(
+        frame[..4],
+        (body.len() as u32).to_be_bytes(),
+        "length header"
+    );
+    match from_frame::<Down>(body) {
         Ok(Down::Run(Run {
             id: 7,
             target: 0x1234,
@@ -236,5 +250,5 @@ fn borrowed_run_frame_decodes_as_down_run() {
         target_name: "crate::doubler".into(),
         args: serde_bytes::ByteBuf::from(vec![1, 2, 3]),
     }));
-    assert_eq!(frame, owned, "same bytes as the owned message");
+    assert_eq!(body, &owned[..], "same bytes as the owned message");
 }
