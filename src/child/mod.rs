@@ -261,8 +261,8 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
 /// up on this child): the parent-death signal alone misses a parent that gave up while
 /// staying alive, for example a cancelled pool build while an initializer runs.
 ///
-/// It polls for the peer's hang-up without reading, so it never takes a frame from the
-/// reader thread of a pool worker.
+/// It polls for the peer's hang-up without reading, so it never takes a frame meant for
+/// the thread that serves tasks.
 fn watch_for_parent_eof(stream: &UnixStream) {
     let Ok(stream) = stream.try_clone() else {
         return;
