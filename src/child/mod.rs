@@ -13,9 +13,12 @@ use std::collections::{HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 
+use bytes::Bytes;
+
 use crate::target::{self, Context, Image};
 use crate::wire::{
-    self, BlockingChannel, Down, Hello, Next, Outbox, Outcome, PROTOCOL_VERSION, Role, Run, Up,
+    self, BlockingChannel, Down, DownIn, Hello, Next, Outbox, Outcome, PROTOCOL_VERSION, Role, Run,
+    Up,
 };
 
 /// `argv[1]` of every procpool child.
@@ -134,10 +137,14 @@ fn serve(args: Args) -> i32 {
 
 /// Runs one task: looks its entry point up and calls it.
 fn execute(run: &Run, cx: &mut Context) -> Outcome {
-    match target::lookup(run.target) {
-        Ok(entry) => entry(&run.args, cx),
+    execute_parts(run.target, &run.target_name, &run.args, cx)
+}
+
+fn execute_parts(target: u64, target_name: &str, args: &[u8], cx: &mut Context) -> Outcome {
+    match target::lookup(target) {
+        Ok(entry) => entry(args, cx),
         Err(reason) => Outcome::BadTarget {
-            reason: format!("{}: {reason}", run.target_name),
+            reason: format!("{target_name}: {reason}"),
         },
     }
 }
@@ -189,8 +196,16 @@ fn run_once(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
 
 /// A frame the worker keeps until its turn.
 enum Job {
-    Run(Run),
+    Run(Task),
     Shutdown,
+}
+
+/// A task as a worker keeps it: slices of the frame it came in, not copies.
+struct Task {
+    id: u64,
+    target: u64,
+    target_name: Bytes,
+    args: Bytes,
 }
 
 /// The `Worker` role: tasks run one at a time, in the order they arrive.
@@ -209,49 +224,46 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
     loop {
         // Every frame already here, then (if there is nothing to run) wait for one.
         loop {
-            let next = if queue.is_empty() {
-                match chan.recv::<Down>() {
-                    Ok(Some(msg)) => Next::Msg(msg),
-                    Ok(None) => Next::End,
-                    Err(_) => return EXIT_PROTOCOL,
-                }
-            } else {
-                match chan.try_recv::<Down>() {
-                    Ok(next) => next,
-                    Err(_) => return EXIT_PROTOCOL,
-                }
+            let frame = match chan.next_frame(queue.is_empty()) {
+                Ok(Next::Msg(frame)) => frame,
+                Ok(Next::Nothing) => break,
+                Ok(Next::End) => return EXIT_ORPHANED,
+                Err(_) => return EXIT_PROTOCOL,
             };
-            match next {
-                Next::Msg(Down::Run(run)) => queue.push_back(Job::Run(run)),
-                Next::Msg(Down::Skip { id }) => {
-                    if queue.iter().any(|j| matches!(j, Job::Run(r) if r.id == id)) {
+            match wire::from_frame_borrowed::<DownIn<'_>>(&frame) {
+                Ok(DownIn::Run(run)) => queue.push_back(Job::Run(Task {
+                    id: run.id,
+                    target: run.target,
+                    target_name: frame.slice_ref(run.target_name.as_bytes()),
+                    args: frame.slice_ref(run.args),
+                })),
+                Ok(DownIn::Skip { id }) => {
+                    if queue.iter().any(|j| matches!(j, Job::Run(t) if t.id == id)) {
                         skips.insert(id);
                     }
                 }
-                Next::Msg(Down::Shutdown) => queue.push_back(Job::Shutdown),
-                Next::Msg(Down::Hello(_)) => return EXIT_PROTOCOL,
-                Next::Nothing => break,
-                Next::End => return EXIT_ORPHANED,
+                Ok(DownIn::Shutdown) => queue.push_back(Job::Shutdown),
+                Ok(DownIn::Hello(_)) | Err(_) => return EXIT_PROTOCOL,
             }
         }
-        let run = match queue.pop_front() {
-            Some(Job::Run(run)) => run,
+        let task = match queue.pop_front() {
+            Some(Job::Run(task)) => task,
             // Whatever came before it has been answered.
             Some(Job::Shutdown) => return 0,
             None => continue,
         };
-        let outcome = if skips.remove(&run.id) {
+        let outcome = if skips.remove(&task.id) {
             Outcome::Skipped
         } else {
-            let outcome = execute(&run, &mut cx);
+            let name = String::from_utf8_lossy(&task.target_name);
+            let outcome = execute_parts(task.target, &name, &task.args, &mut cx);
             crate::sync::settle();
             outcome
         };
-        let done = Up::Done {
-            id: run.id,
-            outcome,
-        };
-        if outbox.send(&done).is_err() {
+        // The frame's memory goes back before the answer is written.
+        let id = task.id;
+        drop(task);
+        if outbox.send(&Up::Done { id, outcome }).is_err() {
             return EXIT_ORPHANED;
         }
     }

@@ -17,12 +17,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::PoolStats;
-use super::message::{Command, Finished, Job, Reply};
+use super::message::{Args, Command, Finished, Job, Reply};
 use super::worker::{self, Event, Init, WorkerConn};
 use crate::error::Error;
 use crate::process::ChildHandle;
@@ -55,7 +54,7 @@ enum State {
 
 struct Task {
     target: TargetRef,
-    args: Bytes,
+    args: Args,
     reply: Option<Reply>,
     state: State,
     /// The caller gave up; the task stays here only until its worker moves past it.

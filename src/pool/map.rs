@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use super::Shared;
-use super::message::{Finished, TaskResult};
+use super::message::{Args, Finished, TaskResult};
 use crate::error::{Error, Result};
 use crate::target::{ChunkOutput, TargetRef};
 use crate::wire::Outcome;
@@ -31,6 +31,8 @@ use crate::wire::Outcome;
 #[derive(Debug, Default)]
 pub(crate) struct Encoded {
     buf: Vec<u8>,
+    /// `buf`, once chunks are taken from it (they share it, uncopied).
+    frozen: Bytes,
     ends: Vec<usize>,
     /// Keeps queues, locks, events and pipe ends among the items alive while the items
     /// are in flight.
@@ -54,25 +56,36 @@ impl Encoded {
         Ok(())
     }
 
-    /// Items `range` as one MessagePack array.
-    fn chunk(&self, range: std::ops::Range<usize>) -> Bytes {
+    /// Items `range` as one MessagePack array: a header, then the items, not copied.
+    /// No item is pushed after the first chunk is taken.
+    fn chunk(&mut self, range: std::ops::Range<usize>) -> Args {
+        if !self.buf.is_empty() {
+            self.frozen = Bytes::from(std::mem::take(&mut self.buf));
+        }
         let start = if range.start == 0 {
             0
         } else {
             self.ends[range.start - 1]
         };
         let end = self.ends[range.end - 1];
-        let mut out = Vec::with_capacity(end - start + 5);
+        let mut head = Vec::with_capacity(5);
         // Writing into a Vec cannot fail.
-        drop(rmp::encode::write_array_len(&mut out, range.len() as u32));
-        out.extend_from_slice(&self.buf[start..end]);
-        Bytes::from(out)
+        drop(rmp::encode::write_array_len(&mut head, range.len() as u32));
+        Args {
+            head: Bytes::from(head),
+            body: self.frozen.slice(start..end),
+        }
     }
 
     /// Item `i` on its own (to resubmit the rest of a chunk).
     fn item(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.buf[start..self.ends[i]]
+        let all = if self.frozen.is_empty() {
+            &self.buf[..]
+        } else {
+            &self.frozen[..]
+        };
+        &all[start..self.ends[i]]
     }
 }
 
@@ -407,7 +420,7 @@ impl<R, I> Imap<R, I> {
         }
     }
 
-    fn submit(&mut self, target: TargetRef, seq: u64, items: Encoded) -> Result<()> {
+    fn submit(&mut self, target: TargetRef, seq: u64, mut items: Encoded) -> Result<()> {
         let tx = self.tx.clone();
         let args = items.chunk(0..items.len());
         let id = self.shared.submit(target, args, move |id| {

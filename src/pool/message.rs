@@ -22,11 +22,36 @@ pub(crate) struct Finished {
 /// chunks of a map.
 pub(crate) type Reply = Box<dyn FnOnce(TaskResult) + Send>;
 
+/// A task's encoded arguments: `head` then `body`, together one MessagePack value.
+///
+/// In two parts so that a chunk of a map is never copied before it reaches the socket:
+/// `head` is its array header, `body` a slice of the items, encoded once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Args {
+    pub(crate) head: Bytes,
+    pub(crate) body: Bytes,
+}
+
+impl Args {
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+}
+
+impl From<Bytes> for Args {
+    fn from(body: Bytes) -> Self {
+        Args {
+            head: Bytes::new(),
+            body,
+        }
+    }
+}
+
 /// One unit of work: a call of a target, or one chunk of a map.
 pub(crate) struct Job {
     pub(crate) id: u64,
     pub(crate) target: TargetRef,
-    pub(crate) args: Bytes,
+    pub(crate) args: Args,
     pub(crate) reply: Reply,
 }
 

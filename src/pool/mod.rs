@@ -25,6 +25,7 @@ pub use map::{Imap, Map};
 use crate::error::{Error, Result};
 use crate::target::{Target, TargetRef};
 use dispatcher::{Config, Dispatcher};
+use message::Args;
 use message::{Command, Job, Reply};
 use worker::Init;
 
@@ -498,9 +499,10 @@ impl Shared {
     fn submit(
         &self,
         target: TargetRef,
-        args: Bytes,
+        args: impl Into<Args>,
         make_reply: impl FnOnce(u64) -> Reply,
     ) -> Result<u64> {
+        let args = args.into();
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::PoolClosed);
         }

@@ -1,6 +1,7 @@
 //! One pool worker as the dispatcher sees it: started and handshaken here, then driven by
 //! a reader task (frames in, forwarded as events) and a writer task (frames out, batched).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -8,6 +9,7 @@ use serde_bytes::ByteBuf;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc};
 
+use super::message::Args;
 use crate::error::{Error, ExitReason};
 use crate::process::{ChildHandle, Spawned, spawn_child};
 use crate::target::TargetRef;
@@ -63,7 +65,10 @@ struct Out {
 
 #[derive(Debug, Default)]
 struct OutState {
-    /// Whole frames, not yet written (the first perhaps partly written).
+    /// Bytes ready to go, in order, before `buf` (the first perhaps partly written):
+    /// sealed parts of `buf`, and large arguments, which are sent from where they are.
+    queue: VecDeque<Bytes>,
+    /// Small frames being assembled, after everything in `queue`.
     buf: BytesMut,
     /// The socket was full: the writer task is in charge until `buf` is empty.
     blocked: bool,
@@ -73,6 +78,39 @@ struct OutState {
     dead: bool,
 }
 
+/// Arguments at least this large are written from their own buffer, not copied.
+const COPY_LIMIT: usize = 64 * 1024;
+/// Buffers per vectored write.
+const MAX_IOV: usize = 64;
+
+impl OutState {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.buf.is_empty()
+    }
+
+    /// Moves what `buf` holds to the end of `queue`.
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            self.queue.push_back(self.buf.split().freeze());
+        }
+    }
+
+    /// Forgets `n` written bytes.
+    fn written(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                return;
+            };
+            if front.len() > n {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.queue.pop_front();
+        }
+    }
+}
+
 impl Out {
     fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -80,14 +118,21 @@ impl Out {
 
     /// Writes what it can without waiting. Returns true if bytes are left over.
     fn write_now(&self, st: &mut OutState) -> bool {
-        while !st.buf.is_empty() {
-            match self.io.try_write(&st.buf) {
-                Ok(n) => st.buf.advance(n),
+        st.seal();
+        while !st.queue.is_empty() {
+            let iov: Vec<std::io::IoSlice<'_>> = st
+                .queue
+                .iter()
+                .take(MAX_IOV)
+                .map(|b| std::io::IoSlice::new(b))
+                .collect();
+            match self.io.try_write_vectored(&iov) {
+                Ok(n) => st.written(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     st.dead = true;
-                    st.buf = BytesMut::new();
+                    st.queue.clear();
                 }
             }
         }
@@ -104,11 +149,20 @@ impl WorkerConn {
         }
     }
 
-    /// Queues task `id` (see [`send`](Self::send)).
-    pub(crate) fn send_run(&self, id: u64, target: TargetRef, args: &[u8]) {
+    /// Queues task `id` (see [`send`](Self::send)). Large arguments are not copied.
+    pub(crate) fn send_run(&self, id: u64, target: TargetRef, args: &Args) {
         let mut st = self.out.lock();
-        if !st.dead {
-            crate::wire::run_frame_into(&mut st.buf, id, target.offset, target.name, args);
+        if st.dead {
+            return;
+        }
+        let (head, body) = (&args.head, &args.body);
+        crate::wire::run_frame_head(&mut st.buf, id, target.offset, target.name, args.len());
+        st.buf.extend_from_slice(head);
+        if body.len() < COPY_LIMIT {
+            st.buf.extend_from_slice(body);
+        } else {
+            st.seal();
+            st.queue.push_back(body.clone());
         }
     }
 
@@ -117,7 +171,7 @@ impl WorkerConn {
     /// it, so a failed write needs no handling here.
     pub(crate) fn flush(&self) {
         let mut st = self.out.lock();
-        if st.blocked || st.buf.is_empty() {
+        if st.blocked || st.is_empty() {
             return;
         }
         if self.out.write_now(&mut st) {
@@ -145,7 +199,7 @@ async fn write_task(out: Arc<Out>) {
     loop {
         let next = {
             let mut st = out.lock();
-            if !st.dead && (st.blocked || st.closed) && !st.buf.is_empty() {
+            if !st.dead && (st.blocked || st.closed) && !st.is_empty() {
                 st.blocked = out.write_now(&mut st);
             } else {
                 st.blocked = false;

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -57,37 +57,43 @@ impl<S: Source> BlockingChannel<S> {
 
     /// Reads the next message; `Ok(None)` at a clean end of stream.
     pub(crate) fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, WireError> {
-        match self.next(true)? {
-            Next::Msg(m) => Ok(Some(m)),
+        match self.next_frame(true)? {
+            Next::Msg(frame) => from_frame(&frame).map(Some),
             // A blocking read returns something or the end.
             Next::End | Next::Nothing => Ok(None),
         }
     }
 
-    /// The next message if one has fully arrived; never waits.
-    pub(crate) fn try_recv<M: DeserializeOwned>(&mut self) -> Result<Next<M>, WireError> {
-        self.next(false)
-    }
-
-    fn next<M: DeserializeOwned>(&mut self, wait: bool) -> Result<Next<M>, WireError> {
+    /// The next frame, undecoded (so that a message can borrow from it); waits for one
+    /// if `wait`, else returns what has fully arrived.
+    pub(crate) fn next_frame(&mut self, wait: bool) -> Result<Next<Bytes>, WireError> {
         loop {
             let frame = self
                 .codec
                 .decode(&mut self.buf)
                 .map_err(|e| WireError::from_codec(e, self.max_frame))?;
             if let Some(frame) = frame {
-                return from_frame(&frame).map(Next::Msg);
+                return Ok(Next::Msg(frame.freeze()));
             }
-            // Room for the whole frame once its length is known (one allocation for a
-            // large argument), else for a read's worth.
-            let want = match self.buf.get(..4) {
-                Some(h) => (u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize)
-                    .min(self.max_frame)
-                    .saturating_add(4)
-                    .saturating_sub(self.buf.len()),
-                None => 0,
-            };
-            self.buf.reserve(want.max(8 * 1024));
+            let missing = self.codec.missing(self.buf.len());
+            if wait && missing >= LARGE_REST {
+                // The rest of a large frame, read straight into one buffer of the
+                // frame's size: std reads a socket into spare capacity without zeroing
+                // it first, which `read_buf` must do.
+                let mut whole = Vec::with_capacity(self.buf.len() + missing);
+                whole.extend_from_slice(&self.buf);
+                let got = (&mut self.io)
+                    .take(missing as u64)
+                    .read_to_end(&mut whole)
+                    .map_err(WireError::Io)?;
+                self.buf = BytesMut::from(Bytes::from(whole));
+                if got < missing {
+                    return Err(WireError::Truncated);
+                }
+                continue;
+            }
+            // (The codec reserves room for a whole frame once it has read its header.)
+            self.buf.reserve(8 * 1024);
             let n = match read_buf(&mut self.io, &mut self.buf, wait) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Next::Nothing),
@@ -95,7 +101,7 @@ impl<S: Source> BlockingChannel<S> {
             };
             if n == 0 {
                 return match self.codec.decode_eof(&mut self.buf) {
-                    Ok(Some(frame)) => from_frame(&frame).map(Next::Msg),
+                    Ok(Some(frame)) => Ok(Next::Msg(frame.freeze())),
                     Ok(None) => Ok(Next::End),
                     Err(e) => Err(WireError::from_codec(e, self.max_frame)),
                 };
@@ -137,6 +143,9 @@ impl<S: Write> BlockingWriter<S> {
         self.io.flush()
     }
 }
+
+/// A frame with at least this much left to read is read in one go (see `next_frame`).
+const LARGE_REST: usize = 64 * 1024;
 
 /// The most one read takes: the spare capacity is zeroed before reading, so this bounds
 /// that cost to about what a read returns (a socket buffer's worth).

@@ -21,6 +21,7 @@ mod blocking;
 
 pub(crate) use blocking::{BlockingChannel, Next, Outbox};
 
+use bytes::BufMut;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -70,6 +71,27 @@ pub(crate) struct Run {
     pub(crate) target: u64,
     pub(crate) target_name: String,
     pub(crate) args: ByteBuf,
+}
+
+/// [`Down`] as a worker decodes it: a task's arguments are borrowed from the frame.
+#[derive(Debug, Deserialize)]
+pub(crate) enum DownIn<'a> {
+    Hello(serde::de::IgnoredAny),
+    #[serde(borrow)]
+    Run(RunIn<'a>),
+    Skip {
+        id: u64,
+    },
+    Shutdown,
+}
+
+/// [`Run`] with borrowed arguments (see [`DownIn`]).
+#[derive(Debug, Deserialize)]
+pub(crate) struct RunIn<'a> {
+    pub(crate) id: u64,
+    pub(crate) target: u64,
+    pub(crate) target_name: &'a str,
+    pub(crate) args: &'a [u8],
 }
 
 /// Parent to child.
@@ -209,6 +231,19 @@ impl WireError {
 pub(crate) struct FrameCodec {
     inner: LengthDelimitedCodec,
     in_frame: bool,
+    /// The length of the frame being read, while `in_frame`.
+    frame_len: usize,
+}
+
+impl FrameCodec {
+    /// Bytes of the current frame not yet in the `buffered` bytes after its header.
+    pub(crate) fn missing(&self, buffered: usize) -> usize {
+        if self.in_frame {
+            self.frame_len.saturating_sub(buffered)
+        } else {
+            0
+        }
+    }
 }
 
 pub(crate) fn codec(max_frame: usize) -> FrameCodec {
@@ -218,6 +253,7 @@ pub(crate) fn codec(max_frame: usize) -> FrameCodec {
             .max_frame_length(max_frame)
             .new_codec(),
         in_frame: false,
+        frame_len: 0,
     }
 }
 
@@ -227,6 +263,9 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> std::io::Result<Option<BytesMut>> {
         let before = src.len();
+        if !self.in_frame && src.len() >= 4 {
+            self.frame_len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        }
         let frame = self.inner.decode(src)?;
         self.in_frame = frame.is_none() && (self.in_frame || src.len() < before);
         Ok(frame)
@@ -266,7 +305,6 @@ pub(crate) fn to_frame<M: Serialize>(msg: &M) -> Bytes {
 /// message (what [`FrameCodec`] would write for [`to_frame`]'s output, without the
 /// intermediate buffer).
 pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
-    use bytes::BufMut;
     let start = buf.len();
     buf.put_u32(0);
     // As in `to_frame`: our messages always encode.
@@ -277,15 +315,17 @@ pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
     buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// `Down::Run` framed from borrowed parts into `buf` (see [`frame_into`]): the dispatcher
-/// sends one per task, and this copies the arguments once, straight into the outgoing
-/// buffer, instead of first into an owned [`Run`]. It decodes as `Down::Run` (tested).
-pub(crate) fn run_frame_into(
+/// The start of a `Down::Run` frame, appended to `buf`: everything up to its arguments,
+/// which the caller sends next, `args_len` bytes of them. The dispatcher sends one per
+/// task; the arguments are never copied into an owned [`Run`], nor (when large) into
+/// the outgoing buffer. With the arguments after it, it is the frame [`frame_into`]
+/// writes for `Down::Run` (tested).
+pub(crate) fn run_frame_head(
     buf: &mut BytesMut,
     id: u64,
     target: u64,
     target_name: &str,
-    args: &[u8],
+    args_len: usize,
 ) {
     #[derive(Serialize)]
     struct RunRef<'a> {
@@ -302,19 +342,38 @@ pub(crate) fn run_frame_into(
         Hello(()),
         Run(RunRef<'a>),
     }
+    let start = buf.len();
+    // The message with empty arguments ends with their empty `bin 8` (0xc4 0x00): the
+    // arguments are the last field. That header is replaced by the real one.
     frame_into(
         buf,
         &DownRef::Run(RunRef {
             id,
             target,
             target_name,
-            args,
+            args: &[],
         }),
     );
+    if !buf.ends_with(&[0xc4, 0x00]) {
+        unreachable!("an empty byte string encodes as bin 8 of length 0");
+    }
+    buf.truncate(buf.len() - 2);
+    // Writing into a BytesMut cannot fail.
+    drop(rmp::encode::write_bin_len(
+        &mut (&mut *buf).writer(),
+        args_len as u32,
+    ));
+    let len = (buf.len() - start - 4 + args_len) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Decodes one protocol message.
 pub(crate) fn from_frame<M: DeserializeOwned>(frame: &[u8]) -> Result<M, WireError> {
+    from_frame_borrowed(frame)
+}
+
+/// Decodes one protocol message that may borrow from `frame`.
+pub(crate) fn from_frame_borrowed<'a, M: Deserialize<'a>>(frame: &'a [u8]) -> Result<M, WireError> {
     rmp_serde::from_slice(frame).map_err(|e| WireError::Garbage(e.to_string()))
 }
 

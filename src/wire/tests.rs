@@ -43,9 +43,13 @@ impl AsyncRead for Script {
 impl Read for Script {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         match self.chunks.pop_front() {
-            Some(c) => {
-                out[..c.len()].copy_from_slice(&c);
-                Ok(c.len())
+            Some(mut c) => {
+                let n = c.len().min(out.len());
+                out[..n].copy_from_slice(&c[..n]);
+                if n < c.len() {
+                    self.chunks.push_front(c.split_off(n));
+                }
+                Ok(n)
             }
             None => Ok(0),
         }
@@ -163,6 +167,32 @@ async fn eof_mid_frame_is_truncated() {
     }
 }
 
+#[test]
+fn a_large_frame_arriving_in_pieces_reads_whole_or_truncated() {
+    // Past 64 KiB left to read, the blocking reader takes the rest of the frame in one go.
+    let big = Up::Refused {
+        reason: "x".repeat(300_000),
+    };
+    let bytes = framed(&big);
+    let pieces = |upto: usize| {
+        let b = &bytes[..upto];
+        vec![
+            b[..10].to_vec(),
+            b[10..100_000].to_vec(),
+            b[100_000..].to_vec(),
+        ]
+    };
+    let mut b = BlockingChannel::new(Script::new(pieces(bytes.len())), 1 << 20);
+    match b.recv::<Up>() {
+        Ok(Some(Up::Refused { reason })) => assert_eq!(reason.len(), 300_000),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(b.recv::<Up>(), Ok(None)));
+    let mut b = BlockingChannel::new(Script::new(pieces(bytes.len() - 1)), 1 << 20);
+    let got = b.recv::<Up>();
+    assert!(matches!(got, Err(WireError::Truncated)), "{got:?}");
+}
+
 #[tokio::test]
 async fn sent_frames_read_back() {
     let (a, b) = tokio::io::duplex(64);
@@ -223,8 +253,15 @@ fn user_values_keep_flatten_and_internal_tags() {
 
 #[test]
 fn borrowed_run_frame_decodes_as_down_run() {
+    for args in [vec![1, 2, 3], vec![], vec![9; 70_000]] {
+        run_frame_head_then_args_is_down_run(&args);
+    }
+}
+
+fn run_frame_head_then_args_is_down_run(sent: &[u8]) {
     let mut framed = BytesMut::from(&b"already queued"[..]);
-    run_frame_into(&mut framed, 7, 0x1234, "crate::doubler", &[1, 2, 3]);
+    run_frame_head(&mut framed, 7, 0x1234, "crate::doubler", sent.len());
+    framed.extend_from_slice(sent);
     let frame = framed.split_off(14);
     let body = &frame[4..];
     assert_eq!(
@@ -240,7 +277,7 @@ fn borrowed_run_frame_decodes_as_down_run() {
             args,
         })) => {
             assert_eq!(target_name, "crate::doubler");
-            assert_eq!(args.as_ref(), &[1, 2, 3]);
+            assert_eq!(args.as_ref(), sent);
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -248,7 +285,7 @@ fn borrowed_run_frame_decodes_as_down_run() {
         id: 7,
         target: 0x1234,
         target_name: "crate::doubler".into(),
-        args: serde_bytes::ByteBuf::from(vec![1, 2, 3]),
+        args: serde_bytes::ByteBuf::from(sent.to_vec()),
     }));
     assert_eq!(body, &owned[..], "same bytes as the owned message");
 }
