@@ -100,8 +100,10 @@
 //!   before it runs anything.
 //! - **No orphans, no zombies.** Every child dies with its parent (even one killed with
 //!   `SIGKILL`), and every child is reaped, also when its [`Process`] is dropped.
-//! - **stdout is yours.** Children inherit stdin, stdout and stderr; the protocol has its
-//!   own socket.
+//! - **stdout is yours.** Children inherit stdout and stderr; the protocol has its own
+//!   socket. A child's stdin is `/dev/null`, as in Python's `multiprocessing` (the
+//!   socket arrives there, which lets the child start with `posix_spawn`: no copy of the
+//!   parent's page tables, however large its heap).
 //!
 //! # Queues, pipes, locks and events
 //!

@@ -366,3 +366,48 @@ async fn the_child_sees_the_parents_environment_unchanged() {
     assert!(argv.iter().all(|a| !parent_argv.contains(a)), "{argv:?}");
     assert!(argv[0].ends_with("(procpool)"), "readable title: {argv:?}");
 }
+
+/// What a child sees: its stdin's first read, the link of its channel (its first socket
+/// above the standard streams), and the fds a process it starts inherits.
+fn stdin_channel_and_grandchild_fds() -> (usize, String, Vec<String>) {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let n = std::io::stdin().read_to_end(&mut buf).expect("stdin reads");
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    fds.sort_unstable();
+    let channel = fds
+        .into_iter()
+        .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .find(|l| l.starts_with("socket:"))
+        .expect("a child has its channel");
+    let out = std::process::Command::new("sh")
+        .args(["-c", "for f in /proc/$$/fd/*; do readlink $f; done"])
+        .output()
+        .expect("sh runs");
+    let links = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (n, channel, links)
+}
+
+#[tokio::test]
+async fn a_childs_stdin_is_dev_null_and_its_channel_is_not_passed_on() {
+    // As in Python's multiprocessing, a child does not share the parent's stdin; the
+    // channel reaches it as fd 0 (so it can be started with posix_spawn) and moves.
+    let mut p = Process::new(stdin_channel_and_grandchild_fds, ());
+    p.start().await.unwrap();
+    let (n, channel, links) = p.join().await.unwrap();
+    assert_eq!(n, 0, "stdin is at its end at once");
+    assert_eq!(
+        links.first().map(String::as_str),
+        Some("/dev/null"),
+        "{links:?}"
+    );
+    assert!(!links.contains(&channel), "{channel} leaked: {links:?}");
+}

@@ -1,6 +1,7 @@
 //! A child that writes garbage on its channel ends with `Error::Protocol` and is killed;
-//! the parent never panics. The target finds its channel from its own command line
-//! (`argv[2]`), which is exactly what a buggy native library scribbling on fds could do.
+//! the parent never panics. The target finds its channel as the first socket among its
+//! file descriptors, which is exactly what a buggy native library scribbling on fds
+//! could do.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -8,10 +9,18 @@ use std::os::unix::net::UnixStream;
 use procpool::{Error, Process};
 
 fn channel_of_this_child() -> UnixStream {
-    let cmdline = std::fs::read("/proc/self/cmdline").unwrap();
-    let fd: i32 = String::from_utf8_lossy(cmdline.split(|b| *b == 0).nth(2).unwrap())
-        .parse()
-        .unwrap();
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    let fd = fds
+        .into_iter()
+        .find(|fd| {
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .expect("a child has its channel");
     let borrowed = {
         #[allow(unsafe_code)]
         // SAFETY: the child's channel stays open for the whole life of the child.

@@ -44,16 +44,29 @@ impl Encoded {
         self.ends.len()
     }
 
-    /// Appends one item. Run it inside [`crate::sync::collect`] (once for many items:
-    /// it is not free) and keep the pins in `self.pins`.
-    fn push<T: Serialize>(&mut self, item: &T) -> std::result::Result<(), String> {
-        let start = self.buf.len();
-        if let Err(e) = rmp_serde::encode::write_named(&mut self.buf, item) {
-            self.buf.truncate(start);
-            return Err(e.to_string());
+    /// Appends items until `limit` are held or `items` ends (then returns true), with
+    /// one encoder for all of them. Run it inside [`crate::sync::collect`] (once for many
+    /// items: it is not free) and keep the pins in `self.pins`. An item that fails to
+    /// encode leaves nothing behind and is the error.
+    fn fill<T: Serialize>(
+        &mut self,
+        items: &mut impl Iterator<Item = T>,
+        limit: usize,
+    ) -> std::result::Result<bool, String> {
+        // The same encoding as `wire::encode_value` (structs as maps).
+        let mut ser = rmp_serde::Serializer::new(&mut self.buf).with_struct_map();
+        while self.ends.len() < limit {
+            let Some(item) = items.next() else {
+                return Ok(true);
+            };
+            let start = ser.get_ref().len();
+            if let Err(e) = item.serialize(&mut ser) {
+                ser.get_mut().truncate(start);
+                return Err(e.to_string());
+            }
+            self.ends.push(ser.get_ref().len());
         }
-        self.ends.push(self.buf.len());
-        Ok(())
+        Ok(false)
     }
 
     /// Items `range` as one MessagePack array: a header, then the items, not copied.
@@ -91,17 +104,13 @@ impl Encoded {
 
 /// Encodes every item now; the first that fails is the error.
 pub(crate) fn encode_items<T: Serialize, I: IntoIterator<Item = T>>(items: I) -> Result<Encoded> {
-    let items = items.into_iter();
+    let mut items = items.into_iter();
     let mut enc = Encoded::default();
     enc.ends.reserve(items.size_hint().0);
-    let (res, pins) = crate::sync::collect(|| {
-        for item in items {
-            enc.push(&item).map_err(Error::encode::<T>)?;
-        }
-        Ok(())
-    });
+    let (res, pins) = crate::sync::collect(|| enc.fill(&mut items, usize::MAX));
     enc.pins = pins;
-    res.map(|()| enc)
+    res.map_err(Error::encode::<T>)?;
+    Ok(enc)
 }
 
 /// Python's default: `ceil(len / (4 * processes))`.
@@ -477,19 +486,12 @@ where
             let size = self.chunk_size();
             let mut items = Encoded::default();
             let mut bad = None;
-            let ((), pins) = crate::sync::collect(|| {
-                while items.len() < size {
-                    let Some(item) = self.items.next() else {
-                        self.exhausted = true;
-                        break;
-                    };
-                    if let Err(reason) = items.push(&item) {
-                        bad = Some(Error::encode::<T>(reason));
-                        break;
-                    }
-                }
-            });
+            let (res, pins) = crate::sync::collect(|| items.fill(&mut self.items, size));
             items.pins = pins;
+            match res {
+                Ok(ended) => self.exhausted |= ended,
+                Err(reason) => bad = Some(Error::encode::<T>(reason)),
+            }
             if items.len() > 0 {
                 let seq = self.next_seq;
                 self.next_seq += 1;

@@ -11,7 +11,7 @@
 //! The thread runs a current-thread tokio runtime; spawning happens synchronously on it.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -98,22 +98,23 @@ fn widen(end: &UnixStream) {
 }
 
 fn start(name: &str, theirs: UnixStream) -> Result<Arc<ChildHandle>, Error> {
-    let fd = theirs.as_raw_fd();
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0(format!("{name} (procpool)"))
         .arg(crate::child::MAGIC)
-        .arg(fd.to_string())
         .arg(std::process::id().to_string())
-        .stdin(Stdio::inherit())
+        // The channel, as fd 0: the child moves it and puts /dev/null there (see
+        // `child::take_channel`). With nothing to run between fork and exec, std uses
+        // `posix_spawn`, which does not copy this process's page tables.
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         // Its own process group, so stopping a task can stop what the task started.
         .process_group(0);
-    crate::target::inherit_fd(&mut cmd, fd);
     let child = cmd
         .spawn()
         .map_err(|e| Error::spawn("cannot execute /proc/self/exe", Some(e)))?;
-    drop(theirs);
+    // Our copy of the child's end closes here: the child then holds the only one.
+    drop(cmd);
     let pid = child.id();
     // Not reaped yet, so the pid cannot have been reused.
     let pidfd = rustix::process::Pid::from_raw(pid as i32)

@@ -14,8 +14,9 @@
 //!    crate versions); a child whose fingerprint differs refuses every target. Same file,
 //!    same code, same offsets.
 //! 2. **The offset was computed from a real entry point.** Only the parent writes on the
-//!    channel (a `socketpair` whose other end is close-on-exec everywhere but in this
-//!    child), and it writes only offsets it computed with `entry::<F, M, A> as usize`.
+//!    channel (a `socketpair` whose other end the child gets as its fd 0 at spawn and
+//!    nobody else has), and it writes only offsets it computed with
+//!    `entry::<F, M, A> as usize`.
 //! 3. **The entry point lives in the main executable.** The parent refuses
 //!    ([`Error::UnsupportedTarget`](crate::Error::UnsupportedTarget)) an entry point that
 //!    is not inside an executable mapping of the main executable (code in a `dlopen`ed
@@ -27,10 +28,7 @@
 //!    the function. The one caveat: a closure that captures a zero-sized *token* type gets
 //!    that token in the child without calling its constructor; don't capture tokens.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::os::fd::OwnedFd;
 
 use tokio::io::unix::AsyncFd;
 
@@ -101,44 +99,6 @@ pub(crate) fn register_fd(
     // and is not replaced for as long as it is registered; it is closed only when the
     // `AsyncFd` is dropped, after deregistration.
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into())
-}
-
-/// Lets the child started by `cmd` inherit `fd` (everything else stays close-on-exec).
-pub(crate) fn inherit_fd(cmd: &mut Command, fd: RawFd) {
-    // SAFETY: the closure runs in the forked child before `execve`, where only
-    // async-signal-safe calls are allowed: it makes one `fcntl(F_SETFD)` system call and
-    // allocates nothing. `fd` is open in the parent at fork time (the caller keeps it
-    // open until `spawn` returns) and so is open in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
-            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
-            Ok(())
-        });
-    }
-}
-
-/// Takes ownership of the channel inherited from the parent at `fd`.
-///
-/// Checks that `fd` is a Unix stream socket first and marks it close-on-exec, so that
-/// processes this child starts do not inherit it.
-pub(crate) fn inherited_channel(fd: RawFd) -> std::io::Result<UnixStream> {
-    use std::os::fd::AsFd;
-    if fd < 3 {
-        return Err(std::io::Error::other("channel fd is a standard stream"));
-    }
-    // SAFETY: `fd` is the number the parent passed on our command line for the socket
-    // it made us inherit; nothing else in this process knows of it or will close it (we
-    // run before `main`). We take sole ownership here, once.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let st = rustix::fs::fstat(owned.as_fd())?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
-        // Hand the number back untouched: it is not ours.
-        std::mem::forget(owned);
-        return Err(std::io::Error::other("channel fd is not a socket"));
-    }
-    rustix::io::fcntl_setfd(owned.as_fd(), rustix::io::FdFlags::CLOEXEC)?;
-    Ok(UnixStream::from(owned))
 }
 
 /// Ignores `SIGPIPE`, as Rust's `main` start-up does (a child never reaches `main`).
