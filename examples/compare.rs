@@ -116,6 +116,31 @@ fn reset_peak_rss() {
     }
 }
 
+/// The raw reference for round trips: 8 bytes through `cat` and back, blocking pipes.
+fn raw_pingpong() -> std::io::Result<()> {
+    let mut cat = Command::new("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let (Some(mut to), Some(mut from)) = (cat.stdin.take(), cat.stdout.take()) else {
+        unreachable!("both were piped");
+    };
+    let mut lat = Vec::new();
+    let mut buf = [0u8; 8];
+    for i in 0..N_PINGPONG + 200 {
+        let t0 = Instant::now();
+        to.write_all(&[7u8; 8])?;
+        from.read_exact(&mut buf)?;
+        if i >= 200 {
+            lat.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    drop(to);
+    cat.wait()?;
+    emit("raw", "pipe_pingpong", "median", median(&mut lat), "us");
+    Ok(())
+}
+
 fn want(only: &[String], w: &str) -> bool {
     only.is_empty() || only.iter().any(|o| o == w)
 }
@@ -216,6 +241,7 @@ async fn main() -> procpool::Result<()> {
             }
             emit(sys, "rtt_apply", "median", median(&mut lat), "us");
             emit(sys, "rtt_apply", "p99", pct(&mut lat, 99.0), "us");
+            raw_pingpong()?;
         }
         if want(&only, "large_payload") {
             let payloads: Vec<ByteBuf> = (0..N_PAYLOAD)
@@ -319,27 +345,7 @@ async fn main() -> procpool::Result<()> {
         emit(sys, "pipe_pingpong", "median", median(&mut lat), "us");
         emit(sys, "pipe_pingpong", "p99", pct(&mut lat, 99.0), "us");
 
-        // Reference: 8 bytes through `cat` and back, blocking pipes.
-        let mut cat = Command::new("cat")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let (Some(mut to), Some(mut from)) = (cat.stdin.take(), cat.stdout.take()) else {
-            unreachable!("both were piped");
-        };
-        let mut lat = Vec::new();
-        let mut buf = [0u8; 8];
-        for i in 0..N_PINGPONG + 200 {
-            let t0 = Instant::now();
-            to.write_all(&[7u8; 8])?;
-            from.read_exact(&mut buf)?;
-            if i >= 200 {
-                lat.push(t0.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        drop(to);
-        cat.wait()?;
-        emit("raw", "pipe_pingpong", "median", median(&mut lat), "us");
+        raw_pingpong()?;
     }
 
     if want(&only, "process_spawn") {
@@ -362,6 +368,39 @@ async fn main() -> procpool::Result<()> {
             assert!(status.success());
         }
         emit("raw", "process_spawn", "median", median(&mut ts), "ms");
+
+        // The same with 100 MB of touched heap in this process, as in a real service:
+        // a `fork` would copy its page tables, `posix_spawn` does not.
+        let ballast: Vec<Vec<u8>> = (0..100).map(|i| vec![i as u8; 1 << 20]).collect();
+        let mut ts = Vec::new();
+        for _ in 0..N_SPAWN {
+            let t0 = Instant::now();
+            let mut p = Process::new(noop, ());
+            p.start().await?;
+            p.join().await?;
+            ts.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        emit(
+            sys,
+            "process_spawn[heap=100MB]",
+            "median",
+            median(&mut ts),
+            "ms",
+        );
+        let mut ts = Vec::new();
+        for _ in 0..N_SPAWN {
+            let t0 = Instant::now();
+            Command::new("/bin/true").status()?;
+            ts.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        emit(
+            "raw",
+            "process_spawn[heap=100MB]",
+            "median",
+            median(&mut ts),
+            "ms",
+        );
+        drop(black_box(ballast));
     }
     Ok(())
 }
