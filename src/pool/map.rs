@@ -291,7 +291,12 @@ impl<R: DeserializeOwned> Future for Map<R> {
                 return Poll::Ready(Err(e));
             }
             if run.remaining == 0 {
-                let all = run.results.drain(..).flatten().flatten().collect();
+                // One allocation of the final size (flatten's size hint is no help).
+                let total = run.results.iter().flatten().map(Vec::len).sum();
+                let mut all = Vec::with_capacity(total);
+                for chunk in run.results.drain(..).flatten() {
+                    all.extend(chunk);
+                }
                 this.run = None;
                 return Poll::Ready(Ok(all));
             }
