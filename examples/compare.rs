@@ -141,6 +141,32 @@ fn raw_pingpong() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Median time to start and join a `Process` of a no-op, in ms.
+async fn spawn_ms() -> procpool::Result<f64> {
+    let mut ts = Vec::new();
+    for _ in 0..N_SPAWN {
+        let t0 = Instant::now();
+        let mut p = Process::new(noop, ());
+        p.start().await?;
+        p.join().await?;
+        ts.push(t0.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    Ok(median(&mut ts))
+}
+
+/// Median time to run `/bin/true` to its end, in ms.
+fn raw_spawn_ms() -> std::io::Result<f64> {
+    let mut ts = Vec::new();
+    for _ in 0..N_SPAWN {
+        let t0 = Instant::now();
+        let status = Command::new("/bin/true").status()?;
+        ts.push(t0.elapsed().as_secs_f64() * 1e3);
+        assert!(status.success());
+    }
+    Ok(median(&mut ts))
+}
+
 fn want(only: &[String], w: &str) -> bool {
     only.is_empty() || only.iter().any(|o| o == w)
 }
@@ -349,57 +375,16 @@ async fn main() -> procpool::Result<()> {
     }
 
     if want(&only, "process_spawn") {
-        let mut ts = Vec::new();
-        for _ in 0..N_SPAWN {
-            let t0 = Instant::now();
-            let mut p = Process::new(noop, ());
-            p.start().await?;
-            p.join().await?;
-            ts.push(t0.elapsed().as_secs_f64() * 1e3);
-            assert_eq!(p.exitcode(), Some(0));
-        }
-        emit(sys, "process_spawn", "median", median(&mut ts), "ms");
-        // Reference: fork+exec of /bin/true (std's spawn).
-        let mut ts = Vec::new();
-        for _ in 0..N_SPAWN {
-            let t0 = Instant::now();
-            let status = Command::new("/bin/true").status()?;
-            ts.push(t0.elapsed().as_secs_f64() * 1e3);
-            assert!(status.success());
-        }
-        emit("raw", "process_spawn", "median", median(&mut ts), "ms");
+        emit(sys, "process_spawn", "median", spawn_ms().await?, "ms");
+        // Reference: `/bin/true` (std's spawn, posix_spawn).
+        emit("raw", "process_spawn", "median", raw_spawn_ms()?, "ms");
 
         // The same with 100 MB of touched heap in this process, as in a real service:
         // a `fork` would copy its page tables, `posix_spawn` does not.
         let ballast: Vec<Vec<u8>> = (0..100).map(|i| vec![i as u8; 1 << 20]).collect();
-        let mut ts = Vec::new();
-        for _ in 0..N_SPAWN {
-            let t0 = Instant::now();
-            let mut p = Process::new(noop, ());
-            p.start().await?;
-            p.join().await?;
-            ts.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        emit(
-            sys,
-            "process_spawn[heap=100MB]",
-            "median",
-            median(&mut ts),
-            "ms",
-        );
-        let mut ts = Vec::new();
-        for _ in 0..N_SPAWN {
-            let t0 = Instant::now();
-            Command::new("/bin/true").status()?;
-            ts.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        emit(
-            "raw",
-            "process_spawn[heap=100MB]",
-            "median",
-            median(&mut ts),
-            "ms",
-        );
+        let wl = "process_spawn[heap=100MB]";
+        emit(sys, wl, "median", spawn_ms().await?, "ms");
+        emit("raw", wl, "median", raw_spawn_ms()?, "ms");
         drop(black_box(ballast));
     }
     Ok(())

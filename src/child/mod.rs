@@ -138,8 +138,8 @@ fn serve(args: Args) -> i32 {
 /// instead, as Python's `multiprocessing` does for a child's stdin.
 ///
 /// The channel travels as stdin because std starts a child with `posix_spawn` (a
-/// `vfork`, which does not copy the parent's page tables: 1 ms instead of 6 ms for a
-/// parent with 100 MB of heap on the reference machine) only when nothing runs between
+/// `vfork`, which does not copy the parent's page tables: 1 ms instead of 6-7 ms for a
+/// parent with 100 MB of heap, measured on a 2-core VM) only when nothing runs between
 /// fork and exec, and making any other descriptor inheritable would need such a step.
 /// The channel is kept close-on-exec, so what this child starts does not inherit it.
 fn take_channel() -> std::io::Result<UnixStream> {

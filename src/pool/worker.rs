@@ -1,5 +1,6 @@
 //! One pool worker as the dispatcher sees it: started and handshaken here, then driven by
-//! a reader task (frames in, forwarded as events) and a writer task (frames out, batched).
+//! a reader task (frames in, forwarded as events) and by the dispatcher writing frames
+//! out itself ([`WorkerConn::flush`]), with a writer task only for a full socket.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -70,9 +71,9 @@ struct OutState {
     queue: VecDeque<Bytes>,
     /// Small frames being assembled, after everything in `queue`.
     buf: BytesMut,
-    /// The socket was full: the writer task is in charge until `buf` is empty.
+    /// The socket was full: the writer task is in charge until everything is written.
     blocked: bool,
-    /// The handle is gone: the writer task ends once `buf` is written.
+    /// The handle is gone: the writer task ends once everything queued is written.
     closed: bool,
     /// A write failed: the worker is gone (its reader reports it); drop what comes.
     dead: bool,
@@ -120,13 +121,17 @@ impl Out {
     fn write_now(&self, st: &mut OutState) -> bool {
         st.seal();
         while !st.queue.is_empty() {
-            let iov: Vec<std::io::IoSlice<'_>> = st
-                .queue
-                .iter()
-                .take(MAX_IOV)
-                .map(|b| std::io::IoSlice::new(b))
-                .collect();
-            match self.io.try_write_vectored(&iov) {
+            let res = {
+                let mut iov = [std::io::IoSlice::new(&[]); MAX_IOV];
+                let n = st
+                    .queue
+                    .iter()
+                    .zip(iov.iter_mut())
+                    .map(|(b, slot)| *slot = std::io::IoSlice::new(b))
+                    .count();
+                self.io.try_write_vectored(&iov[..n])
+            };
+            match res {
                 Ok(n) => st.written(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

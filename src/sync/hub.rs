@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -39,7 +39,7 @@ use super::event::EventCore;
 use super::lock::LockCore;
 use super::queue::QueueCore;
 use crate::error::Error;
-use crate::wire;
+use crate::wire::{self, frame_into};
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every critical
 /// section here updates plain fields without calling user code).
@@ -261,18 +261,6 @@ pub(crate) enum Reply {
     Gone,
     /// The request is not valid (`task_done` called too often).
     Invalid(String),
-}
-
-/// Appends one length-prefixed frame (the child channel's framing).
-fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
-    let start = buf.len();
-    buf.put_u32(0);
-    // Our messages hold integers, strings and byte buffers: encoding cannot fail.
-    if let Err(e) = rmp_serde::encode::write(&mut (&mut *buf).writer(), msg) {
-        unreachable!("hub messages always encode: {e}");
-    }
-    let len = (buf.len() - start - 4) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -301,9 +301,9 @@ pub(crate) fn to_frame<M: Serialize>(msg: &M) -> Bytes {
     }
 }
 
-/// Appends one protocol message to `buf` as a whole frame: its 4-byte length, then the
-/// message (what [`FrameCodec`] would write for [`to_frame`]'s output, without the
-/// intermediate buffer).
+/// Appends one message to `buf` as a whole frame: its 4-byte length, then the message
+/// (what [`FrameCodec`] would write for [`to_frame`]'s output, without the intermediate
+/// buffer). Used for the child channels and the sync hubs' connections alike.
 pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
     let start = buf.len();
     buf.put_u32(0);
