@@ -403,3 +403,37 @@ async fn a_failing_initializer_does_not_respawn_forever() {
         Err(Error::Spawn { .. })
     ));
 }
+
+/// Leaves a thread behind that aborts this worker once `gate` exists.
+fn abort_later(gate: String) {
+    std::thread::spawn(move || {
+        wait_for_file(&gate);
+        std::process::abort();
+    });
+}
+
+fn byte_len(b: serde_bytes::ByteBuf) -> usize {
+    b.len()
+}
+
+#[tokio::test]
+async fn a_worker_dying_while_a_large_argument_is_written_fails_that_task_only() {
+    // 64 MB is more than any socket buffer: the parent is still writing (or the worker
+    // still reading) when the worker may die. Whether it dies before or after the task
+    // is a race the test does not order; either way nothing hangs, the answer is the
+    // task's or a typed WorkerDied, and the pool goes on.
+    let pool = AsyncPool::new(1).await.unwrap();
+    let dir = TempDir::new("die-mid-write");
+    let gate = dir.path("gate");
+    pool.apply(abort_later, (gate.clone(),)).await.unwrap();
+    let big = pool.apply_async(byte_len, (serde_bytes::ByteBuf::from(vec![1u8; 64 << 20]),));
+    write_file(&gate, "go");
+    match tokio::time::timeout(Duration::from_secs(120), big).await {
+        Ok(Ok(n)) => assert_eq!(n, 64 << 20),
+        Ok(Err(Error::WorkerDied { reason, .. })) => {
+            assert_eq!(reason, ExitReason::Signal(6), "SIGABRT");
+        }
+        other => panic!("expected the length or WorkerDied, got {other:?}"),
+    }
+    assert_eq!(pool.apply(doubler, (21,)).await.unwrap(), 42);
+}
