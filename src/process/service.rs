@@ -9,6 +9,8 @@
 //!   drained, so it can finish writing its result) even if the caller's runtime is gone.
 //!
 //! The thread runs a current-thread tokio runtime; spawning happens synchronously on it.
+//! A second thread of the same kind only starts children (see [`spawn_child`]), so that
+//! a pool's two workers start at the same time, not one after the other.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -24,21 +26,33 @@ use crate::error::{Error, ExitReason};
 
 struct Service {
     handle: tokio::runtime::Handle,
+    /// Runs only `spawn_child`'s spawns, every other one.
+    spawner: tokio::runtime::Handle,
+    turn: std::sync::atomic::AtomicBool,
+}
+
+/// A current-thread runtime on a thread of its own that never exits.
+fn forever_thread(name: &str) -> Result<tokio::runtime::Handle, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build the {name} runtime: {e}"))?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+    Ok(handle)
 }
 
 fn service() -> Result<&'static Service, Error> {
     static SERVICE: OnceLock<Result<Service, String>> = OnceLock::new();
     let s = SERVICE.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot build the service runtime: {e}"))?;
-        let handle = rt.handle().clone();
-        std::thread::Builder::new()
-            .name("procpool-service".into())
-            .spawn(move || rt.block_on(std::future::pending::<()>()))
-            .map_err(|e| format!("cannot start the service thread: {e}"))?;
-        Ok(Service { handle })
+        Ok(Service {
+            handle: forever_thread("procpool-service")?,
+            spawner: forever_thread("procpool-spawn")?,
+            turn: std::sync::atomic::AtomicBool::new(false),
+        })
     });
     s.as_ref()
         .map_err(|reason| Error::spawn(reason.clone(), None))
@@ -50,7 +64,8 @@ pub(crate) struct Spawned {
     pub(crate) child: Arc<ChildHandle>,
 }
 
-/// Starts `/proc/self/exe` as a procpool child named `name`, on the service thread.
+/// Starts `/proc/self/exe` as a procpool child named `name`, on the service thread or
+/// the spawner thread, in turn: two calls at once start two children at once.
 ///
 /// Cancel safe: if the caller goes away, the child sees its channel close and exits, and
 /// the service reaps it.
@@ -58,7 +73,15 @@ pub(crate) async fn spawn_child(name: &str) -> Result<Spawned, Error> {
     let svc = service()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let name = name.to_owned();
-    svc.handle.spawn(async move {
+    let on = if svc
+        .turn
+        .fetch_xor(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        &svc.spawner
+    } else {
+        &svc.handle
+    };
+    on.spawn(async move {
         // If the caller gave up, dropping the result closes our end of the channel (the
         // child then exits) and its handle hands the child to the reaper.
         tx.send(spawn_here(&name)).ok();
@@ -67,9 +90,9 @@ pub(crate) async fn spawn_child(name: &str) -> Result<Spawned, Error> {
         .map_err(|_| Error::spawn("the procpool service thread stopped", None))?
 }
 
-/// Starts a child now, on the calling thread. Call it only from a task given to [`run`]:
-/// the parent-death signal follows the thread that forks, and only the service thread
-/// lives as long as the process.
+/// Starts a child now, on the calling thread. Call it only from a task given to [`run`]
+/// (or from `spawn_child`): the parent-death signal follows the thread that forks, and
+/// only the service and spawner threads live as long as the process.
 pub(crate) fn spawn_here(name: &str) -> Result<Spawned, Error> {
     crate::target::keep_boot_linked();
     let (ours, theirs) =
