@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::PoolStats;
-use super::message::{Args, Command, Finished, Job, Reply};
+use super::message::{Args, Command, Finished, Job, Reply, TaskResult};
 use super::worker::{self, Event, Init, WorkerConn};
 use crate::error::Error;
 use crate::process::ChildHandle;
@@ -98,6 +98,8 @@ pub(crate) struct Dispatcher {
     failures: u32,
     retry_at: Option<Instant>,
     broken: Option<String>,
+    /// Answers of tasks finished in this round, delivered at its end.
+    answers: Vec<(Reply, TaskResult)>,
 }
 
 impl Dispatcher {
@@ -127,6 +129,7 @@ impl Dispatcher {
             failures: 0,
             retry_at: None,
             broken: None,
+            answers: Vec::new(),
         }
     }
 
@@ -138,6 +141,7 @@ impl Dispatcher {
             self.shut_idle_workers_when_closing();
             self.publish_stats();
             if self.closed_down() {
+                self.deliver_answers();
                 for done in self.closing.take().unwrap_or_default() {
                     // A caller that stopped waiting for close() needs no answer.
                     done.send(()).ok();
@@ -147,6 +151,7 @@ impl Dispatcher {
             for w in &self.workers {
                 w.conn.flush();
             }
+            self.deliver_answers();
             let deadline = self.next_deadline();
             let sleep = async {
                 match deadline {
@@ -352,10 +357,13 @@ impl Dispatcher {
             _ => self.counts.failed += 1,
         }
         if let Some(reply) = task.reply {
-            reply(Ok(Finished {
-                outcome,
-                worker: name,
-            }));
+            self.answers.push((
+                reply,
+                Ok(Finished {
+                    outcome,
+                    worker: name,
+                }),
+            ));
         }
     }
 
@@ -382,6 +390,15 @@ impl Dispatcher {
                 }
             };
             self.stop_worker(idx, err);
+        }
+    }
+
+    /// Hands callers the answers of this round. Callers hear of finished tasks after the
+    /// workers got their next ones, and all at once: a caller awaiting several wakes
+    /// once per round, not once per task.
+    fn deliver_answers(&mut self) {
+        for (reply, res) in self.answers.drain(..) {
+            reply(res);
         }
     }
 
@@ -549,6 +566,8 @@ impl Dispatcher {
     /// Kills every worker, fails every outstanding task with `PoolClosed`, waits until
     /// every worker is reaped.
     async fn terminate(mut self, done: Option<oneshot::Sender<()>>) {
+        // Tasks that finished before the order came keep their answers.
+        self.deliver_answers();
         for (_, task) in self.tasks.drain() {
             if let (false, Some(reply)) = (task.cancelled, task.reply) {
                 self.counts.cancelled += 1;
