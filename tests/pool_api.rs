@@ -436,3 +436,38 @@ async fn payloads_larger_than_the_socket_buffer_cross_intact_and_in_order() {
     assert!(huge.iter().eq(pattern(12_000_000, 0xA5).iter().rev()));
     pool.close().await;
 }
+
+fn sleeps(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// Waits for `gate`, then returns `id`.
+fn waits_for(gate: String, id: u32) -> u32 {
+    wait_for_file(&gate);
+    id
+}
+
+#[tokio::test]
+async fn once_tasks_are_known_to_be_long_none_waits_behind_a_long_one() {
+    // Tasks of 30 ms teach the pool that tasks are long (more than its 2 ms of work
+    // sent ahead), so it stops pipelining: the short tasks after the long one must all
+    // finish on the other worker while the long one still runs. (The sleeps only make
+    // the tasks long; the order is fixed by the gate.)
+    let pool = AsyncPool::new(2).await.unwrap();
+    pool.map(sleeps, vec![30u64; 4]).chunksize(1).await.unwrap();
+    let dir = TempDir::new("no-head-of-line");
+    let gate = dir.path("gate");
+    let long = pool.apply_async(waits_for, (gate.clone(), 99));
+    let shorts: Vec<_> = (0..4).map(|_| pool.apply_async(sleeps, (5u64,))).collect();
+    for h in shorts {
+        let got = tokio::time::timeout(Duration::from_secs(60), h).await;
+        assert_eq!(
+            got.expect("a short task waited behind the long one")
+                .unwrap(),
+            5
+        );
+    }
+    write_file(&gate, "go");
+    assert_eq!(long.await.unwrap(), 99);
+}

@@ -7,7 +7,10 @@
 //! one more message.
 //!
 //! Pipelining: a worker may have up to `pipeline` tasks in flight; it runs them in order,
-//! so the head of its in-flight list is the one running. Its start time is when it was
+//! so the head of its in-flight list is the one running. How many it gets adapts to how
+//! long tasks take (see `Dispatcher::depth`): enough to hide the round trip for small
+//! tasks, one at a time for long ones, so that a task never waits behind a long one
+//! while another worker is idle. Its start time is when it was
 //! sent to an idle worker, or when the task before it finished. A task whose caller gave
 //! up is skipped by the worker if it has not started (`Down::Skip`); if it is running,
 //! the worker is stopped (SIGTERM to its process group, a grace period, SIGKILL) and
@@ -31,6 +34,9 @@ use crate::wire::{Down, Outcome};
 /// How long a worker may take to skip a cancelled task that reached the head of its
 /// queue before the dispatcher assumes it is running it and stops the worker.
 const SKIP_GRACE: Duration = Duration::from_millis(50);
+
+/// About this much work is sent ahead to each worker (see `Dispatcher::depth`).
+const PIPELINE_WORK: Duration = Duration::from_millis(2);
 
 /// Consecutive failed worker starts after which the pool stops trying.
 const MAX_START_FAILURES: u32 = 5;
@@ -100,6 +106,9 @@ pub(crate) struct Dispatcher {
     broken: Option<String>,
     /// Answers of tasks finished in this round, delivered at its end.
     answers: Vec<(Reply, TaskResult)>,
+    /// How long a task takes, from its start to its answer, smoothed; `None` until the
+    /// first answer.
+    task_time: Option<Duration>,
 }
 
 impl Dispatcher {
@@ -130,6 +139,7 @@ impl Dispatcher {
             retry_at: None,
             broken: None,
             answers: Vec::new(),
+            task_time: None,
         }
     }
 
@@ -342,13 +352,21 @@ impl Dispatcher {
             return;
         }
         w.inflight.pop_front();
-        w.head_since = (!w.inflight.is_empty()).then(Instant::now);
+        let now = Instant::now();
+        let took = w.head_since.map(|since| now - since);
+        w.head_since = (!w.inflight.is_empty()).then_some(now);
         let name = Arc::clone(&w.conn.name);
         let Some(task) = self.tasks.remove(&id) else {
             return;
         };
         if task.cancelled {
             return; // counted when it was cancelled
+        }
+        if let Some(took) = took {
+            self.task_time = Some(match self.task_time {
+                None => took,
+                Some(t) => (t * 3 + took) / 4,
+            });
         }
         self.counts.running -= 1;
         tracing::debug!(task = id, worker = %name, "task done");
@@ -404,6 +422,19 @@ impl Dispatcher {
 
     // ------------------------------------------------------------------- workers
 
+    /// Tasks in flight per worker: about [`PIPELINE_WORK`] of them by the time tasks have
+    /// taken so far, between 1 and the configured depth (which also holds until a task
+    /// has finished).
+    fn depth(&self) -> usize {
+        let Some(t) = self.task_time else {
+            return self.cfg.pipeline;
+        };
+        let n = PIPELINE_WORK.as_nanos() / t.as_nanos().max(1);
+        usize::try_from(n)
+            .unwrap_or(usize::MAX)
+            .clamp(1, self.cfg.pipeline)
+    }
+
     /// Sends queued tasks to workers with room, least loaded first.
     fn assign(&mut self) {
         if let Some(reason) = self.broken.clone() {
@@ -418,6 +449,7 @@ impl Dispatcher {
             }
             return;
         }
+        let depth = self.depth();
         while let Some(&id) = self.pending.front() {
             let Some(task) = self.tasks.get_mut(&id) else {
                 self.pending.pop_front(); // cancelled while queued
@@ -426,7 +458,7 @@ impl Dispatcher {
             let Some(w) = self
                 .workers
                 .iter_mut()
-                .filter(|w| !w.retiring && w.inflight.len() < self.cfg.pipeline)
+                .filter(|w| !w.retiring && w.inflight.len() < depth)
                 .min_by_key(|w| w.inflight.len())
             else {
                 break;

@@ -183,6 +183,11 @@ impl Builder {
     /// How many tasks may be sent ahead to one worker (it runs them in order). More hides
     /// the round trip for small tasks; 1 makes every task wait for a free worker.
     /// Default: 8.
+    ///
+    /// This is the most: once tasks have finished, the pool sends about 2 ms of work
+    /// ahead to each worker, as measured on the tasks so far, so long tasks go one at a
+    /// time and a task does not wait behind a long one while another worker is free.
+    /// (A pool's first tasks, before any has finished, are sent this many ahead.)
     pub fn pipeline_depth(mut self, n: usize) -> Self {
         self.pipeline = n.max(1);
         self
