@@ -148,8 +148,8 @@ impl<S: Write> BlockingWriter<S> {
 const LARGE_REST: usize = 64 * 1024;
 
 /// The most one read takes: the spare capacity is zeroed before reading, so this bounds
-/// that cost to about what a read returns (a socket buffer's worth).
-const READ_WINDOW: usize = 1 << 20;
+/// that cost (the rest of a large frame is read by another path, without zeroing).
+const READ_WINDOW: usize = 64 * 1024;
 
 /// Reads once into the spare capacity of `buf`, waiting for data if `wait`.
 fn read_buf<S: Source>(io: &mut S, buf: &mut BytesMut, wait: bool) -> std::io::Result<usize> {
