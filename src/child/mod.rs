@@ -159,14 +159,16 @@ fn take_channel() -> std::io::Result<UnixStream> {
 
 /// Runs one task: looks its entry point up and calls it.
 fn execute(run: &Run, cx: &mut Context) -> Outcome {
-    execute_parts(run.target, &run.target_name, &run.args, cx)
+    execute_parts(run.target, run.target_name.as_bytes(), &run.args, cx)
 }
 
-fn execute_parts(target: u64, target_name: &str, args: &[u8], cx: &mut Context) -> Outcome {
+/// [`execute`] from a task's parts; the name (checked UTF-8 when the frame was decoded)
+/// is only read for an error.
+fn execute_parts(target: u64, target_name: &[u8], args: &[u8], cx: &mut Context) -> Outcome {
     match target::lookup(target) {
         Ok(entry) => entry(args, cx),
         Err(reason) => Outcome::BadTarget {
-            reason: format!("{target_name}: {reason}"),
+            reason: format!("{}: {reason}", String::from_utf8_lossy(target_name)),
         },
     }
 }
@@ -277,8 +279,7 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
         let outcome = if skips.remove(&task.id) {
             Outcome::Skipped
         } else {
-            let name = String::from_utf8_lossy(&task.target_name);
-            let outcome = execute_parts(task.target, &name, &task.args, &mut cx);
+            let outcome = execute_parts(task.target, &task.target_name, &task.args, &mut cx);
             crate::sync::settle();
             outcome
         };

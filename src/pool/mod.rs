@@ -25,8 +25,7 @@ pub use map::{Imap, Map};
 use crate::error::{Error, Result};
 use crate::target::{Target, TargetRef};
 use dispatcher::{Config, Dispatcher};
-use message::Args;
-use message::{Command, Job, Reply};
+use message::{Args, Command, Job, Reply};
 use worker::Init;
 
 /// A pool of worker processes, like Python's `multiprocessing.Pool`, driven by futures.
@@ -498,6 +497,10 @@ where
     Ok((target, Bytes::from(args), pins))
 }
 
+/// The most encoded arguments a task may have: a frame, less room for the rest of the
+/// message (ids and the target's name).
+const MAX_ARGS: usize = crate::wire::DEFAULT_MAX_FRAME - 64 * 1024;
+
 impl Shared {
     /// Sends a task to the dispatcher; its answer goes to the reply `make_reply` builds
     /// from the task's id (the id exists before the dispatcher can answer).
@@ -511,14 +514,12 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::PoolClosed);
         }
-        // A frame holds the arguments plus a few bytes of header (target name and ids).
-        if args.len() + 64 * 1024 > crate::wire::DEFAULT_MAX_FRAME {
+        if args.len() > MAX_ARGS {
             return Err(Error::Encode {
                 type_name: "task arguments".to_owned(),
                 reason: format!(
-                    "{} bytes encoded; one message holds at most {} bytes",
-                    args.len(),
-                    crate::wire::DEFAULT_MAX_FRAME - 64 * 1024
+                    "{} bytes encoded; one message holds at most {MAX_ARGS} bytes",
+                    args.len()
                 ),
             });
         }

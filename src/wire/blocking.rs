@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::Decoder;
 
-use super::{FrameCodec, WireError, codec, from_frame, to_frame};
+use super::{FrameCodec, WireError, codec, frame_into, from_frame};
 
 /// A byte source that can also be read without waiting.
 pub(crate) trait Source: Read {
@@ -25,7 +25,7 @@ impl Source for UnixStream {
     }
 }
 
-/// What [`BlockingChannel::try_recv`] found.
+/// What [`BlockingChannel::next_frame`] found.
 #[derive(Debug)]
 pub(crate) enum Next<M> {
     /// A whole message.
@@ -119,7 +119,7 @@ impl<S: Source> BlockingChannel<S> {
 pub(crate) struct BlockingWriter<S = UnixStream> {
     io: S,
     buf: BytesMut,
-    codec: FrameCodec,
+    max_frame: usize,
 }
 
 impl<S: Write> BlockingWriter<S> {
@@ -127,13 +127,28 @@ impl<S: Write> BlockingWriter<S> {
         BlockingWriter {
             io,
             buf: BytesMut::new(),
-            codec: codec(max_frame),
+            max_frame,
         }
     }
 
-    /// Queues one message; nothing is written until [`flush`](Self::flush).
+    /// Queues one message, encoded straight into the buffer; nothing is written until
+    /// [`flush`](Self::flush). A message larger than a frame may be is an error, and
+    /// nothing of it stays queued.
     pub(crate) fn feed<M: Serialize>(&mut self, msg: &M) -> std::io::Result<()> {
-        self.codec.encode(to_frame(msg), &mut self.buf)
+        let start = self.buf.len();
+        frame_into(&mut self.buf, msg);
+        let len = self.buf.len() - start - 4;
+        if len > self.max_frame {
+            self.buf.truncate(start);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "a message of {len} bytes is more than a frame holds ({} bytes)",
+                    self.max_frame
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Writes everything queued.

@@ -21,8 +21,7 @@ mod blocking;
 
 pub(crate) use blocking::{BlockingChannel, Next, Outbox};
 
-use bytes::BufMut;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_bytes::ByteBuf;

@@ -289,3 +289,22 @@ fn run_frame_head_then_args_is_down_run(sent: &[u8]) {
     }));
     assert_eq!(body, &owned[..], "same bytes as the owned message");
 }
+
+#[test]
+fn a_message_larger_than_a_frame_is_refused_and_leaves_nothing_queued() {
+    use super::blocking::BlockingWriter;
+    let mut out = Vec::new();
+    let mut w = BlockingWriter::new(&mut out, 64);
+    let big = Up::Refused {
+        reason: "x".repeat(100),
+    };
+    assert!(w.feed(&big).is_err());
+    w.feed(&ready()).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    assert_eq!(
+        out,
+        framed(&ready()),
+        "only the message that fits is written"
+    );
+}
