@@ -68,6 +68,10 @@ impl Hasher for IdHasher {
 /// About this much work is sent ahead to each worker (see `Dispatcher::depth`).
 const PIPELINE_WORK: Duration = Duration::from_millis(2);
 
+/// At most this many bytes of arguments are sent ahead to a worker: with large ones,
+/// pipelining gains nothing, and the worker would hold them all in memory.
+const PIPELINE_BYTES: usize = 8 << 20;
+
 /// Consecutive failed worker starts after which the pool stops trying.
 const MAX_START_FAILURES: u32 = 5;
 
@@ -100,6 +104,8 @@ struct Task {
 struct Worker {
     conn: WorkerConn,
     inflight: VecDeque<u64>,
+    /// Bytes of arguments of the tasks in `inflight`.
+    inflight_bytes: usize,
     /// When the head of `inflight` started (estimated).
     head_since: Option<Instant>,
     assigned: u32,
@@ -382,6 +388,15 @@ impl Dispatcher {
             return;
         }
         w.inflight.pop_front();
+        if w.inflight.is_empty() && self.pending.is_empty() {
+            w.conn.release_buffers();
+        }
+        w.inflight_bytes = match w.inflight.is_empty() {
+            true => 0,
+            false => w
+                .inflight_bytes
+                .saturating_sub(self.tasks.get(&id).map_or(0, |t| t.args.len())),
+        };
         let now = Instant::now();
         let took = w.head_since.map(|since| now - since);
         w.head_since = (!w.inflight.is_empty()).then_some(now);
@@ -485,21 +500,35 @@ impl Dispatcher {
                 self.pending.pop_front(); // cancelled while queued
                 continue;
             };
+            let size = task.args.len();
             let Some(w) = self
                 .workers
                 .iter_mut()
-                .filter(|w| !w.retiring && w.inflight.len() < depth)
+                .filter(|w| {
+                    !w.retiring
+                        && w.inflight.len() < depth
+                        && (w.inflight.is_empty() || w.inflight_bytes + size <= PIPELINE_BYTES)
+                })
                 .min_by_key(|w| w.inflight.len())
             else {
                 break;
             };
             self.pending.pop_front();
-            task.state = State::Sent;
             self.counts.queued -= 1;
+            if let Err(e) = w.conn.send_run(id, task.target, &task.args) {
+                // A large map item that could be encoded before cannot be now.
+                tracing::debug!(task = id, "task arguments failed to encode again");
+                self.counts.failed += 1;
+                if let Some(reply) = self.tasks.remove(&id).and_then(|t| t.reply) {
+                    self.answers.push((reply, Err(e)));
+                }
+                continue;
+            }
+            task.state = State::Sent;
             self.counts.running += 1;
-            w.conn.send_run(id, task.target, &task.args);
             tracing::debug!(task = id, worker = %w.conn.name, "task sent");
             w.inflight.push_back(id);
+            w.inflight_bytes += size;
             if w.inflight.len() == 1 {
                 w.head_since = Some(Instant::now());
             }
@@ -696,6 +725,7 @@ impl Worker {
         Worker {
             conn,
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             head_since: None,
             assigned: 0,
             retiring: false,

@@ -22,21 +22,68 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use super::Shared;
-use super::message::{Args, Finished, TaskResult};
+use super::message::{Args, Deferred, Finished, Part, TaskResult};
 use crate::error::{Error, Result};
 use crate::target::{ChunkOutput, TargetRef};
 use crate::wire::Outcome;
 
-/// Items encoded back to back; `ends[i]` is where item `i` ends.
+/// Items encoded back to back; `ends[i]` is where item `i` ends. A large item takes no
+/// room in `buf`: it is in `deferred` (see [`Deferred`]).
 #[derive(Debug, Default)]
 pub(crate) struct Encoded {
     buf: Vec<u8>,
     /// `buf`, once chunks are taken from it (they share it, uncopied).
     frozen: Bytes,
     ends: Vec<usize>,
+    /// The large items, by index, in order.
+    deferred: Vec<(usize, Arc<Deferred>)>,
     /// Keeps queues, locks, events and pipe ends among the items alive while the items
     /// are in flight.
     pins: crate::sync::Pins,
+}
+
+/// Items that encode to at least this many bytes are encoded again when sent instead of
+/// being kept encoded (see [`Deferred`]); under it, a second encoding costs more than
+/// it saves.
+const DEFER_SIZE: usize = 1 << 20;
+
+/// The encoder's output for [`Encoded::fill`]: an item's first `limit` bytes go into
+/// `buf`, the rest are only counted.
+struct Capped<'a> {
+    buf: &'a mut Vec<u8>,
+    /// Where the current item starts.
+    start: usize,
+    limit: usize,
+    /// Bytes of the current item counted, not stored.
+    over: usize,
+}
+
+impl Capped<'_> {
+    fn begin(&mut self, limit: usize) {
+        self.start = self.buf.len();
+        self.limit = limit;
+        self.over = 0;
+    }
+}
+
+impl std::io::Write for Capped<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.over == 0 && self.buf.len() - self.start + data.len() <= self.limit {
+            self.buf.extend_from_slice(data);
+        } else {
+            self.over += data.len();
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Encoded {
@@ -48,25 +95,54 @@ impl Encoded {
     /// one encoder for all of them. Run it inside [`crate::sync::collect`] (once for many
     /// items: it is not free) and keep the pins in `self.pins`. An item that fails to
     /// encode leaves nothing behind and is the error.
-    fn fill<T: Serialize>(
+    fn fill<T: Serialize + Send + 'static>(
         &mut self,
         items: &mut impl Iterator<Item = T>,
         limit: usize,
     ) -> std::result::Result<bool, String> {
         // The same encoding as `wire::encode_value` (structs as maps).
-        let mut ser = rmp_serde::Serializer::new(&mut self.buf).with_struct_map();
+        let out = Capped {
+            buf: &mut self.buf,
+            start: 0,
+            limit: DEFER_SIZE,
+            over: 0,
+        };
+        let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
         while self.ends.len() < limit {
             let Some(item) = items.next() else {
                 return Ok(true);
             };
-            let start = ser.get_ref().len();
-            if let Err(e) = item.serialize(&mut ser) {
-                ser.get_mut().truncate(start);
+            ser.get_mut().begin(DEFER_SIZE);
+            let pins = crate::sync::pinned();
+            let mut res = item.serialize(&mut ser);
+            let out = ser.get_mut();
+            if res.is_ok() && out.over > 0 {
+                let len = out.buf.len() - out.start + out.over;
+                out.buf.truncate(out.start);
+                if crate::sync::pinned() == pins {
+                    let at = self.ends.len();
+                    self.deferred.push((at, Arc::new(Deferred::new(item, len))));
+                    self.ends.push(out.buf.len());
+                    continue;
+                }
+                // Handles are pinned once, by the encoding that is sent: this one.
+                crate::sync::unpin_after(pins);
+                ser.get_mut().begin(usize::MAX);
+                res = item.serialize(&mut ser);
+            }
+            let out = ser.get_mut();
+            if let Err(e) = res {
+                out.buf.truncate(out.start);
                 return Err(e.to_string());
             }
-            self.ends.push(ser.get_ref().len());
+            self.ends.push(out.buf.len());
         }
         Ok(false)
+    }
+
+    /// Where item `i` starts in `buf`.
+    fn start(&self, i: usize) -> usize {
+        if i == 0 { 0 } else { self.ends[i - 1] }
     }
 
     /// Items `range` as one MessagePack array: a header, then the items, not copied.
@@ -75,35 +151,60 @@ impl Encoded {
         if !self.buf.is_empty() {
             self.frozen = Bytes::from(std::mem::take(&mut self.buf));
         }
-        let start = if range.start == 0 {
-            0
-        } else {
-            self.ends[range.start - 1]
-        };
-        let end = self.ends[range.end - 1];
+        let (start, end) = (self.start(range.start), self.ends[range.end - 1]);
         let mut head = Vec::with_capacity(5);
         // Writing into a Vec cannot fail.
         drop(rmp::encode::write_array_len(&mut head, range.len() as u32));
+        let from = self.deferred.partition_point(|(i, _)| *i < range.start);
+        let to = self.deferred.partition_point(|(i, _)| *i < range.end);
+        if from == to {
+            return Args {
+                head: Bytes::from(head),
+                body: self.frozen.slice(start..end),
+                rest: None,
+            };
+        }
+        let mut rest = Vec::with_capacity(2 * (to - from) + 1);
+        let mut at = start;
+        for (i, item) in &self.deferred[from..to] {
+            let here = self.start(*i);
+            if here > at {
+                rest.push(Part::Bytes(self.frozen.slice(at..here)));
+            }
+            rest.push(Part::Deferred(Arc::clone(item)));
+            at = here;
+        }
+        if end > at {
+            rest.push(Part::Bytes(self.frozen.slice(at..end)));
+        }
         Args {
             head: Bytes::from(head),
-            body: self.frozen.slice(start..end),
+            body: Bytes::new(),
+            rest: Some(rest.into()),
         }
     }
 
-    /// Item `i` on its own (to resubmit the rest of a chunk).
-    fn item(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        let all = if self.frozen.is_empty() {
-            &self.buf[..]
+    /// Appends item `i` of `other` (to resubmit the rest of a chunk).
+    fn push_item(&mut self, other: &Encoded, i: usize) {
+        let all = if other.frozen.is_empty() {
+            &other.buf[..]
         } else {
-            &self.frozen[..]
+            &other.frozen[..]
         };
-        &all[start..self.ends[i]]
+        self.buf
+            .extend_from_slice(&all[other.start(i)..other.ends[i]]);
+        if let Ok(k) = other.deferred.binary_search_by_key(&i, |(j, _)| *j) {
+            let item = Arc::clone(&other.deferred[k].1);
+            self.deferred.push((self.ends.len(), item));
+        }
+        self.ends.push(self.buf.len());
     }
 }
 
 /// Encodes every item now; the first that fails is the error.
-pub(crate) fn encode_items<T: Serialize, I: IntoIterator<Item = T>>(items: I) -> Result<Encoded> {
+pub(crate) fn encode_items<T: Serialize + Send + 'static, I: IntoIterator<Item = T>>(
+    items: I,
+) -> Result<Encoded> {
     let mut items = items.into_iter();
     let mut enc = Encoded::default();
     enc.ends.reserve(items.size_hint().0);
@@ -480,7 +581,7 @@ impl<R, I, T> Imap<R, I>
 where
     R: DeserializeOwned,
     I: Iterator<Item = T>,
-    T: Serialize,
+    T: Serialize + Send + 'static,
 {
     /// Pulls items and submits chunks until the window is full.
     fn fill(&mut self, target: TargetRef) {
@@ -545,8 +646,7 @@ where
                 ..Encoded::default()
             };
             for i in ran + 1..n {
-                rest.buf.extend_from_slice(chunk.items.item(i));
-                rest.ends.push(rest.buf.len());
+                rest.push_item(&chunk.items, i);
             }
             let complete = rest.len() == 0;
             self.deliver(chunk.seq, results, complete);
@@ -569,7 +669,7 @@ impl<R, I, T> Stream for Imap<R, I>
 where
     R: DeserializeOwned,
     I: Iterator<Item = T> + Unpin,
-    T: Serialize,
+    T: Serialize + Send + 'static,
 {
     type Item = Result<R>;
 
@@ -611,5 +711,87 @@ impl<R, I> Drop for Imap<R, I> {
         for &id in self.inflight.keys() {
             self.shared.cancel(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_bytes::ByteBuf;
+
+    /// The bytes a worker would receive for `args`.
+    fn sent(args: &Args) -> Vec<u8> {
+        let mut out = [&args.head[..], &args.body[..]].concat();
+        for part in args.rest.iter().flat_map(|r| r.iter()) {
+            match part {
+                Part::Bytes(b) => out.extend_from_slice(b),
+                Part::Deferred(d) => d.encode_into(&mut out).unwrap(),
+            }
+        }
+        assert_eq!(out.len(), args.len());
+        out
+    }
+
+    #[test]
+    fn deferred_items_reach_the_worker_as_if_encoded_up_front() {
+        // Encoded sizes: a 1..5 byte header, then the bytes.
+        let sizes = [
+            10,
+            DEFER_SIZE + 5,
+            3,
+            DEFER_SIZE,
+            DEFER_SIZE - 10,
+            2 * DEFER_SIZE,
+        ];
+        let items: Vec<ByteBuf> = sizes
+            .iter()
+            .map(|&n| ByteBuf::from(vec![n as u8; n]))
+            .collect();
+        let mut enc = encode_items(items.clone()).unwrap();
+        let deferred: Vec<usize> = enc.deferred.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            deferred,
+            [1, 3, 5],
+            "only items over DEFER_SIZE encoded are deferred"
+        );
+        for range in [0..6, 1..4, 2..3, 0..1, 3..6, 5..6] {
+            let want = rmp_serde::to_vec_named(&items[range.clone()]).unwrap();
+            assert!(sent(&enc.chunk(range.clone())) == want, "chunk {range:?}");
+        }
+        // The rest of a chunk, resubmitted after its first item failed.
+        let mut rest = Encoded::default();
+        for i in 1..6 {
+            rest.push_item(&enc, i);
+        }
+        let want = rmp_serde::to_vec_named(&items[1..]).unwrap();
+        assert!(sent(&rest.chunk(0..5)) == want);
+    }
+
+    /// Encodes differently each time.
+    struct Fickle(std::sync::atomic::AtomicUsize);
+
+    impl Serialize for Fickle {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.serialize_bytes(&vec![0; DEFER_SIZE + n])
+        }
+    }
+
+    #[test]
+    fn an_item_that_encodes_differently_when_sent_is_an_error_and_leaves_nothing() {
+        let mut enc = encode_items([Fickle(0.into())]).unwrap();
+        let args = enc.chunk(0..1);
+        let Some(Part::Deferred(d)) = args.rest.as_deref().and_then(|r| r.first()) else {
+            panic!("a large item is deferred");
+        };
+        let mut out = vec![1, 2, 3];
+        match d.encode_into(&mut out) {
+            Err(Error::Encode { type_name, reason }) => {
+                assert!(type_name.ends_with("Fickle"), "{type_name}");
+                assert!(reason.contains("encoded again"), "{reason}");
+            }
+            other => panic!("expected an Encode error, got {other:?}"),
+        }
+        assert_eq!(out, [1, 2, 3]);
     }
 }

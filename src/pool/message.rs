@@ -22,28 +22,120 @@ pub(crate) struct Finished {
 /// chunks of a map.
 pub(crate) type Reply = Box<dyn FnOnce(TaskResult) + Send>;
 
-/// A task's encoded arguments: `head` then `body`, together one MessagePack value.
+/// A task's encoded arguments: `head`, `body`, then `rest`, together one MessagePack
+/// value.
 ///
-/// In two parts so that a chunk of a map is never copied before it reaches the socket:
-/// `head` is its array header, `body` a slice of the items, encoded once.
+/// In parts so that a chunk of a map is never copied before it reaches the socket:
+/// `head` is its array header, `body` a slice of the items, encoded once. Large items
+/// are encoded only when sent, by the dispatcher, into a buffer it reuses (`rest`; see
+/// [`Deferred`]).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Args {
     pub(crate) head: Bytes,
     pub(crate) body: Bytes,
+    pub(crate) rest: Option<Arc<[Part]>>,
 }
 
 impl Args {
     pub(crate) fn len(&self) -> usize {
-        self.head.len() + self.body.len()
+        let rest = self.rest.iter().flat_map(|r| r.iter());
+        self.head.len() + self.body.len() + rest.map(Part::len).sum::<usize>()
     }
 }
 
 impl From<Bytes> for Args {
     fn from(body: Bytes) -> Self {
         Args {
-            head: Bytes::new(),
             body,
+            ..Args::default()
         }
+    }
+}
+
+/// Part of a task's arguments after its `body`.
+#[derive(Debug, Clone)]
+pub(crate) enum Part {
+    Bytes(Bytes),
+    Deferred(Arc<Deferred>),
+}
+
+impl Part {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Part::Bytes(b) => b.len(),
+            Part::Deferred(d) => d.len,
+        }
+    }
+}
+
+/// A large map item, encoded once by the caller to check that it can be (and to learn
+/// its size) without keeping the bytes, and again by the dispatcher when it is sent,
+/// straight into a buffer it reuses. Encoding it up front would write every byte into
+/// fresh memory, which costs more than the copies (BENCHMARKS.md).
+pub(crate) struct Deferred {
+    /// Its encoded size, from the first encoding.
+    pub(crate) len: usize,
+    pub(crate) type_name: &'static str,
+    item: Box<dyn Reencode>,
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Deferred({}, {} bytes)", self.type_name, self.len)
+    }
+}
+
+trait Reencode: Send + Sync {
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String>;
+}
+
+/// A `Mutex` only to be `Sync`: it is never contended.
+struct Held<T>(std::sync::Mutex<T>);
+
+impl<T: serde::Serialize + Send> Reencode for Held<T> {
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let item = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        crate::wire::encode_value_into(&*item, out)
+    }
+}
+
+impl Deferred {
+    /// `item`, whose encoding took no handle and was `len` bytes long.
+    pub(crate) fn new<T: serde::Serialize + Send + 'static>(item: T, len: usize) -> Self {
+        Deferred {
+            len,
+            type_name: std::any::type_name::<T>(),
+            item: Box::new(Held(std::sync::Mutex::new(item))),
+        }
+    }
+
+    /// Appends the item's encoding to `out`, or nothing and why not: its encoding may
+    /// fail, panic, take a handle, or differ in size now (the caller saw none of that).
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), Error> {
+        let start = out.len();
+        let (res, pins) = crate::sync::collect(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.item.encode(out)))
+        });
+        let res = match res {
+            Err(_) => Err("its Serialize panicked when it was encoded again".to_owned()),
+            Ok(Err(reason)) => Err(reason),
+            Ok(Ok(())) if !pins.is_empty() => {
+                Err("it took a handle when it was encoded again".to_owned())
+            }
+            Ok(Ok(())) if out.len() - start != self.len => Err(format!(
+                "it was {} bytes when first encoded, {} bytes when encoded again",
+                self.len,
+                out.len() - start
+            )),
+            Ok(Ok(())) => Ok(()),
+        };
+        res.map_err(|reason| {
+            out.truncate(start);
+            Error::Encode {
+                type_name: self.type_name.to_owned(),
+                reason,
+            }
+        })
     }
 }
 

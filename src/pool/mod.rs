@@ -186,7 +186,8 @@ impl Builder {
     /// This is the most: once tasks have finished, the pool sends about 2 ms of work
     /// ahead to each worker, as measured on the tasks so far, so long tasks go one at a
     /// time and a task does not wait behind a long one while another worker is free.
-    /// (A pool's first tasks, before any has finished, are sent this many ahead.)
+    /// (A pool's first tasks, before any has finished, are sent this many ahead.) Nor
+    /// does a worker with a task in flight get more than 8 MiB of arguments ahead.
     pub fn pipeline_depth(mut self, n: usize) -> Self {
         self.pipeline = n.max(1);
         self
@@ -360,6 +361,14 @@ impl AsyncPool {
     /// `ceil(len / (4 * processes))`; set it with `.chunksize(n)`. Empty input resolves
     /// to `[]` at once. On the first error the chunks not yet started are cancelled and
     /// that error is returned.
+    ///
+    /// Every item is encoded before anything is sent: one that cannot be is
+    /// [`Error::Encode`] with no task run. An item that encodes to 1 MiB or more (and
+    /// holds no queue, lock, event or pipe end) is then kept as it is and encoded again
+    /// when it is sent, into a buffer the pool reuses, because writing a large encoding
+    /// into fresh memory costs more than encoding it twice. So its `Serialize` runs
+    /// twice, and must give the same bytes both times; if it does not (or fails, or
+    /// panics), that item's chunk fails with [`Error::Encode`] and nothing of it is sent.
     pub fn map<F, T, M, I>(&self, f: F, items: I) -> Map<F::Output>
     where
         F: Target<(T,), M>,

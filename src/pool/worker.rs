@@ -10,10 +10,11 @@ use serde_bytes::ByteBuf;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc};
 
-use super::message::Args;
+use super::message::{Args, Part};
 use crate::error::{Error, ExitReason};
 use crate::process::{ChildHandle, Spawned, spawn_child};
 use crate::target::TargetRef;
+use crate::wire::spare::Spare;
 use crate::wire::{Down, Outcome, Role, Run, Up, WireError};
 
 /// What a worker's I/O tasks tell the dispatcher.
@@ -62,6 +63,8 @@ struct Out {
     io: OwnedWriteHalf,
     state: Mutex<OutState>,
     wake: Notify,
+    /// Buffers for large map items, encoded as they are sent (see `Deferred`).
+    spare: Arc<Spare>,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +96,16 @@ impl OutState {
     fn seal(&mut self) {
         if !self.buf.is_empty() {
             self.queue.push_back(self.buf.split().freeze());
+        }
+    }
+
+    /// Appends `bytes`, copied if small, else queued as they are.
+    fn push(&mut self, bytes: &Bytes) {
+        if bytes.len() < COPY_LIMIT {
+            self.buf.extend_from_slice(bytes);
+        } else {
+            self.seal();
+            self.queue.push_back(bytes.clone());
         }
     }
 
@@ -154,21 +167,43 @@ impl WorkerConn {
         }
     }
 
-    /// Queues task `id` (see [`send`](Self::send)). Large arguments are not copied.
-    pub(crate) fn send_run(&self, id: u64, target: TargetRef, args: &Args) {
+    /// Queues task `id` (see [`send`](Self::send)). Large arguments are not copied;
+    /// large map items are encoded now (see `Deferred`), and if one cannot be, nothing
+    /// is queued and that is the error.
+    pub(crate) fn send_run(&self, id: u64, target: TargetRef, args: &Args) -> Result<(), Error> {
+        let parts = args.rest.as_deref().unwrap_or_default();
+        let mut encoded = Vec::new();
+        for part in parts {
+            if let Part::Deferred(item) = part {
+                let mut buf = self.out.spare.take(item.len).unwrap_or_default();
+                buf.clear();
+                item.encode_into(&mut buf)?;
+                encoded.push(self.out.spare.share(buf, item.len));
+            }
+        }
+        let mut encoded = encoded.into_iter();
         let mut st = self.out.lock();
         if st.dead {
-            return;
+            return Ok(());
         }
-        let (head, body) = (&args.head, &args.body);
         crate::wire::run_frame_head(&mut st.buf, id, target.offset, target.name, args.len());
-        st.buf.extend_from_slice(head);
-        if body.len() < COPY_LIMIT {
-            st.buf.extend_from_slice(body);
-        } else {
-            st.seal();
-            st.queue.push_back(body.clone());
+        st.buf.extend_from_slice(&args.head);
+        st.push(&args.body);
+        for part in parts {
+            match part {
+                Part::Bytes(bytes) => st.push(bytes),
+                Part::Deferred(_) => {
+                    let bytes = encoded.next().expect("one encoding per deferred item");
+                    st.push(&bytes);
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Lets go of the buffers kept for large map items (the worker has no more tasks).
+    pub(crate) fn release_buffers(&self) {
+        self.out.spare.clear();
     }
 
     /// Writes what is queued, as far as the socket takes it now; the writer task writes
@@ -286,6 +321,7 @@ async fn connect(
         io: writer.into_inner(),
         state: Mutex::default(),
         wake: Notify::new(),
+        spare: Arc::default(),
     });
     tokio::spawn(write_task(Arc::clone(&out)));
     let reader_child = Arc::clone(&child);

@@ -729,6 +729,24 @@ impl std::fmt::Debug for Pins {
     }
 }
 
+impl Pins {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// How many pins the current [`collect`] holds so far.
+pub(crate) fn pinned() -> usize {
+    COLLECTOR.with(|c| c.borrow().as_ref().map_or(0, Vec::len))
+}
+
+/// Lets go of the pins the current [`collect`] took after the first `n`.
+pub(crate) fn unpin_after(n: usize) {
+    let dropped = COLLECTOR.with(|c| c.borrow_mut().as_mut().map(|v| v.split_off(n.min(v.len()))));
+    // Dropped outside the borrow: a pin's drop may touch the hub.
+    drop(dropped);
+}
+
 thread_local! {
     static COLLECTOR: std::cell::RefCell<Option<Vec<Pin>>> = const { std::cell::RefCell::new(None) };
 }

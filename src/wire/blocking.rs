@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::Decoder;
 
+use super::spare::Spare;
 use super::{FrameCodec, WireError, codec, frame_into, from_frame};
 
 /// A byte source that can also be read without waiting.
@@ -43,6 +44,20 @@ pub(crate) struct BlockingChannel<S = UnixStream> {
     buf: BytesMut,
     codec: FrameCodec,
     max_frame: usize,
+    /// The large frame being read, if any (see `next_frame`).
+    large: Option<Large>,
+    /// Buffers of large frames that were dropped, for the next ones.
+    spare: Arc<Spare>,
+}
+
+/// A large frame being read into a buffer of its own.
+#[derive(Debug)]
+struct Large {
+    /// At least `len` bytes, all initialized.
+    buf: Vec<u8>,
+    /// Bytes of the frame read so far.
+    filled: usize,
+    len: usize,
 }
 
 impl<S: Source> BlockingChannel<S> {
@@ -52,6 +67,8 @@ impl<S: Source> BlockingChannel<S> {
             buf: BytesMut::with_capacity(8 * 1024),
             codec: codec(max_frame),
             max_frame,
+            large: None,
+            spare: Arc::default(),
         }
     }
 
@@ -68,6 +85,27 @@ impl<S: Source> BlockingChannel<S> {
     /// if `wait`, else returns what has fully arrived.
     pub(crate) fn next_frame(&mut self, wait: bool) -> Result<Next<Bytes>, WireError> {
         loop {
+            if let Some(done) = self.large.take_if(|l| l.filled == l.len) {
+                return Ok(Next::Msg(self.spare.share(done.buf, done.len)));
+            }
+            if let Some(large) = &mut self.large {
+                let room = &mut large.buf[large.filled..large.len];
+                let res = if wait {
+                    self.io.read(room)
+                } else {
+                    self.io.read_now(room)
+                };
+                match res {
+                    Ok(0) => return Err(WireError::Truncated),
+                    Ok(n) => large.filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Ok(Next::Nothing);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(WireError::Io(e)),
+                }
+                continue;
+            }
             let frame = self
                 .codec
                 .decode(&mut self.buf)
@@ -76,20 +114,27 @@ impl<S: Source> BlockingChannel<S> {
                 return Ok(Next::Msg(frame.freeze()));
             }
             let missing = self.codec.missing(self.buf.len());
-            if wait && missing >= LARGE_REST {
-                // The rest of a large frame, read straight into one buffer of the
-                // frame's size: std reads a socket into spare capacity without zeroing
-                // it first, which `read_buf` must do.
-                let mut whole = Vec::with_capacity(self.buf.len() + missing);
-                whole.extend_from_slice(&self.buf);
-                let got = (&mut self.io)
-                    .take(missing as u64)
-                    .read_to_end(&mut whole)
-                    .map_err(WireError::Io)?;
-                self.buf = BytesMut::from(Bytes::from(whole));
-                if got < missing {
-                    return Err(WireError::Truncated);
-                }
+            if missing >= LARGE_REST {
+                // The rest of a large frame is read straight into a buffer of its own,
+                // reused once its frame is dropped: fresh memory is slow to touch.
+                let len = self.buf.len() + missing;
+                let mut buf = match self.spare.take(len) {
+                    Some(mut buf) => {
+                        buf.resize(buf.capacity(), 0);
+                        buf
+                    }
+                    // Zeroed by the allocator, which fresh memory already is.
+                    None => vec![0; len],
+                };
+                buf[..self.buf.len()].copy_from_slice(&self.buf);
+                self.large = Some(Large {
+                    buf,
+                    filled: self.buf.len(),
+                    len,
+                });
+                self.buf.clear();
+                // The frame's header is read; the next frame starts afresh.
+                self.codec = codec(self.max_frame);
                 continue;
             }
             // (The codec reserves room for a whole frame once it has read its header.)

@@ -18,6 +18,7 @@
 //! The parent sends `Hello` and `Run` without waiting, so a start costs one round trip.
 
 mod blocking;
+pub(crate) mod spare;
 
 pub(crate) use blocking::{BlockingChannel, Next, Outbox};
 
@@ -380,6 +381,16 @@ pub(crate) fn from_frame_borrowed<'a, M: Deserialize<'a>>(frame: &'a [u8]) -> Re
 /// maps, so `#[serde(flatten)]` and internally tagged enums work.
 pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
     rmp_serde::to_vec_named(value).map_err(|e| e.to_string())
+}
+
+/// Appends the encoding of a user value to `out` (as [`encode_value`] encodes it); on
+/// an error, part of it may be there.
+pub(crate) fn encode_value_into<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
+    value.serialize(&mut ser).map_err(|e| e.to_string())
 }
 
 /// Decodes a user value.

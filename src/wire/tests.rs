@@ -57,7 +57,12 @@ impl Read for Script {
 }
 
 impl super::blocking::Source for Script {
+    /// An empty chunk is a moment when nothing has arrived.
     fn read_now(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.chunks.front().is_some_and(Vec::is_empty) {
+            self.chunks.pop_front();
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         self.read(out)
     }
 }
@@ -87,6 +92,43 @@ fn ready() -> Up {
 
 fn channel(s: Script, max: usize) -> Channel<Script, tokio::io::Sink> {
     Channel::new(s, tokio::io::sink(), max)
+}
+
+#[test]
+fn large_frames_arrive_between_other_work_and_their_buffers_are_reused() {
+    use super::blocking::Next;
+    let frame = |seed: u8| {
+        framed(&Up::Refused {
+            reason: String::from(char::from(b'a' + seed)).repeat(300_000),
+        })
+    };
+    let mut chunks = Vec::new();
+    for seed in 0..3 {
+        let f = frame(seed);
+        // Header and a bit, nothing yet, most of it, nothing yet, the rest.
+        chunks.extend([f[..50].to_vec(), vec![], f[50..250_000].to_vec(), vec![]]);
+        chunks.push(f[250_000..].to_vec());
+    }
+    let mut b = BlockingChannel::new(Script::new(chunks), 1 << 20);
+    let mut next = || loop {
+        match b.next_frame(false).unwrap() {
+            Next::Msg(frame) => return frame,
+            Next::Nothing => {}
+            Next::End => panic!("ended early"),
+        }
+    };
+    let first = next();
+    let second = next();
+    assert!(first.ends_with(b"aaaa") && second.ends_with(b"bbbb"));
+    let first_at = first.as_ptr();
+    drop(first);
+    let third = next();
+    assert!(third.ends_with(b"cccc"));
+    assert_eq!(
+        third.as_ptr(),
+        first_at,
+        "the first frame's buffer is reused"
+    );
 }
 
 #[tokio::test]

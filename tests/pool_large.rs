@@ -1,0 +1,165 @@
+//! Large map items (a megabyte or more encoded) are encoded again when they are sent,
+//! straight into a buffer the pool reuses; these tests hold that to the contract.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use procpool::{AsyncPool, Connection, Error, Queue, pipe};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_bytes::ByteBuf;
+
+const MB: usize = 1 << 20;
+
+fn pattern(len: usize, seed: u8) -> ByteBuf {
+    ByteBuf::from(
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn reversed(mut b: ByteBuf) -> ByteBuf {
+    b.reverse();
+    b
+}
+
+/// Panics on a payload that starts with 0xEE.
+fn checked_len(b: ByteBuf) -> usize {
+    assert!(b.first() != Some(&0xEE), "bad payload");
+    b.len()
+}
+
+/// Generous: a debug build on a loaded machine; a stall would hang forever.
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .expect("large items stalled")
+}
+
+#[tokio::test]
+async fn large_and_small_items_share_chunks_and_arrive_intact_in_order() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let sizes = [10, 2 * MB, 5, MB + 3, MB - 100, 0, 3 * MB, 7, MB];
+    let items: Vec<ByteBuf> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(n, i as u8))
+        .collect();
+    for chunksize in [1, 2, 4] {
+        let got = within(pool.map(reversed, items.clone()).chunksize(chunksize))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), items.len());
+        for (i, (got, sent)) in got.iter().zip(&items).enumerate() {
+            assert!(
+                got.iter().eq(sent.iter().rev()),
+                "item {i} (chunksize {chunksize}) changed on the way"
+            );
+        }
+    }
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn after_a_large_item_fails_the_rest_of_its_chunk_is_sent_again() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let mut items: Vec<ByteBuf> = (0..8).map(|i| pattern(MB + i * 1000, 1)).collect();
+    items[1] = ByteBuf::from(vec![0xEE; 2 * MB]);
+    items[6] = ByteBuf::from(vec![0xEE; 10]);
+    let got: Vec<_> = within(
+        pool.imap(checked_len, items.clone())
+            .chunksize(4)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    for (i, (got, sent)) in got.into_iter().zip(&items).enumerate() {
+        match (i, got) {
+            (1 | 6, Err(Error::Panicked { message, .. })) => {
+                assert!(message.contains("bad payload"))
+            }
+            (_, Ok(len)) => assert_eq!(len, sent.len(), "item {i}"),
+            (_, other) => panic!("item {i}: {other:?}"),
+        }
+    }
+    pool.close().await;
+}
+
+fn echo_len(conn: Connection<usize>, q: Queue<usize>, payload: ByteBuf) {
+    q.blocking_put(payload.len()).unwrap();
+    conn.blocking_send(payload.len()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_inside_large_items_work_in_the_worker() {
+    // A handle is pinned by the encoding that is sent, so such an item is not deferred.
+    let pool = AsyncPool::new(2).await.unwrap();
+    let q: Queue<usize> = Queue::new();
+    let (ours, theirs) = pipe::<usize>();
+    let items = vec![(theirs, q.clone(), pattern(2 * MB, 3))];
+    within(pool.starmap(echo_len, items)).await.unwrap();
+    assert_eq!(within(ours.recv()).await.unwrap(), 2 * MB);
+    assert_eq!(q.try_get().unwrap(), Some(2 * MB));
+    pool.close().await;
+}
+
+/// Its second encoding (the one that is sent) is one byte longer, or panics.
+#[derive(Deserialize)]
+struct Fickle {
+    data: ByteBuf,
+    panics: bool,
+    #[serde(skip)]
+    encoded: AtomicUsize,
+}
+
+impl Fickle {
+    fn new(panics: bool) -> Fickle {
+        Fickle {
+            data: ByteBuf::from(vec![1; 2 * MB]),
+            panics,
+            encoded: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Serialize for Fickle {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let again = self.encoded.fetch_add(1, Ordering::SeqCst) > 0;
+        assert!(!(again && self.panics), "encoded twice");
+        let mut st = s.serialize_struct("Fickle", 2)?;
+        let extra = if again { vec![0] } else { Vec::new() };
+        st.serialize_field("data", &ByteBuf::from([&self.data[..], &extra].concat()))?;
+        st.serialize_field("panics", &self.panics)?;
+        st.end()
+    }
+}
+
+fn fickle_len(f: Fickle) -> usize {
+    f.data.len()
+}
+
+#[tokio::test]
+async fn a_large_item_that_encodes_differently_when_sent_fails_alone_with_encode() {
+    let pool = AsyncPool::new(1).await.unwrap();
+    for panics in [false, true] {
+        let err = within(pool.map(fickle_len, vec![Fickle::new(panics)]))
+            .await
+            .unwrap_err();
+        match err {
+            Error::Encode { type_name, reason } => {
+                assert!(type_name.ends_with("Fickle"), "{type_name}");
+                assert!(reason.contains("encoded again"), "{reason}");
+            }
+            other => panic!("expected Encode, got {other:?}"),
+        }
+    }
+    // Nothing was sent for it, and the pool serves on.
+    let stats = pool.stats();
+    assert_eq!((stats.failed, stats.restarts), (2, 0));
+    let ok = within(pool.map(reversed, vec![pattern(2 * MB, 9)])).await;
+    assert!(ok.unwrap()[0].iter().eq(pattern(2 * MB, 9).iter().rev()));
+    pool.close().await;
+}
