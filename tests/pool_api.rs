@@ -471,3 +471,30 @@ async fn once_tasks_are_known_to_be_long_none_waits_behind_a_long_one() {
     write_file(&gate, "go");
     assert_eq!(long.await.unwrap(), 99);
 }
+
+#[tokio::test]
+async fn before_any_task_finishes_a_worker_gets_at_most_eight_ahead() {
+    // Their length is unknown until one finishes, so the default depth (64) is not used
+    // yet: the rest wait in the pool's queue, where any free worker can take them.
+    let pool = AsyncPool::new(1).await.unwrap();
+    let dir = TempDir::new("first-depth");
+    let gate = dir.path("gate");
+    let handles: Vec<_> = (0..20)
+        .map(|i| pool.apply_async(waits_for, (gate.clone(), i)))
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = pool.stats();
+        assert!(stats.running <= 8, "{stats:?}");
+        if stats.running + stats.queued == 20 && stats.running == 8 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    write_file(&gate, "go");
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap(), i as u32);
+    }
+    pool.close().await;
+}

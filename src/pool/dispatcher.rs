@@ -68,6 +68,10 @@ impl Hasher for IdHasher {
 /// About this much work is sent ahead to each worker (see `Dispatcher::depth`).
 const PIPELINE_WORK: Duration = Duration::from_millis(2);
 
+/// Tasks in flight per worker before any task has finished (at most): until then their
+/// length is unknown, and a task sent behind a long one waits for it.
+const FIRST_DEPTH: usize = 8;
+
 /// At most this many bytes of arguments are sent ahead to a worker: with large ones,
 /// pipelining gains nothing, and the worker would hold them all in memory.
 const PIPELINE_BYTES: usize = 8 << 20;
@@ -468,11 +472,11 @@ impl Dispatcher {
     // ------------------------------------------------------------------- workers
 
     /// Tasks in flight per worker: about [`PIPELINE_WORK`] of them by the time tasks have
-    /// taken so far, between 1 and the configured depth (which also holds until a task
-    /// has finished).
+    /// taken so far, between 1 and the configured depth ([`FIRST_DEPTH`] at most until a
+    /// task has finished).
     fn depth(&self) -> usize {
         let Some(t) = self.task_time else {
-            return self.cfg.pipeline;
+            return self.cfg.pipeline.min(FIRST_DEPTH);
         };
         let n = PIPELINE_WORK.as_nanos() / t.as_nanos().max(1);
         usize::try_from(n)

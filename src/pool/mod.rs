@@ -180,13 +180,13 @@ impl Builder {
     }
 
     /// How many tasks may be sent ahead to one worker (it runs them in order). More hides
-    /// the round trip for small tasks; 1 makes every task wait for a free worker.
-    /// Default: 8.
+    /// the round trip for small tasks and lets the pool wake workers less often; 1 makes
+    /// every task wait for a free worker. Default: 64.
     ///
     /// This is the most: once tasks have finished, the pool sends about 2 ms of work
     /// ahead to each worker, as measured on the tasks so far, so long tasks go one at a
     /// time and a task does not wait behind a long one while another worker is free.
-    /// (A pool's first tasks, before any has finished, are sent this many ahead.) Nor
+    /// A pool's first tasks, before any has finished, are sent at most 8 ahead. Nor
     /// does a worker with a task in flight get more than 8 MiB of arguments ahead.
     pub fn pipeline_depth(mut self, n: usize) -> Self {
         self.pipeline = n.max(1);
@@ -309,7 +309,7 @@ impl AsyncPool {
             max_tasks_per_child: None,
             task_timeout: None,
             kill_grace: Duration::from_millis(100),
-            pipeline: 8,
+            pipeline: 64,
         }
     }
 
