@@ -92,7 +92,10 @@ impl<R: DeserializeOwned> Future for Apply<R> {
 /// # Drop
 ///
 /// Dropping the handle before the task finished cancels it (a queued task is removed, a
-/// running one has its worker stopped and replaced), like dropping an [`Apply`].
+/// running one has its worker stopped and replaced), like dropping an [`Apply`]. A task
+/// already sent ahead to a worker is skipped there; one that the skip reaches only as it
+/// starts (workers look for skips between tasks, at most every 50 µs while they have
+/// tasks queued) runs, and its result is dropped.
 /// [`detach`](Self::detach) lets the task run on unobserved.
 #[must_use = "dropping a TaskHandle cancels its task; call `detach()` to let it run"]
 pub struct TaskHandle<R> {
