@@ -324,7 +324,10 @@ async fn argument_that_cannot_encode_fails_at_start_and_spawns_nothing() {
     );
     assert_eq!(p.pid(), None);
     let children = procpool::active_children();
-    assert!(children.iter().all(|c| c.name() != "never-started"), "{children:?}");
+    assert!(
+        children.iter().all(|c| c.name() != "never-started"),
+        "{children:?}"
+    );
 }
 
 #[tokio::test]

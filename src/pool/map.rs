@@ -42,18 +42,23 @@ pub(crate) struct Encoded {
     pins: crate::sync::Pins,
 }
 
-/// Items that encode to at least this many bytes are encoded again when sent instead of
-/// being kept encoded (see [`Deferred`]); under it, a second encoding costs more than
-/// it saves.
+/// Items that encode to more than this many bytes (counting small writes only up to
+/// here, see [`Capped`]) are encoded again when sent instead of being kept encoded (see
+/// [`Deferred`]); under it, a second encoding costs more than it saves.
 const DEFER_SIZE: usize = 1 << 20;
 
+/// Writes of at most this many bytes are always stored (see [`Capped`]).
+const SMALL_WRITE: usize = 16;
+
 /// The encoder's output for [`Encoded::fill`]: an item's first `limit` bytes go into
-/// `buf`, the rest are only counted.
+/// `buf`, the rest are only counted, except for small writes (so an item counts as
+/// large when its strings and byte strings make it so).
 struct Capped<'a> {
     buf: &'a mut Vec<u8>,
     /// Where the current item starts.
     start: usize,
-    limit: usize,
+    /// Where it must end to be stored whole; 0 once it did not.
+    end: usize,
     /// Bytes of the current item counted, not stored.
     over: usize,
 }
@@ -61,21 +66,31 @@ struct Capped<'a> {
 impl Capped<'_> {
     fn begin(&mut self, limit: usize) {
         self.start = self.buf.len();
-        self.limit = limit;
+        self.end = self.start.saturating_add(limit);
         self.over = 0;
+    }
+
+    /// The current item's size, stored or not.
+    fn item_len(&self) -> usize {
+        self.buf.len() - self.start + self.over
     }
 }
 
 impl std::io::Write for Capped<'_> {
+    #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.write_all(data)?;
         Ok(data.len())
     }
 
+    #[inline(always)]
     fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if self.over == 0 && self.buf.len() - self.start + data.len() <= self.limit {
+        // Markers and numbers (a known, small size once inlined) are stored as a `Vec`
+        // would store them; the limit is for the copies of strings and byte strings.
+        if data.len() <= SMALL_WRITE || self.buf.len() + data.len() <= self.end {
             self.buf.extend_from_slice(data);
         } else {
+            self.end = 0;
             self.over += data.len();
         }
         Ok(())
@@ -104,7 +119,7 @@ impl Encoded {
         let out = Capped {
             buf: &mut self.buf,
             start: 0,
-            limit: DEFER_SIZE,
+            end: 0,
             over: 0,
         };
         let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
@@ -113,20 +128,21 @@ impl Encoded {
                 return Ok(true);
             };
             ser.get_mut().begin(DEFER_SIZE);
-            let pins = crate::sync::pinned();
+            let pins = crate::sync::pins_taken();
             let mut res = item.serialize(&mut ser);
             let out = ser.get_mut();
             if res.is_ok() && out.over > 0 {
-                let len = out.buf.len() - out.start + out.over;
+                let len = out.item_len();
                 out.buf.truncate(out.start);
-                if crate::sync::pinned() == pins {
+                let taken = crate::sync::pins_taken() - pins;
+                if taken == 0 {
                     let at = self.ends.len();
                     self.deferred.push((at, Arc::new(Deferred::new(item, len))));
                     self.ends.push(out.buf.len());
                     continue;
                 }
                 // Handles are pinned once, by the encoding that is sent: this one.
-                crate::sync::unpin_after(pins);
+                crate::sync::unpin_last(taken);
                 ser.get_mut().begin(usize::MAX);
                 res = item.serialize(&mut ser);
             }

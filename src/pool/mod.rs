@@ -363,8 +363,9 @@ impl AsyncPool {
     /// that error is returned.
     ///
     /// Every item is encoded before anything is sent: one that cannot be is
-    /// [`Error::Encode`] with no task run. An item that encodes to 1 MiB or more (and
-    /// holds no queue, lock, event or pipe end) is then kept as it is and encoded again
+    /// [`Error::Encode`] with no task run. An item whose strings and byte strings take
+    /// its encoding to 1 MiB or more (a large `serde_bytes::ByteBuf`, say), and that holds
+    /// no queue, lock, event or pipe end, is then kept as it is and encoded again
     /// when it is sent, into a buffer the pool reuses, because writing a large encoding
     /// into fresh memory costs more than encoding it twice. So its `Serialize` runs
     /// twice, and must give the same bytes both times; if it does not (or fails, or

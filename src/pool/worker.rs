@@ -175,7 +175,8 @@ impl WorkerConn {
         let mut encoded = Vec::new();
         for part in parts {
             if let Part::Deferred(item) = part {
-                let mut buf = self.out.spare.take(item.len).unwrap_or_default();
+                let mut buf =
+                    (self.out.spare.take(item.len)).unwrap_or_else(|| Vec::with_capacity(item.len));
                 buf.clear();
                 item.encode_into(&mut buf)?;
                 encoded.push(self.out.spare.share(buf, item.len));

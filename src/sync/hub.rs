@@ -735,20 +735,27 @@ impl Pins {
     }
 }
 
-/// How many pins the current [`collect`] holds so far.
-pub(crate) fn pinned() -> usize {
-    COLLECTOR.with(|c| c.borrow().as_ref().map_or(0, Vec::len))
+/// How many pins this thread's collects have taken so far: cheap enough to read around
+/// every item of a map.
+#[inline]
+pub(crate) fn pins_taken() -> usize {
+    TAKEN.with(std::cell::Cell::get)
 }
 
-/// Lets go of the pins the current [`collect`] took after the first `n`.
-pub(crate) fn unpin_after(n: usize) {
-    let dropped = COLLECTOR.with(|c| c.borrow_mut().as_mut().map(|v| v.split_off(n.min(v.len()))));
+/// Lets go of the last `n` pins the current [`collect`] took.
+pub(crate) fn unpin_last(n: usize) {
+    let dropped = COLLECTOR.with(|c| {
+        c.borrow_mut()
+            .as_mut()
+            .map(|v| v.split_off(v.len().saturating_sub(n)))
+    });
     // Dropped outside the borrow: a pin's drop may touch the hub.
     drop(dropped);
 }
 
 thread_local! {
     static COLLECTOR: std::cell::RefCell<Option<Vec<Pin>>> = const { std::cell::RefCell::new(None) };
+    static TAKEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Runs `f` (an encoding) and returns the pins taken by the handles it serialized.
@@ -764,6 +771,7 @@ pub(crate) fn pin(pin: Pin) {
     let rest = COLLECTOR.with(|c| match c.borrow_mut().as_mut() {
         Some(v) => {
             v.push(pin);
+            TAKEN.with(|t| t.set(t.get() + 1));
             None
         }
         None => Some(pin),

@@ -34,7 +34,7 @@ pub use pipe::{Connection, pipe};
 pub use queue::{Queue, TryPutError};
 
 use hub::{HubRef, Kind, Obj, Pin, Remote};
-pub(crate) use hub::{Pins, collect, pinned, settle, unpin_after};
+pub(crate) use hub::{Pins, collect, pins_taken, settle, unpin_last};
 
 /// The object behind a handle, as seen from the process the handle is in.
 pub(crate) trait Core: Send + Sync + Sized + 'static {
