@@ -233,6 +233,12 @@ struct Task {
     args: Bytes,
 }
 
+/// How often a worker with tasks queued looks for frames that arrived meanwhile (new
+/// tasks, skips of queued ones). A skip that arrives within this time before its task
+/// starts is missed, as one arriving while its task runs always was: the task runs and
+/// the dispatcher drops its answer.
+const LOOK_EVERY: Duration = Duration::from_micros(50);
+
 /// The `Worker` role: tasks run one at a time, in the order they arrive.
 ///
 /// One thread does it all, with no hand-off between threads on the way (each would cost
@@ -241,15 +247,10 @@ struct Task {
 /// wait for a later task to finish), and waits for frames only when it has nothing to
 /// run. With tasks queued, it looks for new frames at most every [`LOOK_EVERY`]: tiny
 /// tasks arrive in batches, and a look that finds nothing cost a syscall per task (about
-/// a fifth of the CPU time of tiny tasks). While a task runs, the end-of-channel watch (see [`watch_for_parent_eof`]) exits
-/// the process if the parent goes away; a skip that arrives while its task runs is moot
-/// (the dispatcher stops a worker that does not move on).
-/// How often a worker with tasks queued looks for frames that arrived meanwhile (new
-/// tasks, skips of queued ones). A skip that arrives within this time before its task
-/// starts is missed, as one arriving while its task runs always was: the task runs and
-/// the dispatcher drops its answer.
-const LOOK_EVERY: Duration = Duration::from_micros(50);
-
+/// a fifth of the CPU time of tiny tasks). While a task runs, the end-of-channel watch
+/// (see [`watch_for_parent_eof`]) exits the process if the parent goes away; a skip
+/// that arrives while its task runs is moot (the dispatcher stops a worker that does
+/// not move on).
 fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
     let mut queue: VecDeque<Job> = VecDeque::new();
     // Ids of queued tasks to skip; only ids in `queue` are ever added.

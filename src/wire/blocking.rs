@@ -208,7 +208,8 @@ impl<S: Write> BlockingWriter<S> {
 const LARGE_REST: usize = 64 * 1024;
 
 /// The most one read takes: the spare capacity is zeroed before reading, so this bounds
-/// that cost (the rest of a large frame is read by another path, without zeroing).
+/// that cost (the rest of a large frame is read by another path, into a buffer kept for
+/// reuse).
 const READ_WINDOW: usize = 64 * 1024;
 
 /// Reads once into the spare capacity of `buf`, waiting for data if `wait`.
