@@ -163,3 +163,39 @@ async fn a_large_item_that_encodes_differently_when_sent_fails_alone_with_encode
     assert!(ok.unwrap()[0].iter().eq(pattern(2 * MB, 9).iter().rev()));
     pool.close().await;
 }
+
+/// Waits for `gate` if the payload starts with 0, then returns its length.
+fn gated_len(gate: String, b: ByteBuf) -> usize {
+    if b.first() == Some(&0) {
+        support::wait_for_file(&gate);
+    }
+    b.len()
+}
+
+#[tokio::test]
+async fn a_worker_gets_at_most_8_mib_of_arguments_ahead() {
+    // One worker, its first task held by a gate: of six 3 MB items, the second fits in
+    // the 8 MiB ahead, the third would not; the rest wait in the pool's queue.
+    let pool = AsyncPool::new(1).await.unwrap();
+    let dir = support::TempDir::new("bytes-ahead");
+    let gate = dir.path("gate");
+    let items: Vec<_> = (0..6u8)
+        .map(|i| (gate.clone(), ByteBuf::from(vec![i; 3_000_000])))
+        .collect();
+    let map = pool.starmap(gated_len, items).chunksize(1);
+    let task = tokio::spawn(map);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = pool.stats();
+        assert!(stats.running <= 2, "{stats:?}");
+        if stats.running == 2 && stats.queued == 4 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    support::write_file(&gate, "go");
+    let lens = within(task).await.unwrap().unwrap();
+    assert_eq!(lens, vec![3_000_000; 6]);
+    pool.close().await;
+}
