@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use procpool::{AsyncPool, Error, current_process};
-use support::{TempDir, wait_for_file, write_file};
+use support::{TempDir, pattern, wait_for_file, write_file};
 
 fn doubler(x: i64) -> i64 {
     x * 2
@@ -390,15 +390,6 @@ async fn an_initializer_that_fails_fails_build() {
         matches!(&err, Error::Panicked { message, .. } if message == "no database"),
         "{err:?}"
     );
-}
-
-/// A byte pattern that a shifted, truncated or duplicated chunk cannot reproduce.
-fn pattern(len: usize, seed: u8) -> serde_bytes::ByteBuf {
-    serde_bytes::ByteBuf::from(
-        (0..len)
-            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
-            .collect::<Vec<u8>>(),
-    )
 }
 
 /// The payload back, reversed: every byte must have crossed both ways intact.

@@ -10,16 +10,9 @@ use futures::StreamExt;
 use procpool::{AsyncPool, Connection, Error, Queue, pipe};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_bytes::ByteBuf;
+use support::pattern;
 
 const MB: usize = 1 << 20;
-
-fn pattern(len: usize, seed: u8) -> ByteBuf {
-    ByteBuf::from(
-        (0..len)
-            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
-            .collect::<Vec<u8>>(),
-    )
-}
 
 fn reversed(mut b: ByteBuf) -> ByteBuf {
     b.reverse();

@@ -217,3 +217,12 @@ pub async fn soon<F: std::future::Future>(f: F) -> F::Output {
         Err(_) => panic!("did not finish within {SOON:?}"),
     }
 }
+
+/// A byte pattern that a shifted, truncated or duplicated chunk cannot reproduce.
+pub fn pattern(len: usize, seed: u8) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+            .collect::<Vec<u8>>(),
+    )
+}
