@@ -1,5 +1,6 @@
-//! Large map items (a megabyte or more encoded) are encoded again when they are sent,
-//! straight into a buffer the pool reuses; these tests hold that to the contract.
+//! Large arguments (a megabyte or more encoded, of map items or of single calls) are
+//! encoded again when they are sent, straight into a buffer the pool reuses; these tests
+//! hold that to the contract.
 
 mod support;
 
@@ -95,6 +96,12 @@ async fn handles_inside_large_items_work_in_the_worker() {
     within(pool.starmap(echo_len, items)).await.unwrap();
     assert_eq!(within(ours.recv()).await.unwrap(), 2 * MB);
     assert_eq!(q.try_get().unwrap(), Some(2 * MB));
+    // The same as a single call's arguments.
+    let (ours, theirs) = pipe::<usize>();
+    let args = (theirs, q.clone(), pattern(3 * MB, 4));
+    within(pool.apply(echo_len, args)).await.unwrap();
+    assert_eq!(within(ours.recv()).await.unwrap(), 3 * MB);
+    assert_eq!(q.try_get().unwrap(), Some(3 * MB));
     pool.close().await;
 }
 
@@ -135,7 +142,7 @@ fn fickle_len(f: Fickle) -> usize {
 }
 
 #[tokio::test]
-async fn a_large_item_that_encodes_differently_when_sent_fails_alone_with_encode() {
+async fn a_large_argument_that_encodes_differently_when_sent_fails_alone_with_encode() {
     let pool = AsyncPool::new(1).await.unwrap();
     for panics in [false, true] {
         let err = within(pool.map(fickle_len, vec![Fickle::new(panics)]))
@@ -149,9 +156,20 @@ async fn a_large_item_that_encodes_differently_when_sent_fails_alone_with_encode
             other => panic!("expected Encode, got {other:?}"),
         }
     }
-    // Nothing was sent for it, and the pool serves on.
+    // The same for a single call's arguments.
+    for panics in [false, true] {
+        let err = within(pool.apply(fickle_len, (Fickle::new(panics),)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Encode { type_name, reason }
+                if type_name.contains("Fickle") && reason.contains("encoded again")),
+            "{err:?}"
+        );
+    }
+    // Nothing was sent for them, and the pool serves on.
     let stats = pool.stats();
-    assert_eq!((stats.failed, stats.restarts), (2, 0));
+    assert_eq!((stats.failed, stats.restarts), (4, 0));
     let ok = within(pool.map(reversed, vec![pattern(2 * MB, 9)])).await;
     assert!(ok.unwrap()[0].iter().eq(pattern(2 * MB, 9).iter().rev()));
     pool.close().await;
@@ -190,5 +208,27 @@ async fn a_worker_gets_at_most_8_mib_of_arguments_ahead() {
     support::write_file(&gate, "go");
     let lens = within(task).await.unwrap().unwrap();
     assert_eq!(lens, vec![3_000_000; 6]);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn large_arguments_of_single_calls_arrive_intact() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let sent: Vec<ByteBuf> = (0..4).map(|i| pattern(MB + 7 * i, i as u8)).collect();
+    let handles: Vec<_> = sent
+        .iter()
+        .map(|b| pool.apply_async(reversed, (b.clone(),)))
+        .collect();
+    let one = within(pool.apply(reversed, (pattern(3 * MB, 0x5A),)))
+        .await
+        .unwrap();
+    assert!(one.iter().eq(pattern(3 * MB, 0x5A).iter().rev()));
+    for (h, sent) in handles.into_iter().zip(&sent) {
+        let got = within(h).await.unwrap();
+        assert!(
+            got.iter().eq(sent.iter().rev()),
+            "a payload changed on the way"
+        );
+    }
     pool.close().await;
 }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
 
 use super::Shared;
+use super::message::Args;
 use super::message::TaskResult;
 use crate::error::{Error, Result};
 use crate::sync::Pins;
@@ -30,7 +30,7 @@ use crate::target::TargetRef;
 #[must_use = "futures do nothing unless polled"]
 pub struct Apply<R> {
     shared: Arc<Shared>,
-    call: Option<Result<(TargetRef, Bytes, Pins)>>,
+    call: Option<Result<(TargetRef, Args, Pins)>>,
     timeout: Option<Duration>,
     running: Option<TaskTimeout<R>>,
 }
@@ -45,7 +45,7 @@ impl<R> std::fmt::Debug for Apply<R> {
 }
 
 impl<R> Apply<R> {
-    pub(super) fn new(shared: Arc<Shared>, call: Result<(TargetRef, Bytes, Pins)>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, call: Result<(TargetRef, Args, Pins)>) -> Self {
         Apply {
             shared,
             call: Some(call),
@@ -128,7 +128,7 @@ impl<R> std::fmt::Debug for TaskHandle<R> {
 }
 
 impl<R> TaskHandle<R> {
-    pub(super) fn submit(shared: &Arc<Shared>, call: Result<(TargetRef, Bytes, Pins)>) -> Self {
+    pub(super) fn submit(shared: &Arc<Shared>, call: Result<(TargetRef, Args, Pins)>) -> Self {
         let submitted = call.and_then(|(target, args, pins)| {
             let (tx, rx) = oneshot::channel();
             let reply = Box::new(move |r: TaskResult| {

@@ -101,6 +101,66 @@ impl std::io::Write for Capped<'_> {
     }
 }
 
+type CappedSerializer<'a> = rmp_serde::Serializer<
+    Capped<'a>,
+    rmp_serde::config::StructMapConfig<rmp_serde::config::DefaultConfig>,
+>;
+
+/// Appends `item`'s encoding to the serializer's buffer, or, for a large item that took
+/// no handle, nothing: it is returned to be encoded again when sent. Run it inside
+/// [`crate::sync::collect`]. An item that fails to encode leaves nothing behind.
+fn encode_item<T: Serialize + Send + 'static>(
+    ser: &mut CappedSerializer<'_>,
+    item: T,
+) -> std::result::Result<Option<Deferred>, String> {
+    ser.get_mut().begin(DEFER_SIZE);
+    let pins = crate::sync::pins_taken();
+    let mut res = item.serialize(&mut *ser);
+    let out = ser.get_mut();
+    if res.is_ok() && out.over > 0 {
+        let len = out.item_len();
+        out.buf.truncate(out.start);
+        let taken = crate::sync::pins_taken() - pins;
+        if taken == 0 {
+            return Ok(Some(Deferred::new(item, len)));
+        }
+        // Handles are pinned once, by the encoding that is sent: this one.
+        crate::sync::unpin_last(taken);
+        ser.get_mut().begin(usize::MAX);
+        res = item.serialize(&mut *ser);
+    }
+    if let Err(e) = res {
+        let out = ser.get_mut();
+        out.buf.truncate(out.start);
+        return Err(e.to_string());
+    }
+    Ok(None)
+}
+
+/// Encodes the arguments of one call (as [`Encoded::fill`] does an item of a map: a
+/// large one is deferred), with the pins its handles took.
+pub(crate) fn encode_args<T: Serialize + Send + 'static>(
+    args: T,
+) -> (std::result::Result<Args, String>, crate::sync::Pins) {
+    crate::sync::collect(|| {
+        let mut buf = Vec::new();
+        let out = Capped {
+            buf: &mut buf,
+            start: 0,
+            end: 0,
+            over: 0,
+        };
+        let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
+        Ok(match encode_item(&mut ser, args)? {
+            Some(item) => Args {
+                rest: Some(Arc::new([Part::Deferred(Arc::new(item))])),
+                ..Args::default()
+            },
+            None => Args::from(Bytes::from(buf)),
+        })
+    })
+}
+
 impl Encoded {
     fn len(&self) -> usize {
         self.ends.len()
@@ -127,31 +187,10 @@ impl Encoded {
             let Some(item) = items.next() else {
                 return Ok(true);
             };
-            ser.get_mut().begin(DEFER_SIZE);
-            let pins = crate::sync::pins_taken();
-            let mut res = item.serialize(&mut ser);
-            let out = ser.get_mut();
-            if res.is_ok() && out.over > 0 {
-                let len = out.item_len();
-                out.buf.truncate(out.start);
-                let taken = crate::sync::pins_taken() - pins;
-                if taken == 0 {
-                    let at = self.ends.len();
-                    self.deferred.push((at, Arc::new(Deferred::new(item, len))));
-                    self.ends.push(out.buf.len());
-                    continue;
-                }
-                // Handles are pinned once, by the encoding that is sent: this one.
-                crate::sync::unpin_last(taken);
-                ser.get_mut().begin(usize::MAX);
-                res = item.serialize(&mut ser);
+            if let Some(item) = encode_item(&mut ser, item)? {
+                self.deferred.push((self.ends.len(), Arc::new(item)));
             }
-            let out = ser.get_mut();
-            if let Err(e) = res {
-                out.buf.truncate(out.start);
-                return Err(e.to_string());
-            }
-            self.ends.push(out.buf.len());
+            self.ends.push(ser.get_ref().buf.len());
         }
         Ok(false)
     }

@@ -323,6 +323,10 @@ impl AsyncPool {
     /// Returns a named future, submitted when first polled. Set options before that:
     /// `.timeout(d)`.
     ///
+    /// Arguments are encoded now. Large ones (1 MiB or more of strings and byte strings,
+    /// no handles) are encoded again when sent, as a [`map`](Self::map)'s large items
+    /// are, so their `Serialize` must give the same bytes both times.
+    ///
     /// # Errors
     ///
     /// See the fault table of the crate docs: [`Error::Panicked`], [`Error::WorkerDied`],
@@ -335,7 +339,7 @@ impl AsyncPool {
         M: 'static,
     {
         drop(f);
-        Apply::new(Arc::clone(&self.shared), encode_call::<F, M, A>(&args))
+        Apply::new(Arc::clone(&self.shared), encode_call::<F, M, A>(args))
     }
 
     /// Submits `f(args...)` now, like `tokio::spawn`, and returns a [`TaskHandle`] to
@@ -351,7 +355,7 @@ impl AsyncPool {
         M: 'static,
     {
         drop(f);
-        TaskHandle::submit(&self.shared, encode_call::<F, M, A>(&args))
+        TaskHandle::submit(&self.shared, encode_call::<F, M, A>(args))
     }
 
     /// Runs `f(item)` for every item, in parallel across the workers, and resolves with
@@ -494,17 +498,18 @@ impl AsyncPool {
     }
 }
 
-/// Encodes a call: the target's entry point and the argument tuple.
-fn encode_call<F, M, A>(args: &A) -> Result<(TargetRef, Bytes, crate::sync::Pins)>
+/// Encodes a call: the target's entry point and the argument tuple (large arguments are
+/// encoded again when sent, as a map's large items are).
+fn encode_call<F, M, A>(args: A) -> Result<(TargetRef, Args, crate::sync::Pins)>
 where
     F: Target<A, M>,
     A: Serialize + DeserializeOwned + Send + 'static,
     M: 'static,
 {
     let target = crate::target::resolve::<F, M, A>()?;
-    let (args, pins) = crate::sync::encode_args(args);
+    let (args, pins) = map::encode_args(args);
     let args = args.map_err(Error::encode::<A>)?;
-    Ok((target, Bytes::from(args), pins))
+    Ok((target, args, pins))
 }
 
 /// The most encoded arguments a task may have: a frame, less room for the rest of the
