@@ -23,7 +23,7 @@ async fn a_cancelled_build_leaves_no_worker() {
             .is_empty())
         .await,
         "workers left behind: {:?}",
-        support::os_children()
+        support::describe_os_children()
     );
     cancel_during_a_hanging_initializer().await;
 }
@@ -44,6 +44,6 @@ async fn cancel_during_a_hanging_initializer() {
             .is_empty())
         .await,
         "workers stuck in their initializer: {:?}",
-        support::os_children()
+        support::describe_os_children()
     );
 }

@@ -95,6 +95,41 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// Direct children of this process according to `/proc` (any state, zombies included).
+/// What a process is doing, for a failure message: its name, command line, and each
+/// thread's name, state and wait channel.
+pub fn describe_process(pid: u32) -> String {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let cmdline = read(format!("/proc/{pid}/cmdline")).replace('\0', " ");
+    let mut out = format!(
+        "{pid} [{}] {cmdline}:",
+        read(format!("/proc/{pid}/comm")).trim()
+    );
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let t = t.path();
+            let state = read(format!("{}/stat", t.display()));
+            let state = state
+                .rsplit_once(") ")
+                .map_or("?", |(_, r)| &r[..1])
+                .to_owned();
+            out += &format!(
+                " {{{} {state} {}}}",
+                read(format!("{}/comm", t.display())).trim(),
+                read(format!("{}/wchan", t.display())).trim()
+            );
+        }
+    }
+    out
+}
+
+/// [`os_children`], each described by [`describe_process`].
+pub fn describe_os_children() -> Vec<String> {
+    os_children()
+        .into_iter()
+        .map(|(pid, _)| describe_process(pid))
+        .collect()
+}
+
 pub fn os_children() -> Vec<(u32, char)> {
     let me = std::process::id();
     let mut out = Vec::new();
