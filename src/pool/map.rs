@@ -63,7 +63,18 @@ struct Capped<'a> {
     over: usize,
 }
 
-impl Capped<'_> {
+impl<'a> Capped<'a> {
+    /// An encoder appending to `buf`, as `wire::encode_value` encodes (structs as maps).
+    fn serializer(buf: &'a mut Vec<u8>) -> CappedSerializer<'a> {
+        let out = Capped {
+            buf,
+            start: 0,
+            end: 0,
+            over: 0,
+        };
+        rmp_serde::Serializer::new(out).with_struct_map()
+    }
+
     fn begin(&mut self, limit: usize) {
         self.start = self.buf.len();
         self.end = self.start.saturating_add(limit);
@@ -139,19 +150,13 @@ fn encode_item<T: Serialize + Send + 'static>(
 
 /// Encodes the arguments of one call (as [`Encoded::fill`] does an item of a map: a
 /// large one is deferred), with the pins its handles took.
-pub(crate) fn encode_args<T: Serialize + Send + 'static>(
+pub(crate) fn encode_call_args<T: Serialize + Send + 'static>(
     args: T,
 ) -> (std::result::Result<Args, String>, crate::sync::Pins) {
     crate::sync::collect(|| {
         let mut buf = Vec::new();
-        let out = Capped {
-            buf: &mut buf,
-            start: 0,
-            end: 0,
-            over: 0,
-        };
-        let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
-        Ok(match encode_item(&mut ser, args)? {
+        let deferred = encode_item(&mut Capped::serializer(&mut buf), args)?;
+        Ok(match deferred {
             Some(item) => Args {
                 rest: Some(Arc::new([Part::Deferred(Arc::new(item))])),
                 ..Args::default()
@@ -175,14 +180,7 @@ impl Encoded {
         items: &mut impl Iterator<Item = T>,
         limit: usize,
     ) -> std::result::Result<bool, String> {
-        // The same encoding as `wire::encode_value` (structs as maps).
-        let out = Capped {
-            buf: &mut self.buf,
-            start: 0,
-            end: 0,
-            over: 0,
-        };
-        let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
+        let mut ser = Capped::serializer(&mut self.buf);
         while self.ends.len() < limit {
             let Some(item) = items.next() else {
                 return Ok(true);

@@ -507,7 +507,7 @@ where
     M: 'static,
 {
     let target = crate::target::resolve::<F, M, A>()?;
-    let (args, pins) = map::encode_args(args);
+    let (args, pins) = map::encode_call_args(args);
     let args = args.map_err(Error::encode::<A>)?;
     Ok((target, args, pins))
 }
