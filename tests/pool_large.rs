@@ -232,3 +232,120 @@ async fn large_arguments_of_single_calls_arrive_intact() {
     }
     pool.close().await;
 }
+
+/// The payload's length; aborts the worker if it starts with 0xAB.
+fn len_or_abort(b: ByteBuf) -> usize {
+    if b.first() == Some(&0xAB) {
+        std::process::abort();
+    }
+    b.len()
+}
+
+#[tokio::test]
+async fn a_worker_dying_on_a_large_argument_is_replaced_and_the_rest_arrive() {
+    // Large arguments travel through the worker's arena; its replacement gets its own.
+    let pool = AsyncPool::new(1).await.unwrap();
+    let mut items: Vec<ByteBuf> = (0..6).map(|i| pattern(MB + i * 4096, 7)).collect();
+    items[2] = ByteBuf::from(vec![0xAB; 2 * MB]);
+    let got: Vec<_> = within(
+        pool.imap(len_or_abort, items.clone())
+            .chunksize(1)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    for (i, (got, sent)) in got.into_iter().zip(&items).enumerate() {
+        match (i, got) {
+            (2, Err(Error::WorkerDied { .. })) => {}
+            (_, Ok(len)) => assert_eq!(len, sent.len(), "item {i}"),
+            (_, other) => panic!("item {i}: {other:?}"),
+        }
+    }
+    assert!(pool.stats().restarts >= 1);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn many_large_arguments_cycle_through_a_workers_arena_intact() {
+    // One worker, two or three items in flight at a time: their regions go round the
+    // arena several times, each written only once the task before it there is answered.
+    let pool = AsyncPool::new(1).await.unwrap();
+    let items: Vec<ByteBuf> = (0..40)
+        .map(|i| pattern(MB + (i * 777_777) % (3 * MB), i as u8))
+        .collect();
+    let got = within(pool.map(reversed, items.clone()).chunksize(1))
+        .await
+        .unwrap();
+    for (i, (got, sent)) in got.iter().zip(&items).enumerate() {
+        assert!(
+            got.iter().eq(sent.iter().rev()),
+            "item {i} changed on the way"
+        );
+    }
+    // Larger than half the arena: through the socket instead.
+    let huge = pattern(20 * MB, 0x3C);
+    let back = within(pool.apply(reversed, (huge.clone(),))).await.unwrap();
+    assert!(back.iter().eq(huge.iter().rev()));
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn large_arguments_of_cancelled_tasks_leave_the_arena_usable() {
+    let pool = AsyncPool::new(1).await.unwrap();
+    let dir = support::TempDir::new("arena-cancel");
+    let gate = dir.path("gate");
+    // The first waits at the gate; the others are queued behind it, some in the worker.
+    let items: Vec<_> = (0..5u8)
+        .map(|i| (gate.clone(), ByteBuf::from(vec![i; 2 * MB])))
+        .collect();
+    let map = pool.starmap(gated_len, items).chunksize(1);
+    let task = tokio::spawn(map);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while pool.stats().running < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", pool.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    // The running one's worker is replaced; what follows uses the arena as before.
+    let items: Vec<ByteBuf> = (0..8).map(|i| pattern(2 * MB + i, i as u8)).collect();
+    let got = within(pool.map(reversed, items.clone()).chunksize(1))
+        .await
+        .unwrap();
+    for (got, sent) in got.iter().zip(&items) {
+        assert!(got.iter().eq(sent.iter().rev()));
+    }
+    support::write_file(&gate, "go");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_skipped_large_argument_frees_its_place_in_the_arena() {
+    // Three large tasks in one worker; the middle one's caller gives up, so the worker
+    // skips it. The arena must free its region when that skip is answered.
+    let pool = AsyncPool::new(1).await.unwrap();
+    let dir = support::TempDir::new("arena-skip");
+    let gate = dir.path("gate");
+    let big = |i: u8| (gate.clone(), ByteBuf::from(vec![i; 2 * MB]));
+    let first = pool.apply_async(gated_len, big(0));
+    let middle = pool.apply_async(gated_len, big(1));
+    let last = pool.apply_async(gated_len, big(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while pool.stats().running < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", pool.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(middle);
+    support::write_file(&gate, "go");
+    assert_eq!(within(first).await.unwrap(), 2 * MB);
+    assert_eq!(within(last).await.unwrap(), 2 * MB);
+    let items: Vec<ByteBuf> = (0..12).map(|i| pattern(3 * MB - i, i as u8)).collect();
+    let got = within(pool.map(reversed, items.clone()).chunksize(1))
+        .await
+        .unwrap();
+    for (got, sent) in got.iter().zip(&items) {
+        assert!(got.iter().eq(sent.iter().rev()));
+    }
+    let stats = pool.stats();
+    assert_eq!((stats.cancelled, stats.restarts), (1, 0), "{stats:?}");
+    pool.close().await;
+}

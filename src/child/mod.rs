@@ -11,12 +11,14 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::target::{self, Context, Image};
+use crate::target::{self, Context, Image, SharedMap};
 use crate::wire::{
     self, BlockingChannel, Down, DownIn, Hello, Next, Outbox, Outcome, PROTOCOL_VERSION, Role, Run,
     Up,
@@ -256,6 +258,8 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
     // Ids of queued tasks to skip; only ids in `queue` are ever added.
     let mut skips: HashSet<u64> = HashSet::new();
     let mut looked = Instant::now();
+    // Where large arguments arrive (see `wire::Arena`), once the parent sends it.
+    let mut arena: Option<Arc<SharedMap>> = None;
     loop {
         // Every frame already here, then (if there is nothing to run) wait for one. With
         // tasks queued, this look (a syscall that mostly finds nothing, as tasks come in
@@ -281,6 +285,30 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
                         }
                     }
                     Ok(DownIn::Shutdown) => queue.push_back(Job::Shutdown),
+                    Ok(DownIn::Arena(a)) => match open_arena(&a) {
+                        Ok(map) => arena = Some(Arc::new(map)),
+                        Err(e) => {
+                            eprintln!("procpool: worker cannot map its arena: {e}");
+                            return EXIT_PROTOCOL;
+                        }
+                    },
+                    Ok(DownIn::RunShared(run)) => {
+                        let Some(args) = arena.as_ref().and_then(|map| {
+                            ArenaBytes::new(
+                                map,
+                                run.offset.try_into().ok()?,
+                                run.len.try_into().ok()?,
+                            )
+                        }) else {
+                            return EXIT_PROTOCOL;
+                        };
+                        queue.push_back(Job::Run(Task {
+                            id: run.id,
+                            target: run.target,
+                            target_name: frame.slice_ref(run.target_name.as_bytes()),
+                            args: Bytes::from_owner(args),
+                        }));
+                    }
                     Ok(DownIn::Hello(_)) | Err(_) => return EXIT_PROTOCOL,
                 }
             }
@@ -305,6 +333,40 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
         if outbox.send(&Up::Done { id, outcome }).is_err() {
             return EXIT_ORPHANED;
         }
+    }
+}
+
+/// Maps the arena the parent made for this worker, read-only.
+fn open_arena(a: &wire::Arena) -> Result<SharedMap, String> {
+    let fd = crate::sync::hub::claim(&a.hub, a.export)?;
+    let size = usize::try_from(a.size).map_err(|e| e.to_string())?;
+    SharedMap::new(fd.as_fd(), size, false).map_err(|e| e.to_string())
+}
+
+/// A task's arguments in the arena: valid until the task is dropped, which the worker does
+/// before it answers (after which the parent may write there again).
+struct ArenaBytes {
+    map: Arc<SharedMap>,
+    offset: usize,
+    len: usize,
+}
+
+impl ArenaBytes {
+    /// `None` if the bytes are not all inside the arena.
+    fn new(map: &Arc<SharedMap>, offset: usize, len: usize) -> Option<ArenaBytes> {
+        map.get(offset, len)?;
+        Some(ArenaBytes {
+            map: Arc::clone(map),
+            offset,
+            len,
+        })
+    }
+}
+
+impl AsRef<[u8]> for ArenaBytes {
+    fn as_ref(&self) -> &[u8] {
+        // Checked in `new`.
+        self.map.get(self.offset, self.len).unwrap_or_default()
     }
 }
 

@@ -392,6 +392,7 @@ impl Dispatcher {
             return;
         }
         w.inflight.pop_front();
+        w.conn.answered(id);
         if w.inflight.is_empty() && self.pending.is_empty() {
             w.conn.release_buffers();
         }

@@ -86,16 +86,35 @@ impl std::fmt::Debug for Deferred {
 }
 
 trait Reencode: Send + Sync {
-    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String>;
+    fn encode(&self, out: &mut Counted<'_>) -> Result<(), String>;
+}
+
+/// A writer that counts what it was given (a slice writer refuses what does not fit).
+pub(crate) struct Counted<'a> {
+    inner: &'a mut dyn std::io::Write,
+    n: usize,
+}
+
+impl std::io::Write for Counted<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.n += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A `Mutex` only to be `Sync`: it is never contended.
 struct Held<T>(std::sync::Mutex<T>);
 
 impl<T: serde::Serialize + Send> Reencode for Held<T> {
-    fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
+    fn encode(&self, out: &mut Counted<'_>) -> Result<(), String> {
         let item = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        crate::wire::encode_value_into(&*item, out)
+        let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
+        item.serialize(&mut ser).map_err(|e| e.to_string())
     }
 }
 
@@ -113,28 +132,35 @@ impl Deferred {
     /// fail, panic, take a handle, or differ in size now (the caller saw none of that).
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), Error> {
         let start = out.len();
+        self.encode_to(out).inspect_err(|_| out.truncate(start))
+    }
+
+    /// Writes the item's encoding to `out` (which may have taken part of it when this
+    /// fails; see [`encode_into`](Self::encode_into) for why it may).
+    pub(crate) fn encode_to(&self, out: &mut dyn std::io::Write) -> Result<(), Error> {
+        let mut out = Counted { inner: out, n: 0 };
         let (res, pins) = crate::sync::collect(|| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.item.encode(out)))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.item.encode(&mut out)))
         });
         let res = match res {
             Err(_) => Err("its Serialize panicked when it was encoded again".to_owned()),
+            Ok(Err(_)) if out.n >= self.len => Err(format!(
+                "it was {} bytes when first encoded, more when encoded again",
+                self.len
+            )),
             Ok(Err(reason)) => Err(reason),
             Ok(Ok(())) if !pins.is_empty() => {
                 Err("it took a handle when it was encoded again".to_owned())
             }
-            Ok(Ok(())) if out.len() - start != self.len => Err(format!(
+            Ok(Ok(())) if out.n != self.len => Err(format!(
                 "it was {} bytes when first encoded, {} bytes when encoded again",
-                self.len,
-                out.len() - start
+                self.len, out.n
             )),
             Ok(Ok(())) => Ok(()),
         };
-        res.map_err(|reason| {
-            out.truncate(start);
-            Error::Encode {
-                type_name: self.type_name.to_owned(),
-                reason,
-            }
+        res.map_err(|reason| Error::Encode {
+            type_name: self.type_name.to_owned(),
+            reason,
         })
     }
 }

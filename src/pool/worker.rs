@@ -3,6 +3,7 @@
 //! out itself ([`WorkerConn::flush`]), with a writer task only for a full socket.
 
 use std::collections::VecDeque;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -13,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use super::message::{Args, Part};
 use crate::error::{Error, ExitReason};
 use crate::process::{ChildHandle, Spawned, spawn_child};
-use crate::target::TargetRef;
+use crate::target::{SharedMap, TargetRef};
 use crate::wire::spare::Spare;
 use crate::wire::{Down, Outcome, Role, Run, Up, WireError};
 
@@ -65,6 +66,80 @@ struct Out {
     wake: Notify,
     /// Buffers for large map items, encoded as they are sent (see `Deferred`).
     spare: Arc<Spare>,
+    /// Where large arguments go instead of the socket, once made (see `wire::Arena`).
+    arena: Mutex<ArenaSlot>,
+}
+
+/// The parent's side of a worker's arena.
+#[derive(Debug, Default)]
+enum ArenaSlot {
+    #[default]
+    NotYet,
+    /// It could not be made: large arguments go through the socket.
+    Unavailable,
+    Ready(ParentArena),
+}
+
+/// How large a worker's arena is. Only what tasks use is ever touched, and it is reused
+/// from its start whenever no task refers to it.
+const ARENA_SIZE: usize = 32 << 20;
+
+struct ParentArena {
+    map: SharedMap,
+    /// Regions of tasks sent and not answered, as `(task, start, end)`, in the order
+    /// sent, which is the order of their answers.
+    live: VecDeque<(u64, usize, usize)>,
+    /// The exported file, closed if the worker never claims it.
+    _export: crate::sync::hub::Pin,
+}
+
+impl std::fmt::Debug for ParentArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParentArena")
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParentArena {
+    /// A memory file of [`ARENA_SIZE`] bytes, mapped here and exported through the hub,
+    /// and the message that tells the worker where to claim it.
+    fn create() -> Result<(ParentArena, Down), String> {
+        use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
+        let fd = memfd_create("procpool-arena", MemfdFlags::CLOEXEC).map_err(|e| e.to_string())?;
+        ftruncate(&fd, ARENA_SIZE as u64).map_err(|e| e.to_string())?;
+        let map = SharedMap::new(fd.as_fd(), ARENA_SIZE, true).map_err(|e| e.to_string())?;
+        let hub = crate::sync::hub::hub()?;
+        let export = hub.export(fd);
+        let msg = Down::Arena(crate::wire::Arena {
+            hub: hub.me.clone(),
+            export,
+            size: ARENA_SIZE as u64,
+        });
+        let arena = ParentArena {
+            map,
+            live: VecDeque::new(),
+            _export: crate::sync::hub::Pin::Export(export),
+        };
+        Ok((arena, msg))
+    }
+}
+
+/// Where `len` bytes fit in an arena of `size` bytes after the `live` regions (a ring:
+/// answers free its front).
+fn place(live: &VecDeque<(u64, usize, usize)>, size: usize, len: usize) -> Option<usize> {
+    let (Some(&(_, first, _)), Some(&(_, _, end))) = (live.front(), live.back()) else {
+        return (len <= size).then_some(0);
+    };
+    if first < end {
+        if end + len <= size {
+            Some(end)
+        } else {
+            (len <= first).then_some(0)
+        }
+    } else {
+        (end + len <= first).then_some(end)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -168,10 +243,17 @@ impl WorkerConn {
     }
 
     /// Queues task `id` (see [`send`](Self::send)). Large arguments are not copied;
-    /// large map items are encoded now (see `Deferred`), and if one cannot be, nothing
-    /// is queued and that is the error.
+    /// large map items are encoded now (see `Deferred`), into the worker's arena if they
+    /// fit; if one cannot be encoded, nothing is queued and that is the error.
     pub(crate) fn send_run(&self, id: u64, target: TargetRef, args: &Args) -> Result<(), Error> {
         let parts = args.rest.as_deref().unwrap_or_default();
+        let deferred = parts.iter().any(|p| matches!(p, Part::Deferred(_)));
+        if deferred
+            && args.len() <= ARENA_SIZE / 2
+            && let Some(sent) = self.send_run_shared(id, target, args)
+        {
+            return sent;
+        }
         let mut encoded = Vec::new();
         for part in parts {
             if let Part::Deferred(item) = part {
@@ -202,6 +284,59 @@ impl WorkerConn {
         Ok(())
     }
 
+    /// Writes task `id`'s arguments into the worker's arena and queues a `RunShared`;
+    /// `None` if there is no arena or no room in it now (the socket takes them then).
+    fn send_run_shared(
+        &self,
+        id: u64,
+        target: TargetRef,
+        args: &Args,
+    ) -> Option<Result<(), Error>> {
+        let mut slot = self.out.arena.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*slot, ArenaSlot::NotYet) {
+            *slot = match ParentArena::create() {
+                Ok((arena, announce)) => {
+                    self.send(&announce);
+                    ArenaSlot::Ready(arena)
+                }
+                Err(e) => {
+                    tracing::debug!(worker = %self.name, "no arena for large arguments: {e}");
+                    ArenaSlot::Unavailable
+                }
+            };
+        }
+        let ArenaSlot::Ready(arena) = &mut *slot else {
+            return None;
+        };
+        let len = args.len();
+        let start = place(&arena.live, arena.map.len(), len)?;
+        let region = arena.map.get_mut(start, len)?;
+        if let Err(e) = write_args(region, args) {
+            return Some(Err(e));
+        }
+        arena.live.push_back((id, start, start + len));
+        drop(slot);
+        self.send(&Down::RunShared(crate::wire::RunShared {
+            id,
+            target: target.offset,
+            target_name: target.name,
+            offset: start as u64,
+            len: len as u64,
+        }));
+        Some(Ok(()))
+    }
+
+    /// Task `id` was answered: its arena region may be written again.
+    pub(crate) fn answered(&self, id: u64) {
+        let mut slot = self.out.arena.lock().unwrap_or_else(|p| p.into_inner());
+        if let ArenaSlot::Ready(arena) = &mut *slot
+            && let Some(i) = arena.live.iter().position(|&(task, _, _)| task == id)
+        {
+            // Always the front: a worker answers in the order it was sent tasks.
+            arena.live.remove(i);
+        }
+    }
+
     /// Lets go of the buffers kept for large map items (the worker has no more tasks).
     pub(crate) fn release_buffers(&self) {
         self.out.spare.clear();
@@ -226,6 +361,28 @@ impl Drop for WorkerConn {
     fn drop(&mut self) {
         self.out.lock().closed = true;
         self.out.wake.notify_one();
+    }
+}
+
+/// Writes `args` whole into `region`, which is exactly as long.
+fn write_args(mut region: &mut [u8], args: &Args) -> Result<(), Error> {
+    use std::io::Write;
+    let too_short = || Error::Encode {
+        type_name: "task arguments".to_owned(),
+        reason: "they no longer fit the size they were encoded to".to_owned(),
+    };
+    region.write_all(&args.head).map_err(|_| too_short())?;
+    region.write_all(&args.body).map_err(|_| too_short())?;
+    for part in args.rest.as_deref().unwrap_or_default() {
+        match part {
+            Part::Bytes(bytes) => region.write_all(bytes).map_err(|_| too_short())?,
+            Part::Deferred(item) => item.encode_to(&mut region)?,
+        }
+    }
+    if region.is_empty() {
+        Ok(())
+    } else {
+        Err(too_short())
     }
 }
 
@@ -323,6 +480,7 @@ async fn connect(
         state: Mutex::default(),
         wake: Notify::new(),
         spare: Arc::default(),
+        arena: Mutex::default(),
     });
     tokio::spawn(write_task(Arc::clone(&out)));
     let reader_child = Arc::clone(&child);
@@ -375,4 +533,39 @@ async fn connect(
         child,
         out,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arena_is_a_ring_freed_from_its_front() {
+        let mut live = VecDeque::new();
+        assert_eq!(place(&live, 100, 101), None);
+        assert_eq!(place(&live, 100, 100), Some(0));
+        live.push_back((1, 0, 40));
+        assert_eq!(place(&live, 100, 60), Some(40));
+        assert_eq!(
+            place(&live, 100, 61),
+            None,
+            "no room at the end, none before 0"
+        );
+        live.push_back((2, 40, 90));
+        live.pop_front(); // task 1 answered: 0..40 free again
+        assert_eq!(place(&live, 100, 30), Some(0), "wraps to the start");
+        live.push_back((3, 0, 30));
+        assert_eq!(
+            place(&live, 100, 10),
+            Some(30),
+            "after the wrap, up to the front"
+        );
+        assert_eq!(place(&live, 100, 11), None);
+        live.clear();
+        assert_eq!(
+            place(&live, 100, 50),
+            Some(0),
+            "empty: from the start again"
+        );
+    }
 }

@@ -33,7 +33,8 @@ pub use lock::{Lock, LockGuard};
 pub use pipe::{Connection, pipe};
 pub use queue::{Queue, TryPutError};
 
-use hub::{HubRef, Kind, Obj, Pin, Remote};
+pub(crate) use hub::HubRef;
+use hub::{Kind, Obj, Pin, Remote};
 pub(crate) use hub::{Pins, collect, pins_taken, settle, unpin_last};
 
 /// The object behind a handle, as seen from the process the handle is in.

@@ -39,7 +39,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_bytes::ByteBuf;
 
 pub(crate) use image::Image;
-pub(crate) use sys::{ignore_sigpipe, keep_boot_linked, lookup, register_fd, watch_pidfd};
+pub(crate) use sys::{
+    SharedMap, ignore_sigpipe, keep_boot_linked, lookup, register_fd, watch_pidfd,
+};
 
 use crate::error::Error;
 use crate::wire::{self, Outcome};

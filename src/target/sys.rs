@@ -109,3 +109,84 @@ pub(crate) fn ignore_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 }
+
+/// A shared mapping of a memory file: a pool worker's arena for large arguments, mapped
+/// writable by the parent and read-only by the worker.
+///
+/// # Soundness
+///
+/// The mapping is never moved or resized and is unmapped only on drop, so every slice
+/// made from it stays in bounds while its `SharedMap` lives (the methods check bounds).
+/// Within one process, writing needs `&mut self`, so no slice the process made aliases a
+/// written one. Across the two processes, the arena protocol keeps writes and reads of
+/// the same bytes apart in time: the parent writes a region only while no task it sent
+/// refers to it (before it sends the task, and after the worker answered it), and the
+/// worker reads a region only while it holds that task (it drops the task, and with it
+/// the slice, before it answers). Both sides are this crate's code, in the same binary
+/// (the handshake checks the build); a peer that broke the protocol could race.
+#[derive(Debug)]
+pub(crate) struct SharedMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; sharing it between threads is
+// as sound as sharing a `Box<[u8]>` (see the type's soundness notes for the other process).
+unsafe impl Send for SharedMap {}
+// SAFETY: as for `Send`: `&self` only reads, `&mut self` is needed to write.
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// Maps the first `len` bytes of `fd` (a memory file at least that long).
+    pub(crate) fn new(
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+        writable: bool,
+    ) -> std::io::Result<SharedMap> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: a new mapping at an address the kernel chooses, so it overlaps no memory
+        // Rust knows about; `len` bytes of the file exist (the parent truncated it so).
+        let ptr =
+            unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0) }?;
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null address"))?;
+        Ok(SharedMap { ptr, len })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes `offset..offset + len`, or `None` past the end.
+    pub(crate) fn get(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len)?;
+        // SAFETY: in bounds (checked), the mapping lives as long as `&self`, no `&mut`
+        // into it exists in this process while `&self` is borrowed; the other process
+        // does not write these bytes while the arena protocol lets us read them.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), end - offset) })
+    }
+
+    /// Bytes `offset..offset + len` to write, or `None` past the end.
+    pub(crate) fn get_mut(&mut self, offset: usize, len: usize) -> Option<&mut [u8]> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len)?;
+        // SAFETY: in bounds (checked), the mapping lives as long as `&mut self`, which
+        // also rules out any other slice of it in this process; the other process does
+        // not read these bytes while the arena protocol lets us write them.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), end - offset) })
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this address and length, and no
+        // slice of it outlives `self` (they borrow it).
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+            eprintln!("procpool: cannot unmap an arena: {e}");
+        }
+    }
+}

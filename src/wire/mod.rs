@@ -83,6 +83,29 @@ pub(crate) enum DownIn<'a> {
         id: u64,
     },
     Shutdown,
+    Arena(Arena),
+    #[serde(borrow)]
+    RunShared(RunShared<'a>),
+}
+
+/// A worker's arena for large arguments: a memory file the parent maps too, handed over
+/// through the parent's hub (`export`, claimed once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Arena {
+    pub(crate) hub: crate::sync::HubRef,
+    pub(crate) export: u64,
+    pub(crate) size: u64,
+}
+
+/// [`Run`] whose arguments are bytes `offset..offset + len` of the worker's arena. The
+/// parent writes them before it sends this and not again until the task is answered.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RunShared<'a> {
+    pub(crate) id: u64,
+    pub(crate) target: u64,
+    pub(crate) target_name: &'a str,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
 }
 
 /// [`Run`] with borrowed arguments (see [`DownIn`]).
@@ -105,6 +128,11 @@ pub(crate) enum Down {
     },
     /// Finish the tasks already sent, then exit.
     Shutdown,
+    /// The worker's arena (see [`Arena`]), before the first [`RunShared`].
+    Arena(Arena),
+    /// Read by workers as [`DownIn`] only.
+    #[serde(skip_deserializing)]
+    RunShared(RunShared<'static>),
 }
 
 /// Child to parent.
@@ -381,16 +409,6 @@ pub(crate) fn from_frame_borrowed<'a, M: Deserialize<'a>>(frame: &'a [u8]) -> Re
 /// maps, so `#[serde(flatten)]` and internally tagged enums work.
 pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
     rmp_serde::to_vec_named(value).map_err(|e| e.to_string())
-}
-
-/// Appends the encoding of a user value to `out` (as [`encode_value`] encodes it); on
-/// an error, part of it may be there.
-pub(crate) fn encode_value_into<T: Serialize + ?Sized>(
-    value: &T,
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
-    let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
-    value.serialize(&mut ser).map_err(|e| e.to_string())
 }
 
 /// Decodes a user value.
