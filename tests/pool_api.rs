@@ -473,16 +473,12 @@ async fn before_any_task_finishes_a_worker_gets_at_most_eight_ahead() {
     let handles: Vec<_> = (0..20)
         .map(|i| pool.apply_async(waits_for, (gate.clone(), i)))
         .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let settled = support::eventually_async(Duration::from_secs(30), || {
         let stats = pool.stats();
         assert!(stats.running <= 8, "{stats:?}");
-        if stats.running + stats.queued == 20 && stats.running == 8 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{stats:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        stats.running + stats.queued == 20 && stats.running == 8
+    });
+    assert!(settled.await, "{:?}", pool.stats());
     write_file(&gate, "go");
     for (i, h) in handles.into_iter().enumerate() {
         assert_eq!(h.await.unwrap(), i as u32);

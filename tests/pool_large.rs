@@ -195,16 +195,12 @@ async fn a_worker_gets_at_most_8_mib_of_arguments_ahead() {
         .collect();
     let map = pool.starmap(gated_len, items).chunksize(1);
     let task = tokio::spawn(map);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let settled = support::eventually_async(Duration::from_secs(60), || {
         let stats = pool.stats();
         assert!(stats.running <= 2, "{stats:?}");
-        if stats.running == 2 && stats.queued == 4 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{stats:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        stats.running == 2 && stats.queued == 4
+    });
+    assert!(settled.await, "{:?}", pool.stats());
     support::write_file(&gate, "go");
     let lens = within(task).await.unwrap().unwrap();
     assert_eq!(lens, vec![3_000_000; 6]);
@@ -299,11 +295,8 @@ async fn large_arguments_of_cancelled_tasks_leave_the_arena_usable() {
         .collect();
     let map = pool.starmap(gated_len, items).chunksize(1);
     let task = tokio::spawn(map);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while pool.stats().running < 2 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", pool.stats());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let sent = support::eventually_async(Duration::from_secs(60), || pool.stats().running >= 2);
+    assert!(sent.await, "{:?}", pool.stats());
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     // The running one's worker is replaced; what follows uses the arena as before.
@@ -329,11 +322,8 @@ async fn a_skipped_large_argument_frees_its_place_in_the_arena() {
     let first = pool.apply_async(gated_len, big(0));
     let middle = pool.apply_async(gated_len, big(1));
     let last = pool.apply_async(gated_len, big(2));
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while pool.stats().running < 3 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", pool.stats());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let sent = support::eventually_async(Duration::from_secs(60), || pool.stats().running >= 3);
+    assert!(sent.await, "{:?}", pool.stats());
     drop(middle);
     support::write_file(&gate, "go");
     assert_eq!(within(first).await.unwrap(), 2 * MB);
