@@ -392,21 +392,25 @@ impl Dispatcher {
             return;
         }
         w.inflight.pop_front();
-        w.conn.answered(id);
-        if w.inflight.is_empty() && self.pending.is_empty() {
-            w.conn.release_buffers();
+        let task = self.tasks.remove(&id);
+        if let Some(task) = &task {
+            w.inflight_bytes = w.inflight_bytes.saturating_sub(task.args.len());
+            if task.args.rest.is_some() {
+                // It may have had its arguments in the worker's arena.
+                w.conn.answered(id);
+            }
         }
-        w.inflight_bytes = match w.inflight.is_empty() {
-            true => 0,
-            false => w
-                .inflight_bytes
-                .saturating_sub(self.tasks.get(&id).map_or(0, |t| t.args.len())),
-        };
+        if w.inflight.is_empty() {
+            w.inflight_bytes = 0;
+            if self.pending.is_empty() {
+                w.conn.release_buffers();
+            }
+        }
         let now = Instant::now();
         let took = w.head_since.map(|since| now - since);
         w.head_since = (!w.inflight.is_empty()).then_some(now);
         let name = Arc::clone(&w.conn.name);
-        let Some(task) = self.tasks.remove(&id) else {
+        let Some(task) = task else {
             return;
         };
         if task.cancelled {

@@ -89,16 +89,19 @@ trait Reencode: Send + Sync {
     fn encode(&self, out: &mut Counted<'_>) -> Result<(), String>;
 }
 
-/// A writer that counts what it was given (a slice writer refuses what does not fit).
+/// A writer that counts what it took, and notes when it ran out of room (a slice writer
+/// takes no more than fits).
 pub(crate) struct Counted<'a> {
     inner: &'a mut dyn std::io::Write,
     n: usize,
+    full: bool,
 }
 
 impl std::io::Write for Counted<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(data)?;
         self.n += n;
+        self.full |= n < data.len();
         Ok(n)
     }
 
@@ -138,13 +141,17 @@ impl Deferred {
     /// Writes the item's encoding to `out` (which may have taken part of it when this
     /// fails; see [`encode_into`](Self::encode_into) for why it may).
     pub(crate) fn encode_to(&self, out: &mut dyn std::io::Write) -> Result<(), Error> {
-        let mut out = Counted { inner: out, n: 0 };
+        let mut out = Counted {
+            inner: out,
+            n: 0,
+            full: false,
+        };
         let (res, pins) = crate::sync::collect(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.item.encode(&mut out)))
         });
         let res = match res {
             Err(_) => Err("its Serialize panicked when it was encoded again".to_owned()),
-            Ok(Err(_)) if out.n >= self.len => Err(format!(
+            Ok(Err(_)) if out.full => Err(format!(
                 "it was {} bytes when first encoded, more when encoded again",
                 self.len
             )),
