@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use procpool::{AsyncPool, Error, current_process};
+use serde::{Deserialize, Serialize};
 use support::{TempDir, pattern, wait_for_file, write_file};
 
 fn doubler(x: i64) -> i64 {
@@ -484,4 +485,101 @@ async fn before_any_task_finishes_a_worker_gets_at_most_eight_ahead() {
         assert_eq!(h.await.unwrap(), i as u32);
     }
     pool.close().await;
+}
+
+/// A value whose encoding, in a worker, fails for 3 and panics for 6.
+#[derive(Debug, PartialEq)]
+struct Touchy(u32);
+
+impl<'de> Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (v, tag) = <(u32, String)>::deserialize(d)?;
+        assert_eq!(tag, "touchy", "read what was written");
+        Ok(Touchy(v))
+    }
+}
+
+impl Serialize for Touchy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if current_process().name() != "MainProcess" {
+            match self.0 {
+                3 => return Err(serde::ser::Error::custom("3 does not encode")),
+                6 => panic!("6 panics while encoding"),
+                _ => {}
+            }
+        }
+        // Written as a pair, so a failure above happens after a part of it (the header) is out.
+        (self.0, "touchy").serialize(s)
+    }
+}
+
+/// An item that a worker refuses to decode when it is 8.
+#[derive(Debug, Serialize)]
+struct NotEight(u32);
+
+impl<'de> Deserialize<'de> for NotEight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u32::deserialize(d)?;
+        if v == 8 && current_process().name() != "MainProcess" {
+            return Err(serde::de::Error::custom("8 does not decode here"));
+        }
+        Ok(NotEight(v))
+    }
+}
+
+fn touchy(x: NotEight) -> Touchy {
+    Touchy(x.0)
+}
+
+impl Touchy {
+    fn check(r: &Result<Touchy, Error>, i: u32) {
+        match i {
+            3 => assert!(
+                matches!(r, Err(Error::Encode { reason, .. }) if reason.contains("3 does not encode")),
+                "item {i}: {r:?}"
+            ),
+            6 => assert!(
+                matches!(r, Err(Error::Panicked { message, .. }) if message.contains("6 panics")),
+                "item {i}: {r:?}"
+            ),
+            8 => assert!(
+                matches!(r, Err(Error::Decode { reason, .. }) if reason.contains("8 does not decode")),
+                "item {i}: {r:?}"
+            ),
+            _ => assert_eq!(r.as_ref().unwrap(), &Touchy(i), "item {i}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_keeps_the_results_before_an_item_that_fails_to_encode_decode_or_panics() {
+    // Chunks decode their items and encode their results one at a time in the worker: a
+    // failing item must leave the results before it whole (and nothing of itself), fail
+    // alone, and let the items after it run (imap sends them again).
+    let pool = AsyncPool::new(2).await.unwrap();
+    for chunk in [1, 5, 12] {
+        let got: Vec<Result<Touchy, Error>> = pool
+            .imap(touchy, (0..12).map(NotEight))
+            .chunksize(chunk)
+            .collect()
+            .await;
+        assert_eq!(got.len(), 12, "chunk {chunk}");
+        for (i, r) in got.iter().enumerate() {
+            Touchy::check(r, i as u32);
+        }
+    }
+    // map fails with the first failure (chunk of 12: the encode failure of item 3).
+    let r = pool.map(touchy, (0..12).map(NotEight)).chunksize(12).await;
+    assert!(
+        matches!(&r, Err(Error::Encode { reason, .. }) if reason.contains("3 does not encode")),
+        "{r:?}"
+    );
+    // Without the failing items, all is well, in order.
+    let ok = pool
+        .map(touchy, [0, 1, 2, 4, 5, 7, 9].map(NotEight))
+        .chunksize(3)
+        .await
+        .unwrap();
+    assert_eq!(ok, [0, 1, 2, 4, 5, 7, 9].map(Touchy));
+    assert_eq!(pool.stats().restarts, 0, "no worker died");
 }

@@ -330,8 +330,16 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
         // The frame's memory goes back before the answer is written.
         let id = task.id;
         drop(task);
-        if outbox.send(&Up::Done { id, outcome }).is_err() {
+        let done = Up::Done { id, outcome };
+        if outbox.send(&done).is_err() {
             return EXIT_ORPHANED;
+        }
+        if let Up::Done {
+            outcome: Outcome::Value(bytes),
+            ..
+        } = done
+        {
+            wire::give_back_chunk_buffer(bytes.into_vec());
         }
     }
 }

@@ -16,15 +16,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use super::Shared;
 use super::message::{Args, Deferred, Finished, Part, TaskResult};
 use crate::error::{Error, Result};
-use crate::target::{ChunkOutput, TargetRef};
+use crate::target::TargetRef;
 use crate::wire::Outcome;
 
 /// Items encoded back to back; `ends[i]` is where item `i` ends. A large item takes no
@@ -275,26 +275,45 @@ fn default_chunksize(len: usize, processes: usize) -> usize {
 /// Decodes a chunk's answer: its values, or the error that stopped it (with how many
 /// items ran before it).
 fn decode_chunk<R: DeserializeOwned>(done: Finished) -> (Vec<R>, Option<Error>) {
-    match &done.outcome {
-        Outcome::Value(bytes) => match crate::wire::decode_value::<ChunkOutput<R>>(bytes) {
-            Ok((values, None)) => (values, None),
-            Ok((values, Some((_, failure)))) => {
-                let err = failure
-                    .to_result::<()>(&done.worker)
-                    .err()
-                    .unwrap_or(Error::Cancelled);
-                (values, Some(err))
-            }
-            Err(reason) => (Vec::new(), Some(Error::decode::<R>(reason))),
-        },
-        other => {
-            let err = other
-                .to_result::<()>(&done.worker)
-                .err()
-                .unwrap_or(Error::Cancelled);
-            (Vec::new(), Some(err))
-        }
+    let mut values = Vec::new();
+    let err = decode_chunk_into(done, &mut values);
+    (values, err)
+}
+
+/// Appends a chunk's values to `values` as they are decoded (no vector of its own), and
+/// returns the error that stopped the chunk, if one did.
+fn decode_chunk_into<R: DeserializeOwned>(done: Finished, values: &mut Vec<R>) -> Option<Error> {
+    let failed = |outcome: &Outcome| outcome.to_result::<()>(&done.worker).err();
+    let bytes = match &done.outcome {
+        Outcome::Value(bytes) => bytes,
+        other => return Some(failed(other).unwrap_or(Error::Cancelled)),
+    };
+    match read_chunk_output(bytes, values) {
+        Ok(None) => None,
+        Ok(Some((_, failure))) => Some(failed(&failure).unwrap_or(Error::Cancelled)),
+        Err(reason) => Some(Error::decode::<R>(reason)),
     }
+}
+
+/// Reads what a chunk sends back (see `target::ChunkWriter`), appending its values to
+/// `values`; returns the failure that stopped the chunk, if one did.
+fn read_chunk_output<R: DeserializeOwned>(
+    bytes: &[u8],
+    values: &mut Vec<R>,
+) -> std::result::Result<Option<(u32, Outcome)>, String> {
+    let mut rest = bytes;
+    let pair = rmp::decode::read_array_len(&mut rest).map_err(|e| e.to_string())?;
+    if pair != 2 {
+        return Err(format!("a chunk's answer has {pair} parts, not 2"));
+    }
+    let n = rmp::decode::read_array_len(&mut rest).map_err(|e| e.to_string())?;
+    // The length comes from another process: reserve by what the bytes can hold.
+    values.reserve((n as usize).min(rest.len()));
+    let mut de = rmp_serde::Deserializer::from_read_ref(rest);
+    for _ in 0..n {
+        values.push(R::deserialize(&mut de).map_err(|e| e.to_string())?);
+    }
+    Option::<(u32, Outcome)>::deserialize(&mut de).map_err(|e| e.to_string())
 }
 
 // --------------------------------------------------------------------------- Map
@@ -324,6 +343,12 @@ impl<R> Unpin for Map<R> {}
 struct MapRun<R> {
     rx: mpsc::UnboundedReceiver<(usize, TaskResult)>,
     ids: Vec<u64>,
+    /// The values of chunks `..next`, in order: a chunk answered in its turn is decoded
+    /// straight into it.
+    all: Vec<R>,
+    next: usize,
+    /// `Some` for each chunk answered: the values of one answered before its turn
+    /// (emptied once moved into `all`).
     results: Vec<Option<Vec<R>>>,
     remaining: usize,
     sleep: Option<Pin<Box<Sleep>>>,
@@ -382,6 +407,8 @@ impl<R> Map<R> {
         let mut run = MapRun {
             rx,
             ids: Vec::new(),
+            all: Vec::with_capacity(n),
+            next: 0,
             results: Vec::new(),
             remaining: 0,
             sleep: self.timeout.map(|d| Box::pin(tokio::time::sleep(d))),
@@ -432,25 +459,35 @@ impl<R: DeserializeOwned> Future for Map<R> {
                 // Every sender dropped without an answer: the dispatcher is gone.
                 return Poll::Ready(Err(Error::PoolClosed));
             };
-            let (values, err) = match res {
-                Ok(done) => decode_chunk::<R>(done),
-                Err(e) => (Vec::new(), Some(e)),
-            };
-            if run.results[idx].is_none() {
-                run.remaining -= 1;
+            if run.results[idx].is_some() {
+                continue; // answered once already
             }
-            run.results[idx] = Some(values);
-            if let Some(e) = err {
-                // The rest is cancelled by Drop.
-                return Poll::Ready(Err(e));
+            run.remaining -= 1;
+            // On an error, the rest is cancelled by Drop.
+            let done = match res {
+                Ok(done) => done,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            if idx == run.next {
+                if let Some(e) = decode_chunk_into(done, &mut run.all) {
+                    return Poll::Ready(Err(e));
+                }
+                run.results[idx] = Some(Vec::new());
+                run.next += 1;
+                // Chunks answered before their turn, now in it.
+                while let Some(Some(values)) = run.results.get_mut(run.next) {
+                    run.all.append(values);
+                    run.next += 1;
+                }
+            } else {
+                let (values, err) = decode_chunk::<R>(done);
+                if let Some(e) = err {
+                    return Poll::Ready(Err(e));
+                }
+                run.results[idx] = Some(values);
             }
             if run.remaining == 0 {
-                // One allocation of the final size (flatten's size hint is no help).
-                let total = run.results.iter().flatten().map(Vec::len).sum();
-                let mut all = Vec::with_capacity(total);
-                for chunk in run.results.drain(..).flatten() {
-                    all.extend(chunk);
-                }
+                let all = std::mem::take(&mut run.all);
                 this.run = None;
                 return Poll::Ready(Ok(all));
             }
@@ -846,5 +883,50 @@ mod tests {
             other => panic!("expected an Encode error, got {other:?}"),
         }
         assert_eq!(out, [1, 2, 3]);
+    }
+
+    /// Writes a string, then fails: leaves a part of itself behind in the writer.
+    struct HalfWritten;
+    impl Serialize for HalfWritten {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            use serde::ser::SerializeTuple;
+            let mut t = s.serialize_tuple(2)?;
+            t.serialize_element("written")?;
+            Err(serde::ser::Error::custom("then failed"))
+        }
+    }
+
+    #[test]
+    fn a_chunk_answer_reads_back_whole_and_without_a_failed_value() {
+        let mut w = crate::target::ChunkWriter::new(0);
+        w.push(&(1u32, "one".to_string())).unwrap();
+        w.push(&(2u32, "two".to_string())).unwrap();
+        assert!(w.push(&HalfWritten).is_err());
+        let failure = Some((
+            2,
+            Outcome::Panicked {
+                message: "no".into(),
+                location: None,
+            },
+        ));
+        let bytes = w.finish(&failure).unwrap();
+        // What the parent decoded before values were written one by one.
+        type Answer = (Vec<(u32, String)>, Option<(u32, Outcome)>);
+        let (values, fail): Answer = crate::wire::decode_value(&bytes).unwrap();
+        assert_eq!(values, [(1, "one".into()), (2, "two".into())]);
+        assert_eq!(format!("{fail:?}"), format!("{failure:?}"));
+        let mut read = vec![(0u32, "before".to_string())];
+        let fail = read_chunk_output(&bytes, &mut read).unwrap();
+        assert_eq!(
+            read,
+            [(0, "before".into()), (1, "one".into()), (2, "two".into())]
+        );
+        assert_eq!(format!("{fail:?}"), format!("{failure:?}"));
+        // An answer that claims more values than it holds is an error, not a huge
+        // reservation or a panic.
+        let mut lying = vec![0x92, 0xdd, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert!(read_chunk_output::<u32>(&lying, &mut Vec::new()).is_err());
+        lying[0] = 0x93;
+        assert!(read_chunk_output::<u32>(&lying, &mut Vec::new()).is_err());
     }
 }

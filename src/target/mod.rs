@@ -206,10 +206,47 @@ fn resolve_entry<F>(entry: Entry) -> Result<TargetRef, Error> {
     Ok(TargetRef { offset, name })
 }
 
-/// What a chunk sends back: the values of the items that ran, in order, and the failure
-/// that stopped it, with the failing item's index in the chunk. Items after a failure did
-/// not run.
-pub(crate) type ChunkOutput<R> = (Vec<R>, Option<(u32, Outcome)>);
+/// Writes what a chunk sends back, `(Vec<R>, Option<(u32, Outcome)>)`: the values of the
+/// items that ran, in order, and the failure that stopped it, with the failing item's
+/// index in the chunk (items after it did not run). Written value by value into a buffer
+/// a worker keeps between chunks, and read the same way (`pool::map::read_chunk_output`).
+pub(crate) struct ChunkWriter {
+    out: Vec<u8>,
+    ran: u32,
+    /// Where the values written whole end (a value whose `Serialize` failed or panicked
+    /// may have left a part of itself after it).
+    end: usize,
+}
+
+impl ChunkWriter {
+    /// Room for about `hint` bytes of values.
+    pub(crate) fn new(hint: usize) -> Self {
+        let mut out = wire::take_chunk_buffer();
+        out.reserve(hint + 16);
+        out.push(0x92); // (values, failure)
+        out.push(0xdd); // an array with a 32-bit length, written by `finish`
+        out.extend_from_slice(&[0; 4]);
+        let end = out.len();
+        ChunkWriter { out, ran: 0, end }
+    }
+
+    /// Appends `value`. After an error (or a panic), push no more: `finish`.
+    pub(crate) fn push<R: Serialize>(&mut self, value: &R) -> Result<(), String> {
+        self.out.truncate(self.end);
+        wire::encode_value_into(&mut self.out, value)?;
+        self.end = self.out.len();
+        self.ran += 1;
+        Ok(())
+    }
+
+    /// The bytes: the values pushed whole, then `failure`.
+    pub(crate) fn finish(mut self, failure: &Option<(u32, Outcome)>) -> Result<Vec<u8>, String> {
+        self.out.truncate(self.end);
+        self.out[2..6].copy_from_slice(&self.ran.to_be_bytes());
+        wire::encode_value_into(&mut self.out, failure)?;
+        Ok(self.out)
+    }
+}
 
 fn map_entry<F, M, T>(args: &[u8], cx: &mut Context) -> Outcome
 where
@@ -227,45 +264,61 @@ where
     run_chunk::<F, M, A, A>(args, cx, |a| a)
 }
 
+/// Runs a chunk's items as they are decoded, writing each result as it comes: no vector
+/// of items or of results, so a chunk of small items costs little more than their
+/// encodings. The first item that fails to decode, panics, or whose result cannot be
+/// encoded stops the chunk; the results before it are kept.
 fn run_chunk<F, M, A, T>(args: &[u8], cx: &mut Context, wrap: fn(T) -> A) -> Outcome
 where
     F: Target<A, M>,
     T: DeserializeOwned,
 {
-    let items: Vec<T> = match wire::decode_value(args) {
-        Ok(items) => items,
-        Err(reason) => {
-            return Outcome::Decode {
-                type_name: std::any::type_name::<Vec<T>>().to_owned(),
-                reason,
-            };
-        }
+    let decode_failure = |reason: String| Outcome::Decode {
+        type_name: std::any::type_name::<Vec<T>>().to_owned(),
+        reason,
     };
-    let mut values = Vec::with_capacity(items.len());
+    let mut rest = args;
+    let n = match rmp::decode::read_array_len(&mut rest) {
+        Ok(n) => n,
+        Err(e) => return decode_failure(e.to_string()),
+    };
+    let mut de = rmp_serde::Deserializer::from_read_ref(rest);
+    // Results are often about as large as the items.
+    let mut out = ChunkWriter::new(args.len());
     let mut failure = None;
-    for (i, item) in items.into_iter().enumerate() {
-        let f: F = sys::conjure::<F>();
-        match catch_unwind(AssertUnwindSafe(|| f.__invoke(wrap(item), cx))) {
-            Ok(v) => values.push(v),
-            Err(payload) => {
-                let (message, location) = crate::child::panic_details(payload.as_ref());
-                failure = Some((i as u32, Outcome::Panicked { message, location }));
+    for i in 0..n {
+        let item = match T::deserialize(&mut de) {
+            Ok(item) => item,
+            Err(e) => {
+                failure = Some((i, decode_failure(e.to_string())));
                 break;
             }
+        };
+        let f: F = sys::conjure::<F>();
+        let run = catch_unwind(AssertUnwindSafe(|| out.push(&f.__invoke(wrap(item), cx))));
+        let failed = match run {
+            Ok(Ok(())) => None,
+            Ok(Err(reason)) => Some(Outcome::Encode {
+                type_name: std::any::type_name::<F::Output>().to_owned(),
+                reason,
+            }),
+            Err(payload) => {
+                let (message, location) = crate::child::panic_details(payload.as_ref());
+                Some(Outcome::Panicked { message, location })
+            }
+        };
+        if let Some(outcome) = failed {
+            failure = Some((i, outcome));
+            break;
         }
     }
-    match catch_unwind(AssertUnwindSafe(|| {
-        wire::encode_value(&(&values, &failure))
-    })) {
-        Ok(Ok(bytes)) => Outcome::Value(ByteBuf::from(bytes)),
-        Ok(Err(reason)) => Outcome::Encode {
-            type_name: std::any::type_name::<F::Output>().to_owned(),
+    match out.finish(&failure) {
+        Ok(bytes) => Outcome::Value(ByteBuf::from(bytes)),
+        // Plain data of our own: it encodes.
+        Err(reason) => Outcome::Encode {
+            type_name: std::any::type_name::<Outcome>().to_owned(),
             reason,
         },
-        Err(payload) => {
-            let (message, location) = crate::child::panic_details(payload.as_ref());
-            Outcome::Panicked { message, location }
-        }
     }
 }
 

@@ -411,6 +411,40 @@ pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, 
     rmp_serde::to_vec_named(value).map_err(|e| e.to_string())
 }
 
+/// Encodes a user value at the end of `buf`, as [`encode_value`] does; on an error,
+/// part of it may have been written.
+pub(crate) fn encode_value_into<T: Serialize + ?Sized>(
+    buf: &mut Vec<u8>,
+    value: &T,
+) -> Result<(), String> {
+    value
+        .serialize(&mut rmp_serde::Serializer::new(buf).with_struct_map())
+        .map_err(|e| e.to_string())
+}
+
+/// A chunk's answer up to this size leaves its buffer for the next chunk (see
+/// [`take_chunk_buffer`]).
+const KEPT_CHUNK_BUFFER: usize = 1 << 20;
+
+thread_local! {
+    static CHUNK_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An empty buffer for a chunk's answer: the one the last answer gave back (a worker
+/// answering chunk after chunk writes into memory it has touched before), or a new one.
+pub(crate) fn take_chunk_buffer() -> Vec<u8> {
+    CHUNK_BUFFER.with(|b| b.take())
+}
+
+/// Keeps `buf` (an answer that was sent) for the next [`take_chunk_buffer`], unless it
+/// is large.
+pub(crate) fn give_back_chunk_buffer(mut buf: Vec<u8>) {
+    if buf.capacity() <= KEPT_CHUNK_BUFFER {
+        buf.clear();
+        CHUNK_BUFFER.with(|b| b.set(buf));
+    }
+}
+
 /// Decodes a user value.
 pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
