@@ -583,3 +583,98 @@ async fn a_chunk_keeps_the_results_before_an_item_that_fails_to_encode_decode_or
     assert_eq!(ok, [0, 1, 2, 4, 5, 7, 9].map(Touchy));
     assert_eq!(pool.stats().restarts, 0, "no worker died");
 }
+
+fn negate(x: i64) -> i64 {
+    x.wrapping_neg()
+}
+fn halve(x: u64) -> u64 {
+    x / 2
+}
+fn narrow(x: i32) -> i16 {
+    x as i16
+}
+fn wrap_add(x: u8) -> u8 {
+    x.wrapping_add(200)
+}
+fn sqrt(x: f64) -> f64 {
+    x.sqrt()
+}
+fn to_f32(x: f64) -> f32 {
+    x as f32
+}
+fn is_even(x: usize) -> bool {
+    x % 2 == 0
+}
+fn wide(x: i128) -> i128 {
+    x * 3
+}
+
+#[tokio::test]
+async fn plain_numbers_and_bools_cross_intact_at_every_encoding_boundary() {
+    // Numbers and bools take their own encoding path (wire::scalar); every width
+    // MessagePack has, both signs, and the extremes must come back exact.
+    let pool = AsyncPool::new(2).await.unwrap();
+    let mut edges: Vec<i64> = vec![0, 1, -1, i64::MIN, i64::MAX, i64::MIN + 1];
+    for b in [
+        31i64,
+        32,
+        127,
+        128,
+        255,
+        256,
+        32767,
+        32768,
+        65535,
+        65536,
+        1 << 31,
+        1 << 32,
+    ] {
+        for d in [-1, 0, 1] {
+            edges.extend([b + d, -(b + d)]);
+        }
+    }
+    let got = pool.map(negate, edges.clone()).chunksize(7).await.unwrap();
+    assert_eq!(got, edges.iter().map(|x| negate(*x)).collect::<Vec<_>>());
+    let unsigned: Vec<u64> = edges
+        .iter()
+        .map(|x| x.unsigned_abs())
+        .chain([u64::MAX])
+        .collect();
+    let got = pool.map(halve, unsigned.clone()).await.unwrap();
+    assert_eq!(got, unsigned.iter().map(|x| x / 2).collect::<Vec<_>>());
+    let ints: Vec<i32> = edges.iter().map(|x| *x as i32).collect();
+    let got = pool.map(narrow, ints.clone()).await.unwrap();
+    assert_eq!(got, ints.iter().map(|x| *x as i16).collect::<Vec<_>>());
+    let got = pool.map(wrap_add, 0..=255u8).chunksize(10).await.unwrap();
+    assert_eq!(got, (0..=255u8).map(wrap_add).collect::<Vec<_>>());
+    let floats = [
+        0.0,
+        -0.0,
+        2.25,
+        1e300,
+        f64::MIN_POSITIVE,
+        f64::INFINITY,
+        -1.0,
+    ];
+    let got = pool.map(sqrt, floats).await.unwrap();
+    let want: Vec<u64> = floats.iter().map(|x| x.sqrt().to_bits()).collect();
+    assert_eq!(
+        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        want,
+        "bit for bit, NaN too"
+    );
+    let got = pool.map(to_f32, floats).await.unwrap();
+    assert_eq!(got, floats.map(|x| x as f32));
+    let got = pool.map(is_even, 0..1000usize).await.unwrap();
+    assert_eq!(got, (0..1000usize).map(is_even).collect::<Vec<_>>());
+    // Not a plain number to MessagePack (serde writes it as bytes): the general path.
+    let big = [i128::MAX / 3, i128::MIN / 3, 0];
+    assert_eq!(pool.map(wide, big).await.unwrap(), big.map(wide));
+    // The same through imap, whose chunks are decoded the same way.
+    let got: Vec<i64> = pool
+        .imap(negate, edges.clone())
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(got, edges.iter().map(|x| negate(*x)).collect::<Vec<_>>());
+}

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
@@ -34,12 +34,75 @@ pub(crate) struct Encoded {
     buf: Vec<u8>,
     /// `buf`, once chunks are taken from it (they share it, uncopied).
     frozen: Bytes,
-    ends: Vec<usize>,
+    ends: Ends,
     /// The large items, by index, in order.
     deferred: Vec<(usize, Arc<Deferred>)>,
     /// Keeps queues, locks, events and pipe ends among the items alive while the items
     /// are in flight.
     pins: crate::sync::Pins,
+}
+
+/// The item ends of an [`Encoded`]; a large one goes back to a pool when dropped.
+#[derive(Debug, Default)]
+struct Ends(Vec<usize>);
+
+/// Item-end vectors of at least this many entries are reused (see [`Ends`]).
+const POOLED_ENDS: usize = 4096;
+
+/// At most this many bytes of buffers are kept for reuse by each of the two pools of
+/// map encodings (item bytes and item ends); larger ones are let go.
+const KEPT_ENCODING: usize = 8 << 20;
+
+/// Kept item-end vectors: the allocator gives a large block back to the system when it
+/// is freed and maps a fresh one (whose first touches cost, see `wire::spare`) when the
+/// next map asks for one of the same size.
+static KEPT_ENDS: std::sync::Mutex<Vec<Vec<usize>>> = std::sync::Mutex::new(Vec::new());
+
+impl Ends {
+    /// Room for `n` ends: a kept vector if `n` is large.
+    fn with_capacity(n: usize) -> Ends {
+        if n >= POOLED_ENDS {
+            let mut kept = KEPT_ENDS.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = kept.iter().position(|v| v.capacity() >= n) {
+                return Ends(kept.swap_remove(i));
+            }
+        }
+        Ends(Vec::with_capacity(n))
+    }
+}
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        let cap = self.0.capacity();
+        if cap < POOLED_ENDS || cap * std::mem::size_of::<usize>() > KEPT_ENCODING {
+            return;
+        }
+        let mut v = std::mem::take(&mut self.0);
+        v.clear();
+        let mut kept = KEPT_ENDS.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < 2 {
+            kept.push(v);
+        }
+    }
+}
+
+impl std::ops::Deref for Ends {
+    type Target = Vec<usize>;
+    fn deref(&self) -> &Vec<usize> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Ends {
+    fn deref_mut(&mut self) -> &mut Vec<usize> {
+        &mut self.0
+    }
+}
+
+/// Kept buffers for the encoded items of maps (see [`KEPT_ENDS`]).
+fn encode_buffers() -> &'static Arc<crate::wire::spare::Spare> {
+    static KEPT: std::sync::OnceLock<Arc<crate::wire::spare::Spare>> = std::sync::OnceLock::new();
+    KEPT.get_or_init(|| Arc::new(crate::wire::spare::Spare::with_max(KEPT_ENCODING)))
 }
 
 /// Items that encode to more than this many bytes (counting small writes only up to
@@ -180,6 +243,24 @@ impl Encoded {
         items: &mut impl Iterator<Item = T>,
         limit: usize,
     ) -> std::result::Result<bool, String> {
+        if crate::wire::scalar::handles::<T>() {
+            // Plain numbers: they always encode, are never large and hold no handle.
+            // (Worked on as locals: the compiler keeps their lengths in registers.)
+            let mut buf = std::mem::take(&mut self.buf);
+            let mut ends = std::mem::take(&mut self.ends.0);
+            let mut done = false;
+            while ends.len() < limit {
+                let Some(item) = items.next() else {
+                    done = true;
+                    break;
+                };
+                crate::wire::scalar::encode(&item, &mut buf);
+                ends.push(buf.len());
+            }
+            self.buf = buf;
+            self.ends.0 = ends;
+            return Ok(done);
+        }
         let mut ser = Capped::serializer(&mut self.buf);
         while self.ends.len() < limit {
             let Some(item) = items.next() else {
@@ -202,7 +283,10 @@ impl Encoded {
     /// No item is pushed after the first chunk is taken.
     fn chunk(&mut self, range: std::ops::Range<usize>) -> Args {
         if !self.buf.is_empty() {
-            self.frozen = Bytes::from(std::mem::take(&mut self.buf));
+            let buf = std::mem::take(&mut self.buf);
+            let len = buf.len();
+            // Back to the pool once the last chunk's bytes are let go.
+            self.frozen = encode_buffers().share(buf, len);
         }
         let (start, end) = (self.start(range.start), self.ends[range.end - 1]);
         let mut head = Vec::with_capacity(5);
@@ -260,7 +344,14 @@ pub(crate) fn encode_items<T: Serialize + Send + 'static, I: IntoIterator<Item =
 ) -> Result<Encoded> {
     let mut items = items.into_iter();
     let mut enc = Encoded::default();
-    enc.ends.reserve(items.size_hint().0);
+    let expect = items.size_hint().0;
+    enc.ends = Ends::with_capacity(expect);
+    if expect >= POOLED_ENDS
+        && let Some(mut buf) = encode_buffers().take(0)
+    {
+        buf.clear();
+        enc.buf = buf;
+    }
     let (res, pins) = crate::sync::collect(|| enc.fill(&mut items, usize::MAX));
     enc.pins = pins;
     res.map_err(Error::encode::<T>)?;
@@ -274,7 +365,7 @@ fn default_chunksize(len: usize, processes: usize) -> usize {
 
 /// Decodes a chunk's answer: its values, or the error that stopped it (with how many
 /// items ran before it).
-fn decode_chunk<R: DeserializeOwned>(done: Finished) -> (Vec<R>, Option<Error>) {
+fn decode_chunk<R: DeserializeOwned + 'static>(done: Finished) -> (Vec<R>, Option<Error>) {
     let mut values = Vec::new();
     let err = decode_chunk_into(done, &mut values);
     (values, err)
@@ -282,7 +373,10 @@ fn decode_chunk<R: DeserializeOwned>(done: Finished) -> (Vec<R>, Option<Error>) 
 
 /// Appends a chunk's values to `values` as they are decoded (no vector of its own), and
 /// returns the error that stopped the chunk, if one did.
-fn decode_chunk_into<R: DeserializeOwned>(done: Finished, values: &mut Vec<R>) -> Option<Error> {
+fn decode_chunk_into<R: DeserializeOwned + 'static>(
+    done: Finished,
+    values: &mut Vec<R>,
+) -> Option<Error> {
     let failed = |outcome: &Outcome| outcome.to_result::<()>(&done.worker).err();
     let bytes = match &done.outcome {
         Outcome::Value(bytes) => bytes,
@@ -297,7 +391,7 @@ fn decode_chunk_into<R: DeserializeOwned>(done: Finished, values: &mut Vec<R>) -
 
 /// Reads what a chunk sends back (see `target::ChunkWriter`), appending its values to
 /// `values`; returns the failure that stopped the chunk, if one did.
-fn read_chunk_output<R: DeserializeOwned>(
+fn read_chunk_output<R: DeserializeOwned + 'static>(
     bytes: &[u8],
     values: &mut Vec<R>,
 ) -> std::result::Result<Option<(u32, Outcome)>, String> {
@@ -309,11 +403,11 @@ fn read_chunk_output<R: DeserializeOwned>(
     let n = rmp::decode::read_array_len(&mut rest).map_err(|e| e.to_string())?;
     // The length comes from another process: reserve by what the bytes can hold.
     values.reserve((n as usize).min(rest.len()));
-    let mut de = rmp_serde::Deserializer::from_read_ref(rest);
+    let mut reader = crate::wire::ValueReader::new::<R>(rest);
     for _ in 0..n {
-        values.push(R::deserialize(&mut de).map_err(|e| e.to_string())?);
+        values.push(reader.next::<R>()?);
     }
-    Option::<(u32, Outcome)>::deserialize(&mut de).map_err(|e| e.to_string())
+    reader.next::<Option<(u32, Outcome)>>()
 }
 
 // --------------------------------------------------------------------------- Map
@@ -439,7 +533,7 @@ impl<R> Map<R> {
     }
 }
 
-impl<R: DeserializeOwned> Future for Map<R> {
+impl<R: DeserializeOwned + 'static> Future for Map<R> {
     type Output = Result<Vec<R>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<R>>> {
@@ -669,7 +763,7 @@ impl<R, I> Imap<R, I> {
 
 impl<R, I, T> Imap<R, I>
 where
-    R: DeserializeOwned,
+    R: DeserializeOwned + 'static,
     I: Iterator<Item = T>,
     T: Serialize + Send + 'static,
 {
@@ -757,7 +851,7 @@ where
 
 impl<R, I, T> Stream for Imap<R, I>
 where
-    R: DeserializeOwned,
+    R: DeserializeOwned + 'static,
     I: Iterator<Item = T> + Unpin,
     T: Serialize + Send + 'static,
 {
@@ -898,7 +992,7 @@ mod tests {
 
     #[test]
     fn a_chunk_answer_reads_back_whole_and_without_a_failed_value() {
-        let mut w = crate::target::ChunkWriter::new(0);
+        let mut w = crate::target::ChunkWriter::new::<(u32, String)>(0);
         w.push(&(1u32, "one".to_string())).unwrap();
         w.push(&(2u32, "two".to_string())).unwrap();
         assert!(w.push(&HalfWritten).is_err());

@@ -212,6 +212,8 @@ fn resolve_entry<F>(entry: Entry) -> Result<TargetRef, Error> {
 /// a worker keeps between chunks, and read the same way (`pool::map::read_chunk_output`).
 pub(crate) struct ChunkWriter {
     out: Vec<u8>,
+    /// The values are plain numbers or bools (see `wire::scalar`).
+    scalar: bool,
     ran: u32,
     /// Where the values written whole end (a value whose `Serialize` failed or panicked
     /// may have left a part of itself after it).
@@ -219,21 +221,28 @@ pub(crate) struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    /// Room for about `hint` bytes of values.
-    pub(crate) fn new(hint: usize) -> Self {
+    /// Room for about `hint` bytes of values of type `R`.
+    pub(crate) fn new<R: 'static>(hint: usize) -> Self {
         let mut out = wire::take_chunk_buffer();
         out.reserve(hint + 16);
         out.push(0x92); // (values, failure)
         out.push(0xdd); // an array with a 32-bit length, written by `finish`
         out.extend_from_slice(&[0; 4]);
         let end = out.len();
-        ChunkWriter { out, ran: 0, end }
+        ChunkWriter {
+            out,
+            scalar: wire::scalar::handles::<R>(),
+            ran: 0,
+            end,
+        }
     }
 
     /// Appends `value`. After an error (or a panic), push no more: `finish`.
     pub(crate) fn push<R: Serialize>(&mut self, value: &R) -> Result<(), String> {
         self.out.truncate(self.end);
-        wire::encode_value_into(&mut self.out, value)?;
+        if !(self.scalar && wire::scalar::encode(value, &mut self.out)) {
+            wire::encode_value_into(&mut self.out, value)?;
+        }
         self.end = self.out.len();
         self.ran += 1;
         Ok(())
@@ -271,7 +280,7 @@ where
 fn run_chunk<F, M, A, T>(args: &[u8], cx: &mut Context, wrap: fn(T) -> A) -> Outcome
 where
     F: Target<A, M>,
-    T: DeserializeOwned,
+    T: DeserializeOwned + 'static,
 {
     let decode_failure = |reason: String| Outcome::Decode {
         type_name: std::any::type_name::<Vec<T>>().to_owned(),
@@ -282,15 +291,15 @@ where
         Ok(n) => n,
         Err(e) => return decode_failure(e.to_string()),
     };
-    let mut de = rmp_serde::Deserializer::from_read_ref(rest);
+    let mut items = wire::ValueReader::new::<T>(rest);
     // Results are often about as large as the items.
-    let mut out = ChunkWriter::new(args.len());
+    let mut out = ChunkWriter::new::<F::Output>(args.len());
     let mut failure = None;
     for i in 0..n {
-        let item = match T::deserialize(&mut de) {
+        let item = match items.next::<T>() {
             Ok(item) => item,
-            Err(e) => {
-                failure = Some((i, decode_failure(e.to_string())));
+            Err(reason) => {
+                failure = Some((i, decode_failure(reason)));
                 break;
             }
         };

@@ -18,6 +18,7 @@
 //! The parent sends `Hello` and `Run` without waiting, so a start costs one round trip.
 
 mod blocking;
+pub(crate) mod scalar;
 pub(crate) mod spare;
 
 pub(crate) use blocking::{BlockingChannel, Next, Outbox};
@@ -442,6 +443,39 @@ pub(crate) fn give_back_chunk_buffer(mut buf: Vec<u8>) {
     if buf.capacity() <= KEPT_CHUNK_BUFFER {
         buf.clear();
         CHUNK_BUFFER.with(|b| b.set(buf));
+    }
+}
+
+/// Reads values one after another from MessagePack bytes, and then what follows them:
+/// plain numbers and bools by [`scalar`] when the values are of such a type, anything
+/// else by rmp-serde.
+pub(crate) enum ValueReader<'a> {
+    Serde(rmp_serde::Deserializer<rmp_serde::decode::ReadRefReader<'a, [u8]>>),
+    Scalar(&'a [u8]),
+}
+
+impl<'a> ValueReader<'a> {
+    /// A reader for values of type `T` (and whatever follows them) in `bytes`.
+    pub(crate) fn new<T: 'static>(bytes: &'a [u8]) -> Self {
+        if scalar::handles::<T>() {
+            ValueReader::Scalar(bytes)
+        } else {
+            ValueReader::Serde(rmp_serde::Deserializer::from_read_ref(bytes))
+        }
+    }
+
+    /// The next value.
+    #[inline]
+    pub(crate) fn next<V: DeserializeOwned + 'static>(&mut self) -> Result<V, String> {
+        match self {
+            ValueReader::Serde(de) => V::deserialize(de).map_err(|e| e.to_string()),
+            ValueReader::Scalar(rest) => match scalar::decode::<V>(rest) {
+                Some(v) => Ok(v),
+                // Reads exactly the value's bytes, moving `rest` past them.
+                None => V::deserialize(&mut rmp_serde::Deserializer::new(rest))
+                    .map_err(|e| e.to_string()),
+            },
+        }
     }
 }
 

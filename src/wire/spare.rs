@@ -17,12 +17,30 @@ const KEPT: usize = 2;
 const MAX_KEPT_SIZE: usize = 64 << 20;
 
 /// A few large buffers, kept for reuse.
-#[derive(Debug, Default)]
-pub(crate) struct Spare(Mutex<Vec<Vec<u8>>>);
+#[derive(Debug)]
+pub(crate) struct Spare {
+    kept: Mutex<Vec<Vec<u8>>>,
+    /// Buffers larger than this are not kept.
+    max: usize,
+}
+
+impl Default for Spare {
+    fn default() -> Self {
+        Spare::with_max(MAX_KEPT_SIZE)
+    }
+}
 
 impl Spare {
+    /// Keeps buffers of at most `max` bytes.
+    pub(crate) fn with_max(max: usize) -> Self {
+        Spare {
+            kept: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A kept buffer with room for at least `capacity` bytes, with what it held.
@@ -34,7 +52,7 @@ impl Spare {
 
     /// Keeps `buf` unless it is too large or as many larger ones are kept.
     pub(crate) fn put(&self, buf: Vec<u8>) {
-        if buf.capacity() > MAX_KEPT_SIZE {
+        if buf.capacity() > self.max {
             return;
         }
         let mut kept = self.lock();
