@@ -221,10 +221,11 @@ pub(crate) struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    /// Room for about `hint` bytes of values of type `R`.
+    /// Room for about `hint` bytes of values of type `R` (up to the size of buffer a
+    /// worker keeps: a larger answer grows as it is written).
     pub(crate) fn new<R: 'static>(hint: usize) -> Self {
         let mut out = wire::take_chunk_buffer();
-        out.reserve(hint + 16);
+        out.reserve(hint.min(wire::KEPT_CHUNK_BUFFER) + 16);
         out.push(0x92); // (values, failure)
         out.push(0xdd); // an array with a 32-bit length, written by `finish`
         out.extend_from_slice(&[0; 4]);

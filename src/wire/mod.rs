@@ -425,7 +425,7 @@ pub(crate) fn encode_value_into<T: Serialize + ?Sized>(
 
 /// A chunk's answer up to this size leaves its buffer for the next chunk (see
 /// [`take_chunk_buffer`]).
-const KEPT_CHUNK_BUFFER: usize = 1 << 20;
+pub(crate) const KEPT_CHUNK_BUFFER: usize = 1 << 20;
 
 thread_local! {
     static CHUNK_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
