@@ -623,7 +623,9 @@ const IMAP_MAX_CHUNK: usize = 4096;
 /// Chunks start at one item and adapt to about 5 ms of work each; set a fixed size with
 /// [`chunksize`](Self::chunksize) before the first poll.
 ///
-/// An item that panics (or cannot be encoded) is that item's `Err`; the stream goes on.
+/// An item that panics, that cannot be encoded here or decoded in the worker, or whose
+/// result cannot be encoded, is that item's `Err`; the stream goes on, and the items
+/// around it in its chunk keep their results.
 /// A worker that dies fails the items of the chunk it was running.
 ///
 /// # Drop
