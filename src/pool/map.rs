@@ -442,7 +442,7 @@ struct MapRun<R> {
     all: Vec<R>,
     next: usize,
     /// `Some` for each chunk answered: the values of one answered before its turn
-    /// (emptied once moved into `all`).
+    /// (empty once moved into `all`, or if it went straight there).
     results: Vec<Option<Vec<R>>>,
     remaining: usize,
     sleep: Option<Pin<Box<Sleep>>>,
@@ -557,7 +557,8 @@ impl<R: DeserializeOwned + 'static> Future for Map<R> {
                 continue; // answered once already
             }
             run.remaining -= 1;
-            // On an error, the rest is cancelled by Drop.
+            // Answered: Drop leaves it alone (and, on an error, cancels the rest).
+            run.results[idx] = Some(Vec::new());
             let done = match res {
                 Ok(done) => done,
                 Err(e) => return Poll::Ready(Err(e)),
@@ -566,7 +567,6 @@ impl<R: DeserializeOwned + 'static> Future for Map<R> {
                 if let Some(e) = decode_chunk_into(done, &mut run.all) {
                     return Poll::Ready(Err(e));
                 }
-                run.results[idx] = Some(Vec::new());
                 run.next += 1;
                 // Chunks answered before their turn, now in it.
                 while let Some(Some(values)) = run.results.get_mut(run.next) {
