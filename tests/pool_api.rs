@@ -513,15 +513,19 @@ impl Serialize for Touchy {
     }
 }
 
-/// An item that a worker refuses to decode when it is 8.
+/// An item that a worker refuses to decode when it is 8, and panics decoding when 10.
 #[derive(Debug, Serialize)]
 struct NotEight(u32);
 
 impl<'de> Deserialize<'de> for NotEight {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = u32::deserialize(d)?;
-        if v == 8 && current_process().name() != "MainProcess" {
-            return Err(serde::de::Error::custom("8 does not decode here"));
+        if current_process().name() != "MainProcess" {
+            match v {
+                8 => return Err(serde::de::Error::custom("8 does not decode here")),
+                10 => panic!("10 panics while decoding"),
+                _ => {}
+            }
         }
         Ok(NotEight(v))
     }
@@ -544,6 +548,10 @@ impl Touchy {
             ),
             8 => assert!(
                 matches!(r, Err(Error::Decode { reason, .. }) if reason.contains("8 does not decode")),
+                "item {i}: {r:?}"
+            ),
+            10 => assert!(
+                matches!(r, Err(Error::Panicked { message, .. }) if message.contains("10 panics")),
                 "item {i}: {r:?}"
             ),
             _ => assert_eq!(r.as_ref().unwrap(), &Touchy(i), "item {i}"),
@@ -576,11 +584,11 @@ async fn a_chunk_keeps_the_results_before_an_item_that_fails_to_encode_decode_or
     );
     // Without the failing items, all is well, in order.
     let ok = pool
-        .map(touchy, [0, 1, 2, 4, 5, 7, 9].map(NotEight))
+        .map(touchy, [0, 1, 2, 4, 5, 7, 9, 11].map(NotEight))
         .chunksize(3)
         .await
         .unwrap();
-    assert_eq!(ok, [0, 1, 2, 4, 5, 7, 9].map(Touchy));
+    assert_eq!(ok, [0, 1, 2, 4, 5, 7, 9, 11].map(Touchy));
     assert_eq!(pool.stats().restarts, 0, "no worker died");
 }
 

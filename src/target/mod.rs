@@ -276,42 +276,45 @@ where
 
 /// Runs a chunk's items as they are decoded, writing each result as it comes: no vector
 /// of items or of results, so a chunk of small items costs little more than their
-/// encodings. The first item that fails to decode, panics, or whose result cannot be
-/// encoded stops the chunk; the results before it are kept.
+/// encodings. The first item that fails to decode, panics (in its `Deserialize`, the
+/// target, or its result's `Serialize`), or whose result cannot be encoded stops the
+/// chunk; the results before it are kept.
 fn run_chunk<F, M, A, T>(args: &[u8], cx: &mut Context, wrap: fn(T) -> A) -> Outcome
 where
     F: Target<A, M>,
     T: DeserializeOwned + 'static,
 {
-    let decode_failure = |reason: String| Outcome::Decode {
-        type_name: std::any::type_name::<Vec<T>>().to_owned(),
-        reason,
-    };
     let mut rest = args;
     let n = match rmp::decode::read_array_len(&mut rest) {
         Ok(n) => n,
-        Err(e) => return decode_failure(e.to_string()),
+        Err(e) => {
+            return Outcome::Decode {
+                type_name: std::any::type_name::<Vec<T>>().to_owned(),
+                reason: e.to_string(),
+            };
+        }
     };
     let mut items = wire::ValueReader::new::<T>(rest);
     // Results are often about as large as the items.
     let mut out = ChunkWriter::new::<F::Output>(args.len());
     let mut failure = None;
     for i in 0..n {
-        let item = match items.next::<T>() {
-            Ok(item) => item,
-            Err(reason) => {
-                failure = Some((i, decode_failure(reason)));
-                break;
-            }
-        };
-        let f: F = sys::conjure::<F>();
-        let run = catch_unwind(AssertUnwindSafe(|| out.push(&f.__invoke(wrap(item), cx))));
+        // A user's `Deserialize` panics here as its target would: caught the same way.
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let item = items.next::<T>().map_err(|reason| Outcome::Decode {
+                type_name: std::any::type_name::<T>().to_owned(),
+                reason,
+            })?;
+            let f: F = sys::conjure::<F>();
+            out.push(&f.__invoke(wrap(item), cx))
+                .map_err(|reason| Outcome::Encode {
+                    type_name: std::any::type_name::<F::Output>().to_owned(),
+                    reason,
+                })
+        }));
         let failed = match run {
             Ok(Ok(())) => None,
-            Ok(Err(reason)) => Some(Outcome::Encode {
-                type_name: std::any::type_name::<F::Output>().to_owned(),
-                reason,
-            }),
+            Ok(Err(outcome)) => Some(outcome),
             Err(payload) => {
                 let (message, location) = crate::child::panic_details(payload.as_ref());
                 Some(Outcome::Panicked { message, location })
