@@ -589,6 +589,10 @@ async fn a_chunk_keeps_the_results_before_an_item_that_fails_to_encode_decode_or
         .await
         .unwrap();
     assert_eq!(ok, [0, 1, 2, 4, 5, 7, 9, 11].map(Touchy));
+    // A single call's arguments and result fail the same ways.
+    for i in [3, 6, 8, 10, 11] {
+        Touchy::check(&pool.apply(touchy, (NotEight(i),)).await, i);
+    }
     assert_eq!(pool.stats().restarts, 0, "no worker died");
 }
 

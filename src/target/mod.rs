@@ -340,17 +340,13 @@ where
     F: Target<A, M>,
     A: Serialize + DeserializeOwned + Send + 'static,
 {
-    let args: A = match wire::decode_value(args) {
-        Ok(a) => a,
-        Err(reason) => {
-            return Outcome::Decode {
-                type_name: std::any::type_name::<A>().to_owned(),
-                reason,
-            };
-        }
-    };
-    let f: F = sys::conjure::<F>();
+    // A user's `Deserialize` or `Serialize` that panics is caught as the target is.
     let run = catch_unwind(AssertUnwindSafe(|| {
+        let args: A = wire::decode_value(args).map_err(|reason| Outcome::Decode {
+            type_name: std::any::type_name::<A>().to_owned(),
+            reason,
+        })?;
+        let f: F = sys::conjure::<F>();
         let value = f.__invoke(args, cx);
         wire::encode_value(&value).map_err(|reason| Outcome::Encode {
             type_name: std::any::type_name::<F::Output>().to_owned(),
