@@ -107,7 +107,13 @@ fn serve(args: Args) -> i32 {
             EXIT_ORPHANED
         };
     }
-    watch_for_parent_eof(chan.get_ref());
+    // Watching for the parent's end to close takes a thread (~0.1 ms to start here): with
+    // an initializer to run it must watch from now; without one, it starts after `Ready`
+    // (the poll is level-triggered: a parent gone in between is seen at once).
+    let watching_early = hello.init.is_some();
+    if watching_early {
+        watch_for_parent_eof(chan.get_ref());
+    }
     crate::process::become_child(&hello.name, hello.identity.clone());
     crate::log::install_forwarding(hello.log_level, hello.log_print, outbox.clone());
     set_title(&hello.name);
@@ -130,6 +136,9 @@ fn serve(args: Args) -> i32 {
     };
     if outbox.send(&ready).is_err() {
         return EXIT_ORPHANED;
+    }
+    if !watching_early {
+        watch_for_parent_eof(chan.get_ref());
     }
     match hello.role {
         Role::Process => run_once(chan, outbox, cx),
