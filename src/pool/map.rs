@@ -25,6 +25,7 @@ use super::Shared;
 use super::message::{Args, Deferred, Finished, Part, TaskResult};
 use crate::error::{Error, Result};
 use crate::target::TargetRef;
+use crate::wire::spare::Spare;
 use crate::wire::Outcome;
 
 /// Items encoded back to back; `ends[i]` is where item `i` ends. A large item takes no
@@ -56,16 +57,16 @@ const KEPT_ENCODING: usize = 8 << 20;
 /// Kept item-end vectors: the allocator gives a large block back to the system when it
 /// is freed and maps a fresh one (whose first touches cost, see `wire::spare`) when the
 /// next map asks for one of the same size.
-static KEPT_ENDS: std::sync::Mutex<Vec<Vec<usize>>> = std::sync::Mutex::new(Vec::new());
+static KEPT_ENDS: Spare<usize> = Spare::with_max(KEPT_ENCODING);
 
 impl Ends {
     /// Room for `n` ends: a kept vector if `n` is large.
     fn with_capacity(n: usize) -> Ends {
-        if n >= POOLED_ENDS {
-            let mut kept = KEPT_ENDS.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = kept.iter().position(|v| v.capacity() >= n) {
-                return Ends(kept.swap_remove(i));
-            }
+        if n >= POOLED_ENDS
+            && let Some(mut kept) = KEPT_ENDS.take(n)
+        {
+            kept.clear();
+            return Ends(kept);
         }
         Ends(Vec::with_capacity(n))
     }
@@ -73,15 +74,8 @@ impl Ends {
 
 impl Drop for Ends {
     fn drop(&mut self) {
-        let cap = self.0.capacity();
-        if cap < POOLED_ENDS || cap * std::mem::size_of::<usize>() > KEPT_ENCODING {
-            return;
-        }
-        let mut v = std::mem::take(&mut self.0);
-        v.clear();
-        let mut kept = KEPT_ENDS.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() < 2 {
-            kept.push(v);
+        if self.0.capacity() >= POOLED_ENDS {
+            KEPT_ENDS.put(std::mem::take(&mut self.0));
         }
     }
 }
@@ -100,9 +94,9 @@ impl std::ops::DerefMut for Ends {
 }
 
 /// Kept buffers for the encoded items of maps (see [`KEPT_ENDS`]).
-fn encode_buffers() -> &'static Arc<crate::wire::spare::Spare> {
-    static KEPT: std::sync::OnceLock<Arc<crate::wire::spare::Spare>> = std::sync::OnceLock::new();
-    KEPT.get_or_init(|| Arc::new(crate::wire::spare::Spare::with_max(KEPT_ENCODING)))
+fn encode_buffers() -> &'static Arc<Spare> {
+    static KEPT: std::sync::OnceLock<Arc<Spare>> = std::sync::OnceLock::new();
+    KEPT.get_or_init(|| Arc::new(Spare::with_max(KEPT_ENCODING)))
 }
 
 /// Items that encode to more than this many bytes (counting small writes only up to

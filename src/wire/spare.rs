@@ -16,11 +16,12 @@ const KEPT: usize = 2;
 /// Buffers larger than this are never kept.
 const MAX_KEPT_SIZE: usize = 64 << 20;
 
-/// A few large buffers, kept for reuse.
+/// A few large buffers, kept for reuse (byte buffers by default; the parent's lists of
+/// map item ends are kept the same way).
 #[derive(Debug)]
-pub(crate) struct Spare {
-    kept: Mutex<Vec<Vec<u8>>>,
-    /// Buffers larger than this are not kept.
+pub(crate) struct Spare<T = u8> {
+    kept: Mutex<Vec<Vec<T>>>,
+    /// Buffers of more than this many bytes are not kept.
     max: usize,
 }
 
@@ -30,29 +31,29 @@ impl Default for Spare {
     }
 }
 
-impl Spare {
+impl<T> Spare<T> {
     /// Keeps buffers of at most `max` bytes.
-    pub(crate) fn with_max(max: usize) -> Self {
+    pub(crate) const fn with_max(max: usize) -> Self {
         Spare {
             kept: Mutex::new(Vec::new()),
             max,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<T>>> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A kept buffer with room for at least `capacity` bytes, with what it held.
-    pub(crate) fn take(&self, capacity: usize) -> Option<Vec<u8>> {
+    /// A kept buffer with room for at least `capacity` elements, with what it held.
+    pub(crate) fn take(&self, capacity: usize) -> Option<Vec<T>> {
         let mut kept = self.lock();
         let i = kept.iter().position(|b| b.capacity() >= capacity)?;
         Some(kept.swap_remove(i))
     }
 
     /// Keeps `buf` unless it is too large or as many larger ones are kept.
-    pub(crate) fn put(&self, buf: Vec<u8>) {
-        if buf.capacity() > self.max {
+    pub(crate) fn put(&self, buf: Vec<T>) {
+        if buf.capacity().saturating_mul(std::mem::size_of::<T>()) > self.max {
             return;
         }
         let mut kept = self.lock();
@@ -69,7 +70,9 @@ impl Spare {
     pub(crate) fn clear(&self) {
         self.lock().clear();
     }
+}
 
+impl Spare {
     /// The first `len` bytes of `buf`, shared; `buf` comes back here once the last
     /// slice of them is dropped.
     pub(crate) fn share(self: &Arc<Self>, buf: Vec<u8>, len: usize) -> Bytes {
