@@ -409,7 +409,9 @@ pub(crate) fn from_frame_borrowed<'a, M: Deserialize<'a>>(frame: &'a [u8]) -> Re
 /// Encodes a user value (an argument tuple or a return value). Structs are written as
 /// maps, so `#[serde(flatten)]` and internally tagged enums work.
 pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
-    rmp_serde::to_vec_named(value).map_err(|e| e.to_string())
+    let mut buf = Vec::new();
+    encode_value_into(&mut buf, value)?;
+    Ok(buf)
 }
 
 /// Encodes a user value at the end of `buf`, as [`encode_value`] does; on an error,
