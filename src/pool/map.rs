@@ -25,8 +25,8 @@ use super::Shared;
 use super::message::{Args, Deferred, Finished, Part, TaskResult};
 use crate::error::{Error, Result};
 use crate::target::TargetRef;
-use crate::wire::spare::Spare;
 use crate::wire::Outcome;
+use crate::wire::spare::Spare;
 
 /// Items encoded back to back; `ends[i]` is where item `i` ends. A large item takes no
 /// room in `buf`: it is in `deferred` (see [`Deferred`]).
@@ -395,12 +395,8 @@ fn read_chunk_output<R: DeserializeOwned + 'static>(
         return Err(format!("a chunk's answer has {pair} parts, not 2"));
     }
     let n = rmp::decode::read_array_len(&mut rest).map_err(|e| e.to_string())?;
-    // The length comes from another process: reserve by what the bytes can hold.
-    values.reserve((n as usize).min(rest.len()));
     let mut reader = crate::wire::ValueReader::new::<R>(rest);
-    for _ in 0..n {
-        values.push(reader.next::<R>()?);
-    }
+    reader.read_into(n, values)?;
     reader.next::<Option<(u32, Outcome)>>()
 }
 

@@ -466,6 +466,38 @@ impl<'a> ValueReader<'a> {
         }
     }
 
+    /// Appends the next `n` values to `out`.
+    pub(crate) fn read_into<V: DeserializeOwned + 'static>(
+        &mut self,
+        n: u32,
+        out: &mut Vec<V>,
+    ) -> Result<(), String> {
+        // The length comes from another process: reserve by what the bytes can hold.
+        let left = match self {
+            ValueReader::Serde(de) => de.get_ref().len(),
+            ValueReader::Scalar(rest) => rest.len(),
+        };
+        out.reserve((n as usize).min(left));
+        match self {
+            // The same as `next`, with the choice made once for the whole run.
+            ValueReader::Serde(de) => {
+                for _ in 0..n {
+                    out.push(V::deserialize(&mut *de).map_err(|e| e.to_string())?);
+                }
+            }
+            ValueReader::Scalar(rest) => {
+                for _ in 0..n {
+                    out.push(match scalar::decode::<V>(rest) {
+                        Some(v) => v,
+                        None => V::deserialize(&mut rmp_serde::Deserializer::new(&mut *rest))
+                            .map_err(|e| e.to_string())?,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The next value.
     #[inline]
     pub(crate) fn next<V: DeserializeOwned + 'static>(&mut self) -> Result<V, String> {

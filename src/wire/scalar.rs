@@ -273,22 +273,29 @@ struct ScalarDe<'de> {
     input: &'de [u8],
 }
 
+/// An integer as MessagePack holds it: unsigned, or negative.
+enum Int {
+    U(u64),
+    I(i64),
+}
+
 impl ScalarDe<'_> {
     /// An integer in any of MessagePack's integer forms.
     #[inline(always)]
-    fn int(&mut self) -> Result<i128, NotScalar> {
+    fn int(&mut self) -> Result<Int, NotScalar> {
         let b = self.input;
-        let (v, used) = match *b.first().ok_or(NotScalar)? {
-            m @ 0x00..=0x7f => (i128::from(m), 1),
-            m @ 0xe0..=0xff => (i128::from(m as i8), 1),
-            0xcc => (i128::from(u8::from_be_bytes(take(b)?)), 2),
-            0xcd => (i128::from(u16::from_be_bytes(take(b)?)), 3),
-            0xce => (i128::from(u32::from_be_bytes(take(b)?)), 5),
-            0xcf => (i128::from(u64::from_be_bytes(take(b)?)), 9),
-            0xd0 => (i128::from(i8::from_be_bytes(take(b)?)), 2),
-            0xd1 => (i128::from(i16::from_be_bytes(take(b)?)), 3),
-            0xd2 => (i128::from(i32::from_be_bytes(take(b)?)), 5),
-            0xd3 => (i128::from(i64::from_be_bytes(take(b)?)), 9),
+        let m = *b.first().ok_or(NotScalar)?;
+        let (v, used) = match m {
+            0x00..=0x7f => (Int::U(u64::from(m)), 1),
+            0xe0..=0xff => (Int::I(i64::from(m as i8)), 1),
+            0xcc => (Int::U(u64::from(u8::from_be_bytes(take(b)?))), 2),
+            0xcd => (Int::U(u64::from(u16::from_be_bytes(take(b)?))), 3),
+            0xce => (Int::U(u64::from(u32::from_be_bytes(take(b)?))), 5),
+            0xcf => (Int::U(u64::from_be_bytes(take(b)?)), 9),
+            0xd0 => (Int::I(i64::from(i8::from_be_bytes(take(b)?))), 2),
+            0xd1 => (Int::I(i64::from(i16::from_be_bytes(take(b)?))), 3),
+            0xd2 => (Int::I(i64::from(i32::from_be_bytes(take(b)?))), 5),
+            0xd3 => (Int::I(i64::from_be_bytes(take(b)?)), 9),
             _ => return Err(NotScalar),
         };
         self.input = &b[used..];
@@ -320,7 +327,10 @@ macro_rules! read_int {
     ($($name:ident: $t:ty => $visit:ident),* $(,)?) => {$(
         #[inline(always)]
         fn $name<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, NotScalar> {
-            let v = <$t>::try_from(self.int()?).map_err(|_| NotScalar)?;
+            let v = match self.int()? {
+                Int::U(v) => <$t>::try_from(v).map_err(|_| NotScalar)?,
+                Int::I(v) => <$t>::try_from(v).map_err(|_| NotScalar)?,
+            };
             visitor.$visit(v)
         }
     )*};
