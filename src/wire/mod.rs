@@ -479,19 +479,15 @@ impl<'a> ValueReader<'a> {
         };
         out.reserve((n as usize).min(left));
         match self {
-            // The same as `next`, with the choice made once for the whole run.
+            // As `next`, with the choice made once for the whole run.
             ValueReader::Serde(de) => {
                 for _ in 0..n {
-                    out.push(V::deserialize(&mut *de).map_err(|e| e.to_string())?);
+                    out.push(serde_next(de)?);
                 }
             }
             ValueReader::Scalar(rest) => {
                 for _ in 0..n {
-                    out.push(match scalar::decode::<V>(rest) {
-                        Some(v) => v,
-                        None => V::deserialize(&mut rmp_serde::Deserializer::new(&mut *rest))
-                            .map_err(|e| e.to_string())?,
-                    });
+                    out.push(scalar_next(rest)?);
                 }
             }
         }
@@ -502,14 +498,25 @@ impl<'a> ValueReader<'a> {
     #[inline]
     pub(crate) fn next<V: DeserializeOwned + 'static>(&mut self) -> Result<V, String> {
         match self {
-            ValueReader::Serde(de) => V::deserialize(de).map_err(|e| e.to_string()),
-            ValueReader::Scalar(rest) => match scalar::decode::<V>(rest) {
-                Some(v) => Ok(v),
-                // Reads exactly the value's bytes, moving `rest` past them.
-                None => V::deserialize(&mut rmp_serde::Deserializer::new(rest))
-                    .map_err(|e| e.to_string()),
-            },
+            ValueReader::Serde(de) => serde_next(de),
+            ValueReader::Scalar(rest) => scalar_next(rest),
         }
+    }
+}
+
+#[inline(always)]
+fn serde_next<'a, V: DeserializeOwned>(
+    de: &mut rmp_serde::Deserializer<rmp_serde::decode::ReadRefReader<'a, [u8]>>,
+) -> Result<V, String> {
+    V::deserialize(de).map_err(|e| e.to_string())
+}
+
+#[inline(always)]
+fn scalar_next<V: DeserializeOwned>(rest: &mut &[u8]) -> Result<V, String> {
+    match scalar::decode::<V>(rest) {
+        Some(v) => Ok(v),
+        // Reads exactly the value's bytes, moving `rest` past them.
+        None => V::deserialize(&mut rmp_serde::Deserializer::new(rest)).map_err(|e| e.to_string()),
     }
 }
 
