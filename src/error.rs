@@ -197,6 +197,16 @@ pub enum Error {
     #[error("the process was already started; create a new `Process` to run again")]
     AlreadyStarted,
 
+    /// A future or handle that already gave its result was polled again. Every named
+    /// future of the crate answers so (it never panics), and reports
+    /// [`FusedFuture::is_terminated`](futures::future::FusedFuture::is_terminated) once it
+    /// has given its result.
+    #[error(
+        "this future already gave its result; a finished future has nothing more to give \
+         (keep the result of the first completion)"
+    )]
+    AlreadyCompleted,
+
     /// An operating-system error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -250,6 +260,7 @@ impl Error {
             Error::Closed => Error::Closed,
             Error::NotStarted => Error::NotStarted,
             Error::AlreadyStarted => Error::AlreadyStarted,
+            Error::AlreadyCompleted => Error::AlreadyCompleted,
             Error::Protocol { name, reason } => Error::Protocol {
                 name: name.clone(),
                 reason: reason.clone(),

@@ -77,7 +77,7 @@ const FIRST_DEPTH: usize = 8;
 const PIPELINE_BYTES: usize = 8 << 20;
 
 /// Consecutive failed worker starts after which the pool stops trying.
-const MAX_START_FAILURES: u32 = 5;
+pub(crate) const MAX_START_FAILURES: u32 = 5;
 
 /// What the builder decided.
 #[derive(Debug, Clone)]
@@ -85,9 +85,19 @@ pub(crate) struct Config {
     pub(crate) processes: usize,
     pub(crate) init: Option<Init>,
     pub(crate) max_tasks_per_child: Option<u32>,
+    pub(crate) max_memory_per_child: Option<u64>,
     pub(crate) task_timeout: Option<Duration>,
+    pub(crate) start_timeout: Duration,
     pub(crate) kill_grace: Duration,
     pub(crate) pipeline: usize,
+}
+
+/// What `build` hands the dispatcher: the ready workers, the next worker id, and how
+/// many workers were replaced while the pool was being built.
+pub(crate) struct Initial {
+    pub(crate) workers: Vec<WorkerConn>,
+    pub(crate) next_worker: u64,
+    pub(crate) restarts: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +134,7 @@ struct Counts {
     failed: u64,
     cancelled: u64,
     restarts: u64,
+    start_failures: u64,
     queued: usize,
     running: usize,
 }
@@ -136,6 +147,8 @@ pub(crate) struct Dispatcher {
     stats: Arc<Mutex<PoolStats>>,
     workers: Vec<Worker>,
     starting: usize,
+    /// Workers stopped and not reaped yet: their task may still be running.
+    dying: usize,
     pending: VecDeque<u64>,
     tasks: IdMap<Task>,
     next_worker: u64,
@@ -156,12 +169,16 @@ impl Dispatcher {
         cfg: Config,
         cmds: mpsc::UnboundedReceiver<Command>,
         stats: Arc<Mutex<PoolStats>>,
-        initial: Vec<WorkerConn>,
-        next_worker: u64,
+        initial: Initial,
         events_tx: mpsc::UnboundedSender<Event>,
         events: mpsc::UnboundedReceiver<Event>,
     ) -> Self {
-        let workers = initial.into_iter().map(Worker::new).collect();
+        let Initial {
+            workers,
+            next_worker,
+            restarts,
+        } = initial;
+        let workers = workers.into_iter().map(Worker::new).collect();
         Dispatcher {
             cfg,
             cmds,
@@ -170,10 +187,14 @@ impl Dispatcher {
             stats,
             workers,
             starting: 0,
+            dying: 0,
             pending: VecDeque::new(),
             tasks: IdMap::default(),
             next_worker,
-            counts: Counts::default(),
+            counts: Counts {
+                restarts,
+                ..Counts::default()
+            },
             closing: None,
             failures: 0,
             retry_at: None,
@@ -323,9 +344,10 @@ impl Dispatcher {
                 self.workers.push(Worker::new(conn));
             }
             Event::Failed(err) => {
-                tracing::warn!("a worker failed to start: {err}");
+                tracing::warn!(target: "procpool::lifecycle", "a worker failed to start: {err}");
                 self.starting -= 1;
                 self.failures += 1;
+                self.counts.start_failures += 1;
                 if self.failures >= MAX_START_FAILURES {
                     if self.workers.is_empty() {
                         self.broken = Some(format!(
@@ -343,6 +365,7 @@ impl Dispatcher {
                 id,
                 outcome,
             } => self.on_done(worker, id, outcome),
+            Event::Stopped => self.dying -= 1,
             Event::Gone {
                 worker,
                 exit,
@@ -410,6 +433,18 @@ impl Dispatcher {
         let took = w.head_since.map(|since| now - since);
         w.head_since = (!w.inflight.is_empty()).then_some(now);
         let name = Arc::clone(&w.conn.name);
+        if let Some(limit) = self.cfg.max_memory_per_child
+            && !w.retiring
+            && let Some(rss) = resident_bytes(w.conn.child.pid)
+            && rss > limit
+        {
+            tracing::info!(target: "procpool::lifecycle", worker = %name,
+                "worker's resident set is {rss} bytes, over max_memory_per_child \
+                 ({limit}); replaced after its tasks");
+            w.retiring = true;
+            w.conn.send(&Down::Shutdown);
+            self.counts.restarts += 1;
+        }
         let Some(task) = task else {
             return;
         };
@@ -504,24 +539,41 @@ impl Dispatcher {
             return;
         }
         let depth = self.depth();
+        // Processes running tasks (or being stopped while they may still run one): an
+        // idle worker takes a task only while fewer than `processes` do, so replacements
+        // started early never add to them.
+        let mut busy = self
+            .workers
+            .iter()
+            .filter(|w| !w.inflight.is_empty())
+            .count()
+            + self.dying;
         while let Some(&id) = self.pending.front() {
             let Some(task) = self.tasks.get_mut(&id) else {
                 self.pending.pop_front(); // cancelled while queued
                 continue;
             };
             let size = task.args.len();
+            let may_start = busy < self.cfg.processes;
             let Some(w) = self
                 .workers
                 .iter_mut()
                 .filter(|w| {
                     !w.retiring
                         && w.inflight.len() < depth
-                        && (w.inflight.is_empty() || w.inflight_bytes + size <= PIPELINE_BYTES)
+                        && if w.inflight.is_empty() {
+                            may_start
+                        } else {
+                            w.inflight_bytes + size <= PIPELINE_BYTES
+                        }
                 })
                 .min_by_key(|w| w.inflight.len())
             else {
                 break;
             };
+            if w.inflight.is_empty() {
+                busy += 1;
+            }
             self.pending.pop_front();
             self.counts.queued -= 1;
             if let Err(e) = w.conn.send_run(id, task.target, &task.args) {
@@ -581,6 +633,7 @@ impl Dispatcher {
                 id,
                 identity,
                 self.cfg.init.clone(),
+                self.cfg.start_timeout,
                 self.events_tx.clone(),
             ));
         }
@@ -621,7 +674,17 @@ impl Dispatcher {
     fn stop_worker(&mut self, idx: usize, head_err: Option<Error>) {
         let w = self.remove_worker(idx, head_err);
         self.counts.restarts += 1;
-        tokio::spawn(kill(Arc::clone(&w.conn.child), self.cfg.kill_grace));
+        self.dying += 1;
+        let (child, grace, events) = (
+            Arc::clone(&w.conn.child),
+            self.cfg.kill_grace,
+            self.events_tx.clone(),
+        );
+        tokio::spawn(async move {
+            kill(child, grace).await;
+            // Gone only if the pool is: nobody counts then.
+            drop(events.send(Event::Stopped));
+        });
     }
 
     fn head_deadline(&self, w: &Worker) -> Option<(Instant, bool)> {
@@ -692,7 +755,8 @@ impl Dispatcher {
         }
         for c in &children {
             if let Err(e) = c.signal_group(rustix::process::Signal::KILL) {
-                eprintln!("procpool: cannot kill worker {}: {e}", c.name);
+                tracing::warn!(target: "procpool::lifecycle", worker = %c.name,
+                    "cannot kill worker: {e}");
             }
         }
         // All were sent SIGKILL, so waiting for them one after the other takes as long as
@@ -725,6 +789,7 @@ impl Dispatcher {
             failed: self.counts.failed,
             cancelled: self.counts.cancelled,
             restarts: self.counts.restarts,
+            start_failures: self.counts.start_failures,
         };
     }
 }
@@ -745,17 +810,28 @@ impl Worker {
 /// SIGTERM to the worker's process group, a grace period, then SIGKILL; then reap.
 async fn kill(child: Arc<ChildHandle>, grace: Duration) {
     if let Err(e) = child.signal_group(rustix::process::Signal::TERM) {
-        eprintln!("procpool: cannot stop worker {}: {e}", child.name);
+        tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
+            "cannot stop worker: {e}");
     }
     if tokio::time::timeout(grace, child.wait(&mut None))
         .await
         .is_err()
     {
         if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
-            eprintln!("procpool: cannot kill worker {}: {e}", child.name);
+            tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
+                "cannot kill worker: {e}");
         }
         child.wait(&mut None).await;
     }
+}
+
+/// The resident set of process `pid` in bytes, from `/proc/PID/statm`; `None` if it
+/// cannot be read (the process is gone: it is being replaced anyway).
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split(' ').nth(1)?.parse().ok()?;
+    let page = rustix::param::page_size() as u64;
+    pages.checked_mul(page)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures::future::FusedFuture;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
@@ -22,6 +23,9 @@ use crate::target::TargetRef;
 /// resolves with its return value.
 ///
 /// Submits the task when first polled. Options go before that: [`timeout`](Self::timeout).
+///
+/// Polled again after it gave its result, it answers [`Error::AlreadyCompleted`] (it
+/// never panics), and it is a [`FusedFuture`], so `futures::select!` can tell.
 ///
 /// # Drop
 ///
@@ -65,18 +69,28 @@ impl<R> Apply<R> {
 impl<R: DeserializeOwned> Future for Apply<R> {
     type Output = Result<R>;
 
+    /// Polled again after its result: [`Error::AlreadyCompleted`].
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
         let this = &mut *self;
         if this.running.is_none() {
             let Some(call) = this.call.take() else {
-                return Poll::Ready(Err(Error::Cancelled)); // polled after completion
+                return Poll::Ready(Err(Error::AlreadyCompleted));
             };
             let handle = TaskHandle::submit(&this.shared, call);
             this.running = Some(TaskTimeout::new(handle, this.timeout));
         }
         match this.running.as_mut() {
             Some(t) => Pin::new(t).poll(cx),
-            None => Poll::Ready(Err(Error::Cancelled)),
+            None => Poll::Ready(Err(Error::AlreadyCompleted)),
+        }
+    }
+}
+
+impl<R: DeserializeOwned> FusedFuture for Apply<R> {
+    fn is_terminated(&self) -> bool {
+        match &self.running {
+            Some(t) => t.is_terminated(),
+            None => self.call.is_none(),
         }
     }
 }
@@ -88,6 +102,9 @@ impl<R: DeserializeOwned> Future for Apply<R> {
 /// - `tokio::time::timeout(d, &mut handle)` waits at most `d` and does **not** cancel:
 ///   wait again later (Python's `get(timeout)`).
 /// - [`handle.timeout(d)`](Self::timeout) waits at most `d`, then cancels.
+///
+/// Polled again after it gave its result, a handle answers [`Error::AlreadyCompleted`]
+/// (it never panics); it is a [`FusedFuture`].
 ///
 /// # Drop
 ///
@@ -184,8 +201,12 @@ impl<R> TaskHandle<R> {
 impl<R: DeserializeOwned> Future for TaskHandle<R> {
     type Output = Result<R>;
 
+    /// Polled again after its result: [`Error::AlreadyCompleted`].
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
         match &mut self.inner {
+            Inner::Task { finished: true, .. } | Inner::Spawned { finished: true, .. } => {
+                Poll::Ready(Err(Error::AlreadyCompleted))
+            }
             Inner::Task { rx, finished, .. } => {
                 let res = ready!(Pin::new(rx).poll(cx));
                 *finished = true;
@@ -205,8 +226,20 @@ impl<R: DeserializeOwned> Future for TaskHandle<R> {
                     Err(_) => Err(Error::Cancelled),
                 })
             }
-            Inner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(Error::Cancelled))),
-            Inner::Detached => Poll::Ready(Err(Error::Cancelled)),
+            Inner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(Error::AlreadyCompleted))),
+            Inner::Detached => Poll::Ready(Err(Error::AlreadyCompleted)),
+        }
+    }
+}
+
+impl<R: DeserializeOwned> FusedFuture for TaskHandle<R> {
+    /// True once the handle gave its result (polling it again gives
+    /// [`Error::AlreadyCompleted`]).
+    fn is_terminated(&self) -> bool {
+        match &self.inner {
+            Inner::Task { finished, .. } | Inner::Spawned { finished, .. } => *finished,
+            Inner::Failed(e) => e.is_none(),
+            Inner::Detached => true,
         }
     }
 }
@@ -240,6 +273,7 @@ pub struct TaskTimeout<R> {
     handle: TaskHandle<R>,
     after: Option<Duration>,
     sleep: Option<Pin<Box<Sleep>>>,
+    done: bool,
 }
 
 impl<R> std::fmt::Debug for TaskTimeout<R> {
@@ -256,6 +290,7 @@ impl<R> TaskTimeout<R> {
             handle,
             after,
             sleep: None,
+            done: false,
         }
     }
 }
@@ -263,9 +298,14 @@ impl<R> TaskTimeout<R> {
 impl<R: DeserializeOwned> Future for TaskTimeout<R> {
     type Output = Result<R>;
 
+    /// Polled again after its result: [`Error::AlreadyCompleted`].
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
         let this = &mut *self;
+        if this.done {
+            return Poll::Ready(Err(Error::AlreadyCompleted));
+        }
         if let Poll::Ready(r) = Pin::new(&mut this.handle).poll(cx) {
+            this.done = true;
             return Poll::Ready(r);
         }
         let Some(after) = this.after else {
@@ -279,6 +319,13 @@ impl<R: DeserializeOwned> Future for TaskTimeout<R> {
         this.handle = TaskHandle {
             inner: Inner::Failed(None),
         };
+        this.done = true;
         Poll::Ready(Err(Error::Timeout { after }))
+    }
+}
+
+impl<R: DeserializeOwned> FusedFuture for TaskTimeout<R> {
+    fn is_terminated(&self) -> bool {
+        self.done
     }
 }

@@ -11,11 +11,12 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+use futures::future::FusedFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -419,6 +420,8 @@ pub struct Map<R> {
     chunksize: Option<usize>,
     timeout: Option<Duration>,
     run: Option<MapRun<R>>,
+    /// It gave its result: polled again, it answers [`Error::AlreadyCompleted`].
+    done: bool,
 }
 
 // Nothing is pinned inside: results are plain values, never polled in place.
@@ -462,12 +465,14 @@ impl<R> Map<R> {
             chunksize: None,
             timeout: None,
             run: None,
+            done: false,
         }
     }
 
     /// Items per chunk (per message to a worker). Default: `ceil(len / (4 * processes))`.
+    /// 0 makes the map resolve with [`Error::InvalidConfig`].
     pub fn chunksize(mut self, n: usize) -> Self {
-        self.chunksize = Some(n.max(1));
+        self.chunksize = Some(n);
         self
     }
 
@@ -479,7 +484,12 @@ impl<R> Map<R> {
     }
 
     fn start(&mut self) -> Result<Option<Vec<R>>> {
-        let (target, mut items) = self.input.take().ok_or(Error::Cancelled)??;
+        let (target, mut items) = self.input.take().ok_or(Error::AlreadyCompleted)??;
+        if self.chunksize == Some(0) {
+            return Err(Error::InvalidConfig {
+                reason: "a map's chunksize must be at least 1".into(),
+            });
+        }
         let n = items.len();
         if n == 0 {
             return Ok(Some(Vec::new()));
@@ -526,8 +536,26 @@ impl<R> Map<R> {
 impl<R: DeserializeOwned + 'static> Future for Map<R> {
     type Output = Result<Vec<R>>;
 
+    /// Polled again after its result: [`Error::AlreadyCompleted`].
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<R>>> {
-        let this = &mut *self;
+        if self.done {
+            return Poll::Ready(Err(Error::AlreadyCompleted));
+        }
+        let res = ready!(self.poll_run(cx));
+        self.done = true;
+        Poll::Ready(res)
+    }
+}
+
+impl<R: DeserializeOwned + 'static> FusedFuture for Map<R> {
+    fn is_terminated(&self) -> bool {
+        self.done
+    }
+}
+
+impl<R: DeserializeOwned + 'static> Map<R> {
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Result<Vec<R>>> {
+        let this = self;
         if this.run.is_none() {
             match this.start() {
                 Ok(None) => {}
@@ -536,7 +564,7 @@ impl<R: DeserializeOwned + 'static> Future for Map<R> {
             }
         }
         let Some(run) = this.run.as_mut() else {
-            return Poll::Ready(Err(Error::Cancelled));
+            return Poll::Ready(Err(Error::AlreadyCompleted));
         };
         while let Poll::Ready(msg) = run.rx.poll_recv(cx) {
             let Some((idx, res)) = msg else {
@@ -640,6 +668,8 @@ pub struct Imap<R, I> {
     parked: BTreeMap<u64, Parked<R>>,
     emit_seq: u64,
     out: VecDeque<Result<R>>,
+    /// The input iterator panicked: the last item, once everything before it is out.
+    input_panic: Option<Error>,
     _r: PhantomData<fn() -> R>,
 }
 
@@ -690,12 +720,19 @@ impl<R, I> Imap<R, I> {
             parked: BTreeMap::new(),
             emit_seq: 0,
             out: VecDeque::new(),
+            input_panic: None,
             _r: PhantomData,
         }
     }
 
-    /// Items per chunk, fixed. Default: adaptive (see the type's docs).
+    /// Items per chunk, fixed. Default: adaptive (see the type's docs). 0 makes the
+    /// stream's one item [`Error::InvalidConfig`].
     pub fn chunksize(mut self, n: usize) -> Self {
+        if n == 0 {
+            self.target = Some(Err(Error::InvalidConfig {
+                reason: "imap's chunksize must be at least 1".into(),
+            }));
+        }
         self.fixed_chunk = Some(n.max(1));
         self
     }
@@ -768,11 +805,26 @@ where
             let size = self.chunk_size();
             let mut items = Encoded::default();
             let mut bad = None;
-            let (res, pins) = crate::sync::collect(|| items.fill(&mut self.items, size));
+            let mut input = CatchPanic {
+                inner: &mut self.items,
+                panicked: None,
+            };
+            let (res, pins) = crate::sync::collect(|| items.fill(&mut input, size));
             items.pins = pins;
             match res {
                 Ok(ended) => self.exhausted |= ended,
                 Err(reason) => bad = Some(Error::encode::<T>(reason)),
+            }
+            if let Some(payload) = input.panicked {
+                // What was pulled before the panic is sent; the panic is the stream's
+                // last item, after every result (also in completion order).
+                let (message, _) = crate::child::panic_details(&*payload);
+                self.exhausted = true;
+                self.input_panic = Some(Error::Panicked {
+                    message: format!("the input iterator of imap panicked: {message}"),
+                    location: None,
+                    name: crate::process::current_process().name().to_owned(),
+                });
             }
             if items.len() > 0 {
                 let seq = self.next_seq;
@@ -841,6 +893,33 @@ where
     }
 }
 
+/// An iterator that ends where its inner one panics, keeping the panic: an input that
+/// panics at item `n` still has items `..n` computed (Python's `imap` yields them, then
+/// raises).
+struct CatchPanic<'a, I> {
+    inner: &'a mut I,
+    panicked: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl<I: Iterator> Iterator for CatchPanic<'_, I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        if self.panicked.is_some() {
+            return None;
+        }
+        // The inner iterator is never touched again after a panic.
+        let inner = std::panic::AssertUnwindSafe(&mut *self.inner);
+        match std::panic::catch_unwind(move || { inner }.0.next()) {
+            Ok(item) => item,
+            Err(payload) => {
+                self.panicked = Some(payload);
+                None
+            }
+        }
+    }
+}
+
 impl<R, I, T> Stream for Imap<R, I>
 where
     R: DeserializeOwned + 'static,
@@ -870,7 +949,7 @@ where
             }
             if this.inflight.is_empty() && this.exhausted {
                 this.target = None;
-                return Poll::Ready(None);
+                return Poll::Ready(this.input_panic.take().map(Err));
             }
             match this.rx.poll_recv(cx) {
                 Poll::Ready(Some((id, res))) => this.on_result(target, id, res),

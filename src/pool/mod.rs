@@ -104,8 +104,12 @@ pub struct PoolStats {
     pub failed: u64,
     /// Tasks whose caller gave up (dropped, its own timeout) or that `terminate` ended.
     pub cancelled: u64,
-    /// Workers replaced because they died, hung or were stopped.
+    /// Workers replaced because they died, hung, were stopped or outgrew
+    /// [`Builder::max_memory_per_child`].
     pub restarts: u64,
+    /// Workers that failed to start (their initializer failed, or they were not ready
+    /// within [`Builder::start_timeout`] and were killed); the pool retries with back-off.
+    pub start_failures: u64,
 }
 
 /// Configures an [`AsyncPool`]; made by [`AsyncPool::builder`].
@@ -115,10 +119,15 @@ pub struct Builder {
     processes: Option<usize>,
     init: Option<Result<Init>>,
     max_tasks_per_child: Option<u32>,
+    max_memory_per_child: Option<u64>,
     task_timeout: Option<Duration>,
+    start_timeout: Duration,
     kill_grace: Duration,
     pipeline: usize,
 }
+
+/// How long a worker may take to start (and run its initializer) by default.
+const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Builder {
     /// Number of worker processes. Default: [`std::thread::available_parallelism`].
@@ -135,9 +144,8 @@ impl Builder {
     /// 5 failures in a row with no worker left, fails the queued and new tasks with
     /// [`Error::Spawn`] instead of respawning forever.
     ///
-    /// `task_timeout` does not apply to the initializer: one that never returns makes
-    /// `build()` wait forever. Bound it with `tokio::time::timeout(d, builder.build())`;
-    /// cancelling a build stops and reaps the workers it started.
+    /// `task_timeout` does not apply to the initializer; [`start_timeout`](Self::start_timeout)
+    /// does: a worker whose initializer has not returned by then is killed.
     pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Self
     where
         F: Target<A, M>,
@@ -157,10 +165,32 @@ impl Builder {
 
     /// Replaces each worker after it has run `n` tasks (Python's `maxtasksperchild`), to
     /// bound leaks in native code. The replacement is started as soon as the limit is
-    /// reached, so the pool never stalls. A chunk of a `map` counts as one task.
-    /// Default: no limit.
+    /// reached, so the pool never stalls, but it takes no task while `processes` others
+    /// run tasks. A chunk of a `map` counts as one task. 0 is
+    /// [`Error::InvalidConfig`] at [`build`](Self::build). Default: no limit.
     pub fn max_tasks_per_child(mut self, n: u32) -> Self {
-        self.max_tasks_per_child = Some(n.max(1));
+        self.max_tasks_per_child = Some(n);
+        self
+    }
+
+    /// Replaces a worker whose resident set (RSS, from `/proc/PID/statm`) is over
+    /// `bytes` after a task: the task's result is delivered, the worker finishes what
+    /// was already sent to it and exits, and a replacement starts (counted in
+    /// [`PoolStats::restarts`]). Bounds leaks that `max_tasks_per_child` bounds only
+    /// blindly. Checked after each task (a chunk of a `map` is one task), never during
+    /// one. 0 is [`Error::InvalidConfig`]. Default: no limit.
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.max_memory_per_child = Some(bytes);
+        self
+    }
+
+    /// How long a worker may take to start: spawn, handshake and its
+    /// [`initializer`](Self::initializer). A worker not ready by then is killed (its
+    /// whole process group). In [`build`](Self::build) that is [`Error::Timeout`]; for a
+    /// replacement worker, the pool retries with back-off (counted in
+    /// [`PoolStats::start_failures`]). Zero is [`Error::InvalidConfig`]. Default: 60 s.
+    pub fn start_timeout(mut self, d: Duration) -> Self {
+        self.start_timeout = d;
         self
     }
 
@@ -187,75 +217,135 @@ impl Builder {
     /// ahead to each worker, as measured on the tasks so far, so long tasks go one at a
     /// time and a task does not wait behind a long one while another worker is free.
     /// A pool's first tasks, before any has finished, are sent at most 8 ahead. Nor
-    /// does a worker with a task in flight get more than 8 MiB of arguments ahead.
+    /// does a worker with a task in flight get more than 8 MiB of arguments ahead. A
+    /// task sent ahead to a worker that is still busy is taken back and given to an
+    /// idle worker when one is free. 0 is [`Error::InvalidConfig`].
     pub fn pipeline_depth(mut self, n: usize) -> Self {
-        self.pipeline = n.max(1);
+        self.pipeline = n;
         self
     }
 
     /// Starts the workers and waits until every one has handshaken and run the
     /// initializer.
     ///
+    /// A worker that dies after it was ready, while others still start, is replaced
+    /// (after 5 such deaths the build fails with [`Error::Spawn`]).
+    ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] for 0 processes; the initializer's error if it fails
-    /// (for example [`Error::Panicked`]); [`Error::Spawn`] if a worker cannot start.
+    /// [`Error::InvalidConfig`] for 0 processes (or another setting of 0 where it says
+    /// so); the initializer's error if it fails (for example [`Error::Panicked`]);
+    /// [`Error::Timeout`] if a worker is not ready within
+    /// [`start_timeout`](Self::start_timeout); [`Error::Spawn`] if a worker cannot start.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: workers started so far are killed and reaped if the future is
     /// dropped.
     pub async fn build(self) -> Result<AsyncPool> {
+        let invalid = |reason: &str| {
+            Err(Error::InvalidConfig {
+                reason: reason.to_owned(),
+            })
+        };
         let processes = match self.processes {
-            Some(0) => {
-                return Err(Error::InvalidConfig {
-                    reason: "a pool needs at least 1 process".into(),
-                });
-            }
+            Some(0) => return invalid("a pool needs at least 1 process"),
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        if self.max_tasks_per_child == Some(0) {
+            return invalid("max_tasks_per_child must be at least 1");
+        }
+        if self.max_memory_per_child == Some(0) {
+            return invalid("max_memory_per_child must be more than 0 bytes");
+        }
+        if self.pipeline == 0 {
+            return invalid("pipeline_depth must be at least 1");
+        }
+        if self.start_timeout.is_zero() {
+            return invalid("start_timeout must be more than zero");
+        }
         let init = self.init.transpose()?;
         let cfg = Config {
             processes,
             init,
             max_tasks_per_child: self.max_tasks_per_child,
+            max_memory_per_child: self.max_memory_per_child,
             task_timeout: self.task_timeout,
+            start_timeout: self.start_timeout,
             kill_grace: self.kill_grace,
             pipeline: self.pipeline,
         };
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        for id in 0..processes as u64 {
+        let mut next_worker = 0;
+        let start_one = |next_worker: &mut u64| {
             let identity = crate::process::next_identity();
             tokio::spawn(worker::start(
-                id,
+                *next_worker,
                 identity,
                 cfg.init.clone(),
+                cfg.start_timeout,
                 events_tx.clone(),
             ));
+            *next_worker += 1;
+        };
+        for _ in 0..processes {
+            start_one(&mut next_worker);
         }
         // Every connection made so far is held here until handed to the dispatcher. If
         // the build is cancelled, dropping a connection drops its writer, whose write half
         // shuts the socket down (tokio's OwnedWriteHalf does on drop): the worker reads
         // end-of-channel and exits, and is reaped (tests/pool_build_cancel.rs). Workers
         // still starting find `events` gone and kill themselves (worker::start).
-        let mut ready = Vec::with_capacity(processes);
-        let mut first_error = None;
+        let mut ready: Vec<worker::WorkerConn> = Vec::with_capacity(processes);
+        let mut died = 0u64;
+        let mut failure = None;
         while ready.len() < processes {
-            match events.recv().await {
-                Some(worker::Event::Ready(conn)) => ready.push(conn),
-                Some(worker::Event::Failed(e)) => {
-                    first_error = Some(e);
+            let Some(ev) = events.recv().await else {
+                break; // unreachable: `start_one` holds a sender
+            };
+            match ev {
+                worker::Event::Ready(conn) => ready.push(conn),
+                worker::Event::Failed(e) => {
+                    failure = Some(e);
                     break;
                 }
-                Some(_) | None => {}
+                worker::Event::Gone { worker, exit, .. } => {
+                    // A worker that was ready died before the pool was built.
+                    let Some(i) = ready.iter().position(|c| c.id == worker) else {
+                        continue;
+                    };
+                    let conn = ready.swap_remove(i);
+                    died += 1;
+                    tracing::info!(target: "procpool::lifecycle", worker = %conn.name,
+                        "worker died with {exit} while the pool was being built; replaced");
+                    if died >= u64::from(dispatcher::MAX_START_FAILURES) {
+                        failure = Some(Error::spawn(
+                            format!(
+                                "{died} workers died right after they started \
+                                 (the last, {}, with {exit})",
+                                conn.name
+                            ),
+                            None,
+                        ));
+                        break;
+                    }
+                    start_one(&mut next_worker);
+                }
+                worker::Event::Done { worker, .. } => {
+                    // No task was sent yet: a worker answering one broke the protocol.
+                    if let Some(conn) = ready.iter().find(|c| c.id == worker) {
+                        tracing::warn!(target: "procpool::lifecycle", worker = %conn.name,
+                            "worker answered a task it was never given; killed");
+                        kill_now(&conn.child);
+                    }
+                }
+                worker::Event::Stopped => {}
             }
         }
-        if let Some(e) = first_error {
+        if let Some(e) = failure {
             for conn in &ready {
-                if let Err(err) = conn.child.signal_group(rustix::process::Signal::KILL) {
-                    eprintln!("procpool: cannot kill worker {}: {err}", conn.name);
-                }
+                kill_now(&conn.child);
             }
             return Err(e);
         }
@@ -263,14 +353,18 @@ impl Builder {
         let stats = Arc::new(Mutex::new(PoolStats {
             workers: processes,
             idle: processes,
+            restarts: died,
             ..PoolStats::default()
         }));
         let dispatcher = Dispatcher::new(
             cfg,
             cmds,
             Arc::clone(&stats),
-            ready,
-            processes as u64,
+            dispatcher::Initial {
+                workers: ready,
+                next_worker,
+                restarts: died,
+            },
             events_tx,
             events,
         );
@@ -284,6 +378,15 @@ impl Builder {
                 processes,
             }),
         })
+    }
+}
+
+/// SIGKILL to a worker's process group (a failure means it is gone already, or cannot
+/// be signalled at all: said in a log event, as there is nothing else to do).
+fn kill_now(child: &crate::process::ChildHandle) {
+    if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
+        tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
+            "cannot kill worker: {e}");
     }
 }
 
@@ -307,7 +410,9 @@ impl AsyncPool {
             processes: None,
             init: None,
             max_tasks_per_child: None,
+            max_memory_per_child: None,
             task_timeout: None,
+            start_timeout: DEFAULT_START_TIMEOUT,
             kill_grace: Duration::from_millis(100),
             pipeline: 64,
         }

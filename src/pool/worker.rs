@@ -37,6 +37,8 @@ pub(crate) enum Event {
         exit: ExitReason,
         protocol: Option<String>,
     },
+    /// A worker the dispatcher stopped (see `dispatcher::kill`) is reaped.
+    Stopped,
 }
 
 /// A live worker's handle: where to send frames, and its process.
@@ -436,11 +438,12 @@ pub(crate) async fn start(
     id: u64,
     identity: Vec<u32>,
     init: Option<Init>,
+    start_timeout: std::time::Duration,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let name: Arc<str> = crate::process::named("PoolWorker", &identity).into();
     let ev = tokio::select! {
-        r = connect(id, &name, identity, init, events.clone()) => match r {
+        r = connect(id, &name, identity, init, start_timeout, events.clone()) => match r {
             Ok(conn) => Event::Ready(conn),
             Err(e) => Event::Failed(e),
         },
@@ -452,7 +455,8 @@ pub(crate) async fn start(
     if let Err(mpsc::error::SendError(Event::Ready(conn))) = events.send(ev) {
         // The pool is gone: this worker has no one to serve.
         if let Err(e) = conn.child.signal(rustix::process::Signal::KILL) {
-            eprintln!("procpool: cannot stop unneeded worker {}: {e}", conn.name);
+            tracing::warn!(target: "procpool::lifecycle", worker = %conn.name,
+                "cannot stop unneeded worker: {e}");
         }
     }
 }
@@ -462,6 +466,7 @@ async fn connect(
     name: &Arc<str>,
     identity: Vec<u32>,
     init: Option<Init>,
+    start_timeout: std::time::Duration,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<WorkerConn, Error> {
     let Spawned { channel, child } = spawn_child(name).await?;
@@ -472,8 +477,23 @@ async fn connect(
         target_name: i.target.name.to_owned(),
         args: ByteBuf::from(i.args.to_vec()),
     });
-    let hello = crate::process::hello(name, identity, Role::Worker, init)?;
-    crate::process::handshake(&mut channel, &child, name, &[hello]).await?;
+    let hello = [crate::process::hello(name, identity, Role::Worker, init)?];
+    let handshake = crate::process::handshake(&mut channel, &child, name, &hello);
+    match tokio::time::timeout(start_timeout, handshake).await {
+        Ok(done) => done?,
+        Err(_) => {
+            tracing::warn!(target: "procpool::lifecycle", worker = %name,
+                "worker not ready within {start_timeout:?} (stuck in its initializer?); killed");
+            if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
+                tracing::warn!(target: "procpool::lifecycle", worker = %name,
+                    "cannot kill worker: {e}");
+            }
+            child.wait(&mut None).await;
+            return Err(Error::Timeout {
+                after: start_timeout,
+            });
+        }
+    }
     let (mut reader, writer) = channel.split();
     let out = Arc::new(Out {
         io: writer.into_inner(),
@@ -516,7 +536,8 @@ async fn connect(
         if protocol.is_some() {
             // Kill before the channel closes, so the exit status says it was killed.
             if let Err(e) = reader_child.signal(rustix::process::Signal::KILL) {
-                eprintln!("procpool: cannot kill misbehaving worker: {e}");
+                tracing::warn!(target: "procpool::lifecycle", worker = %reader_name,
+                    "cannot kill misbehaving worker: {e}");
             }
         }
         drop(reader);
