@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::FusedFuture;
-use procpool::{AsyncPool, Error};
+use procpool::{AsyncPool, Error, Event};
 use support::{TempDir, is_dead, soon, wait_for_file, write_file};
 
 fn square(x: i64) -> i64 {
@@ -20,6 +20,107 @@ fn square(x: i64) -> i64 {
 
 fn doubler(x: i64) -> i64 {
     x * 2
+}
+
+fn naps(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn waits_for(ev: Event) -> u8 {
+    ev.blocking_wait().expect("the parent is there");
+    1
+}
+
+// ----------------------------------------------------------------- head-of-line blocking
+
+#[tokio::test]
+async fn a_task_queued_behind_a_blocked_worker_moves_to_an_idle_one() {
+    // The seen deadlock: 5 workers, one task waiting on an Event that is set only after
+    // a map of 5 short items ends. On a new pool, one chunk of the map was pipelined
+    // behind the blocked task and never ran.
+    let pool = AsyncPool::new(5).await.unwrap();
+    let ev = Event::new();
+    let blocked = pool.apply_async(waits_for, (ev.clone(),));
+    let map = pool.map(naps, vec![10u64; 5]).chunksize(1);
+    let out = tokio::time::timeout(Duration::from_secs(60), map).await;
+    ev.set().unwrap();
+    let out = out.expect("the map must not wait behind the blocked worker");
+    assert_eq!(out.unwrap(), vec![10; 5]);
+    assert_eq!(soon(blocked).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn tasks_sent_ahead_to_a_blocked_worker_are_taken_back_for_an_idle_one() {
+    // With 2 workers, a map of 6 single items must queue some behind the blocked task
+    // (the pipeline is 8 deep before any task has finished): they are taken back.
+    let pool = AsyncPool::new(2).await.unwrap();
+    let ev = Event::new();
+    let blocked = pool.apply_async(waits_for, (ev.clone(),));
+    let map = pool.map(naps, vec![10u64; 6]).chunksize(1);
+    let out = tokio::time::timeout(Duration::from_secs(60), map).await;
+    ev.set().unwrap();
+    let out = out.expect("the map must not wait behind the blocked worker");
+    assert_eq!(out.unwrap(), vec![10; 6]);
+    assert!(pool.stats().taken_back >= 1, "{:?}", pool.stats());
+    assert_eq!(soon(blocked).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn short_tasks_do_not_wait_behind_a_long_one_while_a_worker_is_idle() {
+    // Seen: one 3 s task running, 5 short ones finished at 100, 3049, 3049, 3149, 3149 ms.
+    let pool = AsyncPool::new(2).await.unwrap();
+    let ev = Event::new();
+    let long = pool.apply_async(waits_for, (ev.clone(),));
+    let start = Instant::now();
+    let short: Vec<_> = (0..5).map(|_| pool.apply_async(naps, (50,))).collect();
+    // Every short task finishes while the long one still runs: it ends only when the
+    // Event is set, after them.
+    for h in short {
+        assert_eq!(soon(h).await.unwrap(), 50);
+    }
+    let took = start.elapsed();
+    ev.set().unwrap();
+    assert_eq!(soon(long).await.unwrap(), 1);
+    // 5 x 50 ms on one worker: 250 ms of work; generous for a loaded machine.
+    assert!(took < Duration::from_secs(20), "short tasks took {took:?}");
+}
+
+/// Runs once: a second run of task `i` finds its file and panics.
+fn runs_once(dir: String, i: u32, ms: u64) -> u32 {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(format!("{dir}/ran-{i}"))
+        .unwrap_or_else(|e| panic!("task {i} ran twice: {e}"));
+    std::thread::sleep(Duration::from_millis(ms));
+    i
+}
+
+#[tokio::test]
+async fn a_task_taken_back_from_a_busy_worker_runs_exactly_once() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let dir = TempDir::new("runs-once");
+    let base = dir.path("");
+    let base = base.trim_end_matches('/').to_owned();
+    let mut i = 0;
+    for round in 0..20u64 {
+        // Uneven lengths: some workers idle while others have tasks queued behind a
+        // task of a few milliseconds, so tasks are taken back while heads finish.
+        let handles: Vec<_> = (0..12u64)
+            .map(|k| {
+                i += 1;
+                let ms = if k == 0 { 20 } else { (k * 7 + round) % 3 };
+                pool.apply_async(runs_once, (base.clone(), i, ms))
+            })
+            .collect();
+        for h in handles {
+            soon(h).await.unwrap();
+        }
+    }
+    let s = pool.stats();
+    assert_eq!((s.completed, s.failed), (240, 0), "{s:?}");
+    assert!(s.taken_back > 0, "no task was taken back: {s:?}");
 }
 
 // ------------------------------------------------------ concurrency during replacement

@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -88,6 +88,14 @@ fn serve(args: Args) -> i32 {
             return EXIT_PROTOCOL;
         }
     };
+    let control = match take_control(&stream) {
+        Ok(Some(c)) => c,
+        Ok(None) => return EXIT_ORPHANED,
+        Err(e) => {
+            eprintln!("procpool: child cannot read its preamble: {e}");
+            return EXIT_PROTOCOL;
+        }
+    };
     let outbox = match stream.try_clone() {
         Ok(w) => Outbox::new(w, wire::DEFAULT_MAX_FRAME),
         Err(_) => return EXIT_PROTOCOL,
@@ -111,8 +119,10 @@ fn serve(args: Args) -> i32 {
     // an initializer to run it must watch from now; without one, it starts after `Ready`
     // (the poll is level-triggered: a parent gone in between is seen at once).
     let watching_early = hello.init.is_some();
+    let gate = Arc::new(Mutex::new(Gate::default()));
+    let mut control = control.map(|c| (c, Arc::clone(&gate), outbox.clone()));
     if watching_early {
-        watch_for_parent_eof(chan.get_ref());
+        watch_parent(chan.get_ref(), control.take());
     }
     crate::process::become_child(&hello.name, hello.identity.clone());
     crate::log::install_forwarding(hello.log_level, hello.log_print, outbox.clone());
@@ -138,11 +148,43 @@ fn serve(args: Args) -> i32 {
         return EXIT_ORPHANED;
     }
     if !watching_early {
-        watch_for_parent_eof(chan.get_ref());
+        watch_parent(chan.get_ref(), control.take());
     }
     match hello.role {
         Role::Process => run_once(chan, outbox, cx),
-        Role::Worker => serve_pool(chan, outbox, cx),
+        Role::Worker => serve_pool(chan, outbox, cx, &gate),
+    }
+}
+
+/// Reads the channel's first byte (see `process::service::spawn_here`): the recall
+/// channel of a pool worker, or none. `Ok(None)`: the parent is gone already.
+fn take_control(stream: &UnixStream) -> std::io::Result<Option<Option<UnixStream>>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut byte = [0u8; 1];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let got = loop {
+        match rustix::net::recvmsg(
+            stream,
+            &mut [std::io::IoSliceMut::new(&mut byte)],
+            &mut anc,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut fd = None;
+    for msg in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            fd = fd.or(fds.next());
+        }
+    }
+    match (got.bytes, byte[0], fd) {
+        (0, _, _) => Ok(None),
+        (1, 0, None) => Ok(Some(None)),
+        (1, 1, Some(fd)) => Ok(Some(Some(UnixStream::from(fd)))),
+        _ => Err(std::io::Error::other("malformed preamble")),
     }
 }
 
@@ -239,6 +281,8 @@ enum Job {
 /// A task as a worker keeps it: slices of the frame it came in, not copies.
 struct Task {
     id: u64,
+    /// Its number in the order tasks arrived (1 for the first).
+    seq: u64,
     target: u64,
     target_name: Bytes,
     args: Bytes,
@@ -259,11 +303,18 @@ const LOOK_EVERY: Duration = Duration::from_micros(50);
 /// run. With tasks queued, it looks for new frames at most every [`LOOK_EVERY`]: tiny
 /// tasks arrive in batches, and a look that finds nothing cost a syscall per task (about
 /// a fifth of the CPU time of tiny tasks). While a task runs, the end-of-channel watch
-/// (see [`watch_for_parent_eof`]) exits the process if the parent goes away; a skip
+/// (see [`watch_parent`]) exits the process if the parent goes away; a skip
 /// that arrives while its task runs is moot (the dispatcher stops a worker that does
 /// not move on).
-fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32 {
+fn serve_pool(
+    mut chan: BlockingChannel,
+    outbox: Outbox,
+    mut cx: Context,
+    gate: &Mutex<Gate>,
+) -> i32 {
     let mut queue: VecDeque<Job> = VecDeque::new();
+    // Tasks are numbered in the order they arrive, as the parent numbers them.
+    let mut received: u64 = 0;
     // Ids of queued tasks to skip; only ids in `queue` are ever added.
     let mut skips: HashSet<u64> = HashSet::new();
     let mut looked = Instant::now();
@@ -282,12 +333,16 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
                     Err(_) => return EXIT_PROTOCOL,
                 };
                 match wire::from_frame_borrowed::<DownIn<'_>>(&frame) {
-                    Ok(DownIn::Run(run)) => queue.push_back(Job::Run(Task {
-                        id: run.id,
-                        target: run.target,
-                        target_name: frame.slice_ref(run.target_name.as_bytes()),
-                        args: frame.slice_ref(run.args),
-                    })),
+                    Ok(DownIn::Run(run)) => {
+                        received += 1;
+                        queue.push_back(Job::Run(Task {
+                            id: run.id,
+                            seq: received,
+                            target: run.target,
+                            target_name: frame.slice_ref(run.target_name.as_bytes()),
+                            args: frame.slice_ref(run.args),
+                        }));
+                    }
                     Ok(DownIn::Skip { id }) => {
                         if queue.iter().any(|j| matches!(j, Job::Run(t) if t.id == id)) {
                             skips.insert(id);
@@ -311,8 +366,10 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
                         }) else {
                             return EXIT_PROTOCOL;
                         };
+                        received += 1;
                         queue.push_back(Job::Run(Task {
                             id: run.id,
+                            seq: received,
                             target: run.target,
                             target_name: frame.slice_ref(run.target_name.as_bytes()),
                             args: Bytes::from_owner(args),
@@ -329,6 +386,15 @@ fn serve_pool(mut chan: BlockingChannel, outbox: Outbox, mut cx: Context) -> i32
             Some(Job::Shutdown) => return 0,
             None => continue,
         };
+        if !gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .start(task.seq)
+        {
+            // Taken back by the parent (see `watch_parent`): it was answered already.
+            skips.remove(&task.id);
+            continue;
+        }
         let outcome = if skips.remove(&task.id) {
             Outcome::Skipped
         } else {
@@ -387,13 +453,56 @@ impl AsRef<[u8]> for ArenaBytes {
     }
 }
 
-/// Exits as soon as the parent's end of the channel closes (the parent died, or gave
-/// up on this child): the parent-death signal alone misses a parent that gave up while
-/// staying alive, for example a cancelled pool build while an initializer runs.
+/// Which tasks a pool worker has started, and which the parent took back: the one
+/// place where the main thread (starting tasks) and the watcher (answering recalls)
+/// meet, so that every task is either started here or given back, never both.
+#[derive(Debug, Default)]
+struct Gate {
+    /// The number of the last task started (or answered as skipped).
+    started: u64,
+    /// Tasks `lo + 1 ..= hi` were given back: they are dropped unanswered.
+    revoked: VecDeque<(u64, u64)>,
+}
+
+impl Gate {
+    /// Called before task `seq` runs: false if it was given back.
+    fn start(&mut self, seq: u64) -> bool {
+        while self.revoked.front().is_some_and(|&(_, hi)| hi < seq) {
+            self.revoked.pop_front();
+        }
+        if self.revoked.iter().any(|&(lo, hi)| lo < seq && seq <= hi) {
+            return false;
+        }
+        self.started = self.started.max(seq);
+        true
+    }
+
+    /// The parent asks for every task up to `upto` not started yet: gives back
+    /// `after + 1 ..= upto` and returns `after`.
+    fn recall(&mut self, upto: u64) -> u64 {
+        let after = self.started.min(upto);
+        if after < upto {
+            self.revoked.push_back((after, upto));
+        }
+        after
+    }
+}
+
+/// The watcher's part of a pool worker's recall channel: the socket, the gate, and
+/// where answers go.
+type Control = (UnixStream, Arc<Mutex<Gate>>, Outbox);
+
+/// Watches the parent on a thread of its own while the main thread runs tasks:
 ///
-/// It polls for the peer's hang-up without reading, so it never takes a frame meant for
-/// the thread that serves tasks.
-fn watch_for_parent_eof(stream: &UnixStream) {
+/// - exits as soon as the parent's end of the channel closes (the parent died, or gave
+///   up on this child): the parent-death signal alone misses a parent that gave up
+///   while staying alive, for example a cancelled pool build while an initializer runs.
+///   It polls for the peer's hang-up without reading, so it never takes a frame meant
+///   for the thread that serves tasks;
+/// - answers recalls on a pool worker's recall channel (`wire::RECALL`): the tasks sent
+///   ahead that have not started are given back at once, even while a long task runs,
+///   so the parent can run them on an idle worker.
+fn watch_parent(stream: &UnixStream, control: Option<Control>) {
     let Ok(stream) = stream.try_clone() else {
         return;
     };
@@ -401,13 +510,26 @@ fn watch_for_parent_eof(stream: &UnixStream) {
         .name("procpool-eof-watch".into())
         .spawn(move || {
             use rustix::event::{PollFd, PollFlags, poll};
+            let mut control = control;
             loop {
-                let mut fds = [PollFd::new(&stream, PollFlags::RDHUP)];
+                let mut fds = vec![PollFd::new(&stream, PollFlags::RDHUP)];
+                if let Some((c, _, _)) = &control {
+                    fds.push(PollFd::new(c, PollFlags::IN));
+                }
                 match poll(&mut fds, None) {
                     Ok(_) => {
                         let got = fds[0].revents();
                         if got.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
                             std::process::exit(EXIT_ORPHANED);
+                        }
+                        let ready = fds.get(1).is_some_and(|f| !f.revents().is_empty());
+                        drop(fds);
+                        if ready
+                            && let Some(c) = &control
+                            && !answer_recall(c)
+                        {
+                            // The parent closed it: no more recalls; keep watching.
+                            control = None;
                         }
                     }
                     Err(rustix::io::Errno::INTR) => {}
@@ -418,6 +540,19 @@ fn watch_for_parent_eof(stream: &UnixStream) {
     if let Err(e) = spawned {
         eprintln!("procpool: cannot watch the parent channel: {e}");
     }
+}
+
+/// Reads one recall and answers it; false once the recall channel is closed or broken.
+fn answer_recall((sock, gate, outbox): &Control) -> bool {
+    use std::io::Read;
+    let mut msg = [0u8; wire::RECALL_LEN];
+    if (&*sock).read_exact(&mut msg).is_err() {
+        return false;
+    }
+    let upto = wire::recall_upto(msg);
+    let after = gate.lock().unwrap_or_else(|p| p.into_inner()).recall(upto);
+    // A failed send means the parent is gone; the EOF watch ends the process.
+    outbox.send(&Up::Recalled { after, upto }).is_ok()
 }
 
 /// Names the process so `ps` and `top` show what it is (`comm`, 15 bytes at most).

@@ -76,6 +76,13 @@ const FIRST_DEPTH: usize = 8;
 /// pipelining gains nothing, and the worker would hold them all in memory.
 const PIPELINE_BYTES: usize = 8 << 20;
 
+/// A task sent ahead to a busy worker is taken back for an idle one once the busy
+/// worker's current task has run this long, or twice as long as tasks take, whichever
+/// is longer, up to [`RECALL_MAX`] (see `Dispatcher::rebalance`). Below it, the busy
+/// worker is about to get to the task anyway.
+const RECALL_MIN: Duration = Duration::from_millis(1);
+const RECALL_MAX: Duration = Duration::from_millis(50);
+
 /// Consecutive failed worker starts after which the pool stops trying.
 pub(crate) const MAX_START_FAILURES: u32 = 5;
 
@@ -113,6 +120,8 @@ struct Task {
     state: State,
     /// The caller gave up; the task stays here only until its worker moves past it.
     cancelled: bool,
+    /// Its number among the tasks sent to its worker (see `Worker::sent`), once sent.
+    seq: u64,
 }
 
 struct Worker {
@@ -125,6 +134,10 @@ struct Worker {
     assigned: u32,
     /// Sent `Shutdown`: takes no more tasks, exits when done.
     retiring: bool,
+    /// Tasks sent to it so far: the number of the last one (the worker counts the same).
+    sent: u64,
+    /// A recall is on its way (see `rebalance`): no more tasks until it is answered.
+    recalling: bool,
 }
 
 #[derive(Debug, Default)]
@@ -135,6 +148,7 @@ struct Counts {
     cancelled: u64,
     restarts: u64,
     start_failures: u64,
+    taken_back: u64,
     queued: usize,
     running: usize,
 }
@@ -208,6 +222,7 @@ impl Dispatcher {
     pub(crate) async fn run(mut self) {
         loop {
             self.assign();
+            self.rebalance();
             self.maintain();
             self.shut_idle_workers_when_closing();
             self.publish_stats();
@@ -292,6 +307,7 @@ impl Dispatcher {
                 reply: Some(job.reply),
                 state: State::Queued,
                 cancelled: false,
+                seq: 0,
             },
         );
         self.pending.push_back(job.id);
@@ -366,6 +382,11 @@ impl Dispatcher {
                 outcome,
             } => self.on_done(worker, id, outcome),
             Event::Stopped => self.dying -= 1,
+            Event::Recalled {
+                worker,
+                after,
+                upto,
+            } => self.on_recalled(worker, after, upto),
             Event::Gone {
                 worker,
                 exit,
@@ -474,6 +495,51 @@ impl Dispatcher {
         }
     }
 
+    /// Worker `worker` gave back tasks `after + 1 ..= upto` (see `rebalance`): they go
+    /// back to the front of the queue, in order, for the idle workers.
+    fn on_recalled(&mut self, worker: u64, after: u64, upto: u64) {
+        let Some(w) = self.workers.iter_mut().find(|w| w.conn.id == worker) else {
+            return; // stopped meanwhile: its tasks went back already
+        };
+        w.recalling = false;
+        let tasks = &mut self.tasks;
+        let mut back = Vec::new();
+        w.inflight.retain(|id| {
+            let seq = tasks.get(id).map_or(0, |t| t.seq);
+            let given_back = after < seq && seq <= upto;
+            if given_back {
+                back.push(*id);
+            }
+            !given_back
+        });
+        if w.inflight.is_empty() {
+            w.head_since = None;
+        }
+        for &id in back.iter().rev() {
+            let Some(task) = tasks.get_mut(&id) else {
+                continue;
+            };
+            w.inflight_bytes = w.inflight_bytes.saturating_sub(task.args.len());
+            if task.args.rest.is_some() {
+                w.conn.answered(id);
+            }
+            if task.cancelled {
+                tasks.remove(&id);
+                continue;
+            }
+            task.state = State::Queued;
+            task.seq = 0;
+            self.counts.running -= 1;
+            self.counts.queued += 1;
+            self.counts.taken_back += 1;
+            self.pending.push_front(id);
+        }
+        if !back.is_empty() {
+            tracing::debug!(worker = %w.conn.name, tasks = back.len(),
+                "tasks sent ahead to a busy worker taken back for an idle one");
+        }
+    }
+
     fn on_deadline(&mut self) {
         let now = Instant::now();
         let mut idx = self.workers.len();
@@ -564,10 +630,11 @@ impl Dispatcher {
                         && if w.inflight.is_empty() {
                             may_start
                         } else {
-                            w.inflight_bytes + size <= PIPELINE_BYTES
+                            !w.recalling && w.inflight_bytes + size <= PIPELINE_BYTES
                         }
                 })
-                .min_by_key(|w| w.inflight.len())
+                // Least loaded; of those, the one whose current task started last.
+                .min_by_key(|w| (w.inflight.len(), std::cmp::Reverse(w.head_since)))
             else {
                 break;
             };
@@ -586,6 +653,8 @@ impl Dispatcher {
                 continue;
             }
             task.state = State::Sent;
+            w.sent += 1;
+            task.seq = w.sent;
             self.counts.running += 1;
             tracing::debug!(task = id, worker = %w.conn.name, "task sent");
             w.inflight.push_back(id);
@@ -603,6 +672,64 @@ impl Dispatcher {
                 // pool (CPython gh-115634).
                 w.retiring = true;
                 w.conn.send(&Down::Shutdown);
+            }
+        }
+    }
+
+    /// How long a busy worker's current task must have run before the tasks sent ahead
+    /// to it are taken back for an idle worker (see [`RECALL_MIN`]).
+    fn recall_after(&self) -> Duration {
+        self.task_time
+            .map_or(RECALL_MIN, |t| (t * 2).clamp(RECALL_MIN, RECALL_MAX))
+    }
+
+    /// When an idle worker may take a task and none is queued, and the tasks sent
+    /// ahead to a busy worker have waited [`recall_after`](Self::recall_after) behind
+    /// its current one: the busy worker with the oldest current task, or `None`.
+    fn recall_candidate(&self) -> Option<(usize, Instant)> {
+        if !self.pending.is_empty() {
+            return None;
+        }
+        let busy = self
+            .workers
+            .iter()
+            .filter(|w| !w.inflight.is_empty())
+            .count()
+            + self.dying;
+        let idle = self
+            .workers
+            .iter()
+            .any(|w| !w.retiring && w.inflight.is_empty());
+        if !idle || busy >= self.cfg.processes {
+            return None;
+        }
+        let after = self.recall_after();
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.inflight.len() >= 2 && !w.recalling)
+            .filter_map(|(i, w)| Some((i, w.head_since? + after)))
+            .min_by_key(|&(_, at)| at)
+    }
+
+    /// A task never waits behind a busy worker while another is idle (DESIGN.md §9):
+    /// the tasks sent ahead to the busy worker that it has not started are taken back
+    /// (`WorkerConn::recall`; the worker answers from a thread of its own, even while
+    /// its task runs) and go to the idle workers. A recall is certain: the worker's
+    /// main thread and the thread that answers agree under a lock on which tasks were
+    /// started, so a task runs once, there or elsewhere.
+    fn rebalance(&mut self) {
+        let now = Instant::now();
+        while let Some((idx, at)) = self.recall_candidate() {
+            if at > now {
+                return;
+            }
+            let w = &mut self.workers[idx];
+            // Set either way: a worker whose recall cannot be written is dying, and its
+            // reader reports that.
+            w.recalling = true;
+            if !w.conn.recall(w.sent) {
+                tracing::debug!(worker = %w.conn.name, "cannot send a recall");
             }
         }
     }
@@ -702,7 +829,8 @@ impl Dispatcher {
     fn next_deadline(&self) -> Option<Instant> {
         let heads = self.workers.iter().filter_map(|w| self.head_deadline(w));
         let retry = self.retry_at.filter(|_| self.failures < MAX_START_FAILURES);
-        heads.map(|(at, _)| at).chain(retry).min()
+        let recall = self.recall_candidate().map(|(_, at)| at);
+        heads.map(|(at, _)| at).chain(retry).chain(recall).min()
     }
 
     // ------------------------------------------------------------- closing down
@@ -790,6 +918,7 @@ impl Dispatcher {
             cancelled: self.counts.cancelled,
             restarts: self.counts.restarts,
             start_failures: self.counts.start_failures,
+            taken_back: self.counts.taken_back,
         };
     }
 }
@@ -803,6 +932,8 @@ impl Worker {
             head_since: None,
             assigned: 0,
             retiring: false,
+            sent: 0,
+            recalling: false,
         }
     }
 }

@@ -110,6 +110,9 @@ pub struct PoolStats {
     /// Workers that failed to start (their initializer failed, or they were not ready
     /// within [`Builder::start_timeout`] and were killed); the pool retries with back-off.
     pub start_failures: u64,
+    /// Tasks sent ahead to a busy worker and taken back, unstarted, for an idle one (a
+    /// task never waits behind a busy worker while another is idle).
+    pub taken_back: u64,
 }
 
 /// Configures an [`AsyncPool`]; made by [`AsyncPool::builder`].
@@ -340,7 +343,7 @@ impl Builder {
                         kill_now(&conn.child);
                     }
                 }
-                worker::Event::Stopped => {}
+                worker::Event::Stopped | worker::Event::Recalled { .. } => {}
             }
         }
         if let Some(e) = failure {

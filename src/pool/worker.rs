@@ -39,6 +39,9 @@ pub(crate) enum Event {
     },
     /// A worker the dispatcher stopped (see `dispatcher::kill`) is reaped.
     Stopped,
+    /// Worker `worker` gave back the tasks it was sent as numbers `after + 1 ..= upto`:
+    /// they will not run there (see [`WorkerConn::recall`]).
+    Recalled { worker: u64, after: u64, upto: u64 },
 }
 
 /// A live worker's handle: where to send frames, and its process.
@@ -53,6 +56,8 @@ pub(crate) struct WorkerConn {
     pub(crate) name: Arc<str>,
     pub(crate) child: Arc<ChildHandle>,
     out: Arc<Out>,
+    /// The recall channel (see `process::service::spawn_here`), non-blocking.
+    control: std::os::unix::net::UnixStream,
 }
 
 /// Frames on their way to a worker.
@@ -328,6 +333,17 @@ impl WorkerConn {
         Some(Ok(()))
     }
 
+    /// Asks the worker to give back the tasks it was sent up to number `upto` that it
+    /// has not started; it answers [`Event::Recalled`] at once, even while it runs a
+    /// task. False if the request could not be written (the worker is dying: its reader
+    /// reports that).
+    pub(crate) fn recall(&self, upto: u64) -> bool {
+        use std::io::Write;
+        let msg = crate::wire::recall(upto);
+        // 8 bytes on an empty socket (one recall at a time): written whole or not at all.
+        matches!((&self.control).write(&msg), Ok(n) if n == msg.len())
+    }
+
     /// Task `id` was answered: its arena region may be written again.
     pub(crate) fn answered(&self, id: u64) {
         let mut slot = self.out.arena.lock().unwrap_or_else(|p| p.into_inner());
@@ -469,7 +485,15 @@ async fn connect(
     start_timeout: std::time::Duration,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<WorkerConn, Error> {
-    let Spawned { channel, child } = spawn_child(name).await?;
+    let Spawned {
+        channel,
+        control,
+        child,
+    } = spawn_child(name, true).await?;
+    let control = control.ok_or_else(|| Error::spawn("no recall channel", None))?;
+    control
+        .set_nonblocking(true)
+        .map_err(|e| Error::spawn("cannot set up the recall channel", Some(e)))?;
     let mut channel = crate::process::child_channel(channel)?;
     let init = init.map(|i| Run {
         id: 0,
@@ -522,6 +546,16 @@ async fn connect(
                 Ok(Some(Up::Log(record))) => {
                     crate::log::reemit(&reader_name, reader_child.pid, &record);
                 }
+                Ok(Some(Up::Recalled { after, upto })) => {
+                    let back = Event::Recalled {
+                        worker: id,
+                        after,
+                        upto,
+                    };
+                    if events.send(back).is_err() {
+                        break;
+                    }
+                }
                 Ok(Some(other)) => {
                     protocol = Some(format!("unexpected message {other:?}"));
                     break;
@@ -553,6 +587,7 @@ async fn connect(
         name: Arc::clone(name),
         child,
         out,
+        control,
     })
 }
 

@@ -303,8 +303,8 @@ impl<R> Process<R> {
         let name = self.name.clone();
         let pins = launch.pins;
         service::run(async move {
-            match service::spawn_here(&name) {
-                Ok(Spawned { channel, child }) => {
+            match service::spawn_here(&name, false) {
+                Ok(Spawned { channel, child, .. }) => {
                     drive(channel, child, name, [hello, run], started_tx, ended_tx).await;
                     drop(pins);
                 }

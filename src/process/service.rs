@@ -58,9 +58,10 @@ fn service() -> Result<&'static Service, Error> {
         .map_err(|reason| Error::spawn(reason.clone(), None))
 }
 
-/// A started child: its channel and its handle.
+/// A started child: its channel, its recall channel (see [`spawn_here`]) and its handle.
 pub(crate) struct Spawned {
     pub(crate) channel: UnixStream,
+    pub(crate) control: Option<UnixStream>,
     pub(crate) child: Arc<ChildHandle>,
 }
 
@@ -69,7 +70,7 @@ pub(crate) struct Spawned {
 ///
 /// Cancel safe: if the caller goes away, the child sees its channel close and exits, and
 /// the service reaps it.
-pub(crate) async fn spawn_child(name: &str) -> Result<Spawned, Error> {
+pub(crate) async fn spawn_child(name: &str, control: bool) -> Result<Spawned, Error> {
     let svc = service()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let name = name.to_owned();
@@ -84,7 +85,7 @@ pub(crate) async fn spawn_child(name: &str) -> Result<Spawned, Error> {
     on.spawn(async move {
         // If the caller gave up, dropping the result closes our end of the channel (the
         // child then exits) and its handle hands the child to the reaper.
-        tx.send(spawn_here(&name)).ok();
+        tx.send(spawn_here(&name, control)).ok();
     });
     rx.await
         .map_err(|_| Error::spawn("the procpool service thread stopped", None))?
@@ -93,17 +94,65 @@ pub(crate) async fn spawn_child(name: &str) -> Result<Spawned, Error> {
 /// Starts a child now, on the calling thread. Call it only from a task given to [`run`]
 /// (or from `spawn_child`): the parent-death signal follows the thread that forks, and
 /// only the service and spawner threads live as long as the process.
-pub(crate) fn spawn_here(name: &str) -> Result<Spawned, Error> {
+///
+/// The first byte on the channel is the preamble: `1` with the child's end of a second
+/// socket pair attached (`SCM_RIGHTS`) when `control` is asked for, else `0`. A pool
+/// worker reads that socket on a thread of its own while its main thread runs tasks, so
+/// the pool can take back tasks it sent ahead (see `wire::RECALL`).
+pub(crate) fn spawn_here(name: &str, control: bool) -> Result<Spawned, Error> {
     crate::target::keep_boot_linked();
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| Error::spawn("socketpair failed", Some(e)))?;
     widen(&ours);
     widen(&theirs);
+    let control = if control {
+        let (parent_end, child_end) =
+            UnixStream::pair().map_err(|e| Error::spawn("socketpair failed", Some(e)))?;
+        send_preamble(&ours, Some(&child_end))?;
+        Some(parent_end)
+    } else {
+        send_preamble(&ours, None)?;
+        None
+    };
     let child = start(name, theirs)?;
     Ok(Spawned {
         channel: ours,
+        control,
         child,
     })
+}
+
+/// Writes the channel's first byte (see [`spawn_here`]). The socket is new and empty, so
+/// one byte never waits.
+fn send_preamble(channel: &UnixStream, control: Option<&UnixStream>) -> Result<(), Error> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::os::fd::AsFd;
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = SendAncillaryBuffer::new(&mut space);
+    let fds;
+    let byte = match control {
+        Some(end) => {
+            fds = [end.as_fd()];
+            if !anc.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(Error::spawn("no room to pass the recall channel", None));
+            }
+            [1u8]
+        }
+        None => [0u8],
+    };
+    match rustix::net::sendmsg(
+        channel,
+        &[io::IoSlice::new(&byte)],
+        &mut anc,
+        SendFlags::NOSIGNAL,
+    ) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(Error::spawn("cannot write a child's preamble", None)),
+        Err(e) => Err(Error::spawn(
+            "cannot write a child's preamble",
+            Some(e.into()),
+        )),
+    }
 }
 
 /// How much one end of a channel may have in flight: a Unix socket's default (about

@@ -31,7 +31,23 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 /// Version of this protocol; both sides must agree.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
+
+/// Length of a recall on a pool worker's recall channel: the number (in the order the
+/// worker received them) of the last task the parent sent, little-endian. The worker
+/// gives back every task up to it that it has not started and answers
+/// [`Up::Recalled`].
+pub(crate) const RECALL_LEN: usize = 8;
+
+/// A recall of the tasks up to number `upto` (see [`RECALL_LEN`]).
+pub(crate) fn recall(upto: u64) -> [u8; RECALL_LEN] {
+    upto.to_le_bytes()
+}
+
+/// The `upto` of a recall.
+pub(crate) fn recall_upto(msg: [u8; RECALL_LEN]) -> u64 {
+    u64::from_le_bytes(msg)
+}
 
 /// The largest frame either side accepts: 1 GiB. A length prefix above it is treated as
 /// garbage rather than an allocation request.
@@ -156,6 +172,13 @@ pub(crate) enum Up {
     },
     /// A `tracing` event emitted in the child.
     Log(LogRecord),
+    /// The answer to a recall of the tasks up to number `upto`: tasks `after + 1 ..=
+    /// upto` are given back and will not run (nor be answered); the ones up to `after`
+    /// run (or ran) here.
+    Recalled {
+        after: u64,
+        upto: u64,
+    },
 }
 
 /// A child's `tracing` event as it crosses.
