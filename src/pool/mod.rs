@@ -158,6 +158,7 @@ impl Builder {
         drop(f);
         self.init = Some(crate::target::resolve::<F, M, A>().and_then(|target| {
             let args = crate::wire::encode_value(&args).map_err(Error::encode::<A>)?;
+            crate::wire::check_args_len::<A>(args.len())?;
             Ok(Init {
                 target,
                 args: Bytes::from(args),
@@ -620,10 +621,6 @@ where
     Ok((target, args, pins))
 }
 
-/// The most encoded arguments a task may have: a frame, less room for the rest of the
-/// message (ids and the target's name).
-const MAX_ARGS: usize = crate::wire::DEFAULT_MAX_FRAME - 64 * 1024;
-
 impl Shared {
     /// Sends a task to the dispatcher; its answer goes to the reply `make_reply` builds
     /// from the task's id (the id exists before the dispatcher can answer).
@@ -637,12 +634,13 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::PoolClosed);
         }
-        if args.len() > MAX_ARGS {
+        if args.len() > crate::wire::MAX_ARGS {
             return Err(Error::Encode {
                 type_name: "task arguments".to_owned(),
                 reason: format!(
-                    "{} bytes encoded; one message holds at most {MAX_ARGS} bytes",
-                    args.len()
+                    "{} bytes encoded; one message holds at most {} bytes",
+                    args.len(),
+                    crate::wire::MAX_ARGS
                 ),
             });
         }

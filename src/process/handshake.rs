@@ -52,6 +52,15 @@ pub(crate) async fn handshake(
 ) -> Result<()> {
     // A child that refuses closes its end; the reason is in the reply read below.
     let sent = chan.send_all(first).await;
+    if let Err(e) = &sent
+        && e.kind() == std::io::ErrorKind::InvalidInput
+    {
+        // Nothing was written (a frame over the limit is refused before it is): the
+        // child would wait for its Hello forever, and we for its Ready.
+        let err = misbehaved(child, format!("cannot send {name} its first messages: {e}"));
+        child.wait(&mut None).await;
+        return Err(err);
+    }
     let reply = loop {
         match chan.recv::<Up>().await {
             Ok(Some(Up::Log(record))) => crate::log::reemit(name, child.pid, &record),

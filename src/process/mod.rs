@@ -196,6 +196,7 @@ where
         let launch = resolve::<F, M, A>().and_then(|target| {
             let (args, pins) = crate::sync::encode_args(&args);
             let args = args.map_err(Error::encode::<A>)?;
+            crate::wire::check_args_len::<A>(args.len())?;
             Ok(Launch { target, args, pins })
         });
         Process {

@@ -53,6 +53,22 @@ pub(crate) fn recall_upto(msg: [u8; RECALL_LEN]) -> u64 {
 /// garbage rather than an allocation request.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
+/// The most encoded arguments one task (or a process's target, or an initializer) may
+/// have: a frame, less room for the rest of the message (ids and the target's name).
+pub(crate) const MAX_ARGS: usize = DEFAULT_MAX_FRAME - 64 * 1024;
+
+/// [`Error::Encode`](crate::Error::Encode) for `len` bytes of arguments of type `T` if
+/// they cannot fit one message: refused before anything is sent or spawned.
+pub(crate) fn check_args_len<T: ?Sized>(len: usize) -> crate::Result<()> {
+    if len <= MAX_ARGS {
+        return Ok(());
+    }
+    Err(crate::Error::Encode {
+        type_name: std::any::type_name::<T>().to_owned(),
+        reason: format!("{len} bytes encoded; one message holds at most {MAX_ARGS} bytes"),
+    })
+}
+
 /// What a child is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Role {

@@ -1,0 +1,64 @@
+//! Arguments over the frame limit are refused with `Error::Encode` before any child is
+//! started; nothing hangs and no child is left. Its own test binary: the census of
+//! children sees only these, and the 1 GiB buffers are not multiplied by parallel tests.
+
+mod support;
+
+use std::time::Duration;
+
+use procpool::{AsyncPool, Error, Process};
+use serde_bytes::ByteBuf;
+
+fn len_of(b: ByteBuf) -> usize {
+    b.len()
+}
+
+fn init_with(b: ByteBuf) {
+    assert!(!b.is_empty());
+}
+
+/// Just over one frame: `vec!` of zeros is lazily mapped, so only encoding touches it.
+fn oversize() -> ByteBuf {
+    ByteBuf::from(vec![0u8; procpool::DEFAULT_MAX_FRAME + 16])
+}
+
+#[tokio::test]
+async fn arguments_over_the_frame_limit_are_encode_errors_and_leave_no_child() {
+    let mut p = Process::new(len_of, (oversize(),));
+    let r = support::soon(p.start()).await;
+    match r {
+        Err(Error::Encode { type_name, reason }) => {
+            assert!(type_name.contains("ByteBuf"), "{type_name}");
+            assert!(reason.contains("one message holds at most"), "{reason}");
+        }
+        other => panic!("expected Encode at start, got {other:?}"),
+    }
+    assert!(matches!(p.join().await, Err(Error::NotStarted)));
+
+    let r = AsyncPool::builder()
+        .processes(1)
+        .initializer(init_with, (oversize(),))
+        .build();
+    match support::soon(r).await {
+        Err(Error::Encode { type_name, .. }) => assert!(type_name.contains("ByteBuf")),
+        other => panic!("expected Encode at build, got {other:?}"),
+    }
+
+    let pool = AsyncPool::new(1).await.unwrap();
+    let r = support::soon(pool.apply(len_of, (oversize(),))).await;
+    assert!(matches!(r, Err(Error::Encode { .. })), "{r:?}");
+    assert_eq!(
+        pool.apply(len_of, (ByteBuf::from(vec![1; 10]),))
+            .await
+            .unwrap(),
+        10
+    );
+    pool.terminate().await;
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || support::os_children()
+            .is_empty())
+        .await,
+        "children left: {:?}",
+        support::describe_os_children()
+    );
+}
