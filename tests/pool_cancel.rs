@@ -84,18 +84,19 @@ async fn dropping_a_queued_task_removes_it() {
 }
 
 #[tokio::test]
-async fn a_dropped_pipelined_task_delivers_nothing_and_costs_nothing_else() {
-    // Default pipelining: the second task is already sent to the busy worker. Whether
-    // the worker skips it (the Skip frame arrived first) or starts it (it did not) is a
-    // race the test cannot order without sleeping; either way the caller is gone, the
-    // counts add up and the first task is unaffected.
+async fn a_dropped_pipelined_task_is_skipped_by_its_worker_and_never_runs() {
+    // Default pipelining: the second task is already sent to the busy worker. Dropping
+    // it sends a Skip, written to the worker's socket before the pool's counters show
+    // the cancel; the worker reads every frame that arrived before it starts its next
+    // task, so it skips the dropped one: it never runs, and the worker is not replaced.
     let pool = AsyncPool::new(1).await.unwrap();
     let dir = TempDir::new("cancel-pipelined");
-    let (report, marker) = (dir.path("pid"), dir.path("maybe"));
+    let (report, marker) = (dir.path("pid"), dir.path("never"));
     let gate = dir.path("gate");
     let first = pool.apply_async(waits_then_marks, (gate.clone(), report.clone()));
     let second = pool.apply_async(marks, (marker.clone(),));
     read_file_async(&report, Duration::from_secs(60)).await;
+    assert_eq!(pool.stats().running, 2, "the second task was sent ahead");
     drop(second);
     assert!(
         support::eventually_async(Duration::from_secs(10), || pool.stats().cancelled == 1).await
@@ -103,10 +104,14 @@ async fn a_dropped_pipelined_task_delivers_nothing_and_costs_nothing_else() {
     write_file(&gate, "go");
     assert_eq!(first.await.unwrap(), 7);
     assert_eq!(pool.apply(doubler, (1,)).await.unwrap(), 2);
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "the dropped pipelined task ran"
+    );
     let s = pool.stats();
     assert_eq!(
-        (s.submitted, s.completed, s.cancelled, s.failed),
-        (3, 2, 1, 0)
+        (s.submitted, s.completed, s.cancelled, s.failed, s.restarts),
+        (3, 2, 1, 0, 0)
     );
 }
 

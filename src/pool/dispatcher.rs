@@ -225,6 +225,11 @@ impl Dispatcher {
             self.rebalance();
             self.maintain();
             self.shut_idle_workers_when_closing();
+            // Frames are written before the counters are published: what `stats()`
+            // shows (a cancel, say) has reached the workers' sockets.
+            for w in &self.workers {
+                w.conn.flush();
+            }
             self.publish_stats();
             if self.closed_down() {
                 self.deliver_answers();
@@ -233,9 +238,6 @@ impl Dispatcher {
                     done.send(()).ok();
                 }
                 return;
-            }
-            for w in &self.workers {
-                w.conn.flush();
             }
             self.deliver_answers();
             let deadline = self.next_deadline();
