@@ -1,5 +1,6 @@
 //! Arguments over the frame limit are refused with `Error::Encode` before any child is
-//! started; nothing hangs and no child is left. Its own test binary: the census of
+//! started, and results over it are `Error::Encode` naming their type; nothing hangs,
+//! no worker dies and no child is left. Its own test binary: the census of
 //! children sees only these, and the 1 GiB buffers are not multiplied by parallel tests.
 
 mod support;
@@ -20,6 +21,14 @@ fn init_with(b: ByteBuf) {
 /// Just over one frame: `vec!` of zeros is lazily mapped, so only encoding touches it.
 fn oversize() -> ByteBuf {
     ByteBuf::from(vec![0u8; procpool::DEFAULT_MAX_FRAME + 16])
+}
+
+fn returns_oversize() -> ByteBuf {
+    oversize()
+}
+
+fn pid() -> u32 {
+    std::process::id()
 }
 
 #[tokio::test]
@@ -53,6 +62,24 @@ async fn arguments_over_the_frame_limit_are_encode_errors_and_leave_no_child() {
             .unwrap(),
         10
     );
+
+    // A result over the limit: Encode naming its type, and the same worker serves on.
+    let me = pool.apply(pid, ()).await.unwrap();
+    match support::soon(pool.apply(returns_oversize, ())).await {
+        Err(Error::Encode { type_name, reason }) => {
+            assert!(type_name.contains("ByteBuf"), "{type_name}");
+            assert!(reason.contains("one message holds at most"), "{reason}");
+        }
+        other => panic!("expected Encode for the result, got {other:?}"),
+    }
+    let r = support::soon(pool.map(|_: u8| returns_oversize(), vec![1u8])).await;
+    assert!(matches!(r, Err(Error::Encode { .. })), "{r:?}");
+    assert_eq!(
+        pool.apply(pid, ()).await.unwrap(),
+        me,
+        "the worker kept serving"
+    );
+    assert_eq!(pool.stats().restarts, 0);
     pool.terminate().await;
     assert!(
         support::eventually_async(Duration::from_secs(10), || support::os_children()

@@ -238,11 +238,17 @@ impl ChunkWriter {
         }
     }
 
-    /// Appends `value`. After an error (or a panic), push no more: `finish`.
+    /// Appends `value`. After an error (or a panic), push no more: `finish`. A value that
+    /// takes the answer past what one message holds is an error (and is not kept).
     pub(crate) fn push<R: Serialize>(&mut self, value: &R) -> Result<(), String> {
         self.out.truncate(self.end);
         if !(self.scalar && wire::scalar::encode(value, &mut self.out)) {
             wire::encode_value_into(&mut self.out, value)?;
+        }
+        if self.out.len() > wire::MAX_ARGS {
+            let len = self.out.len() - self.end;
+            self.out.truncate(self.end);
+            return Err(wire::oversize_reason(len));
         }
         self.end = self.out.len();
         self.ran += 1;
@@ -348,10 +354,16 @@ where
         })?;
         let f: F = sys::conjure::<F>();
         let value = f.__invoke(args, cx);
-        wire::encode_value(&value).map_err(|reason| Outcome::Encode {
+        let encode_error = |reason| Outcome::Encode {
             type_name: std::any::type_name::<F::Output>().to_owned(),
             reason,
-        })
+        };
+        let bytes = wire::encode_value(&value).map_err(encode_error)?;
+        if bytes.len() > wire::MAX_ARGS {
+            // It could not be sent: the caller is told why, and the worker serves on.
+            return Err(encode_error(wire::oversize_reason(bytes.len())));
+        }
+        Ok(bytes)
     }));
     match run {
         Ok(Ok(bytes)) => Outcome::Value(ByteBuf::from(bytes)),

@@ -54,7 +54,8 @@ pub(crate) fn recall_upto(msg: [u8; RECALL_LEN]) -> u64 {
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
 /// The most encoded arguments one task (or a process's target, or an initializer) may
-/// have: a frame, less room for the rest of the message (ids and the target's name).
+/// have, and the most encoded bytes of a result: a frame, less room for the rest of the
+/// message (ids and the target's name).
 pub(crate) const MAX_ARGS: usize = DEFAULT_MAX_FRAME - 64 * 1024;
 
 /// [`Error::Encode`](crate::Error::Encode) for `len` bytes of arguments of type `T` if
@@ -65,8 +66,13 @@ pub(crate) fn check_args_len<T: ?Sized>(len: usize) -> crate::Result<()> {
     }
     Err(crate::Error::Encode {
         type_name: std::any::type_name::<T>().to_owned(),
-        reason: format!("{len} bytes encoded; one message holds at most {MAX_ARGS} bytes"),
+        reason: oversize_reason(len),
     })
+}
+
+/// The reason of an [`Outcome::Encode`] for a result of `len` bytes over [`MAX_ARGS`].
+pub(crate) fn oversize_reason(len: usize) -> String {
+    format!("{len} bytes encoded; one message holds at most {MAX_ARGS} bytes")
 }
 
 /// What a child is for.
