@@ -31,8 +31,14 @@ fn pid() -> u32 {
     std::process::id()
 }
 
+/// One test, so the census of children at its end sees only its own scenarios.
 #[tokio::test]
-async fn arguments_over_the_frame_limit_are_encode_errors_and_leave_no_child() {
+async fn oversize_values_are_encode_errors_and_nothing_hangs_or_is_lost() {
+    an_oversize_remote_put_is_encode_and_loses_nothing_nor_the_lock().await;
+    arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_no_child().await;
+}
+
+async fn arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_no_child() {
     let mut p = Process::new(len_of, (oversize(),));
     let r = support::soon(p.start()).await;
     match r {
@@ -88,4 +94,50 @@ async fn arguments_over_the_frame_limit_are_encode_errors_and_leave_no_child() {
         "children left: {:?}",
         support::describe_os_children()
     );
+}
+
+/// Holds `lock`, tries to put an item over the limit, reports what `put` said, puts a
+/// small one, and lets go of the lock only when `go` is set.
+fn puts_oversize_while_holding(
+    lock: procpool::Lock,
+    q: procpool::Queue<ByteBuf>,
+    report: procpool::Queue<String>,
+    go: procpool::Event,
+) {
+    let guard = lock.blocking_lock().expect("lock");
+    let r = q.blocking_put(ByteBuf::from(vec![0u8; procpool::DEFAULT_MAX_FRAME - 1000]));
+    report.blocking_put(format!("{r:?}")).expect("report");
+    q.blocking_put(ByteBuf::from(vec![7])).expect("small put");
+    go.blocking_wait().expect("go");
+    drop(guard);
+}
+
+async fn an_oversize_remote_put_is_encode_and_loses_nothing_nor_the_lock() {
+    let (lock, q, report, go) = (
+        procpool::Lock::new(),
+        procpool::Queue::new(),
+        procpool::Queue::new(),
+        procpool::Event::new(),
+    );
+    let mut p = Process::new(
+        puts_oversize_while_holding,
+        (lock.clone(), q.clone(), report.clone(), go.clone()),
+    );
+    p.start().await.unwrap();
+    let said = support::soon(report.get()).await.unwrap();
+    assert!(said.starts_with("Err(Encode"), "{said}");
+    assert!(said.contains("a queue item holds at most"), "{said}");
+    // The child's connection lives on: its next item arrives, and it still holds the
+    // lock (an ended session would have released it).
+    assert_eq!(
+        support::soon(q.get()).await.unwrap(),
+        ByteBuf::from(vec![7])
+    );
+    assert!(
+        lock.try_lock().unwrap().is_none(),
+        "the lock was released early"
+    );
+    go.set().unwrap();
+    support::soon(p.join()).await.unwrap();
+    assert!(support::soon(lock.lock()).await.is_ok());
 }

@@ -286,7 +286,10 @@ impl Encoded {
         let (start, end) = (self.start(range.start), self.ends[range.end - 1]);
         let mut head = Vec::with_capacity(5);
         // Writing into a Vec cannot fail.
-        drop(rmp::encode::write_array_len(&mut head, range.len() as u32));
+        let Ok(n) = u32::try_from(range.len()) else {
+            unreachable!("a chunk holds at most MAX_CHUNK_ITEMS items");
+        };
+        drop(rmp::encode::write_array_len(&mut head, n));
         let from = self.deferred.partition_point(|(i, _)| *i < range.start);
         let to = self.deferred.partition_point(|(i, _)| *i < range.end);
         if from == to {
@@ -496,7 +499,8 @@ impl<R> Map<R> {
         }
         let size = self
             .chunksize
-            .unwrap_or_else(|| default_chunksize(n, self.shared.processes()));
+            .unwrap_or_else(|| default_chunksize(n, self.shared.processes()))
+            .min(MAX_CHUNK_ITEMS);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut run = MapRun {
             rx,
@@ -625,6 +629,9 @@ impl<R> Drop for Map<R> {
     }
 }
 
+/// A chunk's array header holds a 32-bit length: larger chunk sizes act as this.
+const MAX_CHUNK_ITEMS: usize = u32::MAX as usize;
+
 // -------------------------------------------------------------------------- Imap
 
 /// Chunks in flight per worker in an [`Imap`]: bounds its memory.
@@ -739,7 +746,7 @@ impl<R, I> Imap<R, I> {
 
     fn chunk_size(&self) -> usize {
         if let Some(n) = self.fixed_chunk {
-            return n;
+            return n.min(MAX_CHUNK_ITEMS);
         }
         match self.per_item {
             None => 1,

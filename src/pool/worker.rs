@@ -244,8 +244,9 @@ impl WorkerConn {
     /// Queues a message; it is written by the next [`flush`](Self::flush).
     pub(crate) fn send(&self, msg: &Down) {
         let mut st = self.out.lock();
-        if !st.dead {
-            crate::wire::frame_into(&mut st.buf, msg);
+        if !st.dead && !crate::wire::frame_into(&mut st.buf, msg) {
+            // Only the small messages of the protocol come here.
+            tracing::error!(worker = %self.name, "a control message over the frame limit was dropped");
         }
     }
 
@@ -276,7 +277,12 @@ impl WorkerConn {
         if st.dead {
             return Ok(());
         }
-        crate::wire::run_frame_head(&mut st.buf, id, target.offset, target.name, args.len());
+        if !crate::wire::run_frame_head(&mut st.buf, id, target.offset, target.name, args.len()) {
+            return Err(Error::Encode {
+                type_name: "task arguments".to_owned(),
+                reason: crate::wire::oversize_reason(args.len()),
+            });
+        }
         st.buf.extend_from_slice(&args.head);
         st.push(&args.body);
         for part in parts {

@@ -50,6 +50,10 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The largest frame on a hub connection (the child channel's limit).
 const MAX_FRAME: usize = wire::DEFAULT_MAX_FRAME;
 
+/// The largest encoded queue item: a frame, less room for the message around it (a
+/// larger one is `Error::Encode` at `put`, before anything is sent).
+pub(crate) const MAX_ITEM: usize = MAX_FRAME - 64 * 1024;
+
 /// How long a claim of a pipe end may take before it is given up.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -286,11 +290,17 @@ struct OutState {
 
 impl OutState {
     fn flush(&mut self) {
-        if let Some((obj, items, _)) = self.puts.take() {
-            frame_into(&mut self.buf, &ToHub::Puts { obj, items });
+        if let Some((obj, items, _)) = self.puts.take()
+            && !frame_into(&mut self.buf, &ToHub::Puts { obj, items })
+        {
+            // Unreachable: every item is at most MAX_ITEM (checked when it is encoded)
+            // and a batch never grows past it (`push_put`).
+            tracing::error!("a batch of queue items over the frame limit was dropped");
         }
         for (obj, upto) in self.acks.drain() {
-            frame_into(&mut self.buf, &ToHub::Ack { obj, upto });
+            if !frame_into(&mut self.buf, &ToHub::Ack { obj, upto }) {
+                unreachable!("an acknowledgement is a few bytes");
+            }
         }
     }
 }
@@ -310,7 +320,11 @@ impl Outbox {
             return false;
         }
         st.flush();
-        frame_into(&mut st.buf, msg);
+        if !frame_into(&mut st.buf, msg) {
+            // Items are checked against MAX_ITEM when encoded; nothing else is large.
+            tracing::error!("a hub message over the frame limit was not sent");
+            return false;
+        }
         drop(st);
         self.wake.notify_one();
         true
@@ -324,7 +338,10 @@ impl Outbox {
         }
         let size = item.len();
         match &mut st.puts {
-            Some((o, items, bytes)) if *o == obj && *bytes < 64 * 1024 => {
+            // Small items go together; a batch never grows past what one frame holds.
+            Some((o, items, bytes))
+                if *o == obj && *bytes < 64 * 1024 && *bytes + size <= MAX_ITEM =>
+            {
                 items.push(ByteBuf::from(item));
                 *bytes += size;
             }
@@ -666,13 +683,13 @@ pub(crate) fn claim(hub: &HubRef, export: u64) -> Result<OwnedFd, String> {
     let mut sock = hub.connect().map_err(gone)?;
     sock.set_read_timeout(Some(CLAIM_TIMEOUT)).map_err(gone)?;
     let mut hello = BytesMut::new();
-    frame_into(
-        &mut hello,
-        &ToHub::Hello {
-            token: hub.token,
-            purpose: Purpose::Claim(export),
-        },
-    );
+    let claim = ToHub::Hello {
+        token: hub.token,
+        purpose: Purpose::Claim(export),
+    };
+    if !frame_into(&mut hello, &claim) {
+        unreachable!("a Hello is a few bytes");
+    }
     sock.write_all(&hello).map_err(gone)?;
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -1146,13 +1163,13 @@ mod tests {
     #[test]
     fn frames_decode_with_the_channel_codec() {
         let mut buf = BytesMut::new();
-        frame_into(
+        assert!(frame_into(
             &mut buf,
             &ToHub::Puts {
                 obj: 7,
                 items: vec![ByteBuf::from(vec![1, 2, 3]), ByteBuf::new()],
             },
-        );
+        ));
         let body = read_frame(&buf[..]).unwrap();
         match wire::from_frame::<ToHub>(&body).unwrap() {
             ToHub::Puts { obj: 7, items } => {

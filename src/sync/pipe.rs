@@ -196,8 +196,11 @@ impl Endpoint {
                 ),
             });
         }
+        let Some(header) = crate::wire::frame_header(body.len()) else {
+            unreachable!("checked against MAX_MESSAGE above");
+        };
         let mut tx = lock(&self.tx);
-        tx.buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        tx.buf.extend_from_slice(&header);
         tx.buf.extend_from_slice(body);
         tx.queued += 4 + body.len() as u64;
         Ok(tx.queued)

@@ -996,7 +996,20 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
 fn encode<T: Serialize>(item: &T) -> Result<Vec<u8>> {
     // Handles inside items are kept alive for good (no child to tie them to).
-    wire::encode_value(item).map_err(Error::encode::<T>)
+    let bytes = wire::encode_value(item).map_err(Error::encode::<T>)?;
+    if bytes.len() > super::hub::MAX_ITEM {
+        // Refused here, before anything is sent: the owner would reject the frame and
+        // end the connection (the item lost, and any lock held through it released).
+        return Err(Error::Encode {
+            type_name: std::any::type_name::<T>().to_owned(),
+            reason: format!(
+                "{} bytes encoded; a queue item holds at most {} bytes",
+                bytes.len(),
+                super::hub::MAX_ITEM
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {

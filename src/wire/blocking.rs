@@ -181,14 +181,14 @@ impl<S: Write> BlockingWriter<S> {
     /// nothing of it stays queued.
     pub(crate) fn feed<M: Serialize>(&mut self, msg: &M) -> std::io::Result<()> {
         let start = self.buf.len();
-        frame_into(&mut self.buf, msg);
-        let len = self.buf.len() - start - 4;
-        if len > self.max_frame {
+        let fits = frame_into(&mut self.buf, msg);
+        let len = self.buf.len().saturating_sub(start + 4);
+        if !fits || len > self.max_frame {
             self.buf.truncate(start);
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
-                    "a message of {len} bytes is more than a frame holds ({} bytes)",
+                    "a message is more than a frame holds ({} bytes)",
                     self.max_frame
                 ),
             ));

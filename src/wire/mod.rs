@@ -378,15 +378,36 @@ pub(crate) fn to_frame<M: Serialize>(msg: &M) -> Bytes {
 /// Appends one message to `buf` as a whole frame: its 4-byte length, then the message
 /// (what [`FrameCodec`] would write for [`to_frame`]'s output, without the intermediate
 /// buffer). Used for the child channels and the sync hubs' connections alike.
-pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
+///
+/// False, with nothing of it left in `buf`, if the message is larger than any frame
+/// may be ([`DEFAULT_MAX_FRAME`]): its length is never truncated into the header.
+/// Callers check the sizes of user data before they get here; this is the backstop.
+#[must_use = "a message over the frame limit is not written"]
+pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) -> bool {
     let start = buf.len();
     buf.put_u32(0);
     // As in `to_frame`: our messages always encode.
     if let Err(e) = rmp_serde::encode::write(&mut (&mut *buf).writer(), msg) {
         unreachable!("protocol messages always encode: {e}");
     }
-    let len = (buf.len() - start - 4) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    match frame_header(buf.len() - start - 4) {
+        Some(len) => {
+            buf[start..start + 4].copy_from_slice(&len);
+            true
+        }
+        None => {
+            buf.truncate(start);
+            false
+        }
+    }
+}
+
+/// The 4-byte header of a frame of `len` bytes; `None` if no frame may be that long.
+pub(crate) fn frame_header(len: usize) -> Option<[u8; 4]> {
+    if len > DEFAULT_MAX_FRAME {
+        return None;
+    }
+    u32::try_from(len).ok().map(u32::to_be_bytes)
 }
 
 /// The start of a `Down::Run` frame, appended to `buf`: everything up to its arguments,
@@ -394,13 +415,17 @@ pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) {
 /// task; the arguments are never copied into an owned [`Run`], nor (when large) into
 /// the outgoing buffer. With the arguments after it, it is the frame [`frame_into`]
 /// writes for `Down::Run` (tested).
+///
+/// False, with nothing left in `buf`, if the frame would be over the limit (the pool
+/// refuses such arguments at submission; this is the backstop).
+#[must_use = "a frame over the limit is not written"]
 pub(crate) fn run_frame_head(
     buf: &mut BytesMut,
     id: u64,
     target: u64,
     target_name: &str,
     args_len: usize,
-) {
+) -> bool {
     #[derive(Serialize)]
     struct RunRef<'a> {
         id: u64,
@@ -417,17 +442,20 @@ pub(crate) fn run_frame_head(
         Run(RunRef<'a>),
     }
     let start = buf.len();
+    let Ok(bin_len) = u32::try_from(args_len) else {
+        return false;
+    };
     // The message with empty arguments ends with their empty `bin 8` (0xc4 0x00): the
     // arguments are the last field. That header is replaced by the real one.
-    frame_into(
-        buf,
-        &DownRef::Run(RunRef {
-            id,
-            target,
-            target_name,
-            args: &[],
-        }),
-    );
+    let run = DownRef::Run(RunRef {
+        id,
+        target,
+        target_name,
+        args: &[],
+    });
+    if !frame_into(buf, &run) {
+        return false;
+    }
     if !buf.ends_with(&[0xc4, 0x00]) {
         unreachable!("an empty byte string encodes as bin 8 of length 0");
     }
@@ -435,10 +463,18 @@ pub(crate) fn run_frame_head(
     // Writing into a BytesMut cannot fail.
     drop(rmp::encode::write_bin_len(
         &mut (&mut *buf).writer(),
-        args_len as u32,
+        bin_len,
     ));
-    let len = (buf.len() - start - 4 + args_len) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    match frame_header(buf.len() - start - 4 + args_len) {
+        Some(len) => {
+            buf[start..start + 4].copy_from_slice(&len);
+            true
+        }
+        None => {
+            buf.truncate(start);
+            false
+        }
+    }
 }
 
 /// Decodes one protocol message.

@@ -302,7 +302,13 @@ fn borrowed_run_frame_decodes_as_down_run() {
 
 fn run_frame_head_then_args_is_down_run(sent: &[u8]) {
     let mut framed = BytesMut::from(&b"already queued"[..]);
-    run_frame_head(&mut framed, 7, 0x1234, "crate::doubler", sent.len());
+    assert!(run_frame_head(
+        &mut framed,
+        7,
+        0x1234,
+        "crate::doubler",
+        sent.len()
+    ));
     framed.extend_from_slice(sent);
     let frame = framed.split_off(14);
     let body = &frame[4..];
@@ -348,5 +354,25 @@ fn a_message_larger_than_a_frame_is_refused_and_leaves_nothing_queued() {
         out,
         framed(&ready()),
         "only the message that fits is written"
+    );
+}
+
+#[test]
+fn frame_lengths_are_checked_never_truncated() {
+    assert_eq!(frame_header(0), Some([0, 0, 0, 0]));
+    assert_eq!(
+        frame_header(DEFAULT_MAX_FRAME),
+        Some((DEFAULT_MAX_FRAME as u32).to_be_bytes())
+    );
+    assert_eq!(frame_header(DEFAULT_MAX_FRAME + 1), None);
+    // 4 GiB + 5 would wrap to 5 in a `u32`: refused instead.
+    assert_eq!(frame_header((4usize << 30) + 5), None);
+    let mut buf = BytesMut::from(&b"keep"[..]);
+    assert!(!run_frame_head(&mut buf, 1, 2, "t", (4usize << 30) + 5));
+    assert!(!run_frame_head(&mut buf, 1, 2, "t", DEFAULT_MAX_FRAME));
+    assert_eq!(
+        &buf[..],
+        b"keep",
+        "nothing of a refused frame is left behind"
     );
 }
