@@ -65,6 +65,24 @@ async fn oversize_frame_is_a_protocol_error() {
     expect_protocol_error(vec![0xff, 0xff, 0xff, 0xff], "frame of more than").await;
 }
 
+/// Announces a frame of almost 1 GiB, sends nothing more, and dies.
+fn announces_then_dies() -> u8 {
+    let mut s = channel_of_this_child();
+    s.write_all(&[0x3f, 0xff, 0xff, 0xff]).unwrap();
+    std::process::abort()
+}
+
+#[tokio::test]
+async fn a_child_that_announces_a_large_frame_and_dies_still_resolves_join() {
+    let mut p = Process::new(announces_then_dies, ());
+    p.start().await.unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(30), p.join())
+        .await
+        .expect("join resolves");
+    assert!(matches!(r, Err(Error::WorkerDied { .. })), "{r:?}");
+    assert_eq!(p.exitcode(), Some(-6));
+}
+
 fn title() -> (String, String) {
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
     let argv0 = std::env::args().next().unwrap();

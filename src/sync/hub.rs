@@ -50,6 +50,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The largest frame on a hub connection (the child channel's limit).
 const MAX_FRAME: usize = wire::DEFAULT_MAX_FRAME;
 
+/// The largest frame a connection may send before it is authenticated: its Hello.
+const MAX_HELLO: usize = 4 * 1024;
+/// How long a new connection has to send its Hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The largest encoded queue item: a frame, less room for the message around it (a
 /// larger one is `Error::Encode` at `put`, before anything is sent).
 pub(crate) const MAX_ITEM: usize = MAX_FRAME - 64 * 1024;
@@ -542,14 +547,16 @@ impl Hub {
 
     async fn serve(self: Arc<Self>, stream: tokio::net::UnixStream) {
         let (rd, wr) = stream.into_split();
-        let mut frames = FramedRead::new(rd, wire::codec(MAX_FRAME));
-        let purpose = match frames.next().await {
-            Some(Ok(f)) => match wire::from_frame::<ToHub>(&f) {
+        // Before it is authenticated, a connection may send one small Hello, soon.
+        let mut frames = FramedRead::new(rd, wire::codec(MAX_HELLO));
+        let purpose = match tokio::time::timeout(HELLO_TIMEOUT, frames.next()).await {
+            Ok(Some(Ok(f))) => match wire::from_frame::<ToHub>(&f) {
                 Ok(ToHub::Hello { token, purpose }) if token == self.me.token => purpose,
                 _ => return,
             },
             _ => return,
         };
+        frames.decoder_mut().set_max_frame(MAX_FRAME);
         match purpose {
             Purpose::Claim(id) => {
                 let fd = self.take_export(id);
@@ -1198,5 +1205,21 @@ mod tests {
         assert!(got[0].starts_with("Puts { obj: 1"), "{got:?}");
         assert!(got[1].starts_with("Ack { obj: 2, upto: 5"), "{got:?}");
         assert!(got[2].starts_with("Forget { obj: 2"), "{got:?}");
+    }
+
+    #[test]
+    fn an_unauthenticated_connection_announcing_a_large_frame_is_dropped_at_once() {
+        use std::io::Read;
+        let h = hub().unwrap();
+        let mut sock = h.me.connect().unwrap();
+        // Just under the frame limit, so only the Hello's own cap refuses it.
+        sock.write_all(&[0x3f, 0xff, 0xff, 0xff]).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match sock.read(&mut byte) {
+            Ok(0) => {}
+            other => panic!("the hub kept the connection: {other:?}"),
+        }
     }
 }

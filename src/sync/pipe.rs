@@ -176,9 +176,11 @@ impl Endpoint {
                     })
                 };
             }
-            // Room for the whole message in progress (one allocation); read a window.
+            // Room for the message in progress as its bytes arrive (the length is the
+            // peer's word: it is not reserved on the header alone); read a window.
             let need = len.map_or(0, |len| 4 + len - rx.buf.len());
-            rx.buf.reserve(need);
+            let grow = need.min(rx.buf.len().max(crate::wire::GROW_FROM));
+            rx.buf.reserve(grow);
             if let Filled::WouldBlock = fill(sock, &mut rx)? {
                 return Ok(None);
             }

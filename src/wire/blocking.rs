@@ -137,7 +137,7 @@ impl<S: Source> BlockingChannel<S> {
                 self.codec = codec(self.max_frame);
                 continue;
             }
-            // (The codec reserves room for a whole frame once it has read its header.)
+            // (The codec reserves room for a frame as its bytes arrive.)
             self.buf.reserve(8 * 1024);
             let n = match read_buf(&mut self.io, &mut self.buf, wait) {
                 Ok(n) => n,

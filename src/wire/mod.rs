@@ -23,7 +23,7 @@ pub(crate) mod spare;
 
 pub(crate) use blocking::{BlockingChannel, Next, Outbox};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_bytes::ByteBuf;
@@ -283,9 +283,10 @@ pub(crate) enum WireError {
 
 impl WireError {
     pub(crate) fn from_codec(e: std::io::Error, max: usize) -> Self {
-        let oversize = e
-            .get_ref()
-            .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>());
+        let oversize = e.get_ref().is_some_and(|inner| {
+            inner.is::<FrameTooLarge>()
+                || inner.is::<tokio_util::codec::LengthDelimitedCodecError>()
+        });
         if oversize {
             WireError::Oversize { max }
         } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -296,27 +297,48 @@ impl WireError {
     }
 }
 
-/// The codec both sides use: [`LengthDelimitedCodec`] with a 4-byte length, plus one fix.
+/// The codec both sides use: frames of a 4-byte big-endian length, then the message.
 ///
-/// `LengthDelimitedCodec` consumes a frame's header before its body arrives, so a stream
-/// that ends right after a header would look like a clean end of stream. This wrapper
-/// remembers that a frame was started and reports such an end as truncation.
+/// Decoding is its own, not [`LengthDelimitedCodec`]'s, for two reasons:
+///
+/// - A frame's header announces a length that comes from another process. Room for it
+///   is reserved only as its bytes arrive, doubling from [`GROW_FROM`] up to it: a peer
+///   that sends a header announcing 1 GiB and nothing else makes the reader hold 64 KiB,
+///   not reserve 1 GiB (`LengthDelimitedCodec` reserves the whole length on the header
+///   alone). So the memory of a reader is at most about twice the bytes that arrived.
+/// - A stream that ends after a header, or inside a frame, is truncation, never a clean
+///   end of stream.
+///
+/// Encoding is [`LengthDelimitedCodec`]'s (it refuses frames over the limit).
 #[derive(Debug)]
 pub(crate) struct FrameCodec {
     inner: LengthDelimitedCodec,
-    in_frame: bool,
-    /// The length of the frame being read, while `in_frame`.
-    frame_len: usize,
+    max_frame: usize,
+    /// The length of the frame whose header was read and whose body is awaited.
+    in_frame: Option<usize>,
+}
+
+/// A frame's body gets room for at least this much at first (or all of it if smaller).
+pub(crate) const GROW_FROM: usize = 64 * 1024;
+
+/// A frame's header announced more than the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("a frame of {len} bytes is over the {max}-byte limit")]
+pub(crate) struct FrameTooLarge {
+    len: usize,
+    max: usize,
 }
 
 impl FrameCodec {
     /// Bytes of the current frame not yet in the `buffered` bytes after its header.
     pub(crate) fn missing(&self, buffered: usize) -> usize {
-        if self.in_frame {
-            self.frame_len.saturating_sub(buffered)
-        } else {
-            0
-        }
+        self.in_frame.map_or(0, |len| len.saturating_sub(buffered))
+    }
+
+    /// A new limit for frames from here on (a hub connection's `Hello` has a small one).
+    pub(crate) fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max;
+        self.inner.set_max_frame_length(max);
     }
 }
 
@@ -326,8 +348,8 @@ pub(crate) fn codec(max_frame: usize) -> FrameCodec {
             .length_field_length(4)
             .max_frame_length(max_frame)
             .new_codec(),
-        in_frame: false,
-        frame_len: 0,
+        max_frame,
+        in_frame: None,
     }
 }
 
@@ -336,19 +358,43 @@ impl Decoder for FrameCodec {
     type Error = std::io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> std::io::Result<Option<BytesMut>> {
-        let before = src.len();
-        if !self.in_frame && src.len() >= 4 {
-            self.frame_len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        let len = match self.in_frame {
+            Some(len) => len,
+            None => {
+                let Some(head) = src.get(..4) else {
+                    return Ok(None);
+                };
+                let announced = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+                let len = usize::try_from(announced).unwrap_or(usize::MAX);
+                if len > self.max_frame {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        FrameTooLarge {
+                            len,
+                            max: self.max_frame,
+                        },
+                    ));
+                }
+                src.advance(4);
+                self.in_frame = Some(len);
+                len
+            }
+        };
+        if src.len() >= len {
+            self.in_frame = None;
+            return Ok(Some(src.split_to(len)));
         }
-        let frame = self.inner.decode(src)?;
-        self.in_frame = frame.is_none() && (self.in_frame || src.len() < before);
-        Ok(frame)
+        // Room for what is missing, but never more than what has arrived (or GROW_FROM):
+        // the buffer grows with the bytes, not with the header's word.
+        let missing = len - src.len();
+        src.reserve(missing.min(src.len().max(GROW_FROM)));
+        Ok(None)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> std::io::Result<Option<BytesMut>> {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() && !self.in_frame => Ok(None),
+            None if src.is_empty() && self.in_frame.is_none() => Ok(None),
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "stream ended inside a frame",

@@ -376,3 +376,35 @@ fn frame_lengths_are_checked_never_truncated() {
         "nothing of a refused frame is left behind"
     );
 }
+
+#[test]
+fn a_header_alone_reserves_room_for_what_arrived_not_for_what_it_announces() {
+    let mut c = codec(DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::from(&[0x3f, 0xff, 0xff, 0xff][..]);
+    assert!(c.decode(&mut buf).unwrap().is_none());
+    assert!(
+        buf.capacity() <= 2 * GROW_FROM,
+        "reserved {}",
+        buf.capacity()
+    );
+    // As bytes arrive, room grows with them (about twice what is there, at most).
+    buf.extend_from_slice(&vec![7u8; 1 << 20]);
+    assert!(c.decode(&mut buf).unwrap().is_none());
+    assert!(buf.capacity() <= 4 << 20, "reserved {}", buf.capacity());
+    // A complete frame still decodes, and a stream ending inside one is truncation.
+    let mut c = codec(DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::from(&[0, 0, 0, 2, 1, 2, 0, 0][..]);
+    assert_eq!(&c.decode(&mut buf).unwrap().unwrap()[..], &[1, 2]);
+    assert!(c.decode(&mut buf).unwrap().is_none());
+    assert!(
+        c.decode_eof(&mut buf).is_err(),
+        "ended after a partial header"
+    );
+    let mut c = codec(16);
+    let mut buf = BytesMut::from(&[0, 0, 0, 17][..]);
+    let e = c.decode(&mut buf).unwrap_err();
+    assert!(matches!(
+        WireError::from_codec(e, 16),
+        WireError::Oversize { max: 16 }
+    ));
+}
