@@ -166,6 +166,35 @@
 //! in Python. Under any other subscriber, events go through the parent, and their order
 //! relative to a child's direct `println!` output is not guaranteed.
 //!
+//! # What runs in a child, and what does not
+//!
+//! A child is this executable started again from `/proc/self/exe`, with the command line
+//! `["<name> (procpool)", "--procpool-child-v2", "<parent pid>"]`. What it has before
+//! the target runs:
+//!
+//! - **Constructors.** The dynamic loader runs the constructors of every shared library
+//!   the program links (libc, libstdc++, OpenSSL, ...) as usual. In the executable itself,
+//!   `.init_array` entries run in link order; procpool's own entry recognises the child
+//!   and never returns (the child exits when its work is done), so entries linked
+//!   *before* procpool's (including std's own, which has a higher priority) run, and those
+//!   linked after it (a `#[ctor]` in a crate the linker places later) do not. Do not rely
+//!   on a constructor for set-up a target needs: use [`Builder::initializer`] or the
+//!   target itself.
+//! - **No `main`.** `main`, `#[tokio::main]` and the test harness never run, so nothing
+//!   they set up exists: no runtime (an `async` target runs on a current-thread tokio
+//!   runtime procpool builds for it), no logger or subscriber the program installs in
+//!   `main` (procpool installs its own forwarder, see [Logging](#logging)), no command
+//!   line parsing. std's start-up is missing too: its stack-overflow handler (a stack
+//!   overflow in a target is a plain `SIGSEGV`), and the main thread has no name (the
+//!   panic hook uses the process's name). `SIGPIPE` is ignored, as std does.
+//! - **Statics are fresh.** A child is a new process: `static`s, `OnceLock`s and
+//!   `lazy_static`s start uninitialised, whatever the parent had computed.
+//! - **`std::env::args()`** returns the child's own command line above, never the
+//!   parent's; `std::env::current_exe()` is the parent's executable.
+//! - **Environment and working directory** are the parent's at the moment it started
+//!   the child; procpool sets and reads no variable of its own.
+//! - **stdout and stderr** are the parent's; stdin is `/dev/null`.
+//!
 //! # Errors
 //!
 //! Every fault in a child arrives as an [`Error`] variant: [`Error::Panicked`] with the
@@ -176,6 +205,10 @@
 //!
 //! Linux only for now (it relies on `/proc`, `pidfd` and `PR_SET_PDEATHSIG`).
 
+#[doc(hidden)]
+#[allow(missing_docs)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
 mod child;
 mod error;
 mod log;

@@ -690,3 +690,108 @@ async fn plain_numbers_and_bools_cross_intact_at_every_encoding_boundary() {
         .await;
     assert_eq!(got, edges.iter().map(|x| negate(*x)).collect::<Vec<_>>());
 }
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct UnitMarker;
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct NestedOptions {
+    field: Option<Option<u8>>,
+    list: Vec<Option<Option<u8>>>,
+}
+
+fn some_none() -> Option<Option<u8>> {
+    Some(None)
+}
+
+fn some_some_unit() -> Option<Option<()>> {
+    Some(Some(()))
+}
+
+fn some_unit() -> Option<()> {
+    Some(())
+}
+
+fn no_unit() -> Option<()> {
+    None
+}
+
+fn unit() {}
+
+fn unit_marker() -> (UnitMarker, Option<UnitMarker>) {
+    (UnitMarker, Some(UnitMarker))
+}
+
+/// `Some(None)` in the struct's field, or in its list.
+fn nested(in_field: bool) -> NestedOptions {
+    if in_field {
+        NestedOptions {
+            field: Some(None),
+            list: vec![],
+        }
+    } else {
+        NestedOptions {
+            field: Some(Some(1)),
+            list: vec![None, Some(Some(2)), Some(None)],
+        }
+    }
+}
+
+fn echo(x: Option<Option<u8>>) -> Option<Option<u8>> {
+    x
+}
+
+/// MessagePack writes `Some(None)`, `Some(())` and `None` alike: such a value is
+/// `Error::Encode` naming its type (a result in the worker, an argument or item in the
+/// caller, before anything is sent), never a silent `None`; every other option and unit
+/// arrives as it left, and the worker serves on.
+#[tokio::test]
+async fn options_and_units_arrive_unchanged_or_are_refused() {
+    fn refused<T: std::fmt::Debug>(r: Result<T, Error>, ty: &str) {
+        match r {
+            Err(Error::Encode { type_name, reason }) => {
+                assert!(type_name.contains(ty), "{type_name} names {ty}");
+                assert!(reason.contains("the same bytes as `None`"), "{reason}");
+            }
+            other => panic!("expected Encode for {ty}, got {other:?}"),
+        }
+    }
+    let pool = AsyncPool::new(1).await.unwrap();
+    refused(
+        pool.apply(some_none, ()).await,
+        "Option<core::option::Option<u8>>",
+    );
+    refused(
+        pool.apply(some_some_unit, ()).await,
+        "Option<core::option::Option<()>>",
+    );
+    refused(pool.apply(some_unit, ()).await, "Option<()>");
+    refused(pool.apply(nested, (true,)).await, "NestedOptions");
+    refused(pool.apply(nested, (false,)).await, "NestedOptions");
+    refused(pool.map(nested, [false]).await, "NestedOptions");
+    refused(pool.apply(echo, (Some(None),)).await, "Option<u8>");
+    refused(
+        pool.map(echo, [Some(Some(1)), Some(None)]).await,
+        "Option<u8>",
+    );
+
+    assert_eq!(pool.apply(no_unit, ()).await.unwrap(), None);
+    let () = pool.apply(unit, ()).await.unwrap();
+    assert_eq!(
+        pool.apply(unit_marker, ()).await.unwrap(),
+        (UnitMarker, Some(UnitMarker))
+    );
+    assert_eq!(
+        pool.apply(echo, (Some(Some(7)),)).await.unwrap(),
+        Some(Some(7))
+    );
+    assert_eq!(pool.apply(echo, (None,)).await.unwrap(), None);
+    assert_eq!(
+        pool.map(echo, [None, Some(Some(2)), Some(Some(0))])
+            .await
+            .unwrap(),
+        [None, Some(Some(2)), Some(Some(0))]
+    );
+    assert_eq!(pool.stats().restarts, 0, "no worker died of it");
+    pool.close().await;
+}

@@ -243,3 +243,82 @@ async fn event_calls_from_another_process() {
     go.set().unwrap();
     assert!(soon(child.join()).await.unwrap());
 }
+
+/// Takes the lock, says so through `held`, and lets go once `go` is set.
+fn hold_until_go(lock: Lock, held: Event, go: Event) {
+    let g = lock.blocking_lock().unwrap();
+    held.set().unwrap();
+    go.blocking_wait().unwrap();
+    drop(g);
+}
+
+/// Asks for the held lock `n` times, giving up on each request right after sending it,
+/// then sets `done`. The set travels on the same connection after every cancel, so once
+/// the owner sees it, it has applied them all.
+fn give_up_remotely(lock: Lock, n: u32, done: Event) {
+    use futures::FutureExt;
+    for _ in 0..n {
+        assert!(lock.lock().now_or_never().is_none(), "the lock is held");
+    }
+    done.set().unwrap();
+}
+
+/// The issue: a million `lock()` futures polled once and dropped while a child held
+/// the lock left a million dead entries, and the child's release recursed once per
+/// entry on the service thread until it overflowed its stack and aborted the parent.
+/// Now every dropped future (here and in another process) leaves the line at once.
+#[tokio::test]
+async fn a_million_dropped_lock_futures_leave_the_line() {
+    use futures::FutureExt;
+    const HERE: u32 = 1_000_000;
+    const THERE: u32 = 100_000;
+    let lock = Lock::new();
+    let held = Event::new();
+    let go = Event::new();
+    let mut holder = procpool::spawn(hold_until_go, (lock.clone(), held.clone(), go.clone()))
+        .await
+        .unwrap();
+    soon(held.wait()).await.unwrap();
+
+    let t = Instant::now();
+    for _ in 0..HERE {
+        assert!(lock.lock().now_or_never().is_none(), "the child holds it");
+    }
+    eprintln!(
+        "{HERE} local lock() futures polled and dropped in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        lock.queued_waiters(),
+        Some(0),
+        "dropped local waiters left the line"
+    );
+
+    let done = Event::new();
+    let mut quitter = procpool::spawn(give_up_remotely, (lock.clone(), THERE, done.clone()))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), done.wait())
+        .await
+        .expect("the remote requests and cancels were applied within 60 s")
+        .unwrap();
+    assert_eq!(
+        lock.queued_waiters(),
+        Some(0),
+        "cancelled remote waiters left the line"
+    );
+    soon(quitter.join()).await.unwrap();
+
+    // A live waiter behind all that gets the lock as soon as the child lets go.
+    let next = lock.lock();
+    tokio::pin!(next);
+    assert!(futures::poll!(next.as_mut()).is_pending());
+    assert_eq!(lock.queued_waiters(), Some(1));
+    go.set().unwrap();
+    let g = soon(next).await.unwrap();
+    assert!(!g.abandoned());
+    assert_eq!(lock.queued_waiters(), Some(0));
+    drop(g);
+    soon(holder.join()).await.unwrap();
+    assert!(lock.try_lock().unwrap().is_some(), "free again");
+}

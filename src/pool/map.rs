@@ -26,8 +26,8 @@ use super::Shared;
 use super::message::{Args, Deferred, Finished, Part, TaskResult};
 use crate::error::{Error, Result};
 use crate::target::TargetRef;
-use crate::wire::Outcome;
 use crate::wire::spare::Spare;
+use crate::wire::{Outcome, SomeCheck};
 
 /// Items encoded back to back; `ends[i]` is where item `i` ends. A large item takes no
 /// room in `buf`: it is in `deferred` (see [`Deferred`]).
@@ -122,7 +122,8 @@ struct Capped<'a> {
 }
 
 impl<'a> Capped<'a> {
-    /// An encoder appending to `buf`, as `wire::encode_value` encodes (structs as maps).
+    /// An encoder appending to `buf`, as `wire::encode_value` encodes (structs as maps;
+    /// values are written through `wire::SomeCheck`, see `encode_item`).
     fn serializer(buf: &'a mut Vec<u8>) -> CappedSerializer<'a> {
         let out = Capped {
             buf,
@@ -184,7 +185,7 @@ fn encode_item<T: Serialize + Send + 'static>(
 ) -> std::result::Result<Option<Deferred>, String> {
     ser.get_mut().begin(DEFER_SIZE);
     let pins = crate::sync::pins_taken();
-    let mut res = item.serialize(&mut *ser);
+    let mut res = item.serialize(SomeCheck::new(&mut *ser));
     let out = ser.get_mut();
     if res.is_ok() && out.over > 0 {
         let len = out.item_len();
@@ -196,7 +197,7 @@ fn encode_item<T: Serialize + Send + 'static>(
         // Handles are pinned once, by the encoding that is sent: this one.
         crate::sync::unpin_last(taken);
         ser.get_mut().begin(usize::MAX);
-        res = item.serialize(&mut *ser);
+        res = item.serialize(SomeCheck::new(&mut *ser));
     }
     if let Err(e) = res {
         let out = ser.get_mut();
@@ -359,6 +360,28 @@ pub(crate) fn encode_items<T: Serialize + Send + 'static, I: IntoIterator<Item =
 /// Python's default: `ceil(len / (4 * processes))`.
 fn default_chunksize(len: usize, processes: usize) -> usize {
     len.div_ceil(4 * processes.max(1)).max(1)
+}
+
+/// Decodes `bytes` as a chunk's answer, as a map and an imap would, for a few result
+/// types (the fuzz targets' entry; see `crate::fuzz`).
+pub(crate) fn fuzz_chunk_answer(bytes: &[u8]) {
+    fn both<R: DeserializeOwned + 'static>(bytes: &[u8]) {
+        let done = || Finished {
+            outcome: Outcome::Value(serde_bytes::ByteBuf::from(bytes.to_vec())),
+            worker: Arc::from("fuzz"),
+        };
+        drop(decode_chunk::<R>(done()));
+        let mut values = Vec::new();
+        drop(decode_chunk_into::<R>(done(), &mut values));
+    }
+    both::<i64>(bytes);
+    both::<u8>(bytes);
+    both::<bool>(bytes);
+    both::<f64>(bytes);
+    both::<String>(bytes);
+    both::<serde_bytes::ByteBuf>(bytes);
+    both::<(u32, Option<String>)>(bytes);
+    both::<Vec<i64>>(bytes);
 }
 
 /// Decodes a chunk's answer: its values, or the error that stopped it (with how many
@@ -1100,5 +1123,24 @@ mod tests {
         assert!(read_chunk_output::<u32>(&lying, &mut Vec::new()).is_err());
         lying[0] = 0x93;
         assert!(read_chunk_output::<u32>(&lying, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn items_and_arguments_that_would_arrive_as_none_are_refused_when_encoded() {
+        match encode_items([Some(Some(1u8)), Some(None)]) {
+            Err(Error::Encode { type_name, reason }) => {
+                assert!(
+                    type_name.contains("Option<core::option::Option<u8>>"),
+                    "{type_name}"
+                );
+                assert!(reason.contains("the same bytes as `None`"), "{reason}");
+            }
+            other => panic!("expected Encode, got {other:?}"),
+        }
+        assert!(encode_call_args((Some(()),)).0.is_err());
+        // A large item is checked too (its first encoding is the check).
+        let big = (ByteBuf::from(vec![0; DEFER_SIZE + 1]), Some(None::<u8>));
+        assert!(encode_items([big]).is_err());
+        assert!(encode_call_args((Some(Some(2u8)), None::<()>)).0.is_ok());
     }
 }

@@ -117,7 +117,8 @@ impl<T: serde::Serialize + Send> Reencode for Held<T> {
     fn encode(&self, out: &mut Counted<'_>) -> Result<(), String> {
         let item = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
-        item.serialize(&mut ser).map_err(|e| e.to_string())
+        item.serialize(crate::wire::SomeCheck::new(&mut ser))
+            .map_err(|e| e.to_string())
     }
 }
 

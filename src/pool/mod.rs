@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
 pub use future::{Apply, TaskHandle, TaskTimeout};
+pub(crate) use map::fuzz_chunk_answer;
 pub use map::{Imap, Map};
 
 use crate::error::{Error, Result};

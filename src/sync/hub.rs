@@ -423,6 +423,12 @@ impl Peer {
         }
     }
 
+    /// Sends an answer that must reach its caller (a lock grant). False if that
+    /// process's connection is closed: the answer was not sent.
+    pub(crate) fn offer(&self, id: u64, reply: Reply) -> bool {
+        self.out.push(&FromHub::Reply { id, reply })
+    }
+
     pub(crate) fn recall(&self, obj: u64) {
         self.out.push(&FromHub::Recall { obj });
     }

@@ -1,6 +1,6 @@
 //! `Lock`: a mutual-exclusion lock shared by processes, released when its holder dies.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +21,25 @@ struct LState {
     holder: Option<Holder>,
     /// The last holder died holding it; the next one is told.
     abandoned: bool,
-    waiters: VecDeque<Waiter>,
+    /// The line, by ticket: first come, first served. A waiter that gives up takes its
+    /// entry out at once (see [`Waiting`] and [`LockCore::cancel`]).
+    waiters: BTreeMap<u64, Waiter>,
+    /// The ticket of each waiter of another process, by (peer id, request id).
+    remote: HashMap<(u64, u64), u64>,
+    next_ticket: u64,
+}
+
+impl LState {
+    /// Puts `w` at the back of the line; returns its ticket.
+    fn enqueue(&mut self, w: Waiter) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        if let Waiter::Peer(p, id) = &w {
+            self.remote.insert((p.id, *id), ticket);
+        }
+        self.waiters.insert(ticket, w);
+        ticket
+    }
 }
 
 #[derive(PartialEq, Eq)]
@@ -40,11 +58,33 @@ enum Waiter {
 struct Grant {
     core: Arc<LockCore>,
     abandoned: bool,
+    /// False for a grant that [`LockCore::release`] took back from a waiter that was
+    /// gone: its drop must not release (release goes on to the next waiter itself).
+    live: bool,
 }
 
 impl Drop for Grant {
     fn drop(&mut self) {
-        self.core.release();
+        if self.live {
+            self.core.release();
+        }
+    }
+}
+
+/// A local `lock()` caller's place in the line. Dropping it (the future was dropped,
+/// or it got the lock) takes its entry out; a grant that was sent but not taken is
+/// dropped with `rx`, which releases the lock.
+struct Waiting {
+    core: Arc<LockCore>,
+    ticket: u64,
+    rx: oneshot::Receiver<Grant>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let left = lock(&self.core.st).waiters.remove(&self.ticket);
+        // The sender is dropped outside the lock.
+        drop(left);
     }
 }
 
@@ -55,35 +95,60 @@ impl LockCore {
             st: Mutex::new(LState {
                 holder: None,
                 abandoned: false,
-                waiters: VecDeque::new(),
+                waiters: BTreeMap::new(),
+                remote: HashMap::new(),
+                next_ticket: 0,
             }),
         })
     }
 
-    /// The holder lets go: the first waiter still there gets it.
+    fn grant(self: &Arc<Self>, abandoned: bool) -> Grant {
+        Grant {
+            core: Arc::clone(self),
+            abandoned,
+            live: true,
+        }
+    }
+
+    /// The holder lets go: the first waiter still there gets it. A loop, not a
+    /// recursion: waiters that are gone are skipped, however many there are, and the
+    /// `abandoned` mark goes to the first one that takes the lock.
     fn release(self: &Arc<Self>) {
         let mut st = lock(&self.st);
         st.holder = None;
-        match st.waiters.pop_front() {
-            None => {}
-            Some(Waiter::Peer(peer, id)) => {
-                st.holder = Some(Holder::Peer(peer.id));
-                let abandoned = std::mem::take(&mut st.abandoned);
-                peer.reply(id, Reply::Granted { abandoned });
-            }
-            Some(Waiter::Here(tx)) => {
-                st.holder = Some(Holder::Here);
-                let abandoned = std::mem::take(&mut st.abandoned);
-                drop(st);
-                let grant = Grant {
-                    core: Arc::clone(self),
-                    abandoned,
-                };
-                // If that waiter left, the returned grant is dropped: released again.
-                if let Err(grant) = tx.send(grant)
-                    && grant.abandoned
-                {
-                    lock(&self.st).abandoned = true;
+        loop {
+            let Some((_, waiter)) = st.waiters.pop_first() else {
+                return;
+            };
+            match waiter {
+                Waiter::Peer(peer, id) => {
+                    st.remote.remove(&(peer.id, id));
+                    let abandoned = st.abandoned;
+                    if peer.offer(id, Reply::Granted { abandoned }) {
+                        st.holder = Some(Holder::Peer(peer.id));
+                        st.abandoned = false;
+                        return;
+                    }
+                    // That process's connection is closed: it never gets the answer.
+                }
+                // Its caller left (only while its `Waiting` is being dropped).
+                Waiter::Here(tx) if tx.is_closed() => {}
+                Waiter::Here(tx) => {
+                    st.holder = Some(Holder::Here);
+                    let grant = self.grant(std::mem::take(&mut st.abandoned));
+                    drop(st);
+                    match tx.send(grant) {
+                        // If that caller is leaving right now, its receiver drops the
+                        // grant, which releases the lock again (one level, not more).
+                        Ok(()) => return,
+                        Err(mut grant) => {
+                            // It left before the send: take the lock back, go on.
+                            grant.live = false;
+                            st = lock(&self.st);
+                            st.holder = None;
+                            st.abandoned |= grant.abandoned;
+                        }
+                    }
                 }
             }
         }
@@ -96,29 +161,28 @@ impl LockCore {
         }
         st.holder = Some(Holder::Here);
         let abandoned = std::mem::take(&mut st.abandoned);
-        Some(Grant {
-            core: Arc::clone(self),
-            abandoned,
-        })
+        Some(self.grant(abandoned))
     }
 
     async fn acquire_here(self: &Arc<Self>) -> Result<Grant> {
-        let rx = {
+        let mut waiting = {
             let mut st = lock(&self.st);
             if st.holder.is_none() {
                 st.holder = Some(Holder::Here);
                 let abandoned = std::mem::take(&mut st.abandoned);
-                return Ok(Grant {
-                    core: Arc::clone(self),
-                    abandoned,
-                });
+                return Ok(self.grant(abandoned));
             }
             let (tx, rx) = oneshot::channel();
-            st.waiters.push_back(Waiter::Here(tx));
-            rx
+            let ticket = st.enqueue(Waiter::Here(tx));
+            Waiting {
+                core: Arc::clone(self),
+                ticket,
+                rx,
+            }
         };
-        // The sender lives in our own state: it is never dropped unsent.
-        rx.await.map_err(|_| Error::Closed)
+        // The sender stays in our own state until it is used or `waiting` takes it
+        // out: it is never dropped unsent while we wait.
+        (&mut waiting.rx).await.map_err(|_| Error::Closed)
     }
 
     pub(crate) fn remote_op(self: &Arc<Self>, peer: &Arc<Peer>, id: u64, op: Op) {
@@ -126,11 +190,14 @@ impl LockCore {
         match op {
             Op::Acquire { wait } => {
                 if st.holder.is_none() {
-                    st.holder = Some(Holder::Peer(peer.id));
-                    let abandoned = std::mem::take(&mut st.abandoned);
-                    peer.reply(id, Reply::Granted { abandoned });
+                    let abandoned = st.abandoned;
+                    // Not taken if that process's connection is already closed.
+                    if peer.offer(id, Reply::Granted { abandoned }) {
+                        st.holder = Some(Holder::Peer(peer.id));
+                        st.abandoned = false;
+                    }
                 } else if wait {
-                    st.waiters.push_back(Waiter::Peer(Arc::clone(peer), id));
+                    st.enqueue(Waiter::Peer(Arc::clone(peer), id));
                 } else {
                     peer.reply(id, Reply::Bool(false));
                 }
@@ -146,10 +213,15 @@ impl LockCore {
         }
     }
 
+    /// A waiter of another process gave up (`ToHub::Cancel`): its entry leaves the line
+    /// and it is answered `Cancelled`, which clears the request on its side. If it is no
+    /// longer in line it was granted: the grant's `Answer` there sends the release.
     pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
-        lock(&self.st)
-            .waiters
-            .retain(|w| !matches!(w, Waiter::Peer(p, i) if p.id == peer.id && *i == id));
+        let mut st = lock(&self.st);
+        if let Some(ticket) = st.remote.remove(&(peer.id, id)) {
+            st.waiters.remove(&ticket);
+            peer.reply(id, Reply::Cancelled);
+        }
     }
 
     /// `peer`'s process let go of the lock's handle or died: if it held the lock, the
@@ -157,7 +229,8 @@ impl LockCore {
     pub(crate) fn peer_gone(self: &Arc<Self>, peer: &Arc<Peer>) {
         let mut st = lock(&self.st);
         st.waiters
-            .retain(|w| !matches!(w, Waiter::Peer(p, _) if p.id == peer.id));
+            .retain(|_, w| !matches!(w, Waiter::Peer(p, _) if p.id == peer.id));
+        st.remote.retain(|&(p, _), _| p != peer.id);
         if st.holder == Some(Holder::Peer(peer.id)) {
             st.abandoned = true;
             drop(st);
@@ -310,6 +383,16 @@ impl Lock {
         futures::executor::block_on(self.lock())
     }
 
+    /// How many callers wait in this lock's line, in this process and others; `None`
+    /// outside the owner process. For procpool's own tests.
+    #[doc(hidden)]
+    pub fn queued_waiters(&self) -> Option<usize> {
+        match &self.h.access {
+            Access::Local(core) => Some(lock(&core.st).waiters.len()),
+            _ => None,
+        }
+    }
+
     /// Takes the lock if it is free now (`Ok(None)` if not). From a process other than
     /// the owner this asks the owner (a round trip, blocking this thread briefly).
     ///
@@ -371,5 +454,59 @@ impl super::Core for LockCore {
             Obj::Lock(c) => Some(c),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A million waiters that left without taking their entry out (what every dropped
+    /// `lock()` future did before): one release skips them all on a 2 MiB test-thread
+    /// stack, and the `abandoned` mark reaches the live waiter behind them.
+    #[test]
+    fn release_skips_a_million_dead_waiters_without_recursion() {
+        let core = LockCore::new();
+        let first = core.try_acquire_here().expect("a new lock is free");
+        let mut live = {
+            let mut st = lock(&core.st);
+            for _ in 0..1_000_000 {
+                let (tx, rx) = oneshot::channel();
+                drop(rx);
+                st.enqueue(Waiter::Here(tx));
+            }
+            let (tx, rx) = oneshot::channel();
+            st.enqueue(Waiter::Here(tx));
+            // As if the holder had died: the mark must survive the skipped waiters.
+            st.abandoned = true;
+            rx
+        };
+        drop(first);
+        let grant = live.try_recv().expect("the live waiter got the lock");
+        assert!(grant.abandoned);
+        {
+            let st = lock(&core.st);
+            assert!(st.waiters.is_empty() && st.remote.is_empty());
+            assert!(st.holder == Some(Holder::Here) && !st.abandoned);
+        }
+        drop(grant);
+        assert!(lock(&core.st).holder.is_none());
+    }
+
+    /// A grant sent to a waiter that leaves before taking it is released with it.
+    #[test]
+    fn a_grant_racing_with_a_dropped_waiter_is_released() {
+        let core = LockCore::new();
+        let first = core.try_acquire_here().expect("free");
+        let mut fut = Box::pin(core.acquire_here());
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(lock(&core.st).waiters.len(), 1);
+        drop(first); // sent to `fut`'s receiver, not yet taken
+        assert!(lock(&core.st).holder == Some(Holder::Here));
+        drop(fut);
+        let st = lock(&core.st);
+        assert!(st.holder.is_none() && st.waiters.is_empty());
     }
 }

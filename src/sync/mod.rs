@@ -36,6 +36,7 @@ pub use queue::{Queue, TryPutError};
 pub(crate) use hub::HubRef;
 use hub::{Kind, Obj, Pin, Remote};
 pub(crate) use hub::{Pins, collect, pins_taken, settle, unpin_last};
+pub(crate) use pipe::{Taken, take_message};
 
 /// The object behind a handle, as seen from the process the handle is in.
 pub(crate) trait Core: Send + Sync + Sized + 'static {

@@ -148,24 +148,10 @@ impl Endpoint {
         let sock = self.sock()?;
         let mut rx = lock(&self.rx);
         loop {
-            let len = rx
-                .buf
-                .get(..4)
-                .map(|h| u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize);
-            if let Some(len) = len {
-                if len > MAX_MESSAGE {
-                    return Err(Error::Protocol {
-                        name: "pipe".to_owned(),
-                        reason: format!(
-                            "a message of {len} bytes is over the {MAX_MESSAGE}-byte limit"
-                        ),
-                    });
-                }
-                if rx.buf.len() >= 4 + len {
-                    rx.buf.advance(4);
-                    return Ok(Some(rx.buf.split_to(len)));
-                }
-            }
+            let len = match take_message(&mut rx.buf)? {
+                Taken::Message(m) => return Ok(Some(m)),
+                Taken::Partial(len) => len,
+            };
             if rx.eof {
                 return if rx.buf.is_empty() {
                     Err(Error::Closed)
@@ -336,6 +322,35 @@ enum Filled {
     /// Bytes were read, or the end of the stream was reached.
     Some,
     WouldBlock,
+}
+
+/// What the front of a pipe end's buffer holds.
+pub(crate) enum Taken {
+    /// A whole message, taken out of the buffer.
+    Message(BytesMut),
+    /// Not a whole message yet: its length, if the header has arrived.
+    Partial(Option<usize>),
+}
+
+/// Takes the message at the front of `buf` (a 4-byte big-endian length, then the
+/// message) if it has fully arrived. A length over [`MAX_MESSAGE`] is
+/// [`Error::Protocol`]: the bytes come from another process.
+pub(crate) fn take_message(buf: &mut BytesMut) -> Result<Taken> {
+    let Some(h) = buf.get(..4) else {
+        return Ok(Taken::Partial(None));
+    };
+    let len = usize::try_from(u32::from_be_bytes([h[0], h[1], h[2], h[3]])).unwrap_or(usize::MAX);
+    if len > MAX_MESSAGE {
+        return Err(Error::Protocol {
+            name: "pipe".to_owned(),
+            reason: format!("a message of {len} bytes is over the {MAX_MESSAGE}-byte limit"),
+        });
+    }
+    if buf.len() - 4 >= len {
+        buf.advance(4);
+        return Ok(Taken::Message(buf.split_to(len)));
+    }
+    Ok(Taken::Partial(Some(len)))
 }
 
 /// Reads once into `rx` (retrying on EINTR). The buffer is zeroed before the read, so

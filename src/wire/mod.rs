@@ -18,10 +18,12 @@
 //! The parent sends `Hello` and `Run` without waiting, so a start costs one round trip.
 
 mod blocking;
+mod nil;
 pub(crate) mod scalar;
 pub(crate) mod spare;
 
 pub(crate) use blocking::{BlockingChannel, Next, Outbox};
+pub(crate) use nil::SomeCheck;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -534,7 +536,9 @@ pub(crate) fn from_frame_borrowed<'a, M: Deserialize<'a>>(frame: &'a [u8]) -> Re
 }
 
 /// Encodes a user value (an argument tuple or a return value). Structs are written as
-/// maps, so `#[serde(flatten)]` and internally tagged enums work.
+/// maps, so `#[serde(flatten)]` and internally tagged enums work. A `Some` whose value
+/// encodes as nil (`Some(None)`, `Some(())`) is an error: it would arrive as `None` (see
+/// [`SomeCheck`]).
 pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
     encode_value_into(&mut buf, value)?;
@@ -548,7 +552,9 @@ pub(crate) fn encode_value_into<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<(), String> {
     value
-        .serialize(&mut rmp_serde::Serializer::new(buf).with_struct_map())
+        .serialize(SomeCheck::new(
+            &mut rmp_serde::Serializer::new(buf).with_struct_map(),
+        ))
         .map_err(|e| e.to_string())
 }
 

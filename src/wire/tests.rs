@@ -408,3 +408,123 @@ fn a_header_alone_reserves_room_for_what_arrived_not_for_what_it_announces() {
         WireError::Oversize { max: 16 }
     ));
 }
+
+/// Options and units as `encode_value` and `decode_value` carry them (see `wire::nil`).
+mod options {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Unit;
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Wrap(Option<u8>);
+
+    /// A unit variant of an untagged enum is written as nil, like `()`.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    #[serde(untagged)]
+    enum Loose {
+        Nothing,
+        Number(u8),
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Nested {
+        field: Option<Option<u8>>,
+        list: Vec<Option<Option<u8>>>,
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Flat {
+        a: u8,
+        #[serde(flatten)]
+        rest: Nested,
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    #[serde(tag = "kind")]
+    enum Tagged {
+        One { o: Option<Option<u8>> },
+    }
+
+    /// `v` after the trip, and checks that its bytes are rmp-serde's own.
+    fn trip<T: Serialize + DeserializeOwned>(v: &T) -> T {
+        let bytes = encode_value(v).expect("encodes");
+        assert_eq!(
+            bytes,
+            rmp_serde::to_vec_named(v).unwrap(),
+            "rmp-serde's bytes"
+        );
+        decode_value(&bytes).expect("decodes")
+    }
+
+    #[test]
+    fn options_and_units_that_encode_apart_from_none_cross_unchanged() {
+        let () = trip(&());
+        assert_eq!(trip(&Unit), Unit);
+        assert_eq!(trip(&Some(Unit)), Some(Unit));
+        assert_eq!(trip(&Some(Some(Unit))), Some(Some(Unit)));
+        assert_eq!(trip(&None::<()>), None);
+        assert_eq!(trip(&None::<Option<u8>>), None);
+        assert_eq!(trip(&Some(Some(5u8))), Some(Some(5)));
+        assert_eq!(trip(&Some(Some(Some(0u8)))), Some(Some(Some(0))));
+        assert_eq!(trip(&Some(Wrap(Some(3)))), Some(Wrap(Some(3))));
+        assert_eq!(trip(&Wrap(None)), Wrap(None));
+        assert_eq!(trip(&Some(Loose::Number(2))), Some(Loose::Number(2)));
+        assert_eq!(trip(&Loose::Nothing), Loose::Nothing);
+        let n = Nested {
+            field: Some(Some(1)),
+            list: vec![None, Some(Some(2))],
+        };
+        assert_eq!(trip(&n), n);
+        let f = Flat {
+            a: 1,
+            rest: Nested {
+                field: None,
+                list: vec![],
+            },
+        };
+        assert_eq!(trip(&f), f);
+    }
+
+    /// The reason `encode_value` gives for `v`, which must be refused.
+    fn refused<T: Serialize>(v: &T) -> String {
+        let reason = encode_value(v).expect_err("refused");
+        assert!(reason.contains("the same bytes as `None`"), "{reason}");
+        reason
+    }
+
+    #[test]
+    fn a_some_that_would_arrive_as_none_is_refused_naming_the_type_inside() {
+        assert!(refused(&Some(None::<u8>)).contains("`core::option::Option<u8>`"));
+        assert!(refused(&Some(Some(None::<u8>))).contains("`core::option::Option<u8>`"));
+        assert!(refused(&Some(())).contains("`()`"));
+        assert!(refused(&Some(Some(()))).contains("`()`"));
+        assert!(refused(&Some(Wrap(None))).contains("Wrap`"));
+        assert!(refused(&Some(Loose::Nothing)).contains("Loose`"));
+        refused(&Nested {
+            field: Some(None),
+            list: vec![],
+        });
+        refused(&Nested {
+            field: None,
+            list: vec![Some(Some(1)), Some(None)],
+        });
+        refused(&(1u8, Some(None::<u8>)));
+        refused(&std::collections::BTreeMap::from([(1u8, Some(()))]));
+        refused(&std::collections::BTreeMap::from([(Some(None::<u8>), 1u8)]));
+        refused(&Flat {
+            a: 1,
+            rest: Nested {
+                field: Some(None),
+                list: vec![],
+            },
+        });
+        refused(&Tagged::One { o: Some(None) });
+        // And in the other writers of values.
+        let mut buf = vec![7];
+        assert!(encode_value_into(&mut buf, &Some(())).is_err());
+        let mut w = crate::target::ChunkWriter::new::<Option<Option<u8>>>(0);
+        w.push(&Some(Some(1u8))).unwrap();
+        assert!(w.push(&Some(None::<u8>)).is_err());
+    }
+}
