@@ -318,6 +318,17 @@ fn serve_pool(
     // Ids of queued tasks to skip; only ids in `queue` are ever added.
     let mut skips: HashSet<u64> = HashSet::new();
     let mut looked = Instant::now();
+    // A task as it arrives, numbered (its name sliced from its frame, not copied).
+    let mut task = |frame: &Bytes, id, target, name: &str, args| {
+        received += 1;
+        Job::Run(Task {
+            id,
+            seq: received,
+            target,
+            target_name: frame.slice_ref(name.as_bytes()),
+            args,
+        })
+    };
     // Where large arguments arrive (see `wire::Arena`), once the parent sends it.
     let mut arena: Option<Arc<SharedMap>> = None;
     loop {
@@ -334,14 +345,8 @@ fn serve_pool(
                 };
                 match wire::from_frame_borrowed::<DownIn<'_>>(&frame) {
                     Ok(DownIn::Run(run)) => {
-                        received += 1;
-                        queue.push_back(Job::Run(Task {
-                            id: run.id,
-                            seq: received,
-                            target: run.target,
-                            target_name: frame.slice_ref(run.target_name.as_bytes()),
-                            args: frame.slice_ref(run.args),
-                        }));
+                        let args = frame.slice_ref(run.args);
+                        queue.push_back(task(&frame, run.id, run.target, run.target_name, args));
                     }
                     Ok(DownIn::Skip { id }) => {
                         if queue.iter().any(|j| matches!(j, Job::Run(t) if t.id == id)) {
@@ -366,14 +371,8 @@ fn serve_pool(
                         }) else {
                             return EXIT_PROTOCOL;
                         };
-                        received += 1;
-                        queue.push_back(Job::Run(Task {
-                            id: run.id,
-                            seq: received,
-                            target: run.target,
-                            target_name: frame.slice_ref(run.target_name.as_bytes()),
-                            args: Bytes::from_owner(args),
-                        }));
+                        let args = Bytes::from_owner(args);
+                        queue.push_back(task(&frame, run.id, run.target, run.target_name, args));
                     }
                     Ok(DownIn::Hello(_)) | Err(_) => return EXIT_PROTOCOL,
                 }

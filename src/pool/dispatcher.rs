@@ -884,10 +884,7 @@ impl Dispatcher {
             }
         }
         for c in &children {
-            if let Err(e) = c.signal_group(rustix::process::Signal::KILL) {
-                tracing::warn!(target: "procpool::lifecycle", worker = %c.name,
-                    "cannot kill worker: {e}");
-            }
+            super::kill_now(c);
         }
         // All were sent SIGKILL, so waiting for them one after the other takes as long as
         // the slowest.
@@ -950,10 +947,7 @@ async fn kill(child: Arc<ChildHandle>, grace: Duration) {
         .await
         .is_err()
     {
-        if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
-            tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
-                "cannot kill worker: {e}");
-        }
+        super::kill_now(&child);
         child.wait(&mut None).await;
     }
 }

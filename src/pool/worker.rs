@@ -514,10 +514,7 @@ async fn connect(
         Err(_) => {
             tracing::warn!(target: "procpool::lifecycle", worker = %name,
                 "worker not ready within {start_timeout:?} (stuck in its initializer?); killed");
-            if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
-                tracing::warn!(target: "procpool::lifecycle", worker = %name,
-                    "cannot kill worker: {e}");
-            }
+            super::kill_now(&child);
             child.wait(&mut None).await;
             return Err(Error::Timeout {
                 after: start_timeout,

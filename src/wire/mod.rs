@@ -438,9 +438,15 @@ pub(crate) fn frame_into<M: Serialize>(buf: &mut BytesMut, msg: &M) -> bool {
     if let Err(e) = rmp_serde::encode::write(&mut (&mut *buf).writer(), msg) {
         unreachable!("protocol messages always encode: {e}");
     }
-    match frame_header(buf.len() - start - 4) {
-        Some(len) => {
-            buf[start..start + 4].copy_from_slice(&len);
+    seal_frame(buf, start, buf.len() - start - 4)
+}
+
+/// Writes the header of the frame that starts at `start` in `buf`, `len` bytes long
+/// after its header; if no frame may be that long, removes it and returns false.
+fn seal_frame(buf: &mut BytesMut, start: usize, len: usize) -> bool {
+    match frame_header(len) {
+        Some(header) => {
+            buf[start..start + 4].copy_from_slice(&header);
             true
         }
         None => {
@@ -513,16 +519,7 @@ pub(crate) fn run_frame_head(
         &mut (&mut *buf).writer(),
         bin_len,
     ));
-    match frame_header(buf.len() - start - 4 + args_len) {
-        Some(len) => {
-            buf[start..start + 4].copy_from_slice(&len);
-            true
-        }
-        None => {
-            buf.truncate(start);
-            false
-        }
-    }
+    seal_frame(buf, start, buf.len() - start - 4 + args_len)
 }
 
 /// Decodes one protocol message.

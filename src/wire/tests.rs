@@ -78,7 +78,7 @@ impl Write for Script {
 
 fn framed(msg: &Up) -> Vec<u8> {
     let body = to_frame(msg);
-    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    let mut v = frame_header(body.len()).unwrap().to_vec();
     v.extend_from_slice(&body);
     v
 }
@@ -184,7 +184,7 @@ async fn garbage_body_is_a_typed_error() {
 #[tokio::test]
 async fn valid_msgpack_of_the_wrong_shape_is_garbage() {
     let body = rmp_serde::to_vec(&("not", "a", "message")).unwrap();
-    let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+    let mut bytes = frame_header(body.len()).unwrap().to_vec();
     bytes.extend_from_slice(&body);
     let mut ch = channel(Script::new(vec![bytes]), 1024);
     assert!(matches!(ch.recv::<Up>().await, Err(WireError::Garbage(_))));
@@ -314,7 +314,7 @@ fn run_frame_head_then_args_is_down_run(sent: &[u8]) {
     let body = &frame[4..];
     assert_eq!(
         frame[..4],
-        (body.len() as u32).to_be_bytes(),
+        frame_header(body.len()).unwrap(),
         "length header"
     );
     match from_frame::<Down>(body) {
@@ -362,7 +362,7 @@ fn frame_lengths_are_checked_never_truncated() {
     assert_eq!(frame_header(0), Some([0, 0, 0, 0]));
     assert_eq!(
         frame_header(DEFAULT_MAX_FRAME),
-        Some((DEFAULT_MAX_FRAME as u32).to_be_bytes())
+        Some(u32::try_from(DEFAULT_MAX_FRAME).unwrap().to_be_bytes())
     );
     assert_eq!(frame_header(DEFAULT_MAX_FRAME + 1), None);
     // 4 GiB + 5 would wrap to 5 in a `u32`: refused instead.
