@@ -10,6 +10,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// [`Error::WorkerDied`] carries one. [`ExitReason::exitcode`] gives Python's convention
 /// (`0`, `n` or `-signal`).
+///
+/// A child whose target overflows the stack (of the thread that runs targets) prints
+/// std's "thread '…' has overflowed its stack" and exits with code 77:
+/// [`is_stack_overflow`](Self::is_stack_overflow) tells, and the message says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExitReason {
     /// The process called `exit(code)` (or returned from `main`).
@@ -31,6 +35,11 @@ impl ExitReason {
         }
     }
 
+    /// True if the child reported that its target overflowed its stack (exit code 77).
+    pub fn is_stack_overflow(self) -> bool {
+        self == ExitReason::Code(crate::child::EXIT_STACK_OVERFLOW)
+    }
+
     pub(crate) fn from_status(status: std::process::ExitStatus) -> Self {
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {
@@ -44,6 +53,9 @@ impl ExitReason {
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
+            ExitReason::Code(c) if self.is_stack_overflow() => {
+                write!(f, "a stack overflow (exit code {c})")
+            }
             ExitReason::Code(c) => write!(f, "exit code {c}"),
             ExitReason::Signal(s) => write!(f, "signal {s} ({})", signal_name(s)),
             ExitReason::Unknown => f.write_str("an unknown exit status"),
@@ -309,6 +321,19 @@ mod tests {
         assert_eq!(ExitReason::Signal(9).exitcode(), Some(-9));
         assert_eq!(ExitReason::Unknown.exitcode(), None);
         assert_eq!(ExitReason::Signal(11).to_string(), "signal 11 (SIGSEGV)");
+        assert!(ExitReason::Code(77).is_stack_overflow());
+        assert!(!ExitReason::Signal(11).is_stack_overflow());
+        assert_eq!(ExitReason::Code(77).exitcode(), Some(77));
+        let e = Error::WorkerDied {
+            pid: 7,
+            name: "PoolWorker-1".into(),
+            reason: ExitReason::Code(77),
+        };
+        assert_eq!(
+            e.to_string(),
+            "process PoolWorker-1 (pid 7) died with a stack overflow (exit code 77) before \
+             returning a result"
+        );
     }
 
     #[test]

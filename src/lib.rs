@@ -184,9 +184,12 @@
 //!   they set up exists: no runtime (an `async` target runs on a current-thread tokio
 //!   runtime procpool builds for it), no logger or subscriber the program installs in
 //!   `main` (procpool installs its own forwarder, see [Logging](#logging)), no command
-//!   line parsing. std's start-up is missing too: its stack-overflow handler (a stack
-//!   overflow in a target is a plain `SIGSEGV`), and the main thread has no name (the
-//!   panic hook uses the process's name). `SIGPIPE` is ignored, as std does.
+//!   line parsing. std's start-up is missing too, and procpool does its part: a stack
+//!   overflow on the thread that runs targets prints std's "thread '…' has overflowed
+//!   its stack" and exits with code 77 ([`ExitReason::is_stack_overflow`]; threads a
+//!   target starts itself have no such handler, an overflow there is `SIGSEGV`), the
+//!   main thread has no name (the panic hook uses the process's name), and `SIGPIPE` is
+//!   ignored, as std does.
 //! - **Statics are fresh.** A child is a new process: `static`s, `OnceLock`s and
 //!   `lazy_static`s start uninitialised, whatever the parent had computed.
 //! - **`std::env::args()`** returns the child's own command line above, never the

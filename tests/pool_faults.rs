@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use procpool::{AsyncPool, Error, ExitReason};
 use serde::{Deserialize, Serialize};
 use support::{
-    NoEncode, TempDir, eventually_async, gone_within, hangs, overflows, read_file_async,
+    NoEncode, TempDir, eventually_async, gone_within, hangs, overflows, read_file_async, segfaults,
     wait_for_file, write_file,
 };
 
@@ -115,7 +115,7 @@ async fn panic_is_panicked_and_the_worker_keeps_serving() {
 #[tokio::test]
 async fn crashes_are_worker_died_and_the_worker_is_replaced() {
     let pool = pool(2).await;
-    let cases: [(&str, procpool::Apply<u8>, ExitReason); 4] = [
+    let cases: [(&str, procpool::Apply<u8>, ExitReason); 5] = [
         ("abort", pool.apply(aborts, ()), ExitReason::Signal(6)),
         ("exit(3)", pool.apply(exits, (3,)), ExitReason::Code(3)),
         (
@@ -125,8 +125,13 @@ async fn crashes_are_worker_died_and_the_worker_is_replaced() {
         ),
         (
             "segfault",
-            pool.apply(|| overflows(0) as u8, ()),
+            pool.apply(segfaults, ()),
             ExitReason::Signal(11),
+        ),
+        (
+            "stack overflow",
+            pool.apply(|| overflows(0) as u8, ()),
+            ExitReason::Code(77),
         ),
     ];
     for (i, (what, fut, want)) in cases.into_iter().enumerate() {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use procpool::{Error, ExitReason, Process};
 use support::{
-    TempDir, eventually_async, hangs, is_dead, overflows, proc_state, wait_for_file, write_file,
+    TempDir, eventually_async, hangs, is_dead, overflows, proc_state, segfaults, wait_for_file,
+    write_file,
 };
 
 fn panics(msg: String) -> u8 {
@@ -75,10 +76,23 @@ async fn abort_is_worker_died_with_sigabrt() {
 
 #[tokio::test]
 async fn segfault_is_worker_died_with_sigsegv() {
-    let mut p = procpool::spawn(overflows, (0,)).await.unwrap();
+    let mut p = procpool::spawn(segfaults, ()).await.unwrap();
     let (_, reason) = died(&mut p).await;
     assert_eq!(reason, ExitReason::Signal(11));
+    assert!(!reason.is_stack_overflow());
     assert_eq!(p.exitcode(), Some(-11));
+}
+
+#[tokio::test]
+async fn stack_overflow_is_worker_died_that_says_so() {
+    let mut p = procpool::spawn(overflows, (0,)).await.unwrap();
+    let err = p.join().await.expect_err("no value");
+    assert!(err.to_string().contains("stack overflow"), "{err}");
+    match err {
+        Error::WorkerDied { reason, .. } => assert!(reason.is_stack_overflow(), "{reason}"),
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
+    assert_eq!(p.exitcode(), Some(77));
 }
 
 #[tokio::test]

@@ -35,6 +35,10 @@ const EXIT_PROTOCOL: i32 = 76;
 const EXIT_REFUSED: i32 = 78;
 /// Exit code of a child whose parent went away.
 const EXIT_ORPHANED: i32 = 79;
+/// Exit code of a child whose main thread (where targets run) overflowed its stack; it
+/// printed std's "thread '…' has overflowed its stack" first (see
+/// `target::report_stack_overflow`). [`ExitReason`](crate::ExitReason) names it.
+pub(crate) const EXIT_STACK_OVERFLOW: i32 = 77;
 
 /// What the parent put on the command line.
 #[derive(Debug)]
@@ -130,6 +134,9 @@ fn serve(args: Args) -> i32 {
     // Python prints the traceback of a `Process` that raised, not of a pool task (the
     // pool hands the error to the caller instead).
     install_panic_hook(&hello.name, hello.role == Role::Process);
+    // Before any user code runs here (the initializer, the targets): std installs its
+    // handler in `main`, which a child never reaches.
+    target::report_stack_overflow(&hello.name);
     let mut cx = Context::default();
     if let Some(init) = hello.init {
         let outcome = execute(&init, &mut cx);

@@ -29,6 +29,7 @@
 //!    that token in the child without calling its constructor; don't capture tokens.
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::unix::AsyncFd;
 
@@ -107,6 +108,133 @@ pub(crate) fn ignore_sigpipe() {
     // `main`, while this process has a single thread.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
+/// What the SIGSEGV handler prints for a stack overflow (std's words), set before the
+/// handler is installed.
+static OVERFLOW_MESSAGE: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+/// The main thread's guard page: a fault at an address in `GUARD_LO..GUARD_HI` there is
+/// a stack overflow.
+static GUARD_LO: AtomicUsize = AtomicUsize::new(0);
+static GUARD_HI: AtomicUsize = AtomicUsize::new(0);
+
+/// The main thread's alternate signal stack: the handler needs little, the kernel's
+/// signal frame some KiB (more with AVX-512 state).
+const ALT_STACK: usize = 64 * 1024;
+
+/// Reports a stack overflow of the main thread, where targets run, as std's `main` would:
+/// prints "thread '`thread`' has overflowed its stack" and exits with
+/// `child::EXIT_STACK_OVERFLOW`. A child never runs `main`, so std never installs its
+/// own handler; before this, an overflow was a bare SIGSEGV. Any other SIGSEGV still
+/// kills the process with SIGSEGV. Threads a target starts get no alternate stack (std
+/// gives one only when its handler is installed): an overflow there stays a SIGSEGV.
+/// Call it on the main thread, once.
+pub(crate) fn report_stack_overflow(thread: &str) {
+    let Some(guard) = main_guard() else {
+        return;
+    };
+    let message = format!(
+        "\nthread '{thread}' has overflowed its stack\nfatal runtime error: stack overflow, \
+         exiting with code {}\n",
+        crate::child::EXIT_STACK_OVERFLOW
+    );
+    if OVERFLOW_MESSAGE
+        .set(message.into_bytes().into_boxed_slice())
+        .is_err()
+    {
+        return; // installed already
+    }
+    GUARD_LO.store(guard.start, Ordering::Relaxed);
+    GUARD_HI.store(guard.end, Ordering::Relaxed);
+    let alt: &'static mut [u8] = Vec::leak(vec![0u8; ALT_STACK]);
+    let stack = libc::stack_t {
+        ss_sp: alt.as_mut_ptr().cast(),
+        ss_flags: 0,
+        ss_size: alt.len(),
+    };
+    // SAFETY: `stack` describes leaked memory, valid and used by nothing else for the
+    // rest of the process; `sigaltstack` copies the struct and applies to the calling
+    // thread (the main thread: `child::serve` calls this).
+    if unsafe { libc::sigaltstack(&stack, std::ptr::null_mut()) } != 0 {
+        return;
+    }
+    // SAFETY: an all-zero `sigaction` is a valid value of this C struct (SIG_DFL, an
+    // empty mask, no flags); `sigaction` only reads `action` and writes `old`, both
+    // valid locals. The handler is installed only over the default disposition (as std
+    // does), and uses only async-signal-safe calls (see `on_fault`).
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut old) != 0
+            || old.sa_sigaction != libc::SIG_DFL
+        {
+            return;
+        }
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_fault
+            as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+            as libc::sighandler_t;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut());
+    }
+}
+
+/// The page below the main thread's stack, as std computes it for its own handler
+/// (`install_main_guard` on Linux): the kernel grows the main stack on demand up to its
+/// rlimit, and the first access past that faults in this page (stack probes touch each
+/// page in turn).
+fn main_guard() -> Option<std::ops::Range<usize>> {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: `pthread_self` is always valid; `pthread_getattr_np` initialises `attr`
+    // when it returns 0, and only then is `attr` read or destroyed below.
+    if unsafe { libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    let mut addr: *mut libc::c_void = std::ptr::null_mut();
+    let mut size: libc::size_t = 0;
+    // SAFETY: `attr` was initialised above; the out-pointers are valid locals; `attr` is
+    // destroyed once, after its last use.
+    let got = unsafe {
+        let got = libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size);
+        libc::pthread_attr_destroy(attr.as_mut_ptr());
+        got
+    };
+    if got != 0 || addr.is_null() {
+        return None;
+    }
+    let page = rustix::param::page_size();
+    let low = (addr as usize).next_multiple_of(page);
+    Some(low.checked_sub(page)?..low)
+}
+
+/// The SIGSEGV handler of a child (see [`report_stack_overflow`]). Async-signal-safe:
+/// atomic loads, `gettid`, `getpid`, `write`, `_exit`, `sigaction` and `raise` only.
+extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes an SA_SIGINFO handler a valid `siginfo_t`; the address
+    // is only trusted for a fault the kernel raised (`si_code > 0`), not a sent signal.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    let on_main = rustix::thread::gettid() == rustix::process::getpid();
+    let guard = GUARD_LO.load(Ordering::Relaxed)..GUARD_HI.load(Ordering::Relaxed);
+    if code > 0 && on_main && guard.contains(&addr) {
+        if let Some(msg) = OVERFLOW_MESSAGE.get() {
+            // A failed write (stderr closed) leaves nothing else to try: the exit code
+            // still says what happened.
+            rustix::io::write(rustix::stdio::stderr(), msg).ok();
+        }
+        // SAFETY: `_exit` is async-signal-safe and ends the process at once, running
+        // nothing of it (no atexit handlers, no destructors, no unwinding).
+        unsafe { libc::_exit(crate::child::EXIT_STACK_OVERFLOW) }
+    }
+    // Not a stack overflow: die of it as without this handler. The signal is blocked
+    // while the handler runs, so the raised one is delivered, with the default action,
+    // as the handler returns (whether the fault was real or the signal sent).
+    // SAFETY: an all-zero `sigaction` is SIG_DFL with an empty mask; `sigaction` and
+    // `raise` are async-signal-safe.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        libc::raise(sig);
     }
 }
 

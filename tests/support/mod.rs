@@ -217,14 +217,21 @@ pub fn hangs() -> u8 {
     }
 }
 
-/// A real segmentation fault from safe code: a child never ran Rust's `main`, so there is
-/// no stack-overflow handler, and running off the stack's guard page is SIGSEGV.
+/// A stack overflow from safe code: the child prints std's "has overflowed its stack"
+/// and exits with code 77 (`ExitReason::is_stack_overflow`).
 pub fn overflows(depth: u64) -> u64 {
     let pad = std::hint::black_box([depth; 64]);
     if depth == u64::MAX {
         return pad[0];
     }
     overflows(depth + 1) + std::hint::black_box(pad[63])
+}
+
+/// A SIGSEGV that is no stack overflow: sent to itself (the child's handler passes it on).
+pub fn segfaults() -> u8 {
+    rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::SEGV)
+        .expect("SIGSEGV to self");
+    hangs()
 }
 
 /// Decodes anywhere, never encodes: an argument or result that cannot cross.
