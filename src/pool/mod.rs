@@ -156,7 +156,7 @@ impl Builder {
         A: Serialize + DeserializeOwned + Send + 'static,
         M: 'static,
     {
-        drop(f);
+        let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         self.init = Some(crate::target::resolve::<F, M, A>().and_then(|target| {
             let args = crate::wire::encode_value(&args).map_err(Error::encode::<A>)?;
             crate::wire::check_args_len::<A>(args.len())?;
@@ -448,7 +448,7 @@ impl AsyncPool {
         A: Serialize + DeserializeOwned + Send + 'static,
         M: 'static,
     {
-        drop(f);
+        let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         Apply::new(Arc::clone(&self.shared), encode_call::<F, M, A>(args))
     }
 
@@ -464,7 +464,7 @@ impl AsyncPool {
         A: Serialize + DeserializeOwned + Send + 'static,
         M: 'static,
     {
-        drop(f);
+        let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         TaskHandle::submit(&self.shared, encode_call::<F, M, A>(args))
     }
 
@@ -491,7 +491,7 @@ impl AsyncPool {
         M: 'static,
         I: IntoIterator<Item = T>,
     {
-        drop(f);
+        let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         Map::new(
             Arc::clone(&self.shared),
             crate::target::resolve_map::<F, M, T>(),
@@ -508,7 +508,7 @@ impl AsyncPool {
         M: 'static,
         I: IntoIterator<Item = A>,
     {
-        drop(f);
+        let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         Map::new(
             Arc::clone(&self.shared),
             crate::target::resolve_starmap::<F, M, A>(),
@@ -562,7 +562,7 @@ impl AsyncPool {
         M: 'static,
         I: IntoIterator<Item = T>,
     {
-        drop(f);
+        let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         Imap::new(
             Arc::clone(&self.shared),
             crate::target::resolve_map::<F, M, T>(),

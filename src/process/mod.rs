@@ -191,7 +191,7 @@ where
         A: Serialize + DeserializeOwned + Send + 'static,
         M: 'static,
     {
-        drop(target);
+        let _: F = target; // It holds nothing: the child makes its own (see `Target`).
         let identity = next_identity();
         let launch = resolve::<F, M, A>().and_then(|target| {
             let (args, pins) = crate::sync::encode_args(&args);

@@ -1,19 +1,21 @@
-//! Where the main executable is mapped in this process, and the build fingerprint.
+//! Where the main executable is loaded in this process, and the build fingerprint.
 //!
 //! A function is named across the process boundary by its offset from the main
-//! executable's load base. Both sides read their own `/proc/self/maps` to find that base
-//! (ASLR places it differently in every process) and the ranges that hold code.
+//! executable's load base. Both sides ask their own dynamic loader for that base (ASLR
+//! places it differently in every process) and for the segments that hold code
+//! (`dl_iterate_phdr`, whose first object is the main program: no `/proc/self/maps` to
+//! parse, so no path in it, non-UTF-8 or mapped twice, can mislead it).
 
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::sync::OnceLock;
 
-/// The main executable as mapped into this process.
+/// The main executable as loaded into this process.
 #[derive(Debug)]
 pub(crate) struct Image {
-    /// Address at which file offset 0 of the executable is mapped.
+    /// The load bias: what was added to the executable's virtual addresses.
     base: usize,
-    /// Executable (`r-xp`) ranges of the main executable: `[start, end)`.
+    /// Executable segments of the main executable: `[start, end)`.
     code: Vec<(usize, usize)>,
     /// Identifies the build: equal in two processes only if they run the same file.
     fingerprint: u64,
@@ -30,36 +32,33 @@ impl Image {
     }
 
     fn read() -> Result<Image, String> {
-        let exe = std::fs::read_link("/proc/self/exe")
-            .map_err(|e| format!("cannot read /proc/self/exe: {e}"))?;
-        let exe = exe.to_string_lossy().into_owned();
-        let maps = std::fs::read_to_string("/proc/self/maps")
-            .map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+        let (base, code) = super::sys::main_program();
         let meta = std::fs::metadata("/proc/self/exe")
             .map_err(|e| format!("cannot stat /proc/self/exe: {e}"))?;
-        Image::parse(&exe, &maps, &meta)
+        let image = Image::new(base, code, &meta)?;
+        // The loader's first object is the main program; make sure (this very function
+        // is code of the executable that links procpool, unless procpool is in a
+        // dynamically loaded library, where no target could run in a child anyway).
+        if !image.in_code(Image::read as fn() -> Result<Image, String> as usize) {
+            return Err(
+                "procpool's own code is not in the main executable (is procpool \
+                        linked into a dynamically loaded library?)"
+                    .to_owned(),
+            );
+        }
+        Ok(image)
     }
 
-    fn parse(exe: &str, maps: &str, meta: &std::fs::Metadata) -> Result<Image, String> {
-        let mut base = None;
-        let mut code = Vec::new();
-        for line in maps.lines() {
-            let Some(m) = Mapping::parse(line) else {
-                continue;
-            };
-            if m.path != exe {
-                continue;
-            }
-            if m.offset == 0 {
-                base = Some(base.map_or(m.start, |b: usize| b.min(m.start)));
-            }
-            if m.executable {
-                code.push((m.start, m.end));
-            }
-        }
-        let base = base.ok_or_else(|| format!("the executable {exe} is not in /proc/self/maps"))?;
-        if code.is_empty() {
-            return Err(format!("no code mapping of {exe} found in /proc/self/maps"));
+    fn new(
+        base: usize,
+        code: Vec<(usize, usize)>,
+        meta: &std::fs::Metadata,
+    ) -> Result<Image, String> {
+        if code.is_empty() || code.iter().any(|&(s, e)| s < base || e < s) {
+            return Err(format!(
+                "the dynamic loader reports no usable code segment of the main executable \
+                 (base {base:#x}, segments {code:x?})"
+            ));
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (
@@ -89,7 +88,9 @@ impl Image {
 
     /// The offset of `addr` from the load base, if `addr` lies in the executable's code.
     pub(crate) fn offset_of(&self, addr: usize) -> Option<u64> {
-        self.in_code(addr).then(|| (addr - self.base) as u64)
+        self.in_code(addr)
+            .then(|| u64::try_from(addr - self.base).ok())
+            .flatten()
     }
 
     /// The address of `offset` in this process, if it lies in the executable's code.
@@ -103,47 +104,9 @@ impl Image {
     }
 }
 
-/// One line of `/proc/self/maps`.
-struct Mapping<'a> {
-    start: usize,
-    end: usize,
-    executable: bool,
-    offset: u64,
-    path: &'a str,
-}
-
-impl<'a> Mapping<'a> {
-    fn parse(line: &'a str) -> Option<Mapping<'a>> {
-        // 55d0c1a00000-55d0c1a2f000 r-xp 00004000 fd:01 1234567   /usr/bin/prog
-        let mut fields = line.splitn(6, ' ');
-        let range = fields.next()?;
-        let perms = fields.next()?;
-        let offset = fields.next()?;
-        let _dev = fields.next()?;
-        let _inode = fields.next()?;
-        let path = fields.next().unwrap_or("").trim_start();
-        let (start, end) = range.split_once('-')?;
-        Some(Mapping {
-            start: usize::from_str_radix(start, 16).ok()?,
-            end: usize::from_str_radix(end, 16).ok()?,
-            executable: perms.as_bytes().get(2) == Some(&b'x'),
-            offset: u64::from_str_radix(offset, 16).ok()?,
-            path,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const MAPS: &str = "\
-5600aa000000-5600aa004000 r--p 00000000 fd:01 42      /opt/app (deleted)
-5600aa004000-5600aa090000 r-xp 00004000 fd:01 42      /opt/app (deleted)
-5600aa090000-5600aa0a0000 r--p 00090000 fd:01 42      /opt/app (deleted)
-7f0000000000-7f0000100000 r-xp 00000000 fd:01 77      /usr/lib/libfoo.so
-7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0       [stack]
-";
 
     fn meta() -> std::fs::Metadata {
         std::fs::metadata("/proc/self/exe").unwrap()
@@ -151,12 +114,13 @@ mod tests {
 
     #[test]
     fn offsets_round_trip_inside_code_only() {
-        let img = Image::parse("/opt/app (deleted)", MAPS, &meta()).unwrap();
+        let base = 0x5600aa000000;
+        let img = Image::new(base, vec![(0x5600aa004000, 0x5600aa090000)], &meta()).unwrap();
         let addr = 0x5600aa004100;
         let off = img.offset_of(addr).unwrap();
         assert_eq!(off, 0x4100);
         assert_eq!(img.address_of(off), Some(addr));
-        // Read-only data of the executable and code of a library are refused.
+        // Data of the executable and code elsewhere are refused.
         assert_eq!(img.offset_of(0x5600aa000010), None);
         assert_eq!(img.offset_of(0x7f0000000100), None);
         assert_eq!(img.address_of(0x10), None);
@@ -164,8 +128,9 @@ mod tests {
     }
 
     #[test]
-    fn missing_executable_is_an_error() {
-        assert!(Image::parse("/other", MAPS, &meta()).is_err());
+    fn no_code_or_code_below_the_base_is_an_error() {
+        assert!(Image::new(0x1000, vec![], &meta()).is_err());
+        assert!(Image::new(0x5000, vec![(0x1000, 0x2000)], &meta()).is_err());
     }
 
     #[test]

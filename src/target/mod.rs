@@ -58,7 +58,36 @@ use crate::wire::{self, Outcome};
 /// A plain target runs on the child's main thread with no async runtime around it, so it
 /// may block (use the `blocking_*` methods of the IPC types). An async target runs on a
 /// current-thread tokio runtime created in the child.
-pub trait Target<Args, Marker>: Send + Sync + 'static {
+///
+/// # The rule for closures
+///
+/// A target is `Copy` and zero-sized. The child never receives the parent's value of
+/// it: it makes its own out of nothing, which is the same as naming the function only if
+/// the value holds nothing. So:
+///
+/// - a fn item, or a closure that captures nothing, is a target;
+/// - a closure that captures a value with data (a number, a `String`) is refused when the
+///   program is built (pass the value as an argument instead);
+/// - a closure that captures a zero-sized value that is not `Copy` (a one-of-a-kind
+///   token, a guard whose `Drop` does something) is refused by the type checker, since
+///   the child would get that value without its constructor having run:
+///
+/// ```compile_fail,E0277
+/// # #[tokio::main] async fn main() {
+/// /// Proof that `init()` ran; made only by it.
+/// pub struct Initialized(());
+/// let proof = Initialized(());
+/// let p = procpool::Process::new(move || { let _p = &proof; 1u8 }, ());
+/// # }
+/// ```
+///
+/// - what Rust cannot tell apart from a closure that captures nothing, and procpool
+///   therefore cannot refuse, is a closure that captures a zero-sized **`Copy`** value.
+///   Such a value is made in the child without its constructor: don't capture a `Copy`
+///   zero-sized type whose existence proves something (that an initialisation ran, that
+///   a check passed) and guards `unsafe` code. Types without such a meaning
+///   (`PhantomData`, unit structs anyone can write) are harmless.
+pub trait Target<Args, Marker>: Copy + Send + Sync + 'static {
     /// What the target returns (for an async target, what its future resolves to).
     type Output: Serialize + DeserializeOwned + Send + 'static;
 
@@ -101,7 +130,7 @@ macro_rules! impl_target {
     ($($A:ident),*) => {
         impl<Func, Ret, $($A,)*> Target<($($A,)*), Blocking> for Func
         where
-            Func: Fn($($A),*) -> Ret + Send + Sync + 'static,
+            Func: Fn($($A),*) -> Ret + Copy + Send + Sync + 'static,
             Ret: Serialize + DeserializeOwned + Send + 'static,
             $($A: Serialize + DeserializeOwned + Send + 'static,)*
         {
@@ -116,7 +145,7 @@ macro_rules! impl_target {
 
         impl<Func, Fut, $($A,)*> Target<($($A,)*), Async> for Func
         where
-            Func: Fn($($A),*) -> Fut + Send + Sync + 'static,
+            Func: Fn($($A),*) -> Fut + Copy + Send + Sync + 'static,
             Fut: Future,
             Fut::Output: Serialize + DeserializeOwned + Send + 'static,
             $($A: Serialize + DeserializeOwned + Send + 'static,)*

@@ -23,10 +23,14 @@
 //!    library would be mapped elsewhere, or not at all, in the child). The child checks
 //!    the same range again before it makes a pointer.
 //! 4. **A value of `F` may be made from nothing.** `F` is zero-sized (checked at compile
-//!    time) and inhabited (the parent held a value of it to call `Process::new`). A
-//!    zero-sized fn item or closure carries no data, so making one is the same as naming
-//!    the function. The one caveat: a closure that captures a zero-sized *token* type gets
-//!    that token in the child without calling its constructor; don't capture tokens.
+//!    time), `Copy` (a bound of `Target`) and inhabited (the parent held a value of it to
+//!    call `Process::new`). A fn item or a closure that captures nothing carries no data,
+//!    so making one is the same as naming the function. `Copy` rules out a closure that
+//!    captures a zero-sized value with drop glue or a one-of-a-kind (non-`Copy`) token:
+//!    making those from nothing could run a `Drop` that was never armed or duplicate a
+//!    unique proof. What remains, and Rust cannot detect, is a closure capturing a
+//!    zero-sized `Copy` type whose existence is a proof `unsafe` code trusts; `Target`'s
+//!    docs state that rule for users.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,6 +74,61 @@ pub(super) fn conjure<F>() -> F {
     // that could be uninitialised. `F` is inhabited: this is only instantiated for a `F`
     // of which the parent held a value (see point 4 of the module docs).
     unsafe { std::mem::zeroed::<F>() }
+}
+
+/// The main program's load bias and its executable segments (`[start, end)`), from the
+/// dynamic loader: the first object `dl_iterate_phdr` reports is the main program.
+pub(super) fn main_program() -> (usize, Vec<(usize, usize)>) {
+    struct Found {
+        base: usize,
+        code: Vec<(usize, usize)>,
+    }
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader passes a valid `dl_phdr_info` for the duration of the call;
+        // `data` is the `&mut Found` that `main_program` passed, borrowed by nothing else
+        // while `dl_iterate_phdr` runs; `dlpi_phdr` points to `dlpi_phnum` program
+        // headers mapped for the object's lifetime (the main program's: the process's).
+        let (info, found) = unsafe { (&*info, &mut *data.cast::<Found>()) };
+        let Ok(base) = usize::try_from(info.dlpi_addr) else {
+            return 1;
+        };
+        found.base = base;
+        let phdrs = if info.dlpi_phdr.is_null() {
+            &[]
+        } else {
+            // SAFETY: see above: `dlpi_phnum` headers at `dlpi_phdr`, aligned and
+            // initialised by the loader (or the kernel, for the executable).
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        for ph in phdrs {
+            if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                let start = usize::try_from(ph.p_vaddr)
+                    .ok()
+                    .and_then(|v| base.checked_add(v));
+                let len = usize::try_from(ph.p_memsz).ok();
+                if let (Some(start), Some(len)) = (start, len)
+                    && let Some(end) = start.checked_add(len)
+                {
+                    found.code.push((start, end));
+                }
+            }
+        }
+        1 // Stop: only the first object, the main program, is wanted.
+    }
+    let mut found = Found {
+        base: 0,
+        code: Vec::new(),
+    };
+    // SAFETY: `first` matches the callback type `dl_iterate_phdr` expects, does not
+    // unwind (no call in it panics), and `found` outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(Some(first), (&raw mut found).cast());
+    }
+    (found.base, found.code)
 }
 
 /// Looks an entry point up by the offset a parent sent, checking it is code of the main

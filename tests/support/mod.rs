@@ -17,6 +17,10 @@ impl TempDir {
         TempDir(dir)
     }
 
+    pub fn root(&self) -> &std::path::Path {
+        &self.0
+    }
+
     pub fn path(&self, name: &str) -> String {
         self.0.join(name).to_string_lossy().into_owned()
     }
