@@ -160,14 +160,47 @@ pub fn os_children() -> Vec<(u32, char)> {
     out
 }
 
-/// Path of an example binary built by `cargo test` (examples are built beside tests).
+/// Path of example `name`, built now if needed: `cargo test` builds examples beside the
+/// tests, but `cargo test --test <one>` does not, and a binary left from an earlier build
+/// may be stale. `cargo build` (a no-op when the binary is fresh) runs once per test
+/// binary, for every example, with the profile and target directory of this test.
 pub fn example_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("examples").join(name);
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            // <target>/<profile>/deps/<test binary>
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or("no profile directory")?;
+            let target_dir = profile_dir.parent().ok_or("no target directory")?;
+            let mut cargo = std::process::Command::new(env!("CARGO"));
+            cargo
+                .args(["build", "--quiet", "--examples", "--manifest-path"])
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(target_dir);
+            if profile_dir.file_name() == Some(std::ffi::OsStr::new("release")) {
+                cargo.arg("--release");
+            }
+            let out = cargo
+                .output()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "cargo build --examples failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(profile_dir.join("examples"))
+        })
+        .as_ref()
+        .unwrap_or_else(|e| panic!("building the examples: {e}"));
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "example {name} not built at {}; run the tests with `cargo test`",
+        "example {name} not found at {}",
         bin.display()
     );
     bin
@@ -212,6 +245,43 @@ pub async fn gone_within(pid: u32, limit: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Waits (up to a minute) until `running(pid)` is false, and fails only if the process
+/// was *seen* running more than `limit` after `since` (the fault: a kill, a drop). Each
+/// look is timed before it is taken, so a look that comes late (a loaded machine that
+/// did not run this test for a while) is not mistaken for a late exit: only a look
+/// started after `limit` that still finds the process running fails.
+pub async fn ended_within(
+    pid: u32,
+    since: Instant,
+    limit: Duration,
+    running: impl Fn(u32) -> bool,
+) {
+    loop {
+        let looked = Instant::now();
+        if !running(pid) {
+            return;
+        }
+        let after = looked.duration_since(since);
+        assert!(
+            after <= limit,
+            "process {pid} still there {after:?} after the fault (limit {limit:?}): {}",
+            describe_process(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Running, or a zombie nobody reaped: what "none is left" excludes for our own children.
+pub fn not_reaped(pid: u32) -> bool {
+    proc_state(pid).is_some()
+}
+
+/// Still running (a zombie counts as gone: a process that is not our child is reaped by
+/// someone else, if at all).
+pub fn running(pid: u32) -> bool {
+    !is_dead(pid)
 }
 
 /// A target that never returns.
