@@ -324,6 +324,71 @@ async fn items_a_killed_consumer_prefetched_go_back_to_the_queue() {
     assert!(q.is_empty());
 }
 
+/// Forwards `n` items from `a` to `b`, makes sure `b`'s owner has them, says so in
+/// `marker`, and dies without any clean-up.
+fn forward_flush_then_abort(
+    a: Queue<serde_bytes::ByteBuf>,
+    b: Queue<serde_bytes::ByteBuf>,
+    n: usize,
+    marker: String,
+) -> u8 {
+    for _ in 0..n {
+        let item = a.blocking_get().unwrap();
+        b.blocking_put(item).unwrap();
+    }
+    b.blocking_flush().unwrap();
+    support::write_file(&marker, &n.to_string());
+    std::process::abort()
+}
+
+fn index_of(item: &[u8]) -> u64 {
+    u64::from_le_bytes(item[..8].try_into().unwrap())
+}
+
+#[tokio::test]
+async fn puts_flushed_before_an_abort_reach_the_owner_and_nothing_is_lost() {
+    // Large items: the last put's bytes are far from sent when `put` returns, so without
+    // the flush the abort would lose it.
+    const N: usize = 8;
+    const M: usize = 8;
+    let dir = support::TempDir::new("flush-abort");
+    let marker = dir.path("forwarded");
+    let a: Queue<serde_bytes::ByteBuf> = Queue::new();
+    let b: Queue<serde_bytes::ByteBuf> = Queue::new();
+    for i in 0..(N + M) as u64 {
+        let mut item = vec![0u8; 4 << 20];
+        item[..8].copy_from_slice(&i.to_le_bytes());
+        a.put(serde_bytes::ByteBuf::from(item)).await.unwrap();
+    }
+    let mut child = procpool::spawn(
+        forward_flush_then_abort,
+        (a.clone(), b.clone(), N, marker.clone()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(child.join().await, Err(Error::WorkerDied { .. })),
+        "the child aborts"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("the child flushed before it aborted"),
+        N.to_string()
+    );
+    // Every forwarded item is in `b` (it was there before the child died) ...
+    assert_eq!(b.len(), N, "puts the child flushed are at the owner");
+    let mut seen = HashSet::new();
+    for _ in 0..N {
+        assert!(seen.insert(index_of(&b.try_get().unwrap().expect("an item"))));
+    }
+    // ... and every other item comes back to `a` (what the child had prefetched, once
+    // the owner sees its connection close): each item exactly once.
+    for _ in 0..M {
+        assert!(seen.insert(index_of(&a.get_timeout(SOON).await.unwrap())));
+    }
+    assert_eq!(seen, (0..(N + M) as u64).collect::<HashSet<_>>());
+    assert!(a.is_empty() && b.is_empty());
+}
+
 fn get_until_closed(q: Queue<u32>, ready: Event) -> String {
     ready.set().unwrap();
     format!("{:?}", q.blocking_get())

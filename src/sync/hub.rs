@@ -371,7 +371,9 @@ impl Outbox {
         {
             st.flush();
         }
-        st.acks.insert(obj, upto);
+        // Callers on several threads may report out of order: keep the highest.
+        let acked = st.acks.entry(obj).or_insert(upto);
+        *acked = (*acked).max(upto);
         drop(st);
         self.wake.notify_one();
     }
@@ -1211,6 +1213,21 @@ mod tests {
         assert!(got[0].starts_with("Puts { obj: 1"), "{got:?}");
         assert!(got[1].starts_with("Ack { obj: 2, upto: 5"), "{got:?}");
         assert!(got[2].starts_with("Forget { obj: 2"), "{got:?}");
+    }
+
+    #[test]
+    fn a_late_lower_acknowledgement_does_not_undo_a_higher_one() {
+        // Two threads handing out items 6 and 5 of one queue may report them 6, then 5.
+        let out = Outbox::new();
+        out.push_ack(1, 6);
+        out.push_ack(1, 5);
+        let mut st = lock(&out.st);
+        st.flush();
+        let body = read_frame(&st.buf[..]).unwrap();
+        match wire::from_frame::<ToHub>(&body).unwrap() {
+            ToHub::Ack { obj: 1, upto } => assert_eq!(upto, 6),
+            other => panic!("decoded {other:?}"),
+        }
     }
 
     #[test]

@@ -16,7 +16,10 @@
 //!   [`Error::Closed`](crate::Error::Closed) when an end is dropped or its process dies.
 //!
 //! Before a child reports a result (a pool task's value, a `Process`'s exit), everything
-//! it sent to queues, locks and events was applied by their owners.
+//! it sent to queues, locks and events was applied by their owners. Code that must not
+//! lose what it sent even if its process dies the next instant calls
+//! [`Queue::flush`]: a `put` from another process returns `Ok` once the item is accepted
+//! for delivery, and `flush` waits until the owner has it.
 
 mod event;
 pub(crate) mod hub;

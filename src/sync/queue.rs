@@ -596,7 +596,8 @@ impl Drop for Getter<'_> {
 /// instructions under a mutex.
 ///
 /// From another process, `put` on an unbounded queue returns as soon as the item is
-/// queued for sending (puts are batched), and `get` prefetches: a consumer that keeps
+/// queued for sending (puts are batched; `Ok` means accepted for delivery, and
+/// [`flush`](Self::flush) waits until the owner has it), and `get` prefetches: a consumer that keeps
 /// taking items receives them in growing batches. Items a process prefetched but did not
 /// hand out go back to the front of the queue when another consumer is waiting, when
 /// the process drops its last handle, or when it dies; so nothing is lost and nothing is
@@ -770,6 +771,44 @@ impl<T> Queue<T> {
             Access::Remote(r) => expect_ok(r.call(Op::Join).await?),
             Access::Dead(_) => Err(Error::Closed),
         }
+    }
+
+    /// Waits until everything this process sent to the queue's owner has been applied
+    /// there: every [`put`](Self::put) that returned `Ok` is in the queue, every item
+    /// handed out here is acknowledged. In the owner, returns at once.
+    ///
+    /// From another process, a `put` to an unbounded queue returns `Ok` when the item is
+    /// *accepted for delivery*: it reaches the owner unless this process dies (an abort,
+    /// a signal, `std::process::exit`) before it is sent. After `flush` returns, nothing
+    /// this process did to the queue can be lost any more. A task's or a `Process`
+    /// target's end flushes by itself (before its result or exit is reported), so only
+    /// code that must survive its own crash needs `flush`: a consumer that forwards each
+    /// item it takes to another queue, say, calls `flush` on the second queue before it
+    /// counts the item as done. A process's operations reach an owner in order, so a
+    /// process that dies leaves there a prefix of what it did.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the owner is gone (what was not applied is lost with it).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a dropped flush only stops waiting.
+    pub async fn flush(&self) -> Result<()> {
+        match &self.h.access {
+            Access::Local(_) => Ok(()),
+            Access::Remote(r) => expect_ok(r.call(Op::Sync).await?),
+            Access::Dead(_) => Err(Error::Closed),
+        }
+    }
+
+    /// [`flush`](Self::flush) from synchronous code (a plain target).
+    ///
+    /// # Errors
+    ///
+    /// As [`flush`](Self::flush).
+    pub fn blocking_flush(&self) -> Result<()> {
+        futures::executor::block_on(self.flush())
     }
 }
 
