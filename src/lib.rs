@@ -226,6 +226,8 @@ pub use log::log_to_stderr;
 pub use pool::{Apply, AsyncPool, Builder, Imap, Map, PoolStats, TaskHandle, TaskTimeout};
 pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
 pub use sync::{Connection, Event, Lock, LockGuard, Queue, TryPutError, pipe};
+#[doc(hidden)]
+pub use sync::{Tables as __Tables, tables as __tables};
 pub use target::{Async, Blocking, Target};
 pub use wire::DEFAULT_MAX_FRAME;
 

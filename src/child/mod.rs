@@ -11,7 +11,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,7 +124,9 @@ fn serve(args: Args) -> i32 {
     // (the poll is level-triggered: a parent gone in between is seen at once).
     let watching_early = hello.init.is_some();
     let gate = Arc::new(Mutex::new(Gate::default()));
-    let mut control = control.map(|c| (c, Arc::clone(&gate), outbox.clone()));
+    let handover = Arc::new(Handover::default());
+    let mut control =
+        control.map(|c| (c, Arc::clone(&gate), outbox.clone(), Arc::clone(&handover)));
     if watching_early {
         watch_parent(chan.get_ref(), control.take());
     }
@@ -159,35 +161,16 @@ fn serve(args: Args) -> i32 {
     }
     match hello.role {
         Role::Process => run_once(chan, outbox, cx),
-        Role::Worker => serve_pool(chan, outbox, cx, &gate),
+        Role::Worker => serve_pool(chan, outbox, cx, &gate, &handover),
     }
 }
 
 /// Reads the channel's first byte (see `process::service::spawn_here`): the recall
 /// channel of a pool worker, or none. `Ok(None)`: the parent is gone already.
 fn take_control(stream: &UnixStream) -> std::io::Result<Option<Option<UnixStream>>> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut byte = [0u8; 1];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut anc = RecvAncillaryBuffer::new(&mut space);
-    let got = loop {
-        match rustix::net::recvmsg(
-            stream,
-            &mut [std::io::IoSliceMut::new(&mut byte)],
-            &mut anc,
-            RecvFlags::CMSG_CLOEXEC,
-        ) {
-            Err(rustix::io::Errno::INTR) => continue,
-            other => break other?,
-        }
-    };
-    let mut fd = None;
-    for msg in anc.drain() {
-        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
-            fd = fd.or(fds.next());
-        }
-    }
-    match (got.bytes, byte[0], fd) {
+    let (got, fd) = wire::fdpass::recv_with_fd(stream, &mut byte)?;
+    match (got, byte[0], fd) {
         (0, _, _) => Ok(None),
         (1, 0, None) => Ok(Some(None)),
         (1, 1, Some(fd)) => Ok(Some(Some(UnixStream::from(fd)))),
@@ -318,6 +301,7 @@ fn serve_pool(
     outbox: Outbox,
     mut cx: Context,
     gate: &Mutex<Gate>,
+    handover: &Handover,
 ) -> i32 {
     let mut queue: VecDeque<Job> = VecDeque::new();
     // Tasks are numbered in the order they arrive, as the parent numbers them.
@@ -361,7 +345,7 @@ fn serve_pool(
                         }
                     }
                     Ok(DownIn::Shutdown) => queue.push_back(Job::Shutdown),
-                    Ok(DownIn::Arena(a)) => match open_arena(&a) {
+                    Ok(DownIn::Arena(a)) => match open_arena(&a, handover) {
                         Ok(map) => arena = Some(Arc::new(map)),
                         Err(e) => {
                             eprintln!("procpool: worker cannot map its arena: {e}");
@@ -425,11 +409,40 @@ fn serve_pool(
     }
 }
 
+/// How long the main thread waits for the arena's file, which the parent sent before the
+/// `Down::Arena` that announces it: only for the watcher thread to be scheduled.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Maps the arena the parent made for this worker, read-only.
-fn open_arena(a: &wire::Arena) -> Result<SharedMap, String> {
-    let fd = crate::sync::hub::claim(&a.hub, a.export)?;
+fn open_arena(a: &wire::Arena, handover: &Handover) -> Result<SharedMap, String> {
+    let fd = handover.take(HANDOVER_TIMEOUT)?;
     let size = usize::try_from(a.size).map_err(|e| e.to_string())?;
     SharedMap::new(fd.as_fd(), size, false).map_err(|e| e.to_string())
+}
+
+/// The arena's file, from the watcher (which reads the recall channel it came on) to the
+/// main thread.
+#[derive(Default)]
+struct Handover {
+    fd: Mutex<Option<OwnedFd>>,
+    came: std::sync::Condvar,
+}
+
+impl Handover {
+    fn give(&self, fd: OwnedFd) {
+        *self.fd.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+        self.came.notify_all();
+    }
+
+    fn take(&self, limit: Duration) -> Result<OwnedFd, String> {
+        let slot = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut slot, _) = self
+            .came
+            .wait_timeout_while(slot, limit, |fd| fd.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        slot.take()
+            .ok_or_else(|| format!("its file did not arrive within {limit:?}"))
+    }
 }
 
 /// A task's arguments in the arena: valid until the task is dropped, which the worker does
@@ -496,7 +509,7 @@ impl Gate {
 
 /// The watcher's part of a pool worker's recall channel: the socket, the gate, and
 /// where answers go.
-type Control = (UnixStream, Arc<Mutex<Gate>>, Outbox);
+type Control = (UnixStream, Arc<Mutex<Gate>>, Outbox, Arc<Handover>);
 
 /// Watches the parent on a thread of its own while the main thread runs tasks:
 ///
@@ -519,7 +532,7 @@ fn watch_parent(stream: &UnixStream, control: Option<Control>) {
             let mut control = control;
             loop {
                 let mut fds = vec![PollFd::new(&stream, PollFlags::RDHUP)];
-                if let Some((c, _, _)) = &control {
+                if let Some((c, ..)) = &control {
                     fds.push(PollFd::new(c, PollFlags::IN));
                 }
                 match poll(&mut fds, None) {
@@ -549,13 +562,25 @@ fn watch_parent(stream: &UnixStream, control: Option<Control>) {
 }
 
 /// Reads one recall and answers it; false once the recall channel is closed or broken.
-fn answer_recall((sock, gate, outbox): &Control) -> bool {
+fn answer_recall((sock, gate, outbox, handover): &Control) -> bool {
     use std::io::Read;
     let mut msg = [0u8; wire::RECALL_LEN];
-    if (&*sock).read_exact(&mut msg).is_err() {
+    // The arena's file comes with the first byte of its message.
+    let (got, fd) = match wire::fdpass::recv_with_fd(sock, &mut msg) {
+        Ok((0, _)) | Err(_) => return false,
+        Ok(got) => got,
+    };
+    if got < msg.len() && (&*sock).read_exact(&mut msg[got..]).is_err() {
         return false;
     }
     let upto = wire::recall_upto(msg);
+    if upto == wire::ARENA_MARK {
+        match fd {
+            Some(fd) => handover.give(fd),
+            None => eprintln!("procpool: the arena's message came without its file"),
+        }
+        return true;
+    }
     let after = gate.lock().unwrap_or_else(|p| p.into_inner()).recall(upto);
     // A failed send means the parent is gone; the EOF watch ends the process.
     outbox.send(&Up::Recalled { after, upto }).is_ok()

@@ -96,8 +96,6 @@ struct ParentArena {
     /// Regions of tasks sent and not answered, as `(task, start, end)`, in the order
     /// sent, which is the order of their answers.
     live: VecDeque<(u64, usize, usize)>,
-    /// The exported file, closed if the worker never claims it.
-    _export: crate::sync::hub::Pin,
 }
 
 impl std::fmt::Debug for ParentArena {
@@ -109,24 +107,39 @@ impl std::fmt::Debug for ParentArena {
 }
 
 impl ParentArena {
-    /// A memory file of [`ARENA_SIZE`] bytes, mapped here and exported through the hub,
-    /// and the message that tells the worker where to claim it.
-    fn create() -> Result<(ParentArena, Down), String> {
-        use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
-        let fd = memfd_create("procpool-arena", MemfdFlags::CLOEXEC).map_err(|e| e.to_string())?;
-        ftruncate(&fd, ARENA_SIZE as u64).map_err(|e| e.to_string())?;
+    /// A memory file of [`ARENA_SIZE`] bytes, mapped here, sealed, and handed to the
+    /// worker on its recall channel; and the message that tells the worker its size.
+    ///
+    /// The seals (shrink, grow, writes through any new mapping, further seals) mean the
+    /// worker (or anyone it leaks the file to) can only map it read-only, and cannot
+    /// truncate it under the parent's mapping, which would kill the parent with SIGBUS.
+    fn create(control: &std::os::unix::net::UnixStream) -> Result<(ParentArena, Down), String> {
+        use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, ftruncate, memfd_create};
+        let fd = memfd_create(
+            "procpool-arena",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| e.to_string())?;
+        let size = u64::try_from(ARENA_SIZE).map_err(|e| e.to_string())?;
+        ftruncate(&fd, size).map_err(|e| e.to_string())?;
         let map = SharedMap::new(fd.as_fd(), ARENA_SIZE, true).map_err(|e| e.to_string())?;
-        let hub = crate::sync::hub::hub()?;
-        let export = hub.export(fd);
-        let msg = Down::Arena(crate::wire::Arena {
-            hub: hub.me.clone(),
-            export,
-            size: ARENA_SIZE as u64,
-        });
+        fcntl_add_seals(
+            &fd,
+            SealFlags::SHRINK | SealFlags::GROW | SealFlags::FUTURE_WRITE | SealFlags::SEAL,
+        )
+        .map_err(|e| format!("cannot seal the arena: {e}"))?;
+        let mark = crate::wire::recall(crate::wire::ARENA_MARK);
+        // Before the `Down::Arena` that needs it; 8 bytes on a socket that holds at most
+        // one recall besides: written whole, or the arena is not used.
+        match crate::wire::fdpass::send_with_fd(control, &mark, Some(fd.as_fd())) {
+            Ok(n) if n == mark.len() => {}
+            Ok(n) => return Err(format!("the arena went with {n} of 8 bytes")),
+            Err(e) => return Err(format!("cannot hand the arena over: {e}")),
+        }
+        let msg = Down::Arena(crate::wire::Arena { size });
         let arena = ParentArena {
             map,
             live: VecDeque::new(),
-            _export: crate::sync::hub::Pin::Export(export),
         };
         Ok((arena, msg))
     }
@@ -307,7 +320,7 @@ impl WorkerConn {
     ) -> Option<Result<(), Error>> {
         let mut slot = self.out.arena.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(*slot, ArenaSlot::NotYet) {
-            *slot = match ParentArena::create() {
+            *slot = match ParentArena::create(&self.control) {
                 Ok((arena, announce)) => {
                     self.send(&announce);
                     ArenaSlot::Ready(arena)
@@ -597,6 +610,39 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_arena_goes_sealed_over_the_recall_channel() {
+        use rustix::fs::{SealFlags, fcntl_get_seals, ftruncate};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (arena, msg) = ParentArena::create(&ours).unwrap();
+        assert!(
+            matches!(msg, Down::Arena(crate::wire::Arena { size }) if size == ARENA_SIZE as u64)
+        );
+        let mut mark = [0u8; crate::wire::RECALL_LEN];
+        let (n, fd) = crate::wire::fdpass::recv_with_fd(&theirs, &mut mark).unwrap();
+        assert_eq!(n, mark.len());
+        assert_eq!(crate::wire::recall_upto(mark), crate::wire::ARENA_MARK);
+        let fd = fd.expect("the arena's file came with its message");
+        let seals = fcntl_get_seals(&fd).unwrap();
+        for seal in [
+            SealFlags::SHRINK,
+            SealFlags::GROW,
+            SealFlags::FUTURE_WRITE,
+            SealFlags::SEAL,
+        ] {
+            assert!(seals.contains(seal), "{seals:?} lacks {seal:?}");
+        }
+        // What a worker could do with it: shrink it (SIGBUS in the parent), grow it, or
+        // map it writable. All refused.
+        assert!(ftruncate(&fd, 0).is_err());
+        assert!(ftruncate(&fd, 2 * ARENA_SIZE as u64).is_err());
+        assert!(SharedMap::new(fd.as_fd(), ARENA_SIZE, true).is_err());
+        assert!(SharedMap::new(fd.as_fd(), ARENA_SIZE, false).is_ok());
+        // The parent's own mapping still writes.
+        let mut arena = arena;
+        arena.map.get_mut(0, 4).unwrap().copy_from_slice(b"ok!!");
+    }
 
     #[test]
     fn the_arena_is_a_ring_freed_from_its_front() {

@@ -125,33 +125,12 @@ pub(crate) fn spawn_here(name: &str, control: bool) -> Result<Spawned, Error> {
 /// Writes the channel's first byte (see [`spawn_here`]). The socket is new and empty, so
 /// one byte never waits.
 fn send_preamble(channel: &UnixStream, control: Option<&UnixStream>) -> Result<(), Error> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     use std::os::fd::AsFd;
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut anc = SendAncillaryBuffer::new(&mut space);
-    let fds;
-    let byte = match control {
-        Some(end) => {
-            fds = [end.as_fd()];
-            if !anc.push(SendAncillaryMessage::ScmRights(&fds)) {
-                return Err(Error::spawn("no room to pass the recall channel", None));
-            }
-            [1u8]
-        }
-        None => [0u8],
-    };
-    match rustix::net::sendmsg(
-        channel,
-        &[io::IoSlice::new(&byte)],
-        &mut anc,
-        SendFlags::NOSIGNAL,
-    ) {
+    let byte = [u8::from(control.is_some())];
+    match crate::wire::fdpass::send_with_fd(channel, &byte, control.map(|c| c.as_fd())) {
         Ok(1) => Ok(()),
         Ok(_) => Err(Error::spawn("cannot write a child's preamble", None)),
-        Err(e) => Err(Error::spawn(
-            "cannot write a child's preamble",
-            Some(e.into()),
-        )),
+        Err(e) => Err(Error::spawn("cannot write a child's preamble", Some(e))),
     }
 }
 

@@ -77,10 +77,15 @@ impl EventCore {
         }
     }
 
+    /// A waiter of another process gave up: it leaves the line and is answered
+    /// `Cancelled` (which clears the request on its side). Not in line: it was answered.
     pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
-        lock(&self.st)
-            .waiters
-            .retain(|(p, i)| !(p.id == peer.id && *i == id));
+        let mut st = lock(&self.st);
+        let before = st.waiters.len();
+        st.waiters.retain(|(p, i)| !(p.id == peer.id && *i == id));
+        if st.waiters.len() < before {
+            peer.reply(id, Reply::Cancelled);
+        }
     }
 
     pub(crate) fn peer_gone(&self, peer: &Arc<Peer>) {
@@ -248,11 +253,21 @@ impl<'de> Deserialize<'de> for Event {
     }
 }
 
+impl Drop for EventCore {
+    fn drop(&mut self) {
+        hub::unregister(self.id);
+    }
+}
+
 impl super::Core for EventCore {
     const KIND: Kind = Kind::Event;
 
     fn obj(self: &Arc<Self>) -> Obj {
         Obj::Event(Arc::clone(self))
+    }
+
+    fn parked(&self) -> usize {
+        lock(&self.st).waiters.len()
     }
 
     fn from_obj(obj: Obj) -> Option<Arc<Self>> {

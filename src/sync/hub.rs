@@ -3,7 +3,11 @@
 //!
 //! Every process that hands one of its objects to another process starts a hub: a unix
 //! socket in the abstract namespace (`procpool/<pid>/<nonce>`), served on the procpool
-//! service thread. A handle crosses the boundary as `(hub address, token, object id)`.
+//! service thread. A handle crosses the boundary as `(hub address, token, object id,
+//! object key)`: the token lets a process of the same user connect, and the key, random
+//! per object, is the capability to open that one object (ids alone are a counter). A
+//! pipe end parked for a claim has a key of its own too, so holding one handle opens
+//! nothing else. Each side checks the other's uid (`SO_PEERCRED`).
 //! Another process deserializing it connects to that hub once (one connection per pair of
 //! processes, shared by every object) and opens the object; the hub keeps an object alive
 //! while a process has it open, and forgets what a process held when its connection ends.
@@ -16,10 +20,19 @@
 //!
 //! Connections are authenticated by a random token (and the peer's uid), and every frame
 //! is length-prefixed MessagePack with the same codec as the child channel.
+//!
+//! # How long an object lives
+//!
+//! A handle serialized as a task's (or a `Process`'s) argument keeps its object alive
+//! until that child is done with it (the [`Pins`] the encoding took). A handle serialized
+//! any other way (inside a queue item or a pipe message, or by the program itself) gets a
+//! *ticket*: its object stays alive until a process decodes that copy (which sends
+//! `Unpin`), or until this process exits. A put that fails gives its tickets back at
+//! once. What is serialized and never decoded (an item in a queue that is dropped full)
+//! keeps its object until this process exits.
 
 use std::collections::HashMap;
-use std::io::{IoSlice, IoSliceMut, Write};
-use std::mem::MaybeUninit;
+use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::SocketAddr;
@@ -70,9 +83,23 @@ pub(crate) struct HubRef {
 }
 
 impl HubRef {
+    /// Connects to the hub, and checks that a process of this user serves it (an
+    /// abstract socket name can be bound by anyone in the network namespace).
     fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
         let addr = SocketAddr::from_abstract_name(self.name.as_bytes())?;
-        std::os::unix::net::UnixStream::connect_addr(&addr)
+        let sock = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+        let cred = rustix::net::sockopt::socket_peercred(&sock)?;
+        if cred.uid != rustix::process::geteuid() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the socket {} is served by uid {}, not this process's user",
+                    self.name,
+                    cred.uid.as_raw()
+                ),
+            ));
+        }
+        Ok(sock)
     }
 }
 
@@ -125,6 +152,15 @@ impl Obj {
         }
     }
 
+    /// Requests of other processes waiting in this object.
+    fn parked(&self) -> usize {
+        match self {
+            Obj::Queue(c) => super::Core::parked(&**c),
+            Obj::Lock(c) => super::Core::parked(&**c),
+            Obj::Event(c) => super::Core::parked(&**c),
+        }
+    }
+
     fn handle(&self, peer: &Arc<Peer>, id: u64, op: Op) {
         match self {
             Obj::Queue(c) => c.remote_op(peer, id, op),
@@ -152,8 +188,8 @@ impl WeakObj {
 pub(crate) enum Purpose {
     /// A long-lived connection carrying requests for any number of objects.
     Session,
-    /// Hand over exported pipe end `n`, then close.
-    Claim(u64),
+    /// Hand over exported pipe end `export`, whose key is `key`, then close.
+    Claim { export: u64, key: u64 },
 }
 
 /// A process using an object, to its creator's hub.
@@ -163,10 +199,17 @@ pub(crate) enum ToHub {
         token: u64,
         purpose: Purpose,
     },
-    /// This process holds a handle to `obj` (sent once per process).
+    /// This process holds a handle to `obj`, whose key is `key` (sent once per process;
+    /// an unknown id, a wrong key or kind opens nothing, and requests for it are `Gone`).
     Open {
         obj: u64,
         kind: Kind,
+        key: u64,
+    },
+    /// This process decoded the copy of a handle to `obj` that `ticket` kept alive.
+    Unpin {
+        obj: u64,
+        ticket: u64,
     },
     /// This process dropped its last handle to `obj`.
     Forget {
@@ -441,18 +484,84 @@ impl Peer {
 
 pub(crate) struct Hub {
     pub(crate) me: HubRef,
-    objects: Mutex<HashMap<u64, WeakObj>>,
-    /// Objects serialized outside procpool's own argument passing: kept for good.
-    forever: Mutex<HashMap<u64, Obj>>,
-    exports: Mutex<HashMap<u64, OwnedFd>>,
+    /// Objects other processes may open, by id; removed when the object is dropped.
+    objects: Mutex<HashMap<u64, Registered>>,
+    /// Objects kept alive for copies of their handles serialized outside task arguments,
+    /// by ticket, with the object's id, until a process decodes that copy.
+    pinned: Mutex<HashMap<u64, (u64, Obj)>>,
+    /// Pipe ends parked until claimed, by id, with their key.
+    exports: Mutex<HashMap<u64, (u64, OwnedFd)>>,
+}
+
+/// An object other processes may open.
+struct Registered {
+    obj: WeakObj,
+    /// The capability: a process must present it to open the object.
+    key: u64,
+}
+
+/// The sizes of this process's sharing tables (see [`tables`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Tables {
+    /// Objects of this process that other processes may open (alive ones only).
+    pub objects: usize,
+    /// Objects kept alive for serialized copies of their handles nobody decoded yet.
+    pub pinned: usize,
+    /// Pipe ends parked for another process to claim.
+    pub exports: usize,
+    /// Requests of other processes parked in this process's objects (waiting `lock`,
+    /// `get`, `put`, `join` and `wait` calls).
+    pub parked: usize,
+    /// Connections from this process to other processes' hubs.
+    pub clients: usize,
+    /// Requests this process sent to other processes' hubs, not answered yet.
+    pub pending: usize,
+    /// Other processes' objects this process has open.
+    pub remotes: usize,
+}
+
+/// The sizes of this process's sharing tables, for tests that check nothing leaks.
+#[doc(hidden)]
+pub fn tables() -> Tables {
+    let mut t = Tables::default();
+    if let Some(h) = own() {
+        let objects: Vec<WeakObj> = lock(&h.objects).values().map(|r| r.obj.clone()).collect();
+        // Upgraded (and dropped) outside the table's lock: a drop may unregister.
+        let alive: Vec<Obj> = objects.iter().filter_map(WeakObj::upgrade).collect();
+        t.objects = alive.len();
+        t.parked = alive.iter().map(Obj::parked).sum();
+        drop(alive);
+        t.pinned = lock(&h.pinned).len();
+        t.exports = lock(&h.exports).len();
+    }
+    let clients: Vec<Arc<Client>> = lock(clients()).values().filter_map(Weak::upgrade).collect();
+    t.clients = clients.len();
+    for c in &clients {
+        t.pending += lock(&c.pending).len();
+        t.remotes += lock(&c.remotes)
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count();
+    }
+    t
 }
 
 static HUB: OnceLock<Result<Arc<Hub>, String>> = OnceLock::new();
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 
 /// A process-unique id for an object or an export.
 pub(crate) fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Object `id` was dropped: no process can open it any more.
+pub(crate) fn unregister(id: u64) {
+    if let Some(h) = own() {
+        lock(&h.objects).remove(&id);
+    }
 }
 
 /// This process's hub if it was started.
@@ -487,7 +596,7 @@ fn start() -> Result<Arc<Hub>, String> {
     let hub = Arc::new(Hub {
         me,
         objects: Mutex::default(),
-        forever: Mutex::default(),
+        pinned: Mutex::default(),
         exports: Mutex::default(),
     });
     let serving = Arc::clone(&hub);
@@ -506,30 +615,72 @@ fn start() -> Result<Arc<Hub>, String> {
 }
 
 impl Hub {
-    /// Makes `obj` reachable from other processes under `id`.
-    pub(crate) fn register(&self, id: u64, obj: &Obj) {
-        lock(&self.objects).insert(id, obj.downgrade());
+    /// Makes `obj` reachable from other processes under `id`, and returns its key (the
+    /// same for every copy of its handles).
+    pub(crate) fn register(&self, id: u64, obj: &Obj) -> Result<u64, String> {
+        let mut objects = lock(&self.objects);
+        if let Some(r) = objects.get(&id) {
+            return Ok(r.key);
+        }
+        let key = random_u64()?;
+        objects.insert(
+            id,
+            Registered {
+                obj: obj.downgrade(),
+                key,
+            },
+        );
+        Ok(key)
     }
 
-    /// The object `id` if it still exists here.
-    pub(crate) fn find(&self, id: u64, kind: Kind) -> Option<Obj> {
-        let mut objects = lock(&self.objects);
-        let found = objects.get(&id).and_then(WeakObj::upgrade);
-        if found.is_none() {
-            objects.remove(&id);
-        }
+    /// The object `id`, if it still exists here and `key` is its key.
+    pub(crate) fn find(&self, id: u64, kind: Kind, key: u64) -> Option<Obj> {
+        let objects = lock(&self.objects);
+        let found = objects
+            .get(&id)
+            .filter(|r| r.key == key)
+            .and_then(|r| r.obj.upgrade());
+        // Dropped outside the lock: if it was the last reference, its drop unregisters.
+        drop(objects);
         found.filter(|o| o.kind() == kind)
     }
 
-    /// Parks a pipe end until another process claims it.
-    pub(crate) fn export(&self, fd: OwnedFd) -> u64 {
-        let id = next_id();
-        lock(&self.exports).insert(id, fd);
-        id
+    /// Keeps `obj` (id `id`) alive until a process decodes the copy of its handle that
+    /// carries the returned ticket.
+    fn pin_ticket(&self, id: u64, obj: Obj) -> u64 {
+        let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pinned).insert(ticket, (id, obj));
+        ticket
     }
 
-    pub(crate) fn take_export(&self, id: u64) -> Option<OwnedFd> {
-        lock(&self.exports).remove(&id)
+    /// The copy of object `id`'s handle that `ticket` kept alive was decoded (or will
+    /// never be: its put failed).
+    pub(crate) fn unpin(&self, ticket: u64, id: u64) {
+        let mut pinned = lock(&self.pinned);
+        let gone = match pinned.get(&ticket) {
+            Some((obj, _)) if *obj == id => pinned.remove(&ticket),
+            _ => None,
+        };
+        drop(pinned);
+        // Dropped outside the lock (see `find`).
+        drop(gone);
+    }
+
+    /// Parks a pipe end until another process claims it; returns its id and key.
+    pub(crate) fn export(&self, fd: OwnedFd) -> Result<(u64, u64), String> {
+        let id = next_id();
+        let key = random_u64()?;
+        lock(&self.exports).insert(id, (key, fd));
+        Ok((id, key))
+    }
+
+    /// Takes parked pipe end `id` if `key` is its key.
+    pub(crate) fn take_export(&self, id: u64, key: u64) -> Option<OwnedFd> {
+        let mut exports = lock(&self.exports);
+        match exports.get(&id) {
+            Some((k, _)) if *k == key => exports.remove(&id).map(|(_, fd)| fd),
+            _ => None,
+        }
     }
 
     async fn accept_loop(self: Arc<Self>, listener: tokio::net::UnixListener) {
@@ -566,8 +717,8 @@ impl Hub {
         };
         frames.decoder_mut().set_max_frame(MAX_FRAME);
         match purpose {
-            Purpose::Claim(id) => {
-                let fd = self.take_export(id);
+            Purpose::Claim { export, key } => {
+                let fd = self.take_export(export, key);
                 if let Err(e) = send_fd(wr.as_ref(), fd).await {
                     tracing::debug!("procpool: handing over a pipe end failed: {e}");
                 }
@@ -597,11 +748,17 @@ impl Hub {
             };
             match msg {
                 ToHub::Hello { .. } => break,
-                ToHub::Open { obj, kind } => {
+                ToHub::Open { obj, kind, key } => {
                     if let Some((_, n)) = open.get_mut(&obj) {
                         *n += 1;
-                    } else if let Some(o) = self.find(obj, kind) {
+                    } else if let Some(o) = self.find(obj, kind, key) {
                         open.insert(obj, (o, 1));
+                    }
+                }
+                ToHub::Unpin { obj, ticket } => {
+                    // Only a process that opened the object (it knew the key) may.
+                    if open.contains_key(&obj) {
+                        self.unpin(ticket, obj);
                     }
                 }
                 ToHub::Forget { obj } => {
@@ -657,23 +814,11 @@ impl Hub {
 }
 
 async fn send_fd(sock: &tokio::net::UnixStream, fd: Option<OwnedFd>) -> std::io::Result<()> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     loop {
         sock.writable().await?;
         let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
-            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-            let mut anc = SendAncillaryBuffer::new(&mut space);
-            let fds;
-            let byte = match &fd {
-                Some(fd) => {
-                    fds = [fd.as_fd()];
-                    anc.push(SendAncillaryMessage::ScmRights(&fds));
-                    [1u8]
-                }
-                None => [0u8],
-            };
-            rustix::net::sendmsg(sock, &[IoSlice::new(&byte)], &mut anc, SendFlags::NOSIGNAL)
-                .map_err(std::io::Error::from)
+            let byte = [u8::from(fd.is_some())];
+            wire::fdpass::send_with_fd(sock, &byte, fd.as_ref().map(|f| f.as_fd()))
         });
         match sent {
             Ok(_) => return Ok(()),
@@ -685,13 +830,12 @@ async fn send_fd(sock: &tokio::net::UnixStream, fd: Option<OwnedFd>) -> std::io:
 
 /// Takes pipe end `export` from the hub at `hub` (blocking, briefly: the hub answers at
 /// once from its service thread).
-pub(crate) fn claim(hub: &HubRef, export: u64) -> Result<OwnedFd, String> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+pub(crate) fn claim(hub: &HubRef, export: u64, key: u64) -> Result<OwnedFd, String> {
     if let Some(h) = own()
         && h.me == *hub
     {
         return h
-            .take_export(export)
+            .take_export(export, key)
             .ok_or_else(|| "the pipe end was already taken or dropped".to_owned());
     }
     let gone = |e: std::io::Error| format!("the process that sent the pipe end is gone ({e})");
@@ -700,29 +844,15 @@ pub(crate) fn claim(hub: &HubRef, export: u64) -> Result<OwnedFd, String> {
     let mut hello = BytesMut::new();
     let claim = ToHub::Hello {
         token: hub.token,
-        purpose: Purpose::Claim(export),
+        purpose: Purpose::Claim { export, key },
     };
     if !frame_into(&mut hello, &claim) {
         unreachable!("a Hello is a few bytes");
     }
     sock.write_all(&hello).map_err(gone)?;
     let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut anc = RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(
-        &sock,
-        &mut [IoSliceMut::new(&mut byte)],
-        &mut anc,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(|e| gone(e.into()))?;
-    let mut fd = None;
-    for msg in anc.drain() {
-        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
-            fd = fd.or(fds.next());
-        }
-    }
-    match (got.bytes, byte[0], fd) {
+    let (got, fd) = wire::fdpass::recv_with_fd(&sock, &mut byte).map_err(gone)?;
+    match (got, byte[0], fd) {
         (1, 1, Some(fd)) => Ok(fd),
         (1, 0, _) => Err("the pipe end was already taken or dropped".to_owned()),
         _ => Err("the process that sent the pipe end did not hand it over".to_owned()),
@@ -734,18 +864,24 @@ pub(crate) fn claim(hub: &HubRef, export: u64) -> Result<OwnedFd, String> {
 
 /// Keeps what a serialized handle refers to alive; dropping it lets go.
 pub(crate) enum Pin {
+    /// An object, for a child that receives it as an argument.
     Obj(#[allow(dead_code)] Obj),
-    Export(u64),
+    /// A parked pipe end (id and key; id 0 once kept for good).
+    Export(u64, u64),
+    /// A ticket of object `.1` (ticket 0 once kept until the copy is decoded).
+    Ticket(u64, u64),
 }
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        if let Pin::Export(id) = *self
-            && id != 0
-            && let Some(h) = own()
-        {
+        let Some(h) = own() else {
+            return;
+        };
+        match *self {
             // Unclaimed: closing it lets the other end see EOF.
-            drop(h.take_export(id));
+            Pin::Export(id, key) if id != 0 => drop(h.take_export(id, key)),
+            Pin::Ticket(ticket, obj) if ticket != 0 => h.unpin(ticket, obj),
+            _ => {}
         }
     }
 }
@@ -765,6 +901,18 @@ impl Pins {
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The bytes were sent (a put or a pipe message that succeeded): what they refer to
+    /// stays until a process decodes them (a ticket is given back by its `Unpin`, a pipe
+    /// end by its claim). Dropping `Pins` instead (the send failed) lets go at once.
+    pub(crate) fn keep(mut self) {
+        for pin in &mut self.0 {
+            match pin {
+                Pin::Export(id, _) | Pin::Ticket(id, _) => *id = 0,
+                Pin::Obj(_) => {}
+            }
+        }
+    }
 }
 
 /// How many pins this thread's collects have taken so far: cheap enough to read around
@@ -779,52 +927,83 @@ pub(crate) fn unpin_last(n: usize) {
     let dropped = COLLECTOR.with(|c| {
         c.borrow_mut()
             .as_mut()
-            .map(|v| v.split_off(v.len().saturating_sub(n)))
+            .map(|(_, v)| v.split_off(v.len().saturating_sub(n)))
     });
     // Dropped outside the borrow: a pin's drop may touch the hub.
     drop(dropped);
 }
 
+/// What the handles serialized by the current encoding are for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// A child's arguments: pinned until that child is done ([`collect`]).
+    Args,
+    /// A queue item or a pipe message: ticketed, and given back if it is not sent
+    /// ([`collect_sent`]).
+    Sent,
+}
+
 thread_local! {
-    static COLLECTOR: std::cell::RefCell<Option<Vec<Pin>>> = const { std::cell::RefCell::new(None) };
+    static COLLECTOR: std::cell::RefCell<Option<(Carrier, Vec<Pin>)>> =
+        const { std::cell::RefCell::new(None) };
     static TAKEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Runs `f` (an encoding) and returns the pins taken by the handles it serialized.
-pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, Pins) {
-    let outer = COLLECTOR.with(|c| c.borrow_mut().replace(Vec::new()));
+fn collect_as<R>(carrier: Carrier, f: impl FnOnce() -> R) -> (R, Pins) {
+    let outer = COLLECTOR.with(|c| c.borrow_mut().replace((carrier, Vec::new())));
     let r = f();
     let pins = COLLECTOR.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
-    (r, Pins(pins.unwrap_or_default()))
+    (r, Pins(pins.map(|(_, v)| v).unwrap_or_default()))
 }
 
-/// Keeps `pin` until the current carrier is done, or for good without one.
-pub(crate) fn pin(pin: Pin) {
-    let rest = COLLECTOR.with(|c| match c.borrow_mut().as_mut() {
-        Some(v) => {
+/// Runs `f` (an encoding of a child's arguments) and returns the pins taken by the
+/// handles it serialized: they keep the objects alive until the child is done.
+pub(crate) fn collect<R>(f: impl FnOnce() -> R) -> (R, Pins) {
+    collect_as(Carrier::Args, f)
+}
+
+/// Runs `f` (an encoding of a queue item or a pipe message). Call [`Pins::keep`] once
+/// the bytes are sent, or drop the pins if they are not.
+pub(crate) fn collect_sent<R>(f: impl FnOnce() -> R) -> (R, Pins) {
+    collect_as(Carrier::Sent, f)
+}
+
+/// Adds `pin` to the current encoding's; false if there is none.
+fn add_pin(pin: Pin) -> Result<(), Pin> {
+    COLLECTOR.with(|c| match c.borrow_mut().as_mut() {
+        Some((_, v)) => {
             v.push(pin);
             TAKEN.with(|t| t.set(t.get() + 1));
-            None
+            Ok(())
         }
-        None => Some(pin),
-    });
-    let Some(mut pin) = rest else {
-        return;
-    };
-    match &mut pin {
-        Pin::Obj(obj) => {
-            if let Some(h) = own() {
-                let id = match &*obj {
-                    Obj::Queue(c) => c.id,
-                    Obj::Lock(c) => c.id,
-                    Obj::Event(c) => c.id,
-                };
-                lock(&h.forever).insert(id, obj.clone());
-            }
-        }
-        // Stays exported until claimed.
-        Pin::Export(id) => *id = 0,
+        None => Err(pin),
+    })
+}
+
+/// Keeps a parked pipe end until the current encoding's carrier lets go of it, or, with
+/// no carrier, until it is claimed.
+pub(crate) fn pin_export(id: u64, key: u64) {
+    if let Err(Pin::Export(id, _)) = &mut add_pin(Pin::Export(id, key)) {
+        *id = 0;
     }
+}
+
+/// Keeps object `obj` (id `id`) alive for the handle being serialized, and returns the
+/// ticket to write with it (0 for a child's arguments, which pin it instead).
+pub(crate) fn pin_handle(hub: &Hub, id: u64, obj: Obj) -> u64 {
+    let carrier = COLLECTOR.with(|c| c.borrow().as_ref().map(|(k, _)| *k));
+    if carrier == Some(Carrier::Args) {
+        // Pushed outside any borrow: a pin's drop may touch the hub.
+        if add_pin(Pin::Obj(obj)).is_err() {
+            unreachable!("a collector is installed");
+        }
+        return 0;
+    }
+    let ticket = hub.pin_ticket(id, obj);
+    if carrier == Some(Carrier::Sent) && add_pin(Pin::Ticket(ticket, id)).is_err() {
+        unreachable!("a collector is installed");
+    }
+    ticket
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1005,7 +1184,12 @@ pub(crate) struct Remote {
 
 impl Remote {
     /// Opens object `obj` of `hub` (or joins this process's existing view of it).
-    pub(crate) fn open(hub: &HubRef, obj: u64, kind: Kind) -> Result<Arc<Remote>, String> {
+    pub(crate) fn open(
+        hub: &HubRef,
+        obj: u64,
+        key: u64,
+        kind: Kind,
+    ) -> Result<Arc<Remote>, String> {
         let client = Client::get(hub)?;
         let mut remotes = lock(&client.remotes);
         if let Some(r) = remotes.get(&obj).and_then(Weak::upgrade) {
@@ -1020,7 +1204,7 @@ impl Remote {
         remotes.retain(|_, w| w.strong_count() > 0);
         remotes.insert(obj, Arc::downgrade(&r));
         drop(remotes);
-        client.send(&ToHub::Open { obj, kind });
+        client.send(&ToHub::Open { obj, kind, key });
         Ok(r)
     }
 
@@ -1213,6 +1397,45 @@ mod tests {
         assert!(got[0].starts_with("Puts { obj: 1"), "{got:?}");
         assert!(got[1].starts_with("Ack { obj: 2, upto: 5"), "{got:?}");
         assert!(got[2].starts_with("Forget { obj: 2"), "{got:?}");
+    }
+
+    #[test]
+    fn an_object_or_a_pipe_end_opens_only_with_its_key() {
+        let h = hub().unwrap();
+        let core = QueueCore::new(None);
+        let id = core.id;
+        let obj = Obj::Queue(core);
+        let key = h.register(id, &obj).unwrap();
+        assert_eq!(h.register(id, &obj).unwrap(), key, "one key per object");
+        assert!(h.find(id, Kind::Queue, key).is_some());
+        assert!(
+            h.find(id, Kind::Queue, key ^ 1).is_none(),
+            "a wrong key opens nothing"
+        );
+        assert!(h.find(id, Kind::Lock, key).is_none(), "nor a wrong kind");
+        let other = Obj::Queue(QueueCore::new(None));
+        let other_id = match &other {
+            Obj::Queue(c) => c.id,
+            _ => unreachable!(),
+        };
+        h.register(other_id, &other).unwrap();
+        assert!(
+            h.find(other_id, Kind::Queue, key).is_none(),
+            "a key opens one object"
+        );
+        drop(obj);
+        assert!(
+            h.find(id, Kind::Queue, key).is_none(),
+            "a dropped object is gone"
+        );
+        assert!(!lock(&h.objects).contains_key(&id), "and forgotten at once");
+
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (export, key) = h.export(a.into()).unwrap();
+        assert!(h.take_export(export, key ^ 1).is_none());
+        assert!(h.take_export(export + 1, key).is_none());
+        assert!(h.take_export(export, key).is_some());
+        assert!(h.take_export(export, key).is_none(), "claimed once");
     }
 
     #[test]

@@ -455,6 +455,18 @@ impl super::Core for LockCore {
             _ => None,
         }
     }
+
+    fn parked(&self) -> usize {
+        // Both tables, so that an entry left in either shows.
+        let st = lock(&self.st);
+        st.remote.len() + st.waiters.len()
+    }
+}
+
+impl Drop for LockCore {
+    fn drop(&mut self) {
+        super::hub::unregister(self.id);
+    }
 }
 
 #[cfg(test)]

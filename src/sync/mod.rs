@@ -11,6 +11,9 @@
 //!   over a unix socket. A process that dies lets go of what it held: its lock is
 //!   released (and the next holder told, see [`LockGuard::abandoned`]), the queue items
 //!   it had fetched but not handed out go back to the queue.
+//! - A handle is a capability: it opens its own object and nothing else (each object has
+//!   a random key, shown to its owner), and a process talks only to owners of its own
+//!   user.
 //! - A [`pipe`]'s ends are sockets of their own: after an end reaches its process,
 //!   messages go straight between the two processes. The other end sees
 //!   [`Error::Closed`](crate::Error::Closed) when an end is dropped or its process dies.
@@ -37,8 +40,10 @@ pub use pipe::{Connection, pipe};
 pub use queue::{Queue, TryPutError};
 
 pub(crate) use hub::HubRef;
-use hub::{Kind, Obj, Pin, Remote};
+use hub::{Kind, Obj, Remote};
 pub(crate) use hub::{Pins, collect, pins_taken, settle, unpin_last};
+#[doc(hidden)]
+pub use hub::{Tables, tables};
 pub(crate) use pipe::{Taken, take_message};
 
 /// The object behind a handle, as seen from the process the handle is in.
@@ -46,6 +51,8 @@ pub(crate) trait Core: Send + Sync + Sized + 'static {
     const KIND: Kind;
     fn obj(self: &Arc<Self>) -> Obj;
     fn from_obj(obj: Obj) -> Option<Arc<Self>>;
+    /// Requests of other processes waiting in it.
+    fn parked(&self) -> usize;
 }
 
 /// A handle's way to its object.
@@ -71,6 +78,8 @@ impl<C> Clone for Access<C> {
 /// What every shared object's handle holds.
 pub(crate) struct Handle<C> {
     pub(crate) id: u64,
+    /// The object's key, for handles of another process's object (see `hub`).
+    key: u64,
     pub(crate) access: Access<C>,
     /// The owner's hub, for handles of another process's object.
     owner: Option<HubRef>,
@@ -80,6 +89,7 @@ impl<C> Clone for Handle<C> {
     fn clone(&self) -> Self {
         Handle {
             id: self.id,
+            key: self.key,
             access: self.access.clone(),
             owner: self.owner.clone(),
         }
@@ -91,14 +101,20 @@ impl<C> Clone for Handle<C> {
 struct HandleWire {
     hub: HubRef,
     obj: u64,
+    /// The capability to open `obj`.
+    key: u64,
     /// A queue's bound.
     cap: Option<u64>,
+    /// What keeps the object alive until this copy is decoded (0: a child's arguments,
+    /// pinned by the parent instead; see `hub`).
+    ticket: u64,
 }
 
 impl<C: Core> Handle<C> {
     pub(crate) fn local(id: u64, core: Arc<C>) -> Self {
         Handle {
             id,
+            key: 0,
             access: Access::Local(core),
             owner: None,
         }
@@ -110,16 +126,17 @@ impl<C: Core> Handle<C> {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
-        let hub = match &self.access {
+        let (hub, key, ticket) = match &self.access {
             Access::Local(core) => {
                 let hub = hub::hub().map_err(S::Error::custom)?;
                 let obj = core.obj();
-                hub.register(self.id, &obj);
-                hub::pin(Pin::Obj(obj));
-                hub.me.clone()
+                let key = hub.register(self.id, &obj).map_err(S::Error::custom)?;
+                let ticket = hub::pin_handle(hub, self.id, obj);
+                (hub.me.clone(), key, ticket)
             }
+            // Kept alive by the owner for as long as this process has it open.
             Access::Remote(_) => match &self.owner {
-                Some(h) => h.clone(),
+                Some(h) => (h.clone(), self.key, 0),
                 None => return Err(S::Error::custom("a remote handle without its owner")),
             },
             Access::Dead(reason) => {
@@ -131,7 +148,9 @@ impl<C: Core> Handle<C> {
         HandleWire {
             hub,
             obj: self.id,
-            cap: cap.map(|c| c as u64),
+            key,
+            cap: cap.and_then(|c| u64::try_from(c).ok()),
+            ticket,
         }
         .serialize(s)
     }
@@ -143,18 +162,35 @@ impl<C: Core> Handle<C> {
         let w = HandleWire::deserialize(d)?;
         let mine = hub::own().filter(|h| h.me == w.hub);
         let access = match mine {
-            Some(h) => match h.find(w.obj, C::KIND).and_then(C::from_obj) {
-                Some(core) => Access::Local(core),
-                None => Access::Dead("it was dropped".to_owned()),
-            },
-            None => match Remote::open(&w.hub, w.obj, C::KIND) {
-                Ok(r) => Access::Remote(r),
+            Some(h) => {
+                let found = h.find(w.obj, C::KIND, w.key);
+                if w.ticket != 0 {
+                    h.unpin(w.ticket, w.obj);
+                }
+                match found.and_then(C::from_obj) {
+                    Some(core) => Access::Local(core),
+                    None => Access::Dead("it was dropped".to_owned()),
+                }
+            }
+            None => match Remote::open(&w.hub, w.obj, w.key, C::KIND) {
+                Ok(r) => {
+                    if w.ticket != 0 {
+                        // After the Open (same connection, in order): the object is
+                        // held by this process's open when the ticket goes.
+                        r.client.send(&hub::ToHub::Unpin {
+                            obj: w.obj,
+                            ticket: w.ticket,
+                        });
+                    }
+                    Access::Remote(r)
+                }
                 Err(reason) => Access::Dead(reason),
             },
         };
         Ok((
             Handle {
                 id: w.obj,
+                key: w.key,
                 access,
                 owner: Some(w.hub),
             },

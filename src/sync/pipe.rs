@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::unix::AsyncFd;
 
-use super::hub::{self, HubRef, Pin, lock};
+use super::hub::{self, HubRef, lock};
 use crate::error::{Error, Result};
 use crate::wire;
 
@@ -489,8 +489,10 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// later (by the next send or the drop of this end) or, if neither happens, be left
     /// unsent with a truncated prefix on the wire.
     pub async fn send(&self, msg: T) -> Result<()> {
-        let body = wire::encode_value(&msg).map_err(Error::encode::<T>)?;
+        let (body, pins) = encode_message(&msg)?;
         let upto = self.ep.queue(&body)?;
+        // Queued whole: it goes (see `keep`); handles in it stay until it is decoded.
+        pins.keep();
         while !self.ep.flush(upto)? {
             self.ep.ready(Want::Write).await?;
         }
@@ -525,8 +527,9 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     ///
     /// As for `send`, without the runtime requirement.
     pub fn blocking_send(&self, msg: T) -> Result<()> {
-        let body = wire::encode_value(&msg).map_err(Error::encode::<T>)?;
+        let (body, pins) = encode_message(&msg)?;
         let upto = self.ep.queue(&body)?;
+        pins.keep();
         while !self.ep.flush(upto)? {
             self.ep.block(Want::Write, None)?;
         }
@@ -548,11 +551,19 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     }
 }
 
-/// How an end travels: the hub holding its fd, and the export's number.
+/// Encodes a message; the pins keep the handles and pipe ends in it until it is
+/// decoded, or are dropped (letting go of them) if it is not sent.
+fn encode_message<T: Serialize>(msg: &T) -> Result<(Vec<u8>, hub::Pins)> {
+    let (body, pins) = hub::collect_sent(|| wire::encode_value(msg));
+    Ok((body.map_err(Error::encode::<T>)?, pins))
+}
+
+/// How an end travels: the hub holding its fd, the export's number and its key.
 #[derive(Serialize, Deserialize)]
 struct Wire {
     hub: HubRef,
     export: u64,
+    key: u64,
 }
 
 impl<T> Serialize for Connection<T> {
@@ -568,11 +579,12 @@ impl<T> Serialize for Connection<T> {
             .try_clone_to_owned()
             .map_err(|e| S::Error::custom(format!("cannot duplicate the pipe end: {e}")))?;
         let hub = hub::hub().map_err(S::Error::custom)?;
-        let export = hub.export(dup);
-        hub::pin(Pin::Export(export));
+        let (export, key) = hub.export(dup).map_err(S::Error::custom)?;
+        hub::pin_export(export, key);
         Wire {
             hub: hub.me.clone(),
             export,
+            key,
         }
         .serialize(s)
     }
@@ -581,7 +593,7 @@ impl<T> Serialize for Connection<T> {
 impl<'de, T> Deserialize<'de> for Connection<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let w = Wire::deserialize(d)?;
-        Ok(match hub::claim(&w.hub, w.export) {
+        Ok(match hub::claim(&w.hub, w.export, w.key) {
             Ok(fd) => {
                 let sock = UnixStream::from(fd);
                 match sock.set_nonblocking(true) {

@@ -179,7 +179,7 @@ impl QState {
 }
 
 impl QueueCore {
-    fn new(cap: Option<usize>) -> Arc<Self> {
+    pub(crate) fn new(cap: Option<usize>) -> Arc<Self> {
         Arc::new(QueueCore {
             id: hub::next_id(),
             st: Mutex::new(QState {
@@ -368,16 +368,17 @@ impl QueueCore {
         });
     }
 
+    /// A request of another process was given up: if it still waits here it leaves its
+    /// line and is answered `Cancelled` (which clears it on the other side); if not, it
+    /// was answered already.
     pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
         self.update(|st| {
-            st.wants.retain(|(p, i, _)| !(p.id == peer.id && *i == id));
-            st.joiners.retain(|(p, i)| !(p.id == peer.id && *i == id));
-            if let Some(at) = st
-                .puts
-                .iter()
-                .position(|(p, i, _)| p.id == peer.id && *i == id)
-            {
-                st.puts.remove(at);
+            let mine = |p: &Arc<Peer>, i: &u64| p.id == peer.id && *i == id;
+            let before = st.wants.len() + st.joiners.len() + st.puts.len();
+            st.wants.retain(|(p, i, _)| !mine(p, i));
+            st.joiners.retain(|(p, i)| !mine(p, i));
+            st.puts.retain(|(p, i, _)| !mine(p, i));
+            if st.wants.len() + st.joiners.len() + st.puts.len() < before {
                 peer.reply(id, Reply::Cancelled);
             }
         });
@@ -616,8 +617,11 @@ impl Drop for Getter<'_> {
 ///
 /// The queue (and its items) is freed when no process holds a handle any more. A handle
 /// sent as an argument keeps the queue alive until the receiving child is done with it;
-/// one serialized by other means (inside an item of another queue, say) keeps it alive
-/// for as long as the owner runs.
+/// one serialized by other means (inside an item of another queue, or a pipe message,
+/// as in Python's `q.put((job, reply_q))`) keeps it alive until a process decodes that
+/// copy, and a put or send that fails lets go of it at once. A copy that is never
+/// decoded (an item left in a queue that is dropped) keeps the queue until its owner
+/// exits.
 ///
 /// Dropping a handle does nothing else: items stay for the other holders.
 pub struct Queue<T> {
@@ -826,7 +830,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// put or not, never put twice; only an unbounded queue's put completes without
     /// waiting, and a bounded put dropped while waiting for room is withdrawn.
     pub async fn put(&self, item: T) -> Result<()> {
-        let bytes = encode(&item)?;
+        let (bytes, pins) = encode(&item)?;
+        settled(self.put_bytes(bytes).await, pins)
+    }
+
+    async fn put_bytes(&self, bytes: Vec<u8>) -> Result<()> {
         match &self.h.access {
             Access::Local(core) => {
                 // Full hands the item back for the next try.
@@ -871,8 +879,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     ///
     /// As for `put`.
     pub async fn put_timeout(&self, item: T, d: Duration) -> Result<()> {
-        let bytes = encode(&item)?;
-        match &self.h.access {
+        let (bytes, pins) = encode(&item)?;
+        let put = match &self.h.access {
             Access::Remote(r) if self.cap.is_some() => {
                 let (id, rx) = r.request(Op::Put {
                     item: ByteBuf::from(bytes),
@@ -894,11 +902,12 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     other => expect_ok(other),
                 }
             }
-            _ => match tokio::time::timeout(d, self.put(item)).await {
+            _ => match tokio::time::timeout(d, self.put_bytes(bytes)).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::Timeout { after: d }),
             },
-        }
+        };
+        settled(put, pins)
     }
 
     /// Puts `item` if there is room now.
@@ -911,11 +920,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// [`TryPutError::Full`] or [`TryPutError::Closed`] with the item;
     /// [`TryPutError::Failed`] if it cannot be encoded.
     pub fn try_put(&self, item: T) -> std::result::Result<(), TryPutError<T>> {
-        let bytes = match encode(&item) {
+        let (bytes, pins) = match encode(&item) {
             Ok(b) => b,
             Err(e) => return Err(TryPutError::Failed(e)),
         };
-        match &self.h.access {
+        let put = match &self.h.access {
             Access::Local(core) => match core.put(bytes) {
                 Put::Done => Ok(()),
                 Put::Full(_) => Err(TryPutError::Full(item)),
@@ -938,7 +947,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 Err(e) => Err(TryPutError::Failed(e)),
             },
             Access::Dead(_) => Err(TryPutError::Closed(item)),
+        };
+        if put.is_ok() {
+            pins.keep();
         }
+        put
     }
 
     /// Takes the item at the front, waiting until there is one.
@@ -1033,9 +1046,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 }
 
-fn encode<T: Serialize>(item: &T) -> Result<Vec<u8>> {
-    // Handles inside items are kept alive for good (no child to tie them to).
-    let bytes = wire::encode_value(item).map_err(Error::encode::<T>)?;
+/// Encodes an item; the pins keep the handles and pipe ends in it alive until it is
+/// decoded (`Pins::keep` once it is put), or let go of them if it is not put (dropped).
+fn encode<T: Serialize>(item: &T) -> Result<(Vec<u8>, hub::Pins)> {
+    let (bytes, pins) = hub::collect_sent(|| wire::encode_value(item));
+    let bytes = bytes.map_err(Error::encode::<T>)?;
     if bytes.len() > super::hub::MAX_ITEM {
         // Refused here, before anything is sent: the owner would reject the frame and
         // end the connection (the item lost, and any lock held through it released).
@@ -1048,7 +1063,15 @@ fn encode<T: Serialize>(item: &T) -> Result<Vec<u8>> {
             ),
         });
     }
-    Ok(bytes)
+    Ok((bytes, pins))
+}
+
+/// Keeps `pins` if `put` succeeded (see [`encode`]); drops them otherwise.
+fn settled<R>(put: Result<R>, pins: hub::Pins) -> Result<R> {
+    if put.is_ok() {
+        pins.keep();
+    }
+    put
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
@@ -1102,5 +1125,16 @@ impl super::Core for QueueCore {
             Obj::Queue(c) => Some(c),
             _ => None,
         }
+    }
+
+    fn parked(&self) -> usize {
+        let st = lock(&self.st);
+        st.wants.len() + st.puts.len() + st.joiners.len()
+    }
+}
+
+impl Drop for QueueCore {
+    fn drop(&mut self) {
+        hub::unregister(self.id);
     }
 }

@@ -18,6 +18,7 @@
 //! The parent sends `Hello` and `Run` without waiting, so a start costs one round trip.
 
 mod blocking;
+pub(crate) mod fdpass;
 mod nil;
 pub(crate) mod scalar;
 pub(crate) mod spare;
@@ -33,13 +34,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 /// Version of this protocol; both sides must agree.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// Length of a recall on a pool worker's recall channel: the number (in the order the
 /// worker received them) of the last task the parent sent, little-endian. The worker
 /// gives back every task up to it that it has not started and answers
 /// [`Up::Recalled`].
 pub(crate) const RECALL_LEN: usize = 8;
+
+/// The recall-channel message that carries a worker's arena file (no task has this
+/// number).
+pub(crate) const ARENA_MARK: u64 = u64::MAX;
 
 /// A recall of the tasks up to number `upto` (see [`RECALL_LEN`]).
 pub(crate) fn recall(upto: u64) -> [u8; RECALL_LEN] {
@@ -129,12 +134,12 @@ pub(crate) enum DownIn<'a> {
     RunShared(RunShared<'a>),
 }
 
-/// A worker's arena for large arguments: a memory file the parent maps too, handed over
-/// through the parent's hub (`export`, claimed once).
+/// A worker's arena for large arguments: a memory file of `size` bytes the parent maps
+/// too. The file itself went first, on the worker's recall channel (a message of
+/// [`ARENA_MARK`] with the descriptor attached), sealed so that only the parent's
+/// mapping writes it and nobody can shrink it under the parent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Arena {
-    pub(crate) hub: crate::sync::HubRef,
-    pub(crate) export: u64,
     pub(crate) size: u64,
 }
 
