@@ -142,6 +142,15 @@
 //! (the next holder is told, see [`LockGuard::abandoned`]) where Python would deadlock.
 //! A pipe end whose process dies gives the other end [`Error::Closed`].
 //!
+//! From a process other than the owner, the calls that answer at once
+//! (`Event::set`/`clear`/`is_set`, `Queue::len`/`close`/`task_done`/`try_get`/`try_put`,
+//! `Lock::try_lock`) take one round trip to the owner, answered in microseconds by its
+//! procpool thread. They may be called from async code: an owner that does not answer
+//! (stopped, or overloaded) is waited for at most 10 s, then the call fails with
+//! [`Error::Timeout`] (`is_set` answers `false`, `len` 0, `try_put` gives
+//! [`TryPutError::Failed`]), and a warning is logged. A child's end-of-task confirmation
+//! that its owners applied what it sent has the same bound.
+//!
 //! # Logging
 //!
 //! A child's `tracing` events are forwarded to the parent and emitted there with the
@@ -227,7 +236,7 @@ pub use pool::{Apply, AsyncPool, Builder, Imap, Map, PoolStats, TaskHandle, Task
 pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
 pub use sync::{Connection, Event, Lock, LockGuard, Queue, TryPutError, pipe};
 #[doc(hidden)]
-pub use sync::{Tables as __Tables, tables as __tables};
+pub use sync::{Tables as __Tables, set_owner_timeout as __set_owner_timeout, tables as __tables};
 pub use target::{Async, Blocking, Target};
 pub use wire::DEFAULT_MAX_FRAME;
 

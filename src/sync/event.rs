@@ -154,6 +154,9 @@ impl Event {
     /// # Errors
     ///
     /// [`Error::Closed`] if the owner process is gone.
+    ///
+    /// [`Error::Timeout`] if, from another process, the owner does not answer within 10 s
+    /// (see [Queues, pipes, locks and events](crate#queues-pipes-locks-and-events)).
     pub fn set(&self) -> Result<()> {
         self.simple(Op::Set, EventCore::set)
     }
@@ -163,6 +166,9 @@ impl Event {
     /// # Errors
     ///
     /// [`Error::Closed`] if the owner process is gone.
+    ///
+    /// [`Error::Timeout`] if, from another process, the owner does not answer within 10 s
+    /// (see [Queues, pipes, locks and events](crate#queues-pipes-locks-and-events)).
     pub fn clear(&self) -> Result<()> {
         self.simple(Op::Clear, EventCore::clear)
     }

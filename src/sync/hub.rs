@@ -75,6 +75,57 @@ pub(crate) const MAX_ITEM: usize = MAX_FRAME - 64 * 1024;
 /// How long a claim of a pipe end may take before it is given up.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a call that answers at once (`Event::is_set`, `Queue::len`,
+/// `Lock::try_lock`, ...) waits for the owner of the object before it fails with
+/// `Error::Timeout`, and how long [`settle`] waits for the owners to confirm what this
+/// process sent: an owner answers from its procpool thread in microseconds unless it is
+/// stopped or overloaded.
+pub(crate) const OWNER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`OWNER_TIMEOUT`], or what a test set with [`set_owner_timeout`] (in nanoseconds).
+static OWNER_TIMEOUT_NS: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn owner_timeout() -> Duration {
+    match OWNER_TIMEOUT_NS.load(Ordering::Relaxed) {
+        0 => OWNER_TIMEOUT,
+        ns => Duration::from_nanos(ns),
+    }
+}
+
+/// Shortens (for this process) how long calls wait for a stuck owner, so that tests of
+/// that bound need not take [`OWNER_TIMEOUT`].
+#[doc(hidden)]
+pub fn set_owner_timeout(d: Duration) {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+    OWNER_TIMEOUT_NS.store(ns, Ordering::Relaxed);
+}
+
+/// Polls `fut` on this thread (no runtime needed) until it is ready or `limit` passed.
+pub(crate) fn wait_for<F: std::future::Future + Unpin>(
+    fut: &mut F,
+    limit: Duration,
+) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl futures::task::ArcWake for Unpark {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.unpark();
+        }
+    }
+    let waker = futures::task::waker(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let std::task::Poll::Ready(v) = std::pin::Pin::new(&mut *fut).poll(&mut cx) {
+            return Some(v);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
+    }
+}
+
 /// Where a hub listens and the token that opens it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct HubRef {
@@ -1241,9 +1292,25 @@ impl Remote {
         Ok(answer.take())
     }
 
-    /// [`call`](Self::call) from synchronous code.
+    /// [`call`](Self::call) from synchronous code, for calls that answer at once
+    /// (`is_set`, `len`, `try_lock`, ...), which may be made from async code: waits at
+    /// most [`OWNER_TIMEOUT`] for an owner that does not answer, then withdraws the
+    /// request (an answer that comes later is handled as for a dropped `call`) and
+    /// fails with [`Error::Timeout`].
     pub(crate) fn blocking_call(&self, op: Op) -> Result<Reply, Error> {
-        futures::executor::block_on(self.call(op))
+        let (id, mut rx) = self.request(op)?;
+        let limit = owner_timeout();
+        match wait_for(&mut rx, limit) {
+            Some(Ok(answer)) => Ok(answer.take()),
+            Some(Err(_)) => Err(Error::Closed),
+            None => {
+                self.cancel(id);
+                tracing::warn!(
+                    "procpool: the owner of a shared object did not answer within {limit:?}"
+                );
+                Err(Error::Timeout { after: limit })
+            }
+        }
     }
 
     /// Asks for queue items; they land in this process's buffer. `done` fires when the
@@ -1324,9 +1391,12 @@ impl Drop for Remote {
 ///
 /// A child calls it after each task and before it reports the result, so a parent that
 /// sees the result also sees the items the task put, the locks it released and the
-/// events it set.
+/// events it set. Every owner is asked at once, and all of them get [`OWNER_TIMEOUT`]
+/// together: an owner that does not answer by then (stopped, or overloaded) is logged
+/// as a warning and asked again at the next settle; the result is reported anyway.
 pub(crate) fn settle() {
     let all: Vec<Arc<Client>> = lock(clients()).values().filter_map(Weak::upgrade).collect();
+    let mut waiting = Vec::new();
     for c in all {
         if !c.dirty.swap(false, Ordering::Relaxed) || c.closed.load(Ordering::SeqCst) {
             continue;
@@ -1339,8 +1409,24 @@ pub(crate) fn settle() {
             obj: 0,
             op: Op::Sync,
         }) {
-            // Err: the hub is gone, and with it anything to wait for.
-            drop(futures::executor::block_on(rx));
+            waiting.push((c, rx));
+        } else {
+            // The hub is gone, and with it anything to wait for.
+            lock(&c.pending).remove(&id);
+        }
+    }
+    let limit = owner_timeout();
+    let deadline = std::time::Instant::now() + limit;
+    for (c, mut rx) in waiting {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Some(Err): the hub went away, and with it anything to wait for.
+        if wait_for(&mut rx, left).is_none() {
+            c.dirty.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                "procpool: the owner of a shared object did not confirm within {limit:?} \
+                 what this process sent it; the result is reported without that \
+                 confirmation"
+            );
         }
     }
 }

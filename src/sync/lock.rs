@@ -399,20 +399,19 @@ impl Lock {
     /// # Errors
     ///
     /// [`Error::Closed`] if the owner process is gone.
+    ///
+    /// [`Error::Timeout`] if, from another process, the owner does not answer within 10 s
+    /// (see [Queues, pipes, locks and events](crate#queues-pipes-locks-and-events)).
     pub fn try_lock(&self) -> Result<Option<LockGuard>> {
         match &self.h.access {
             Access::Local(core) => Ok(core.try_acquire_here().map(|grant| LockGuard {
                 abandoned: grant.abandoned,
                 held: Held::Here(grant),
             })),
-            Access::Remote(r) => {
-                let (_, rx) = r.request(Op::Acquire { wait: false })?;
-                let answer = futures::executor::block_on(rx).map_err(|_| Error::Closed)?;
-                match answer.take() {
-                    Reply::Bool(false) => Ok(None),
-                    other => remote_guard(r, other).map(Some),
-                }
-            }
+            Access::Remote(r) => match r.blocking_call(Op::Acquire { wait: false })? {
+                Reply::Bool(false) => Ok(None),
+                other => remote_guard(r, other).map(Some),
+            },
             Access::Dead(_) => Err(Error::Closed),
         }
     }

@@ -43,7 +43,7 @@ pub(crate) use hub::HubRef;
 use hub::{Kind, Obj, Remote};
 pub(crate) use hub::{Pins, collect, pins_taken, settle, unpin_last};
 #[doc(hidden)]
-pub use hub::{Tables, tables};
+pub use hub::{Tables, set_owner_timeout, tables};
 pub(crate) use pipe::{Taken, take_message};
 
 /// The object behind a handle, as seen from the process the handle is in.

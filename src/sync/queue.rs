@@ -522,12 +522,17 @@ impl Remote {
         if let Some(item) = self.pop()? {
             return Ok(Some(item));
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         if self.want(1, false, Some(tx)).is_none() {
             return Err(Error::Closed);
         }
-        // Err: the connection ended; `pop` reports it.
-        drop(futures::executor::block_on(rx));
+        // Some(Err): the connection ended; `pop` reports it. None: the owner did not
+        // answer in time; an answer that comes later lands in the buffer.
+        let limit = hub::owner_timeout();
+        if hub::wait_for(&mut rx, limit).is_none() {
+            tracing::warn!("procpool: the owner of a queue did not answer within {limit:?}");
+            return Err(Error::Timeout { after: limit });
+        }
         self.pop()
     }
 }
@@ -727,6 +732,9 @@ impl<T> Queue<T> {
     /// # Errors
     ///
     /// [`Error::Closed`] if the owner process is gone.
+    ///
+    /// [`Error::Timeout`] if, from another process, the owner does not answer within 10 s
+    /// (see [Queues, pipes, locks and events](crate#queues-pipes-locks-and-events)).
     pub fn close(&self) -> Result<()> {
         match &self.h.access {
             Access::Local(core) => {
@@ -746,6 +754,9 @@ impl<T> Queue<T> {
     ///
     /// [`Error::InvalidConfig`] if called more times than items were put;
     /// [`Error::Closed`] if the owner is gone.
+    ///
+    /// [`Error::Timeout`] if, from another process, the owner does not answer within 10 s
+    /// (see [Queues, pipes, locks and events](crate#queues-pipes-locks-and-events)).
     pub fn task_done(&self) -> Result<()> {
         match &self.h.access {
             Access::Local(core) => core
@@ -1009,6 +1020,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// # Errors
     ///
     /// As for [`get`](Self::get).
+    ///
+    /// [`Error::Timeout`] if, from another process, the owner does not answer within 10 s
+    /// (see [Queues, pipes, locks and events](crate#queues-pipes-locks-and-events)).
     pub fn try_get(&self) -> Result<Option<T>> {
         let bytes = match &self.h.access {
             Access::Local(core) => match core.take() {

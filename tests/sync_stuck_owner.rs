@@ -1,0 +1,125 @@
+//! An owner that stops answering (here: SIGSTOPped) pins no thread for ever: the calls
+//! that answer at once fail with `Timeout` after the owner bound, and a child's end of
+//! task report goes out after it, unconfirmed.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use procpool::{Error, Event, Lock, Process, Queue};
+use rustix::process::{Pid, Signal, kill_process};
+use support::{SOON, hangs};
+
+/// The bound, shortened for the test (the default is 10 s).
+const BOUND: Duration = Duration::from_millis(300);
+
+type Objects = (Event, Lock, Queue<u32>);
+
+/// A call on a stopped owner's object, described by what it returned.
+type Call = Box<dyn FnOnce() -> String + Send>;
+
+/// Creates the objects, hands them to the parent, and waits.
+fn own_objects(to_parent: Queue<Objects>) -> u8 {
+    let q: Queue<u32> = Queue::new();
+    q.blocking_put(7).unwrap();
+    to_parent
+        .blocking_put((Event::new(), Lock::new(), q))
+        .unwrap();
+    hangs()
+}
+
+/// Puts into a queue whose owner is stopped, then returns.
+fn put_then_return(q: Queue<u32>) -> String {
+    procpool::__set_owner_timeout(BOUND);
+    q.blocking_put(1).unwrap();
+    "returned".to_owned()
+}
+
+fn signal(p: &Process<u8>, sig: Signal) {
+    let pid = Pid::from_raw(p.pid().unwrap() as i32).unwrap();
+    kill_process(pid, sig).unwrap();
+}
+
+/// Runs `call` on a thread of its own and returns what it gave and how long it took;
+/// fails the test if it does not return within `SOON` (it would hang without a bound;
+/// the thread is not joined, so a hung call cannot hang the test too).
+async fn timed<R: Send + 'static>(call: impl FnOnce() -> R + Send + 'static) -> (R, Duration) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || tx.send(call()).ok());
+    let r = tokio::time::timeout(SOON, rx)
+        .await
+        .expect("the call returned")
+        .unwrap();
+    (r, start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
+    procpool::__set_owner_timeout(BOUND);
+    let to_parent: Queue<Objects> = Queue::new();
+    let mut owner = Process::new(own_objects, (to_parent.clone(),));
+    owner.start().await.unwrap();
+    let (ev, lock, q) = to_parent.get_timeout(SOON).await.unwrap();
+    // Reachable while it runs.
+    assert!(!ev.is_set());
+    assert_eq!(q.len(), 1);
+
+    signal(&owner, Signal::STOP);
+    let calls: Vec<(&str, Call)> = vec![
+        ("set", {
+            let ev = ev.clone();
+            Box::new(move || format!("{:?}", ev.set()))
+        }),
+        ("clear", {
+            let ev = ev.clone();
+            Box::new(move || format!("{:?}", ev.clear()))
+        }),
+        ("try_lock", {
+            let lock = lock.clone();
+            Box::new(move || format!("{:?}", lock.try_lock().map(|g| g.is_some())))
+        }),
+        ("task_done", {
+            let q = q.clone();
+            Box::new(move || format!("{:?}", q.task_done()))
+        }),
+        ("try_get", {
+            let q = q.clone();
+            Box::new(move || format!("{:?}", q.try_get()))
+        }),
+        ("close", {
+            let q = q.clone();
+            Box::new(move || format!("{:?}", q.close()))
+        }),
+    ];
+    let timeout = format!("{:?}", Err::<(), _>(Error::Timeout { after: BOUND }));
+    for (what, call) in calls {
+        let (got, took) = timed(call).await;
+        assert!(
+            got.starts_with("Err(Timeout"),
+            "{what}: {got}, expected {timeout}"
+        );
+        assert!(took >= BOUND, "{what} returned after {took:?}");
+    }
+    let (set, took) = timed({
+        let ev = ev.clone();
+        move || ev.is_set()
+    })
+    .await;
+    assert!(!set && took >= BOUND, "is_set: {set} after {took:?}");
+
+    // A child that used an object of the stopped owner still reports its result.
+    let mut child = Process::new(put_then_return, (q.clone(),));
+    child.start().await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(SOON, child.join())
+            .await
+            .expect("the child reported")
+            .unwrap(),
+        "returned"
+    );
+
+    signal(&owner, Signal::CONT);
+    owner.kill().unwrap();
+    assert!(owner.join().await.is_err());
+}
