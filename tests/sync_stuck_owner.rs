@@ -6,9 +6,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use procpool::{Error, Event, Lock, Process, Queue};
+use procpool::{Connection, Error, Event, Lock, Process, Queue, pipe};
 use rustix::process::{Pid, Signal, kill_process};
-use support::{SOON, hangs};
+use support::{SOON, hangs, soon};
 
 /// The bound, shortened for the test (the default is 10 s).
 const BOUND: Duration = Duration::from_millis(300);
@@ -36,8 +36,30 @@ fn put_then_return(q: Queue<u32>) -> String {
 }
 
 fn signal(p: &Process<u8>, sig: Signal) {
-    let pid = Pid::from_raw(p.pid().unwrap() as i32).unwrap();
+    let raw = p.pid().unwrap();
+    let pid = Pid::from_raw(raw as i32).unwrap();
     kill_process(pid, sig).unwrap();
+    if sig == Signal::STOP {
+        // A stop takes effect when the process's threads next run in the kernel: wait
+        // until every one of them is stopped, not only the main thread.
+        assert!(
+            support::eventually(SOON, || all_threads_stopped(raw)),
+            "process {raw} did not stop"
+        );
+    }
+}
+
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        matches!(
+            stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next()),
+            Some('T')
+        )
+    })
 }
 
 /// Runs `call` on a thread of its own and returns what it gave and how long it took;
@@ -122,4 +144,41 @@ async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
     signal(&owner, Signal::CONT);
     owner.kill().unwrap();
     assert!(owner.join().await.is_err());
+}
+
+/// Sends one end of a new pipe to the parent, a message into the other, says so, waits.
+fn send_an_end(ends: Queue<Connection<String>>, sent: Queue<u8>) -> u8 {
+    let (mine, theirs) = pipe::<String>();
+    ends.blocking_put(theirs).unwrap();
+    mine.blocking_send("hello".to_owned()).unwrap();
+    sent.blocking_put(1).unwrap();
+    hangs()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn decoding_a_pipe_end_from_a_stopped_process_does_not_block_the_runtime() {
+    let ends: Queue<Connection<String>> = Queue::new();
+    let sent: Queue<u8> = Queue::new();
+    let mut sender = Process::new(send_an_end, (ends.clone(), sent.clone()));
+    sender.start().await.unwrap();
+    sent.get_timeout(SOON).await.unwrap();
+    // The end is parked in the sender's hub, which cannot answer while it is stopped.
+    signal(&sender, Signal::STOP);
+    let start = Instant::now();
+    let end = ends.get_timeout(SOON).await.unwrap();
+    // This (only) runtime thread was not blocked by the decode: timers still fire.
+    let early = tokio::time::timeout(Duration::from_millis(200), end.recv()).await;
+    assert!(
+        early.is_err(),
+        "nothing arrives from a stopped process, got {early:?}"
+    );
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "decoding blocked for {took:?}"
+    );
+    signal(&sender, Signal::CONT);
+    assert_eq!(soon(end.recv()).await.unwrap(), "hello");
+    sender.kill().unwrap();
+    assert!(sender.join().await.is_err());
 }

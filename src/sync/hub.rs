@@ -879,6 +879,102 @@ async fn send_fd(sock: &tokio::net::UnixStream, fd: Option<OwnedFd>) -> std::io:
     }
 }
 
+/// A pipe end on its way: [`claim_later`] fetches it on procpool's service thread while
+/// the caller goes on; the end's first use waits for it.
+#[derive(Default)]
+pub(crate) struct Arrival {
+    /// The claim's outcome, until the end that waits for it takes it.
+    got: Mutex<Option<Result<OwnedFd, String>>>,
+    done: AtomicBool,
+    cv: std::sync::Condvar,
+    notify: Notify,
+}
+
+impl Arrival {
+    fn finish(&self, got: Result<OwnedFd, String>) {
+        *lock(&self.got) = Some(got);
+        self.done.store(true, Ordering::Release);
+        self.cv.notify_all();
+        self.notify.notify_waiters();
+        arriving_done();
+    }
+
+    /// Whether the claim finished (its outcome may already be taken).
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` with the outcome slot, under its lock (so that one caller takes it).
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Option<Result<OwnedFd, String>>) -> R) -> R {
+        f(&mut lock(&self.got))
+    }
+
+    /// Blocks this thread until the claim finished; it always does, within
+    /// [`CLAIM_TIMEOUT`] (more only if the service thread is starved).
+    pub(crate) fn wait_blocking(&self) {
+        let got = lock(&self.got);
+        let limit = 2 * CLAIM_TIMEOUT;
+        let waited = self
+            .cv
+            .wait_timeout_while(got, limit, |_| !self.is_done())
+            .map(|(_, t)| t.timed_out())
+            .unwrap_or(false);
+        if waited {
+            tracing::warn!("procpool: a pipe end did not arrive within {limit:?}");
+        }
+    }
+
+    /// Waits until the claim finished.
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Claims in flight from this process (see [`settle`], which waits for them: the sender
+/// keeps a pipe end parked only until the child that receives it reports its result).
+static ARRIVING: Mutex<usize> = Mutex::new(0);
+static ARRIVED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn arriving_done() {
+    let mut n = lock(&ARRIVING);
+    *n = n.saturating_sub(1);
+    ARRIVED.notify_all();
+}
+
+/// Starts claiming pipe end `export` from the hub at `hub` without waiting for it: from
+/// this process's own hub it is there at once; from another, the claim (a connection
+/// and one answer, bounded by [`CLAIM_TIMEOUT`]) runs on a thread of procpool's service
+/// runtime, so decoding a pipe end never blocks the caller (an async runtime's thread).
+pub(crate) fn claim_later(hub: &HubRef, export: u64, key: u64) -> Arc<Arrival> {
+    let arrival = Arc::new(Arrival::default());
+    *lock(&ARRIVING) += 1;
+    if let Some(h) = own()
+        && h.me == *hub
+    {
+        arrival.finish(claim(hub, export, key));
+        return arrival;
+    }
+    let (hub, filled) = (hub.clone(), Arc::clone(&arrival));
+    let started = crate::process::service::run(async move {
+        let got = tokio::task::spawn_blocking(move || claim(&hub, export, key))
+            .await
+            .unwrap_or_else(|e| Err(format!("the claim of a pipe end failed: {e}")));
+        filled.finish(got);
+    });
+    if let Err(e) = started {
+        arrival.finish(Err(e.to_string()));
+    }
+    arrival
+}
+
 /// Takes pipe end `export` from the hub at `hub` (blocking, briefly: the hub answers at
 /// once from its service thread).
 pub(crate) fn claim(hub: &HubRef, export: u64, key: u64) -> Result<OwnedFd, String> {
@@ -1395,6 +1491,21 @@ impl Drop for Remote {
 /// together: an owner that does not answer by then (stopped, or overloaded) is logged
 /// as a warning and asked again at the next settle; the result is reported anyway.
 pub(crate) fn settle() {
+    let limit = owner_timeout();
+    let deadline = std::time::Instant::now() + limit;
+    // Pipe ends this process is still claiming: their senders let go of them once the
+    // result is reported.
+    let arriving = lock(&ARRIVING);
+    let (arriving, waited) = ARRIVED
+        .wait_timeout_while(arriving, limit, |n| *n > 0)
+        .unwrap_or_else(|p| p.into_inner());
+    if waited.timed_out() {
+        tracing::warn!(
+            "procpool: {} pipe end(s) did not arrive within {limit:?}",
+            *arriving
+        );
+    }
+    drop(arriving);
     let all: Vec<Arc<Client>> = lock(clients()).values().filter_map(Weak::upgrade).collect();
     let mut waiting = Vec::new();
     for c in all {
@@ -1415,8 +1526,6 @@ pub(crate) fn settle() {
             lock(&c.pending).remove(&id);
         }
     }
-    let limit = owner_timeout();
-    let deadline = std::time::Instant::now() + limit;
     for (c, mut rx) in waiting {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         // Some(Err): the hub went away, and with it anything to wait for.

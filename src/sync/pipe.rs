@@ -5,7 +5,7 @@ use std::io::Read;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -100,15 +100,23 @@ impl<T> Clone for Connection<T> {
 
 impl<T> fmt::Debug for Connection<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.ep.sock {
-            Ok(s) => f.debug_struct("Connection").field("socket", s).finish(),
-            Err(e) => f.debug_struct("Connection").field("broken", e).finish(),
+        match self.ep.sock.get() {
+            Some(Ok(s)) => f.debug_struct("Connection").field("socket", s).finish(),
+            Some(Err(e)) => f.debug_struct("Connection").field("broken", e).finish(),
+            None => f
+                .debug_struct("Connection")
+                .field("arriving", &true)
+                .finish(),
         }
     }
 }
 
 struct Endpoint {
-    sock: std::result::Result<UnixStream, String>,
+    /// The socket, once it is here (at once, except for an end decoded from another
+    /// process, which is claimed in the background: see `arrival`).
+    sock: OnceLock<std::result::Result<UnixStream, String>>,
+    /// The claim of an end decoded from another process.
+    arrival: Option<Arc<hub::Arrival>>,
     rx: Mutex<RxState>,
     tx: Mutex<TxState>,
     /// The socket's registration with the runtime that last used it asynchronously.
@@ -136,10 +144,55 @@ enum Want {
 }
 
 impl Endpoint {
+    /// The socket, waiting (blocking, bounded) for a claim still on its way.
     fn sock(&self) -> Result<&UnixStream> {
-        self.sock
-            .as_ref()
-            .map_err(|e| Error::Io(std::io::Error::other(e.clone())))
+        if self.sock.get().is_none()
+            && let Some(a) = &self.arrival
+        {
+            a.wait_blocking();
+        }
+        match self.here() {
+            Some(Ok(sock)) => Ok(sock),
+            Some(Err(e)) => Err(Error::Io(std::io::Error::other(e.clone()))),
+            None => Err(Error::Io(std::io::Error::other(
+                "the pipe end did not arrive from the process that sent it",
+            ))),
+        }
+    }
+
+    /// The socket if it is here (taking it from a finished claim).
+    fn here(&self) -> Option<&std::result::Result<UnixStream, String>> {
+        if let Some(s) = self.sock.get() {
+            return Some(s);
+        }
+        if let Some(a) = &self.arrival {
+            // Under the arrival's lock: one caller takes the outcome and sets `sock`.
+            a.with(|got| {
+                if self.sock.get().is_none()
+                    && let Some(got) = got.take()
+                {
+                    let sock = got.and_then(|fd| {
+                        let sock = UnixStream::from(fd);
+                        sock.set_nonblocking(true)
+                            .map(|()| sock)
+                            .map_err(|e| format!("pipe end: {e}"))
+                    });
+                    if self.sock.set(sock).is_err() {
+                        unreachable!("set under the arrival's lock, once");
+                    }
+                }
+            });
+        }
+        self.sock.get()
+    }
+
+    /// Waits (asynchronously) for a claim still on its way.
+    async fn arrived(&self) {
+        if self.sock.get().is_none()
+            && let Some(a) = &self.arrival
+        {
+            a.wait().await;
+        }
     }
 
     /// A complete message if one is buffered or can be read without waiting; `None` if
@@ -390,7 +443,7 @@ fn fill(sock: &UnixStream, rx: &mut RxState) -> Result<Filled> {
 impl Drop for Endpoint {
     fn drop(&mut self) {
         // Best effort for a cancelled send's remainder; never wait in drop.
-        if let Ok(sock) = &self.sock {
+        if let Some(Ok(sock)) = self.sock.get() {
             let tx = self.tx.get_mut().unwrap_or_else(|p| p.into_inner());
             while !tx.buf.is_empty() {
                 match rustix::net::send(sock, &tx.buf, rustix::net::SendFlags::NOSIGNAL) {
@@ -405,21 +458,26 @@ impl Drop for Endpoint {
 
 impl<T> Connection<T> {
     fn from_stream(sock: UnixStream) -> Self {
-        Connection {
-            ep: Arc::new(Endpoint {
-                sock: Ok(sock),
-                rx: Mutex::default(),
-                tx: Mutex::default(),
-                reg: Mutex::default(),
-            }),
-            _t: PhantomData,
-        }
+        Self::with(OnceLock::from(Ok(sock)), None)
     }
 
     fn broken(reason: String) -> Self {
+        Self::with(OnceLock::from(Err(reason)), None)
+    }
+
+    /// An end claimed in the background (see `hub::claim_later`).
+    fn arriving(arrival: Arc<hub::Arrival>) -> Self {
+        Self::with(OnceLock::new(), Some(arrival))
+    }
+
+    fn with(
+        cell: OnceLock<std::result::Result<UnixStream, String>>,
+        arrival: Option<Arc<hub::Arrival>>,
+    ) -> Self {
         Connection {
             ep: Arc::new(Endpoint {
-                sock: Err(reason),
+                sock: cell,
+                arrival,
                 rx: Mutex::default(),
                 tx: Mutex::default(),
                 reg: Mutex::default(),
@@ -441,6 +499,7 @@ impl<T> Connection<T> {
     /// Cancel safe: it receives nothing.
     pub async fn poll(&self, d: Duration) -> Result<bool> {
         let wait = async {
+            self.ep.arrived().await;
             loop {
                 if self.ep.readable_now()? {
                     return Ok(true);
@@ -450,6 +509,8 @@ impl<T> Connection<T> {
         };
         match tokio::time::timeout(d, wait).await {
             Ok(r) => r,
+            // Still on its way: nothing to receive yet.
+            Err(_) if self.ep.here().is_none() => Ok(false),
             Err(_) => self.ep.readable_now(),
         }
     }
@@ -489,6 +550,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// later (by the next send or the drop of this end) or, if neither happens, be left
     /// unsent with a truncated prefix on the wire.
     pub async fn send(&self, msg: T) -> Result<()> {
+        self.ep.arrived().await;
         let (body, pins) = encode_message(&msg)?;
         let upto = self.ep.queue(&body)?;
         // Queued whole: it goes (see `keep`); handles in it stay until it is decoded.
@@ -513,6 +575,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// Cancel safe: a message is taken only when the future completes with it; bytes
     /// read so far stay buffered for the next `recv`.
     pub async fn recv(&self) -> Result<T> {
+        self.ep.arrived().await;
         loop {
             if let Some(frame) = self.ep.try_recv()? {
                 return wire::decode_value(&frame).map_err(Error::decode::<T>);
@@ -569,10 +632,10 @@ struct Wire {
 impl<T> Serialize for Connection<T> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
+        // An end still arriving is waited for (bounded: see `hub::Arrival`).
         let sock = self
             .ep
-            .sock
-            .as_ref()
+            .sock()
             .map_err(|e| S::Error::custom(format!("cannot send a broken pipe end: {e}")))?;
         let dup = sock
             .as_fd()
@@ -593,15 +656,10 @@ impl<T> Serialize for Connection<T> {
 impl<'de, T> Deserialize<'de> for Connection<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let w = Wire::deserialize(d)?;
-        Ok(match hub::claim(&w.hub, w.export, w.key) {
-            Ok(fd) => {
-                let sock = UnixStream::from(fd);
-                match sock.set_nonblocking(true) {
-                    Ok(()) => Connection::from_stream(sock),
-                    Err(e) => Connection::broken(format!("pipe end: {e}")),
-                }
-            }
-            Err(reason) => Connection::broken(reason),
-        })
+        // Decoding never waits: the end is fetched in the background, and its first use
+        // waits for it (an async method asynchronously).
+        Ok(Connection::arriving(hub::claim_later(
+            &w.hub, w.export, w.key,
+        )))
     }
 }
