@@ -339,3 +339,79 @@ async fn a_skipped_large_argument_frees_its_place_in_the_arena() {
     assert_eq!((stats.cancelled, stats.restarts), (1, 0), "{stats:?}");
     pool.close().await;
 }
+
+/// A large map item whose second encoding (the one made when it is sent) waits until
+/// the test lets it go, and says on which thread it ran.
+struct SlowToSend(ByteBuf);
+
+static SLOW_ENCODINGS: AtomicUsize = AtomicUsize::new(0);
+static SLOW_GATE: std::sync::Mutex<(bool, Option<String>)> = std::sync::Mutex::new((false, None));
+static SLOW_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl Serialize for SlowToSend {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if SLOW_ENCODINGS.fetch_add(1, Ordering::SeqCst) == 1 {
+            let mut gate = SLOW_GATE.lock().unwrap();
+            gate.1 = std::thread::current().name().map(str::to_owned);
+            SLOW_CHANGED.notify_all();
+            while !gate.0 {
+                gate = SLOW_CHANGED.wait(gate).unwrap();
+            }
+        }
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SlowToSend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ByteBuf::deserialize(d).map(SlowToSend)
+    }
+}
+
+fn slow_len(item: SlowToSend) -> usize {
+    item.0.len()
+}
+
+/// Lets the slow encoding go when dropped: a failing test must not leave a thread
+/// waiting for ever (the runtime's shutdown would wait for it).
+struct OpenGate;
+
+impl Drop for OpenGate {
+    fn drop(&mut self) {
+        let mut gate = SLOW_GATE.lock().unwrap_or_else(|p| p.into_inner());
+        gate.0 = true;
+        SLOW_CHANGED.notify_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_serialize_of_a_large_item_stalls_nothing_else() {
+    let open = OpenGate;
+    let pool = AsyncPool::new(2).await.unwrap();
+    let big = pool.map_async(slow_len, vec![SlowToSend(pattern(2 * MB, 3))]);
+    // The item is being encoded for its worker (its second encoding waits)...
+    let thread = {
+        let mut gate = SLOW_GATE.lock().unwrap();
+        let deadline = std::time::Instant::now() + support::SOON;
+        while gate.1.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "the item was never encoded for sending");
+            gate = SLOW_CHANGED.wait_timeout(gate, left).unwrap().0;
+        }
+        gate.1.clone()
+    };
+    assert_eq!(
+        thread.as_deref(),
+        Some("procpool-encode"),
+        "not on a dispatcher"
+    );
+    // ... and meanwhile the pool answers other calls, on the other worker.
+    assert_eq!(
+        within(pool.apply(checked_len, (pattern(10, 1),)))
+            .await
+            .unwrap(),
+        10
+    );
+    drop(open);
+    assert_eq!(within(big).await.unwrap(), vec![2 * MB]);
+}

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::PoolStats;
-use super::message::{Args, Command, Finished, Job, Reply, TaskResult};
+use super::message::{Args, Command, Finished, Job, Part, Reply, TaskResult};
 use super::worker::{self, Event, Init, WorkerConn};
 use crate::error::Error;
 use crate::process::ChildHandle;
@@ -110,6 +110,9 @@ pub(crate) struct Initial {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Queued,
+    /// Its worker has it, its large map items being encoded for it on the encoder
+    /// thread (see `WorkerConn::stage`); its frame is not queued yet.
+    Staging,
     Sent,
 }
 
@@ -138,6 +141,11 @@ struct Worker {
     sent: u64,
     /// A recall is on its way (see `rebalance`): no more tasks until it is answered.
     recalling: bool,
+    /// A task is being staged for it (see `State::Staging`): no frame may overtake it,
+    /// so it gets nothing else (and no recall) until that task's frame is queued.
+    staging: bool,
+    /// It reached `max_tasks_per_child` with a task staging: `Shutdown` goes after it.
+    shutdown_after_staging: bool,
 }
 
 #[derive(Debug, Default)]
@@ -330,6 +338,13 @@ impl Dispatcher {
                 // Its id stays in `pending` and is skipped there.
                 self.tasks.remove(&id);
             }
+            State::Staging => {
+                // Not at its worker yet: skipped once its frame is queued (`on_staged`).
+                tracing::debug!(task = id, "task cancelled while its arguments were encoded");
+                self.counts.running -= 1;
+                task.cancelled = true;
+                task.reply = None;
+            }
             State::Sent => {
                 self.counts.running -= 1;
                 task.cancelled = true;
@@ -384,6 +399,7 @@ impl Dispatcher {
                 outcome,
             } => self.on_done(worker, id, outcome),
             Event::Stopped => self.dying -= 1,
+            Event::Staged { worker, id, result } => self.on_staged(worker, id, result),
             Event::Recalled {
                 worker,
                 after,
@@ -421,6 +437,54 @@ impl Dispatcher {
                     self.counts.restarts += 1;
                 }
             }
+        }
+    }
+
+    /// Task `id`'s frame is queued for `worker`, or its arguments failed to encode.
+    fn on_staged(&mut self, worker: u64, id: u64, result: Result<(), Error>) {
+        let Some(w) = self.workers.iter_mut().find(|w| w.conn.id == worker) else {
+            return; // the worker is gone: its tasks were put back in the queue
+        };
+        if !w.staging || w.inflight.back() != Some(&id) {
+            return; // the task left this worker while it was encoded
+        }
+        w.staging = false;
+        match result {
+            Ok(()) => {
+                if let Some(task) = self.tasks.get_mut(&id) {
+                    task.state = State::Sent;
+                    if task.cancelled {
+                        // Behind its Run frame: the worker never starts it.
+                        w.conn.send(&Down::Skip { id });
+                    }
+                }
+                if w.inflight.len() == 1 {
+                    w.head_since = Some(Instant::now());
+                }
+            }
+            Err(e) => {
+                // A large map item that could be encoded before cannot be now; nothing
+                // of it was queued, so the worker never counts it.
+                tracing::debug!(task = id, "task arguments failed to encode again");
+                w.inflight.pop_back();
+                w.sent -= 1;
+                if let Some(task) = self.tasks.remove(&id) {
+                    w.inflight_bytes -= task.args.len();
+                    if !task.cancelled {
+                        self.counts.running -= 1;
+                        self.counts.failed += 1;
+                    }
+                    if let Some(reply) = task.reply {
+                        self.answers.push((reply, Err(e)));
+                    }
+                }
+                if w.inflight.is_empty() {
+                    w.head_since = None;
+                }
+            }
+        }
+        if std::mem::take(&mut w.shutdown_after_staging) {
+            w.conn.send(&Down::Shutdown);
         }
     }
 
@@ -628,6 +692,7 @@ impl Dispatcher {
                 .iter_mut()
                 .filter(|w| {
                     !w.retiring
+                        && !w.staging
                         && w.inflight.len() < depth
                         && if w.inflight.is_empty() {
                             may_start
@@ -645,7 +710,19 @@ impl Dispatcher {
             }
             self.pending.pop_front();
             self.counts.queued -= 1;
-            if let Err(e) = w.conn.send_run(id, task.target, &task.args) {
+            let deferred = task
+                .args
+                .rest
+                .as_deref()
+                .is_some_and(|parts| parts.iter().any(|p| matches!(p, Part::Deferred(_))));
+            if deferred {
+                // Encoded elsewhere (a user's `Serialize` of megabytes); the worker's
+                // head clock starts once its frame is queued (see `on_staged`).
+                w.conn
+                    .stage(id, task.target, task.args.clone(), self.events_tx.clone());
+                w.staging = true;
+                task.state = State::Staging;
+            } else if let Err(e) = w.conn.send_run(id, task.target, &task.args) {
                 // A large map item that could be encoded before cannot be now.
                 tracing::debug!(task = id, "task arguments failed to encode again");
                 self.counts.failed += 1;
@@ -654,14 +731,16 @@ impl Dispatcher {
                 }
                 continue;
             }
-            task.state = State::Sent;
+            if !deferred {
+                task.state = State::Sent;
+            }
             w.sent += 1;
             task.seq = w.sent;
             self.counts.running += 1;
             tracing::debug!(task = id, worker = %w.conn.name, "task sent");
             w.inflight.push_back(id);
             w.inflight_bytes += size;
-            if w.inflight.len() == 1 {
+            if w.inflight.len() == 1 && !deferred {
                 w.head_since = Some(Instant::now());
             }
             w.assigned += 1;
@@ -673,7 +752,11 @@ impl Dispatcher {
                 // Replaced right away (see `maintain`), so a limit never deadlocks the
                 // pool (CPython gh-115634).
                 w.retiring = true;
-                w.conn.send(&Down::Shutdown);
+                if w.staging {
+                    w.shutdown_after_staging = true;
+                } else {
+                    w.conn.send(&Down::Shutdown);
+                }
             }
         }
     }
@@ -709,7 +792,7 @@ impl Dispatcher {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.inflight.len() >= 2 && !w.recalling)
+            .filter(|(_, w)| w.inflight.len() >= 2 && !w.recalling && !w.staging)
             .filter_map(|(i, w)| Some((i, w.head_since? + after)))
             .min_by_key(|&(_, at)| at)
     }
@@ -933,6 +1016,8 @@ impl Worker {
             retiring: false,
             sent: 0,
             recalling: false,
+            staging: false,
+            shutdown_after_staging: false,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! futures and streams callers await, `worker` one worker's I/O.
 
 mod dispatcher;
+mod encoder;
 mod future;
 mod map;
 mod message;
@@ -345,7 +346,10 @@ impl Builder {
                         kill_now(&conn.child);
                     }
                 }
-                worker::Event::Stopped | worker::Event::Recalled { .. } => {}
+                // No task was sent yet: nothing was staged or recalled.
+                worker::Event::Stopped
+                | worker::Event::Recalled { .. }
+                | worker::Event::Staged { .. } => {}
             }
         }
         if let Some(e) = failure {

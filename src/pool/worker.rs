@@ -39,6 +39,13 @@ pub(crate) enum Event {
     },
     /// A worker the dispatcher stopped (see `dispatcher::kill`) is reaped.
     Stopped,
+    /// Task `id`'s arguments for worker `worker` were encoded off the dispatcher (see
+    /// [`WorkerConn::stage`]): its frame is queued, or the encoding failed.
+    Staged {
+        worker: u64,
+        id: u64,
+        result: Result<(), Error>,
+    },
     /// Worker `worker` gave back the tasks it was sent as numbers `after + 1 ..= upto`:
     /// they will not run there (see [`WorkerConn::recall`]).
     Recalled { worker: u64, after: u64, upto: u64 },
@@ -55,9 +62,25 @@ pub(crate) struct WorkerConn {
     pub(crate) id: u64,
     pub(crate) name: Arc<str>,
     pub(crate) child: Arc<ChildHandle>,
+    link: Link,
+}
+
+/// Where frames for a worker go: shared by its [`WorkerConn`] and the encoder thread
+/// staging a task for it (see [`WorkerConn::stage`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    name: Arc<str>,
     out: Arc<Out>,
     /// The recall channel (see `process::service::spawn_here`), non-blocking.
-    control: std::os::unix::net::UnixStream,
+    control: Arc<std::os::unix::net::UnixStream>,
+}
+
+impl std::ops::Deref for WorkerConn {
+    type Target = Link;
+
+    fn deref(&self) -> &Link {
+        &self.link
+    }
 }
 
 /// Frames on their way to a worker.
@@ -254,6 +277,39 @@ impl Out {
 }
 
 impl WorkerConn {
+    /// Queues task `id` as [`send_run`](Link::send_run) does, but encodes its large map
+    /// items on procpool's encoder thread, never on the dispatcher's: the frame is
+    /// queued there, and `Event::Staged` on `events` says when (or why not). Frames the
+    /// dispatcher queues for this worker meanwhile would overtake it: it sends this
+    /// worker nothing until then.
+    pub(crate) fn stage(
+        &self,
+        id: u64,
+        target: TargetRef,
+        args: Args,
+        events: mpsc::UnboundedSender<Event>,
+    ) {
+        let link = self.link.clone();
+        let worker = self.id;
+        super::encoder::run(Box::new(move || {
+            // Whatever happens, the dispatcher hears back (it sends this worker nothing
+            // until then); a panicking `Serialize` is caught inside `Deferred` already.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                link.send_run(id, target, &args)
+            }))
+            .unwrap_or_else(|_| {
+                Err(Error::Encode {
+                    type_name: "task arguments".to_owned(),
+                    reason: "encoding them panicked".to_owned(),
+                })
+            });
+            // Err: the dispatcher is gone, and with it the task.
+            events.send(Event::Staged { worker, id, result }).ok();
+        }));
+    }
+}
+
+impl Link {
     /// Queues a message; it is written by the next [`flush`](Self::flush).
     pub(crate) fn send(&self, msg: &Down) {
         let mut st = self.out.lock();
@@ -360,7 +416,7 @@ impl WorkerConn {
         use std::io::Write;
         let msg = crate::wire::recall(upto);
         // 8 bytes on an empty socket (one recall at a time): written whole or not at all.
-        matches!((&self.control).write(&msg), Ok(n) if n == msg.len())
+        matches!((&*self.control).write(&msg), Ok(n) if n == msg.len())
     }
 
     /// Task `id` was answered: its arena region may be written again.
@@ -602,8 +658,11 @@ async fn connect(
         id,
         name: Arc::clone(name),
         child,
-        out,
-        control,
+        link: Link {
+            name: Arc::clone(name),
+            out,
+            control: Arc::new(control),
+        },
     })
 }
 
