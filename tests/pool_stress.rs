@@ -49,8 +49,10 @@ fn open_fds() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_timeouts_and_drops_leave_a_consistent_pool() {
-    // Warm up the process-wide service thread so its fds are in the baseline.
+    // Warm up procpool's process-wide threads (the service thread; the pools' runtime,
+    // started with the first pool and kept) so that their fds are in the baseline.
     drop(procpool::spawn(doubler, (1,)).await.unwrap().join().await);
+    AsyncPool::new(1).await.unwrap().terminate().await;
     let fds_before = open_fds();
 
     let pool = AsyncPool::builder()

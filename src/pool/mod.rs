@@ -55,6 +55,35 @@ use worker::Init;
 /// `AsyncPool` is a cheap handle: clone it into every task of a service. `close` and
 /// `terminate` act on the pool behind every clone.
 ///
+/// # Runtimes
+///
+/// A pool belongs to no runtime: its dispatcher and its workers' I/O run on procpool's
+/// own thread (`procpool-pool`). Build it in one runtime and use it from any other,
+/// after the first is gone, or from a plain executor (`futures::executor::block_on`);
+/// a `static` pool serves every `#[tokio::test]` of a test binary, whatever their
+/// flavour:
+///
+/// ```
+/// use procpool::AsyncPool;
+/// use tokio::sync::OnceCell;
+///
+/// async fn pool() -> &'static AsyncPool {
+///     static POOL: OnceCell<AsyncPool> = OnceCell::const_new();
+///     POOL.get_or_init(|| async { AsyncPool::new(2).await.expect("workers start") })
+///         .await
+/// }
+/// # fn doubler(x: i64) -> i64 { x * 2 }
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// assert_eq!(pool().await.apply(doubler, (21,)).await.unwrap(), 42);
+/// # }
+/// ```
+///
+/// Which clock each limit follows: a call's `.timeout(d)` is a timer of the runtime
+/// that polls the call (so it follows tokio's paused time in a test that pauses it);
+/// `task_timeout`, `start_timeout`, the kill grace and the pool's own scheduling follow
+/// the real clock, on procpool's thread. `map_async` alone needs a tokio runtime: its
+/// map is driven by a task spawned on the caller's.
+///
 /// # Drop
 ///
 /// The workers live as long as any handle, future or [`TaskHandle`] of the pool. When the
@@ -284,19 +313,22 @@ impl Builder {
         };
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let mut next_worker = 0;
-        let start_one = |next_worker: &mut u64| {
+        // Workers start (and their I/O runs) on procpool's pools' thread, not on the
+        // caller's runtime: the pool outlives the runtime that built it.
+        let start_one = |next_worker: &mut u64| -> Result<()> {
             let identity = crate::process::next_identity();
-            tokio::spawn(worker::start(
+            crate::process::service::run_pool(worker::start(
                 *next_worker,
                 identity,
                 cfg.init.clone(),
                 cfg.start_timeout,
                 events_tx.clone(),
-            ));
+            ))?;
             *next_worker += 1;
+            Ok(())
         };
         for _ in 0..processes {
-            start_one(&mut next_worker);
+            start_one(&mut next_worker)?;
         }
         // Every connection made so far is held here until handed to the dispatcher. If
         // the build is cancelled, dropping a connection drops its writer, whose write half
@@ -336,7 +368,10 @@ impl Builder {
                         ));
                         break;
                     }
-                    start_one(&mut next_worker);
+                    if let Err(e) = start_one(&mut next_worker) {
+                        failure = Some(e);
+                        break;
+                    }
                 }
                 worker::Event::Done { worker, .. } => {
                     // No task was sent yet: a worker answering one broke the protocol.
@@ -377,7 +412,7 @@ impl Builder {
             events_tx,
             events,
         );
-        tokio::spawn(dispatcher.run());
+        crate::process::service::run_pool(dispatcher.run())?;
         Ok(AsyncPool {
             shared: Arc::new(Shared {
                 tx,

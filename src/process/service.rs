@@ -343,6 +343,33 @@ pub(crate) fn run<F: std::future::Future<Output = ()> + Send + 'static>(
     Ok(())
 }
 
+/// Runs `fut` on the pools' runtime: every pool's dispatcher and its workers' I/O, so
+/// that a pool belongs to no caller's runtime (DESIGN.md §9). Threads of their own (not
+/// the service thread), so that a busy pool does not delay the hub's answers or the
+/// reaping of children; two of them (or one on a one-core machine), so that a
+/// dispatcher and its workers' readers run side by side, as they did on a caller's
+/// multi-thread runtime (one thread cost the 100k-task map a sixth of its throughput,
+/// BENCHMARKS.md).
+pub(crate) fn run_pool<F: std::future::Future<Output = ()> + Send + 'static>(
+    fut: F,
+) -> Result<(), Error> {
+    static POOLS: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    POOLS
+        .get_or_init(|| {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("procpool-pool")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot build the pools' runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(|reason| Error::spawn(reason.clone(), None))?
+        .spawn(fut);
+    Ok(())
+}
+
 /// Children of this process, for [`active_children`](crate::active_children).
 fn registry() -> &'static Mutex<Vec<Weak<ChildHandle>>> {
     static REGISTRY: OnceLock<Mutex<Vec<Weak<ChildHandle>>>> = OnceLock::new();
