@@ -232,7 +232,9 @@ mod wire;
 
 pub use error::{Error, ExitReason, Result};
 pub use log::log_to_stderr;
-pub use pool::{Apply, AsyncPool, Builder, Imap, Map, PoolStats, TaskHandle, TaskTimeout};
+pub use pool::{
+    Apply, AsyncPool, Builder, DEFAULT_MAX_QUEUED, Imap, Map, PoolStats, TaskHandle, TaskTimeout,
+};
 pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
 pub use sync::{Connection, Event, Lock, LockGuard, Queue, TryPutError, pipe};
 #[doc(hidden)]

@@ -119,6 +119,8 @@ enum State {
 struct Task {
     target: TargetRef,
     args: Args,
+    /// It holds a place in the queue (see `Shared::admission`) until it leaves it.
+    admitted: bool,
     reply: Option<Reply>,
     state: State,
     /// The caller gave up; the task stays here only until its worker moves past it.
@@ -184,6 +186,11 @@ pub(crate) struct Dispatcher {
     /// How long a task takes, from its start to its answer, smoothed; `None` until the
     /// first answer.
     task_time: Option<Duration>,
+    /// The queue's places (`Builder::max_queued`), and how many tasks left the queue in
+    /// this round: their places are given back at its end, together (one wake-up for a
+    /// producer waiting for many).
+    admission: Arc<tokio::sync::Semaphore>,
+    left_queue: usize,
 }
 
 impl Dispatcher {
@@ -194,6 +201,7 @@ impl Dispatcher {
         initial: Initial,
         events_tx: mpsc::UnboundedSender<Event>,
         events: mpsc::UnboundedReceiver<Event>,
+        admission: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         let Initial {
             workers,
@@ -223,6 +231,8 @@ impl Dispatcher {
             broken: None,
             answers: Vec::new(),
             task_time: None,
+            admission,
+            left_queue: 0,
         }
     }
 
@@ -237,6 +247,10 @@ impl Dispatcher {
             // shows (a cancel, say) has reached the workers' sockets.
             for w in &self.workers {
                 w.conn.flush();
+            }
+            if self.left_queue > 0 {
+                self.admission
+                    .add_permits(std::mem::take(&mut self.left_queue));
             }
             self.publish_stats();
             if self.closed_down() {
@@ -304,6 +318,7 @@ impl Dispatcher {
 
     fn submit(&mut self, job: Job) {
         if let Some(reason) = &self.broken {
+            self.left_queue += usize::from(job.admitted);
             (job.reply)(Err(Error::spawn(reason.clone(), None)));
             return;
         }
@@ -314,6 +329,7 @@ impl Dispatcher {
             Task {
                 target: job.target,
                 args: job.args,
+                admitted: job.admitted,
                 reply: Some(job.reply),
                 state: State::Queued,
                 cancelled: false,
@@ -335,6 +351,7 @@ impl Dispatcher {
             State::Queued => {
                 tracing::debug!(task = id, "task cancelled while queued");
                 self.counts.queued -= 1;
+                self.left_queue += usize::from(task.admitted);
                 // Its id stays in `pending` and is skipped there.
                 self.tasks.remove(&id);
             }
@@ -663,6 +680,7 @@ impl Dispatcher {
                 if let Some(task) = self.tasks.remove(&id) {
                     self.counts.queued -= 1;
                     self.counts.failed += 1;
+                    self.left_queue += usize::from(task.admitted);
                     if let Some(reply) = task.reply {
                         reply(Err(Error::spawn(reason.clone(), None)));
                     }
@@ -710,6 +728,8 @@ impl Dispatcher {
             }
             self.pending.pop_front();
             self.counts.queued -= 1;
+            // Its place in the queue is free (back in the queue later, it holds none).
+            self.left_queue += usize::from(std::mem::take(&mut task.admitted));
             let deferred = task
                 .args
                 .rest

@@ -36,6 +36,10 @@ pub struct Apply<R> {
     shared: Arc<Shared>,
     call: Option<Result<(TargetRef, Args, Pins)>>,
     timeout: Option<Duration>,
+    /// The timeout's timer, from the first poll (it counts the wait for room).
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Waiting for room in the queue (see `Builder::max_queued`).
+    admission: super::Admission,
     running: Option<TaskTimeout<R>>,
 }
 
@@ -54,12 +58,16 @@ impl<R> Apply<R> {
             shared,
             call: Some(call),
             timeout: None,
+            sleep: None,
+            admission: super::Admission::default(),
             running: None,
         }
     }
 
     /// Gives up after `d` from the first poll: the future resolves with
     /// [`Error::Timeout`] and the task is cancelled (its worker stopped if it is running).
+    /// The time spent waiting for room in a full queue counts (see
+    /// [`Builder::max_queued`](super::Builder::max_queued)).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self
@@ -73,11 +81,37 @@ impl<R: DeserializeOwned> Future for Apply<R> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
         let this = &mut *self;
         if this.running.is_none() {
+            if this.call.is_none() {
+                return Poll::Ready(Err(Error::AlreadyCompleted));
+            }
+            if let Some(after) = this.timeout {
+                this.sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+            }
+            // A call that cannot be submitted fails at once, without a place.
+            let admitted = match &this.call {
+                Some(Ok(_)) => match this.shared.poll_admit(&mut this.admission, cx) {
+                    Poll::Ready(admitted) => admitted,
+                    Poll::Pending => {
+                        if let (Some(sleep), Some(after)) = (this.sleep.as_mut(), this.timeout)
+                            && sleep.as_mut().poll(cx).is_ready()
+                        {
+                            this.call = None;
+                            return Poll::Ready(Err(Error::Timeout { after }));
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                _ => false,
+            };
             let Some(call) = this.call.take() else {
                 return Poll::Ready(Err(Error::AlreadyCompleted));
             };
-            let handle = TaskHandle::submit(&this.shared, call);
-            this.running = Some(TaskTimeout::new(handle, this.timeout));
+            // Closed while it waited: `submit` refuses it (`PoolClosed`).
+            let handle = TaskHandle::submit(&this.shared, call, admitted);
+            let mut running = TaskTimeout::new(handle, this.timeout);
+            running.sleep = this.sleep.take();
+            this.running = Some(running);
         }
         match this.running.as_mut() {
             Some(t) => Pin::new(t).poll(cx),
@@ -145,7 +179,11 @@ impl<R> std::fmt::Debug for TaskHandle<R> {
 }
 
 impl<R> TaskHandle<R> {
-    pub(super) fn submit(shared: &Arc<Shared>, call: Result<(TargetRef, Args, Pins)>) -> Self {
+    pub(super) fn submit(
+        shared: &Arc<Shared>,
+        call: Result<(TargetRef, Args, Pins)>,
+        admitted: bool,
+    ) -> Self {
         let submitted = call.and_then(|(target, args, pins)| {
             let (tx, rx) = oneshot::channel();
             let reply = Box::new(move |r: TaskResult| {
@@ -154,7 +192,9 @@ impl<R> TaskHandle<R> {
                 // The task is over: what its arguments referred to may go.
                 drop(pins);
             });
-            shared.submit(target, args, |_| reply).map(|id| (id, rx))
+            shared
+                .submit(target, args, |_| reply, admitted)
+                .map(|id| (id, rx))
         });
         let inner = match submitted {
             Ok((id, rx)) => Inner::Task {

@@ -468,6 +468,45 @@ struct MapRun<R> {
     after: Duration,
     /// Held until the map is over (see [`Encoded`]).
     _pins: crate::sync::Pins,
+    /// What is left to submit: chunks `next_chunk..` of `items`, `size` items each, as
+    /// the queue has room (see `Builder::max_queued`).
+    target: TargetRef,
+    items: Encoded,
+    size: usize,
+    next_chunk: usize,
+    /// Dropped once every chunk is submitted: then the channel ends only when every
+    /// chunk's answer (or the dispatcher) is gone.
+    tx: Option<mpsc::UnboundedSender<(usize, TaskResult)>>,
+    admission: super::Admission,
+}
+
+impl<R> MapRun<R> {
+    /// Submits chunks while the queue has room; `Err` if one cannot be submitted (the
+    /// ones submitted are cancelled by the map's drop).
+    fn submit_more(&mut self, shared: &Shared, cx: &mut Context<'_>) -> Result<()> {
+        let n = self.items.len();
+        while self.next_chunk * self.size < n {
+            match shared.poll_admit(&mut self.admission, cx) {
+                // Closed: `submit` says so.
+                Poll::Ready(_) => {}
+                Poll::Pending => return Ok(()),
+            }
+            let (idx, start) = (self.next_chunk, self.next_chunk * self.size);
+            let Some(tx) = self.tx.clone() else {
+                unreachable!("the sender is kept until the last chunk is submitted");
+            };
+            let reply = Box::new(move |r: TaskResult| {
+                // The receiver is gone only if the Map was dropped: nobody to tell.
+                drop(tx.send((idx, r)));
+            });
+            let args = self.items.chunk(start..(start + self.size).min(n));
+            let id = shared.submit(self.target, args, |_| reply, true)?;
+            self.ids.push(id);
+            self.next_chunk += 1;
+        }
+        self.tx = None;
+        Ok(())
+    }
 }
 
 impl<R> std::fmt::Debug for Map<R> {
@@ -525,37 +564,25 @@ impl<R> Map<R> {
             .unwrap_or_else(|| default_chunksize(n, self.shared.processes()))
             .min(MAX_CHUNK_ITEMS);
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut run = MapRun {
+        let chunks = n.div_ceil(size);
+        let pins = std::mem::take(&mut items.pins);
+        self.run = Some(MapRun {
             rx,
-            ids: Vec::new(),
+            ids: Vec::with_capacity(chunks),
             all: Vec::with_capacity(n),
             next: 0,
-            results: Vec::new(),
-            remaining: 0,
+            results: (0..chunks).map(|_| None).collect(),
+            remaining: chunks,
             sleep: self.timeout.map(|d| Box::pin(tokio::time::sleep(d))),
             after: self.timeout.unwrap_or_default(),
-            _pins: std::mem::take(&mut items.pins),
-        };
-        for (idx, start) in (0..n).step_by(size).enumerate() {
-            let tx = tx.clone();
-            let reply = Box::new(move |r: TaskResult| {
-                // The receiver is gone only if the Map was dropped: nobody to tell.
-                drop(tx.send((idx, r)));
-            });
-            let args = items.chunk(start..(start + size).min(n));
-            match self.shared.submit(target, args, |_| reply) {
-                Ok(id) => run.ids.push(id),
-                Err(e) => {
-                    for &id in &run.ids {
-                        self.shared.cancel(id);
-                    }
-                    return Err(e);
-                }
-            }
-            run.results.push(None);
-            run.remaining += 1;
-        }
-        self.run = Some(run);
+            _pins: pins,
+            target,
+            items,
+            size,
+            next_chunk: 0,
+            tx: Some(tx),
+            admission: super::Admission::default(),
+        });
         Ok(None)
     }
 }
@@ -593,6 +620,9 @@ impl<R: DeserializeOwned + 'static> Map<R> {
         let Some(run) = this.run.as_mut() else {
             return Poll::Ready(Err(Error::AlreadyCompleted));
         };
+        if let Err(e) = run.submit_more(&this.shared, cx) {
+            return Poll::Ready(Err(e));
+        }
         while let Poll::Ready(msg) = run.rx.poll_recv(cx) {
             let Some((idx, res)) = msg else {
                 // Every sender dropped without an answer: the dispatcher is gone.
@@ -781,12 +811,19 @@ impl<R, I> Imap<R, I> {
     fn submit(&mut self, target: TargetRef, seq: u64, mut items: Encoded) -> Result<()> {
         let tx = self.tx.clone();
         let args = items.chunk(0..items.len());
-        let id = self.shared.submit(target, args, move |id| {
-            Box::new(move |r: TaskResult| {
-                // The receiver is gone only if the stream was dropped.
-                drop(tx.send((id, r)));
-            })
-        })?;
+        // Not counted against `max_queued`: an imap keeps a few chunks per worker in
+        // flight on its own (`IMAP_WINDOW_PER_WORKER`).
+        let id = self.shared.submit(
+            target,
+            args,
+            move |id| {
+                Box::new(move |r: TaskResult| {
+                    // The receiver is gone only if the stream was dropped.
+                    drop(tx.send((id, r)));
+                })
+            },
+            false,
+        )?;
         self.inflight.insert(
             id,
             Chunk {

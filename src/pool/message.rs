@@ -179,6 +179,9 @@ pub(crate) struct Job {
     pub(crate) target: TargetRef,
     pub(crate) args: Args,
     pub(crate) reply: Reply,
+    /// It took a place in the queue (see `Shared::admission`), which the dispatcher
+    /// gives back when the task leaves the queue.
+    pub(crate) admitted: bool,
 }
 
 impl std::fmt::Debug for Job {

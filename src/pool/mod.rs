@@ -100,6 +100,9 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     stats: Arc<Mutex<PoolStats>>,
     processes: usize,
+    /// Places in the queue ([`Builder::max_queued`]): a lazy call takes one before it
+    /// submits, and the dispatcher gives it back when the task leaves the queue.
+    admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for AsyncPool {
@@ -158,10 +161,14 @@ pub struct Builder {
     start_timeout: Duration,
     kill_grace: Duration,
     pipeline: usize,
+    max_queued: usize,
 }
 
 /// How long a worker may take to start (and run its initializer) by default.
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many tasks may wait in a pool's queue by default (see [`Builder::max_queued`]).
+pub const DEFAULT_MAX_QUEUED: usize = 10_000;
 
 impl Builder {
     /// Number of worker processes. Default: [`std::thread::available_parallelism`].
@@ -260,6 +267,24 @@ impl Builder {
         self
     }
 
+    /// At most `n` tasks wait in the pool's queue (submitted, not yet at a worker).
+    /// Default: [`DEFAULT_MAX_QUEUED`] (10,000).
+    ///
+    /// When the queue is full, the lazy calls wait for room before they submit: an
+    /// `apply(...).await` waits (its `.timeout(d)` counts that wait), a `map` or
+    /// `starmap` submits its chunks as room frees up (an `imap` keeps only a few chunks
+    /// per worker in flight on its own, and is not counted). That is how a service
+    /// that submits faster than its workers finish is pushed back instead of queueing
+    /// without limit. The eager calls, [`apply_async`](AsyncPool::apply_async) and
+    /// [`map_async`](AsyncPool::map_async), never wait: `apply_async` submits at once
+    /// even into a full queue (over the bound, as Python's `apply_async` does);
+    /// `map_async` runs a `map`, which waits for room as above. A chunk resubmitted after
+    /// one of its items failed does not wait either. 0 is [`Error::InvalidConfig`].
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n;
+        self
+    }
+
     /// Starts the workers and waits until every one has handshaken and run the
     /// initializer.
     ///
@@ -300,6 +325,11 @@ impl Builder {
         if self.start_timeout.is_zero() {
             return invalid("start_timeout must be more than zero");
         }
+        if self.max_queued == 0 {
+            return invalid("max_queued must be at least 1");
+        }
+        let max_queued = self.max_queued.min(tokio::sync::Semaphore::MAX_PERMITS);
+        let admission = Arc::new(tokio::sync::Semaphore::new(max_queued));
         let init = self.init.transpose()?;
         let cfg = Config {
             processes,
@@ -411,6 +441,7 @@ impl Builder {
             },
             events_tx,
             events,
+            Arc::clone(&admission),
         );
         crate::process::service::run_pool(dispatcher.run())?;
         Ok(AsyncPool {
@@ -420,6 +451,7 @@ impl Builder {
                 closed: AtomicBool::new(false),
                 stats,
                 processes,
+                admission,
             }),
         })
     }
@@ -459,6 +491,7 @@ impl AsyncPool {
             start_timeout: DEFAULT_START_TIMEOUT,
             kill_grace: Duration::from_millis(100),
             pipeline: 64,
+            max_queued: DEFAULT_MAX_QUEUED,
         }
     }
 
@@ -504,7 +537,8 @@ impl AsyncPool {
         M: 'static,
     {
         let _: F = f; // It holds nothing: the child makes its own (see `Target`).
-        TaskHandle::submit(&self.shared, encode_call::<F, M, A>(args))
+        // Eager: into the queue at once, full or not (see `Builder::max_queued`).
+        TaskHandle::submit(&self.shared, encode_call::<F, M, A>(args), false)
     }
 
     /// Runs `f(item)` for every item, in parallel across the workers, and resolves with
@@ -618,7 +652,7 @@ impl AsyncPool {
     ///
     /// Cancel safe: the pool closes anyway; only the wait is abandoned.
     pub async fn close(&self) {
-        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.close();
         let (done, wait) = oneshot::channel();
         if self.shared.tx.send(Command::Close { done }).is_ok() {
             // An error means the dispatcher already ended: closed either way.
@@ -634,7 +668,7 @@ impl AsyncPool {
     ///
     /// Cancel safe: the pool terminates anyway; only the wait is abandoned.
     pub async fn terminate(&self) {
-        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.close();
         let (done, wait) = oneshot::channel();
         if self.shared.tx.send(Command::Terminate { done }).is_ok() {
             drop(wait.await);
@@ -661,20 +695,73 @@ where
     Ok((target, args, pins))
 }
 
+/// A lazy call's wait for a place in the queue (made only if it has to wait).
+#[derive(Default)]
+pub(crate) struct Admission(Option<tokio_util::sync::PollSemaphore>);
+
 impl Shared {
+    /// Takes no more work; calls waiting for room in the queue fail with `PoolClosed`.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.admission.close();
+    }
+
+    /// A place in the queue if there is one now (see [`Builder::max_queued`]).
+    pub(crate) fn try_admit(&self) -> bool {
+        match self.admission.try_acquire() {
+            Ok(permit) => {
+                // Given back by the dispatcher when the task leaves the queue.
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits for a place in the queue; false once the pool is closed.
+    pub(crate) fn poll_admit(
+        &self,
+        wait: &mut Admission,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<bool> {
+        if self.try_admit() {
+            return std::task::Poll::Ready(true);
+        }
+        let sem = wait.0.get_or_insert_with(|| {
+            tokio_util::sync::PollSemaphore::new(Arc::clone(&self.admission))
+        });
+        match sem.poll_acquire(cx) {
+            std::task::Poll::Ready(Some(permit)) => {
+                permit.forget();
+                std::task::Poll::Ready(true)
+            }
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(false),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
     /// Sends a task to the dispatcher; its answer goes to the reply `make_reply` builds
-    /// from the task's id (the id exists before the dispatcher can answer).
+    /// from the task's id (the id exists before the dispatcher can answer). `admitted`:
+    /// it took a place in the queue (see [`try_admit`](Self::try_admit)).
     fn submit(
         &self,
         target: TargetRef,
         args: impl Into<Args>,
         make_reply: impl FnOnce(u64) -> Reply,
+        admitted: bool,
     ) -> Result<u64> {
+        let give_back = |admission: &tokio::sync::Semaphore| {
+            if admitted {
+                admission.add_permits(1);
+            }
+        };
         let args = args.into();
         if self.closed.load(Ordering::SeqCst) {
+            give_back(&self.admission);
             return Err(Error::PoolClosed);
         }
         if args.len() > crate::wire::MAX_ARGS {
+            give_back(&self.admission);
             return Err(Error::Encode {
                 type_name: "task arguments".to_owned(),
                 reason: format!(
@@ -690,10 +777,12 @@ impl Shared {
             target,
             args,
             reply: make_reply(id),
+            admitted,
         };
-        self.tx
-            .send(Command::Submit(job))
-            .map_err(|_| Error::PoolClosed)?;
+        if self.tx.send(Command::Submit(job)).is_err() {
+            give_back(&self.admission);
+            return Err(Error::PoolClosed);
+        }
         Ok(id)
     }
 
