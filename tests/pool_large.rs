@@ -415,3 +415,85 @@ async fn a_slow_serialize_of_a_large_item_stalls_nothing_else() {
     drop(open);
     assert_eq!(within(big).await.unwrap(), vec![2 * MB]);
 }
+
+/// A large item; the second encoding of one marked `slow` (the one made when it is sent)
+/// writes `marker` and waits until the test lets it go; the target of one not marked
+/// slow returns only once `marker` exists, so its answer comes while the slow one's
+/// encoding is under way.
+struct SlowSecond {
+    slow: bool,
+    marker: String,
+    bytes: ByteBuf,
+}
+
+static SECOND_ENCODINGS: AtomicUsize = AtomicUsize::new(0);
+static SECOND_GATE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+static SECOND_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl Serialize for SlowSecond {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.slow && SECOND_ENCODINGS.fetch_add(1, Ordering::SeqCst) == 1 {
+            support::write_file(&self.marker, "encoding");
+            let mut open = SECOND_GATE.lock().unwrap();
+            while !*open {
+                open = SECOND_CHANGED.wait(open).unwrap();
+            }
+        }
+        (self.slow, &self.marker, &self.bytes).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SlowSecond {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (slow, marker, bytes) = <(bool, String, ByteBuf)>::deserialize(d)?;
+        Ok(SlowSecond {
+            slow,
+            marker,
+            bytes,
+        })
+    }
+}
+
+fn second_len(item: SlowSecond) -> usize {
+    if !item.slow {
+        support::wait_for_file(&item.marker);
+    }
+    item.bytes.len()
+}
+
+struct OpenSecondGate;
+
+impl Drop for OpenSecondGate {
+    fn drop(&mut self) {
+        *SECOND_GATE.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        SECOND_CHANGED.notify_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_serialize_behind_a_large_task_on_one_worker_holds_up_no_answer() {
+    let open = OpenSecondGate;
+    let dir = support::TempDir::new("slow-second");
+    let marker = dir.path("encoding");
+    let pool = AsyncPool::new(1).await.unwrap();
+    // Both go to the one worker: the first through its arena, while the second is
+    // encoded (slowly) for it; the first answers only once that encoding has begun, and
+    // its answer frees its arena region.
+    let items = vec![
+        SlowSecond {
+            slow: false,
+            marker: marker.clone(),
+            bytes: pattern(2 * MB, 1),
+        },
+        SlowSecond {
+            slow: true,
+            marker: marker.clone(),
+            bytes: pattern(2 * MB, 2),
+        },
+    ];
+    let mut results = pool.imap(second_len, items).chunksize(1);
+    assert_eq!(within(results.next()).await.unwrap().unwrap(), 2 * MB);
+    drop(open);
+    assert_eq!(within(results.next()).await.unwrap().unwrap(), 2 * MB);
+    assert!(within(results.next()).await.is_none());
+}

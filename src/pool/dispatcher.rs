@@ -535,7 +535,17 @@ impl Dispatcher {
         }
         let now = Instant::now();
         let took = w.head_since.map(|since| now - since);
-        w.head_since = (!w.inflight.is_empty()).then_some(now);
+        // The next head's clock starts now, unless its frame is not queued yet (its
+        // encoding is still running: `on_staged` starts it).
+        w.head_since = w
+            .inflight
+            .front()
+            .filter(|id| {
+                self.tasks
+                    .get(id)
+                    .is_none_or(|t| !matches!(t.state, State::Staging))
+            })
+            .map(|_| now);
         let name = Arc::clone(&w.conn.name);
         if let Some(limit) = self.cfg.max_memory_per_child
             && !w.retiring
@@ -546,7 +556,12 @@ impl Dispatcher {
                 "worker's resident set is {rss} bytes, over max_memory_per_child \
                  ({limit}); replaced after its tasks");
             w.retiring = true;
-            w.conn.send(&Down::Shutdown);
+            if w.staging {
+                // After the staged task's frame, or that task would be lost with it.
+                w.shutdown_after_staging = true;
+            } else {
+                w.conn.send(&Down::Shutdown);
+            }
             self.counts.restarts += 1;
         }
         let Some(task) = task else {
@@ -875,7 +890,14 @@ impl Dispatcher {
     /// behind it go back to the front of the queue.
     fn remove_worker(&mut self, idx: usize, head_err: Option<Error>) -> Worker {
         let mut w = self.workers.swap_remove(idx);
-        if let Some(head) = w.inflight.pop_front()
+        // A head still staging never reached the worker: it goes back with the rest.
+        let head_sent = w.inflight.front().is_some_and(|id| {
+            self.tasks
+                .get(id)
+                .is_none_or(|t| !matches!(t.state, State::Staging))
+        });
+        if head_sent
+            && let Some(head) = w.inflight.pop_front()
             && let Some(task) = self.tasks.remove(&head)
             && !task.cancelled
         {

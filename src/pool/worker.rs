@@ -97,7 +97,12 @@ struct Out {
     /// Buffers for large map items, encoded as they are sent (see `Deferred`).
     spare: Arc<Spare>,
     /// Where large arguments go instead of the socket, once made (see `wire::Arena`).
+    /// Held while a task's large items are encoded into it (a user's `Serialize`, on
+    /// the encoder thread): the dispatcher never takes it, only `live`.
     arena: Mutex<ArenaSlot>,
+    /// The arena's regions of tasks sent (or being written) and not answered, as
+    /// `(task, start, end)`, in the order sent, which is the order of their answers.
+    live: Mutex<VecDeque<(u64, usize, usize)>>,
 }
 
 /// The parent's side of a worker's arena.
@@ -116,15 +121,12 @@ const ARENA_SIZE: usize = 32 << 20;
 
 struct ParentArena {
     map: SharedMap,
-    /// Regions of tasks sent and not answered, as `(task, start, end)`, in the order
-    /// sent, which is the order of their answers.
-    live: VecDeque<(u64, usize, usize)>,
 }
 
 impl std::fmt::Debug for ParentArena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ParentArena")
-            .field("live", &self.live)
+            .field("len", &self.map.len())
             .finish_non_exhaustive()
     }
 }
@@ -160,11 +162,7 @@ impl ParentArena {
             Err(e) => return Err(format!("cannot hand the arena over: {e}")),
         }
         let msg = Down::Arena(crate::wire::Arena { size });
-        let arena = ParentArena {
-            map,
-            live: VecDeque::new(),
-        };
-        Ok((arena, msg))
+        Ok((ParentArena { map }, msg))
     }
 }
 
@@ -391,12 +389,22 @@ impl Link {
             return None;
         };
         let len = args.len();
-        let start = place(&arena.live, arena.map.len(), len)?;
-        let region = arena.map.get_mut(start, len)?;
-        if let Err(e) = write_args(region, args) {
-            return Some(Err(e));
+        let start = {
+            let mut live = self.out.live.lock().unwrap_or_else(|p| p.into_inner());
+            let start = place(&live, arena.map.len(), len)?;
+            // Reserved before it is written, so the region is this task's alone; the
+            // write below holds only the arena's lock, which the dispatcher never takes.
+            live.push_back((id, start, start + len));
+            start
+        };
+        let written = match arena.map.get_mut(start, len) {
+            Some(region) => write_args(region, args).map(|()| true),
+            None => Ok(false),
+        };
+        if !matches!(written, Ok(true)) {
+            self.answered(id);
+            return written.err().map(Err);
         }
-        arena.live.push_back((id, start, start + len));
         drop(slot);
         self.send(&Down::RunShared(crate::wire::RunShared {
             id,
@@ -421,12 +429,10 @@ impl Link {
 
     /// Task `id` was answered: its arena region may be written again.
     pub(crate) fn answered(&self, id: u64) {
-        let mut slot = self.out.arena.lock().unwrap_or_else(|p| p.into_inner());
-        if let ArenaSlot::Ready(arena) = &mut *slot
-            && let Some(i) = arena.live.iter().position(|&(task, _, _)| task == id)
-        {
+        let mut live = self.out.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = live.iter().position(|&(task, _, _)| task == id) {
             // Always the front: a worker answers in the order it was sent tasks.
-            arena.live.remove(i);
+            live.remove(i);
         }
     }
 
@@ -597,6 +603,7 @@ async fn connect(
         wake: Notify::new(),
         spare: Arc::default(),
         arena: Mutex::default(),
+        live: Mutex::default(),
     });
     tokio::spawn(write_task(Arc::clone(&out)));
     let reader_child = Arc::clone(&child);

@@ -73,7 +73,7 @@ const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const MAX_ITEM: usize = MAX_FRAME - 64 * 1024;
 
 /// How long a claim of a pipe end may take before it is given up.
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a call that answers at once (`Event::is_set`, `Queue::len`,
 /// `Lock::try_lock`, ...) waits for the owner of the object before it fails with
@@ -699,7 +699,13 @@ impl Hub {
     /// Keeps `obj` (id `id`) alive until a process decodes the copy of its handle that
     /// carries the returned ticket.
     fn pin_ticket(&self, id: u64, obj: Obj) -> u64 {
-        let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+        // Random, as keys are: a process that has the object open cannot give back
+        // tickets of copies in flight to others by counting. (Sequential if the system
+        // has no randomness to give, which `register` has already refused.)
+        let ticket = random_u64()
+            .ok()
+            .filter(|&t| t != 0)
+            .unwrap_or_else(|| NEXT_TICKET.fetch_add(1, Ordering::Relaxed));
         lock(&self.pinned).insert(ticket, (id, obj));
         ticket
     }
@@ -892,8 +898,11 @@ pub(crate) struct Arrival {
 
 impl Arrival {
     fn finish(&self, got: Result<OwnedFd, String>) {
-        *lock(&self.got) = Some(got);
+        let mut slot = lock(&self.got);
+        *slot = Some(got);
+        // Under the lock that `wait_blocking` checks it under: no wake-up is lost.
         self.done.store(true, Ordering::Release);
+        drop(slot);
         self.cv.notify_all();
         self.notify.notify_waiters();
         arriving_done();
@@ -909,17 +918,16 @@ impl Arrival {
         f(&mut lock(&self.got))
     }
 
-    /// Blocks this thread until the claim finished; it always does, within
-    /// [`CLAIM_TIMEOUT`] (more only if the service thread is starved).
-    pub(crate) fn wait_blocking(&self) {
+    /// Blocks this thread until the claim finished (it always does, within
+    /// [`CLAIM_TIMEOUT`], more only if the service thread is starved), or at most `limit`.
+    pub(crate) fn wait_blocking(&self, limit: Duration) {
         let got = lock(&self.got);
-        let limit = 2 * CLAIM_TIMEOUT;
         let waited = self
             .cv
             .wait_timeout_while(got, limit, |_| !self.is_done())
             .map(|(_, t)| t.timed_out())
             .unwrap_or(false);
-        if waited {
+        if waited && limit >= CLAIM_TIMEOUT {
             tracing::warn!("procpool: a pipe end did not arrive within {limit:?}");
         }
     }
@@ -1049,6 +1057,13 @@ impl Pins {
         self.0.is_empty()
     }
 
+    /// Held while the bytes are on their way: kept (see [`keep`](Self::keep)) unless
+    /// [`UntilDecoded::refused`] says they will never be decoded, also if the sending
+    /// future is dropped midway (the bytes may have gone).
+    pub(crate) fn until_decoded(self) -> UntilDecoded {
+        UntilDecoded(Some(self))
+    }
+
     /// The bytes were sent (a put or a pipe message that succeeded): what they refer to
     /// stays until a process decodes them (a ticket is given back by its `Unpin`, a pipe
     /// end by its claim). Dropping `Pins` instead (the send failed) lets go at once.
@@ -1058,6 +1073,25 @@ impl Pins {
                 Pin::Export(id, _) | Pin::Ticket(id, _) => *id = 0,
                 Pin::Obj(_) => {}
             }
+        }
+    }
+}
+
+/// Pins of bytes on their way (see [`Pins::until_decoded`]).
+pub(crate) struct UntilDecoded(Option<Pins>);
+
+impl UntilDecoded {
+    /// The bytes were certainly not delivered (refused, never sent, or their receiver
+    /// is gone): let go of what they refer to now.
+    pub(crate) fn refused(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for UntilDecoded {
+    fn drop(&mut self) {
+        if let Some(pins) = self.0.take() {
+            pins.keep();
         }
     }
 }
@@ -1097,10 +1131,29 @@ thread_local! {
 }
 
 fn collect_as<R>(carrier: Carrier, f: impl FnOnce() -> R) -> (R, Pins) {
+    /// Puts the outer collector back, also if `f` unwinds (a user's `Serialize` that
+    /// panics): the pins taken so far are dropped then.
+    struct Restore(Option<Option<(Carrier, Vec<Pin>)>>);
+    impl Restore {
+        fn finish(&mut self) -> Vec<Pin> {
+            let outer = self.0.take().unwrap_or_default();
+            let mine = COLLECTOR.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+            mine.map(|(_, v)| v).unwrap_or_default()
+        }
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if self.0.is_some() {
+                // Dropped outside the borrow (a pin's drop may touch the hub).
+                drop(self.finish());
+            }
+        }
+    }
     let outer = COLLECTOR.with(|c| c.borrow_mut().replace((carrier, Vec::new())));
+    let mut restore = Restore(Some(outer));
     let r = f();
-    let pins = COLLECTOR.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
-    (r, Pins(pins.map(|(_, v)| v).unwrap_or_default()))
+    let pins = restore.finish();
+    (r, Pins(pins))
 }
 
 /// Runs `f` (an encoding of a child's arguments) and returns the pins taken by the
@@ -1350,8 +1403,11 @@ impl Remote {
         });
         remotes.retain(|_, w| w.strong_count() > 0);
         remotes.insert(obj, Arc::downgrade(&r));
-        drop(remotes);
+        // Queued before the lock is let go: another thread that finds this view next
+        // sends its requests (or an `Unpin`) only after the `Open`. (The outbox takes
+        // no other lock.)
         client.send(&ToHub::Open { obj, kind, key });
+        drop(remotes);
         Ok(r)
     }
 

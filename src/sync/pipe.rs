@@ -149,7 +149,7 @@ impl Endpoint {
         if self.sock.get().is_none()
             && let Some(a) = &self.arrival
         {
-            a.wait_blocking();
+            a.wait_blocking(2 * hub::CLAIM_TIMEOUT);
         }
         match self.here() {
             Some(Ok(sock)) => Ok(sock),
@@ -522,6 +522,15 @@ impl<T> Connection<T> {
     /// [`Error::Io`] if the socket fails.
     pub fn blocking_poll(&self, d: Duration) -> Result<bool> {
         let deadline = Instant::now() + d;
+        // An end still on its way counts its wait in `d`.
+        if self.ep.here().is_none()
+            && let Some(a) = &self.ep.arrival
+        {
+            a.wait_blocking(d);
+            if self.ep.here().is_none() {
+                return Ok(false);
+            }
+        }
         loop {
             if self.ep.readable_now()? {
                 return Ok(true);
@@ -553,12 +562,23 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         self.ep.arrived().await;
         let (body, pins) = encode_message(&msg)?;
         let upto = self.ep.queue(&body)?;
-        // Queued whole: it goes (see `keep`); handles in it stay until it is decoded.
-        pins.keep();
-        while !self.ep.flush(upto)? {
-            self.ep.ready(Want::Write).await?;
+        // Queued whole: it goes, even if this future is dropped (see `until_decoded`);
+        // handles in it stay until it is decoded, unless the other end is gone.
+        let pins = pins.until_decoded();
+        loop {
+            match self.ep.flush(upto) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    pins.refused();
+                    return Err(e);
+                }
+            }
+            if let Err(e) = self.ep.ready(Want::Write).await {
+                pins.refused();
+                return Err(e);
+            }
         }
-        Ok(())
     }
 
     /// Receives the next message, waiting until one arrives.
@@ -592,11 +612,21 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     pub fn blocking_send(&self, msg: T) -> Result<()> {
         let (body, pins) = encode_message(&msg)?;
         let upto = self.ep.queue(&body)?;
-        pins.keep();
-        while !self.ep.flush(upto)? {
-            self.ep.block(Want::Write, None)?;
+        let pins = pins.until_decoded();
+        loop {
+            match self.ep.flush(upto) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    pins.refused();
+                    return Err(e);
+                }
+            }
+            if let Err(e) = self.ep.block(Want::Write, None) {
+                pins.refused();
+                return Err(e);
+            }
         }
-        Ok(())
     }
 
     /// [`recv`](Self::recv) for synchronous code: blocks this thread.

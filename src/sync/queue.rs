@@ -842,7 +842,10 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// waiting, and a bounded put dropped while waiting for room is withdrawn.
     pub async fn put(&self, item: T) -> Result<()> {
         let (bytes, pins) = encode(&item)?;
-        settled(self.put_bytes(bytes).await, pins)
+        let pins = pins.until_decoded();
+        let certain = !matches!(self.h.access, Access::Remote(_));
+        let put = self.put_bytes(bytes).await;
+        settled(put, pins, certain)
     }
 
     async fn put_bytes(&self, bytes: Vec<u8>) -> Result<()> {
@@ -891,6 +894,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// As for `put`.
     pub async fn put_timeout(&self, item: T, d: Duration) -> Result<()> {
         let (bytes, pins) = encode(&item)?;
+        let pins = pins.until_decoded();
+        let certain = !matches!(self.h.access, Access::Remote(_));
         let put = match &self.h.access {
             Access::Remote(r) if self.cap.is_some() => {
                 let (id, rx) = r.request(Op::Put {
@@ -918,7 +923,12 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 Err(_) => Err(Error::Timeout { after: d }),
             },
         };
-        settled(put, pins)
+        if matches!(put, Err(Error::Timeout { .. })) {
+            // Withdrawn (the owner said so) or never put: certain either way.
+            pins.refused();
+            return put;
+        }
+        settled(put, pins, certain)
     }
 
     /// Puts `item` if there is room now.
@@ -935,6 +945,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             Ok(b) => b,
             Err(e) => return Err(TryPutError::Failed(e)),
         };
+        let pins = pins.until_decoded();
         let put = match &self.h.access {
             Access::Local(core) => match core.put(bytes) {
                 Put::Done => Ok(()),
@@ -959,8 +970,12 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             },
             Access::Dead(_) => Err(TryPutError::Closed(item)),
         };
-        if put.is_ok() {
-            pins.keep();
+        // Full is the owner's word; `Closed` and failures (a timeout: the put may still
+        // land) keep what the item refers to, to be safe.
+        if matches!(put, Err(TryPutError::Full(_)))
+            || (!matches!(self.h.access, Access::Remote(_)) && put.is_err())
+        {
+            pins.refused();
         }
         put
     }
@@ -1081,9 +1096,12 @@ fn encode<T: Serialize>(item: &T) -> Result<(Vec<u8>, hub::Pins)> {
 }
 
 /// Keeps `pins` if `put` succeeded (see [`encode`]); drops them otherwise.
-fn settled<R>(put: Result<R>, pins: hub::Pins) -> Result<R> {
-    if put.is_ok() {
-        pins.keep();
+/// Keeps `pins` unless `put` certainly did not put the item: an error from this
+/// process's own queue (`certain`); from another process's, only the owner could say,
+/// and an error there may come after the item went (a connection that broke).
+fn settled<R>(put: Result<R>, pins: hub::UntilDecoded, certain: bool) -> Result<R> {
+    if put.is_err() && certain {
+        pins.refused();
     }
     put
 }
