@@ -6,6 +6,11 @@ use std::time::Duration;
 /// A specialised [`Result`](std::result::Result) whose error is [`procpool::Error`](Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Exit code of a child whose main thread (where targets run) overflowed its stack; it
+/// printed std's "thread '…' has overflowed its stack" first (see
+/// `target::report_stack_overflow`). [`ExitReason::is_stack_overflow`] names it.
+pub(crate) const EXIT_STACK_OVERFLOW: i32 = 77;
+
 /// How a child process ended, in the words of `waitpid`.
 ///
 /// [`Error::WorkerDied`] carries one. [`ExitReason::exitcode`] gives Python's convention
@@ -37,7 +42,7 @@ impl ExitReason {
 
     /// True if the child reported that its target overflowed its stack (exit code 77).
     pub fn is_stack_overflow(self) -> bool {
-        self == ExitReason::Code(crate::child::EXIT_STACK_OVERFLOW)
+        self == ExitReason::Code(EXIT_STACK_OVERFLOW)
     }
 
     pub(crate) fn from_status(status: std::process::ExitStatus) -> Self {

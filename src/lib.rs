@@ -213,6 +213,11 @@
 //! child's message and location, [`Error::WorkerDied`] with the exit code or signal, and
 //! so on. The parent never panics because a child misbehaved.
 //!
+//! # Layout
+//!
+//! The modules form layers that import downward only; `ARCHITECTURE.md` in the
+//! repository has the map, and `tests/layers.rs` holds the code to it.
+//!
 //! # Platform
 //!
 //! Linux only for now (it relies on `/proc`, `pidfd` and `PR_SET_PDEATHSIG`).
@@ -226,6 +231,7 @@ mod error;
 mod log;
 mod pool;
 mod process;
+mod runtime;
 mod sync;
 mod target;
 mod wire;
@@ -235,7 +241,8 @@ pub use log::log_to_stderr;
 pub use pool::{
     Apply, AsyncPool, Builder, DEFAULT_MAX_QUEUED, Imap, Map, PoolStats, TaskHandle, TaskTimeout,
 };
-pub use process::{Process, ProcessInfo, active_children, current_process, spawn};
+pub use process::{Process, spawn};
+pub use runtime::{ProcessInfo, active_children, current_process};
 pub use sync::{Connection, Event, Lock, LockGuard, Queue, TryPutError, pipe};
 #[doc(hidden)]
 pub use sync::{Tables as __Tables, set_owner_timeout as __set_owner_timeout, tables as __tables};

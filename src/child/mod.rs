@@ -8,8 +8,6 @@
 //! `main` (or the test harness) never runs in it. No environment variable is set or read,
 //! so a child's environment is exactly its parent's.
 
-use std::any::Any;
-use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -25,7 +23,7 @@ use crate::wire::{
 };
 
 /// `argv[1]` of every procpool child.
-pub(crate) const MAGIC: &str = "--procpool-child-v2";
+pub(crate) use crate::runtime::service::MAGIC;
 
 /// Exit code of a child that ran a target which panicked (Python's `exitcode` 1).
 const EXIT_PANICKED: i32 = 1;
@@ -35,10 +33,6 @@ const EXIT_PROTOCOL: i32 = 76;
 const EXIT_REFUSED: i32 = 78;
 /// Exit code of a child whose parent went away.
 const EXIT_ORPHANED: i32 = 79;
-/// Exit code of a child whose main thread (where targets run) overflowed its stack; it
-/// printed std's "thread '…' has overflowed its stack" first (see
-/// `target::report_stack_overflow`). [`ExitReason`](crate::ExitReason) names it.
-pub(crate) const EXIT_STACK_OVERFLOW: i32 = 77;
 
 /// What the parent put on the command line.
 #[derive(Debug)]
@@ -130,7 +124,7 @@ fn serve(args: Args) -> i32 {
     if watching_early {
         watch_parent(chan.get_ref(), control.take());
     }
-    crate::process::become_child(&hello.name, hello.identity.clone());
+    crate::runtime::become_child(&hello.name, hello.identity.clone());
     crate::log::install_forwarding(hello.log_level, hello.log_print, outbox.clone());
     set_title(&hello.name);
     // Python prints the traceback of a `Process` that raised, not of a pool task (the
@@ -597,10 +591,6 @@ fn set_title(name: &str) {
     }
 }
 
-thread_local! {
-    static LAST_PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
 /// Records where a panic happened (the payload does not carry it), then prints it as
 /// Rust's default hook would, as Python prints the traceback of an exception in a child.
 /// The main thread is named after the process: std never learnt its name, since `main`
@@ -612,12 +602,12 @@ fn install_panic_hook(process: &str, print: bool) {
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
         if !print {
-            LAST_PANIC_LOCATION.with(|c| *c.borrow_mut() = loc);
+            target::note_panic_location(loc);
             return;
         }
         let thread = std::thread::current();
         let name = thread.name().unwrap_or(&process);
-        let msg = payload_message(info.payload());
+        let msg = target::payload_message(info.payload());
         let at = loc.as_deref().unwrap_or("<unknown>");
         let bt = std::backtrace::Backtrace::capture();
         let trace = match bt.status() {
@@ -626,22 +616,6 @@ fn install_panic_hook(process: &str, print: bool) {
                 .to_owned(),
         };
         eprint!("\nthread '{name}' panicked at {at}:\n{msg}\n{trace}");
-        LAST_PANIC_LOCATION.with(|c| *c.borrow_mut() = loc);
+        target::note_panic_location(loc);
     }));
-}
-
-/// The message and location of a panic caught on this thread.
-pub(crate) fn panic_details(payload: &(dyn Any + Send)) -> (String, Option<String>) {
-    let location = LAST_PANIC_LOCATION.with(|c| c.borrow_mut().take());
-    (payload_message(payload).to_owned(), location)
-}
-
-fn payload_message(payload: &(dyn Any + Send)) -> &str {
-    if let Some(s) = payload.downcast_ref::<&'static str>() {
-        s
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s
-    } else {
-        "Box<dyn Any>"
-    }
 }

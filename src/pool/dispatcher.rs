@@ -28,7 +28,7 @@ use super::PoolStats;
 use super::message::{Args, Command, Finished, Job, Part, Reply, TaskResult};
 use super::worker::{self, Event, Init, WorkerConn};
 use crate::error::Error;
-use crate::process::ChildHandle;
+use crate::runtime::service::ChildHandle;
 use crate::target::TargetRef;
 use crate::wire::{Down, Outcome};
 
@@ -875,7 +875,7 @@ impl Dispatcher {
             self.starting += 1;
             let id = self.next_worker;
             self.next_worker += 1;
-            let identity = crate::process::next_identity();
+            let identity = crate::runtime::next_identity();
             tokio::spawn(worker::start(
                 id,
                 identity,

@@ -885,12 +885,12 @@ where
             if let Some(payload) = input.panicked {
                 // What was pulled before the panic is sent; the panic is the stream's
                 // last item, after every result (also in completion order).
-                let (message, _) = crate::child::panic_details(&*payload);
+                let (message, _) = crate::target::panic_details(&*payload);
                 self.exhausted = true;
                 self.input_panic = Some(Error::Panicked {
                     message: format!("the input iterator of imap panicked: {message}"),
                     location: None,
-                    name: crate::process::current_process().name().to_owned(),
+                    name: crate::runtime::current_process().name().to_owned(),
                 });
             }
             if items.len() > 0 {

@@ -346,8 +346,8 @@ impl Builder {
         // Workers start (and their I/O runs) on procpool's pools' thread, not on the
         // caller's runtime: the pool outlives the runtime that built it.
         let start_one = |next_worker: &mut u64| -> Result<()> {
-            let identity = crate::process::next_identity();
-            crate::process::service::run_pool(worker::start(
+            let identity = crate::runtime::next_identity();
+            crate::runtime::service::run_pool(worker::start(
                 *next_worker,
                 identity,
                 cfg.init.clone(),
@@ -443,7 +443,7 @@ impl Builder {
             events,
             Arc::clone(&admission),
         );
-        crate::process::service::run_pool(dispatcher.run())?;
+        crate::runtime::service::run_pool(dispatcher.run())?;
         Ok(AsyncPool {
             shared: Arc::new(Shared {
                 tx,
@@ -459,7 +459,7 @@ impl Builder {
 
 /// SIGKILL to a worker's process group (a failure means it is gone already, or cannot
 /// be signalled at all: said in a log event, as there is nothing else to do).
-fn kill_now(child: &crate::process::ChildHandle) {
+fn kill_now(child: &crate::runtime::service::ChildHandle) {
     if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
         tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
             "cannot kill worker: {e}");

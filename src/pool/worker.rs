@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::message::{Args, Part};
 use crate::error::{Error, ExitReason};
-use crate::process::{ChildHandle, Spawned, spawn_child};
+use crate::runtime::service::{ChildHandle, Spawned, spawn_child};
 use crate::target::{SharedMap, TargetRef};
 use crate::wire::spare::Spare;
 use crate::wire::{Down, Outcome, Role, Run, Up, WireError};
@@ -538,7 +538,7 @@ pub(crate) async fn start(
     start_timeout: std::time::Duration,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let name: Arc<str> = crate::process::named("PoolWorker", &identity).into();
+    let name: Arc<str> = crate::runtime::named("PoolWorker", &identity).into();
     let ev = tokio::select! {
         r = connect(id, &name, identity, init, start_timeout, events.clone()) => match r {
             Ok(conn) => Event::Ready(conn),

@@ -1,11 +1,9 @@
 //! [`Process`]: run one target in a new OS process and await its return value.
 
 mod handshake;
-pub(crate) mod service;
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -13,86 +11,12 @@ use serde_bytes::ByteBuf;
 use tokio::sync::{oneshot, watch};
 
 pub(crate) use handshake::{channel as child_channel, handshake, hello};
-pub(crate) use service::{ChildHandle, Spawned, spawn_child};
 
 use crate::error::{Error, ExitReason, Result};
+use crate::runtime::service::{self, ChildHandle, Spawned};
+use crate::runtime::{name_of, next_identity};
 use crate::target::{Target, TargetRef, resolve};
 use crate::wire::{Down, Outcome, Role, Run, Up, WireError};
-
-// ----------------------------------------------------------------------------- naming
-
-/// Children created so far by this process (Python's `_process_counter`).
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// Who this process is, when it is a procpool child.
-static SELF_ID: OnceLock<(String, Vec<u32>)> = OnceLock::new();
-
-/// Called once in a child, before any target runs.
-pub(crate) fn become_child(name: &str, identity: Vec<u32>) {
-    // Set at most once per process; a second call cannot happen (boot runs once).
-    drop(SELF_ID.set((name.to_owned(), identity)));
-}
-
-/// The identity of the next child: ours plus the next counter value.
-pub(crate) fn next_identity() -> Vec<u32> {
-    let mut id = SELF_ID.get().map(|(_, id)| id.clone()).unwrap_or_default();
-    id.push(COUNTER.fetch_add(1, Ordering::Relaxed) + 1);
-    id
-}
-
-fn name_of(identity: &[u32]) -> String {
-    named("Process", identity)
-}
-
-/// `Process-3:1`, `PoolWorker-4`: Python's naming from an identity.
-pub(crate) fn named(prefix: &str, identity: &[u32]) -> String {
-    let parts: Vec<String> = identity.iter().map(u32::to_string).collect();
-    format!("{prefix}-{}", parts.join(":"))
-}
-
-/// The name and pid of a process: what [`current_process`] and [`active_children`]
-/// return.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessInfo {
-    pub(crate) name: String,
-    pub(crate) pid: u32,
-}
-
-impl ProcessInfo {
-    /// `"MainProcess"`, `"Process-3"`, `"Process-3:1"`, `"PoolWorker-1"` or a name given
-    /// with [`Process::with_name`].
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The OS process id.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-}
-
-/// This process: `MainProcess` in the program the user started, the child's name in a
-/// child (Python's `multiprocessing.current_process()`).
-///
-/// ```
-/// assert_eq!(procpool::current_process().name(), "MainProcess");
-/// assert_eq!(procpool::current_process().pid(), std::process::id());
-/// ```
-pub fn current_process() -> ProcessInfo {
-    ProcessInfo {
-        name: SELF_ID
-            .get()
-            .map_or_else(|| "MainProcess".to_owned(), |(n, _)| n.clone()),
-        pid: std::process::id(),
-    }
-}
-
-/// The children of this process that are still running, in the order they were started
-/// (Python's `multiprocessing.active_children()`). Children that have ended are reaped
-/// as a side effect.
-pub fn active_children() -> Vec<ProcessInfo> {
-    service::live_children().iter().map(|c| c.info()).collect()
-}
 
 // ----------------------------------------------------------------------------- Process
 

@@ -651,7 +651,7 @@ fn start() -> Result<Arc<Hub>, String> {
         exports: Mutex::default(),
     });
     let serving = Arc::clone(&hub);
-    crate::process::service::run(async move {
+    crate::runtime::service::run(async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
@@ -971,7 +971,7 @@ pub(crate) fn claim_later(hub: &HubRef, export: u64, key: u64) -> Arc<Arrival> {
         return arrival;
     }
     let (hub, filled) = (hub.clone(), Arc::clone(&arrival));
-    let started = crate::process::service::run(async move {
+    let started = crate::runtime::service::run(async move {
         let got = tokio::task::spawn_blocking(move || claim(&hub, export, key))
             .await
             .unwrap_or_else(|e| Err(format!("the claim of a pipe end failed: {e}")));
@@ -1267,7 +1267,7 @@ impl Client {
             purpose: Purpose::Session,
         });
         let io = Arc::clone(&client);
-        crate::process::service::run(async move { io.run(stream).await })
+        crate::runtime::service::run(async move { io.run(stream).await })
             .map_err(|e| e.to_string())?;
         all.retain(|_, w| w.strong_count() > 0);
         all.insert(hub.clone(), Arc::downgrade(&client));

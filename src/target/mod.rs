@@ -352,7 +352,7 @@ where
             Ok(Ok(())) => None,
             Ok(Err(outcome)) => Some(outcome),
             Err(payload) => {
-                let (message, location) = crate::child::panic_details(payload.as_ref());
+                let (message, location) = crate::target::panic_details(payload.as_ref());
                 Some(Outcome::Panicked { message, location })
             }
         };
@@ -399,8 +399,35 @@ where
         Ok(Ok(bytes)) => Outcome::Value(ByteBuf::from(bytes)),
         Ok(Err(outcome)) => outcome,
         Err(payload) => {
-            let (message, location) = crate::child::panic_details(payload.as_ref());
+            let (message, location) = crate::target::panic_details(payload.as_ref());
             Outcome::Panicked { message, location }
         }
+    }
+}
+
+thread_local! {
+    static LAST_PANIC_LOCATION: std::cell::RefCell<Option<String>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Where the last panic on this thread happened (a child's panic hook records it: the
+/// payload does not carry it).
+pub(crate) fn note_panic_location(loc: Option<String>) {
+    LAST_PANIC_LOCATION.with(|c| *c.borrow_mut() = loc);
+}
+
+/// The message and location of a panic caught on this thread.
+pub(crate) fn panic_details(payload: &(dyn std::any::Any + Send)) -> (String, Option<String>) {
+    let location = LAST_PANIC_LOCATION.with(|c| c.borrow_mut().take());
+    (payload_message(payload).to_owned(), location)
+}
+
+pub(crate) fn payload_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "Box<dyn Any>"
     }
 }

@@ -184,7 +184,7 @@ const ALT_STACK: usize = 64 * 1024;
 
 /// Reports a stack overflow of the main thread, where targets run, as std's `main` would:
 /// prints "thread '`thread`' has overflowed its stack" and exits with
-/// `child::EXIT_STACK_OVERFLOW`. A child never runs `main`, so std never installs its
+/// `error::EXIT_STACK_OVERFLOW`. A child never runs `main`, so std never installs its
 /// own handler; before this, an overflow was a bare SIGSEGV. Any other SIGSEGV still
 /// kills the process with SIGSEGV. Threads a target starts get no alternate stack (std
 /// gives one only when its handler is installed): an overflow there stays a SIGSEGV.
@@ -196,7 +196,7 @@ pub(crate) fn report_stack_overflow(thread: &str) {
     let message = format!(
         "\nthread '{thread}' has overflowed its stack\nfatal runtime error: stack overflow, \
          exiting with code {}\n",
-        crate::child::EXIT_STACK_OVERFLOW
+        crate::error::EXIT_STACK_OVERFLOW
     );
     if OVERFLOW_MESSAGE
         .set(message.into_bytes().into_boxed_slice())
@@ -282,7 +282,7 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut lib
         }
         // SAFETY: `_exit` is async-signal-safe and ends the process at once, running
         // nothing of it (no atexit handlers, no destructors, no unwinding).
-        unsafe { libc::_exit(crate::child::EXIT_STACK_OVERFLOW) }
+        unsafe { libc::_exit(crate::error::EXIT_STACK_OVERFLOW) }
     }
     // Not a stack overflow: die of it as without this handler. The signal is blocked
     // while the handler runs, so the raised one is delivered, with the default action,

@@ -24,6 +24,10 @@ use tokio::io::unix::AsyncFd;
 
 use crate::error::{Error, ExitReason};
 
+/// The second word of a child's command line: what makes a process a procpool child
+/// (see `child::boot`, which looks for it before `main`).
+pub(crate) const MAGIC: &str = "--procpool-child-v2";
+
 struct Service {
     handle: tokio::runtime::Handle,
     /// Runs only `spawn_child`'s spawns, every other one.
@@ -151,7 +155,7 @@ fn widen(end: &UnixStream) {
 fn start(name: &str, theirs: UnixStream) -> Result<Arc<ChildHandle>, Error> {
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0(format!("{name} (procpool)"))
-        .arg(crate::child::MAGIC)
+        .arg(MAGIC)
         .arg(std::process::id().to_string())
         // The channel, as fd 0: the child moves it and puts /dev/null there (see
         // `child::take_channel`). With nothing to run between fork and exec, std uses

@@ -1,0 +1,87 @@
+//! Who this process is and procpool's own threads: the runtime layer, beneath `log`,
+//! `sync`, `process`, `child` and `pool` (see ARCHITECTURE.md).
+//!
+//! - identity: the process's name (`MainProcess`, `Process-3:1`, `PoolWorker-2`),
+//!   [`current_process`], [`active_children`], and the numbering of new children;
+//! - [`service`]: the threads that start and reap every child, serve the hub, and run
+//!   every pool's dispatcher and I/O.
+
+pub(crate) mod service;
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+// ----------------------------------------------------------------------------- naming
+
+/// Children created so far by this process (Python's `_process_counter`).
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Who this process is, when it is a procpool child.
+static SELF_ID: OnceLock<(String, Vec<u32>)> = OnceLock::new();
+
+/// Called once in a child, before any target runs.
+pub(crate) fn become_child(name: &str, identity: Vec<u32>) {
+    // Set at most once per process; a second call cannot happen (boot runs once).
+    drop(SELF_ID.set((name.to_owned(), identity)));
+}
+
+/// The identity of the next child: ours plus the next counter value.
+pub(crate) fn next_identity() -> Vec<u32> {
+    let mut id = SELF_ID.get().map(|(_, id)| id.clone()).unwrap_or_default();
+    id.push(COUNTER.fetch_add(1, Ordering::Relaxed) + 1);
+    id
+}
+
+pub(crate) fn name_of(identity: &[u32]) -> String {
+    named("Process", identity)
+}
+
+/// `Process-3:1`, `PoolWorker-4`: Python's naming from an identity.
+pub(crate) fn named(prefix: &str, identity: &[u32]) -> String {
+    let parts: Vec<String> = identity.iter().map(u32::to_string).collect();
+    format!("{prefix}-{}", parts.join(":"))
+}
+
+/// The name and pid of a process: what [`current_process`] and [`active_children`]
+/// return.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub(crate) name: String,
+    pub(crate) pid: u32,
+}
+
+impl ProcessInfo {
+    /// `"MainProcess"`, `"Process-3"`, `"Process-3:1"`, `"PoolWorker-1"` or a name given
+    /// with [`Process::with_name`](crate::Process::with_name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// This process: `MainProcess` in the program the user started, the child's name in a
+/// child (Python's `multiprocessing.current_process()`).
+///
+/// ```
+/// assert_eq!(procpool::current_process().name(), "MainProcess");
+/// assert_eq!(procpool::current_process().pid(), std::process::id());
+/// ```
+pub fn current_process() -> ProcessInfo {
+    ProcessInfo {
+        name: SELF_ID
+            .get()
+            .map_or_else(|| "MainProcess".to_owned(), |(n, _)| n.clone()),
+        pid: std::process::id(),
+    }
+}
+
+/// The children of this process that are still running, in the order they were started
+/// (Python's `multiprocessing.active_children()`). Children that have ended are reaped
+/// as a side effect.
+pub fn active_children() -> Vec<ProcessInfo> {
+    service::live_children().iter().map(|c| c.info()).collect()
+}
