@@ -68,6 +68,10 @@ impl<R> Apply<R> {
     /// [`Error::Timeout`] and the task is cancelled (its worker stopped if it is running).
     /// The time spent waiting for room in a full queue counts (see
     /// [`Builder::max_queued`](super::Builder::max_queued)).
+    ///
+    /// The limit is a tokio timer: await a call with a timeout inside a tokio runtime
+    /// with time enabled (under another executor, a plain call works; put that
+    /// executor's own timer around it).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self

@@ -542,7 +542,7 @@ impl<R> Map<R> {
     }
 
     /// Gives up after `d` from the first poll with [`Error::Timeout`], cancelling every
-    /// chunk not finished.
+    /// chunk not finished. A tokio timer, as [`Apply::timeout`](super::Apply::timeout)'s.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self

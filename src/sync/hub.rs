@@ -29,7 +29,10 @@
 //! *ticket*: its object stays alive until a process decodes that copy (which sends
 //! `Unpin`), or until this process exits. A put that fails gives its tickets back at
 //! once. What is serialized and never decoded (an item in a queue that is dropped full)
-//! keeps its object until this process exits.
+//! keeps its object until this process exits. A handle of *another* process's object,
+//! forwarded inside an item, takes no ticket (its owner is elsewhere): the object lives
+//! while some process holds it open, so keep a handle until the receiver has decoded its
+//! copy.
 
 use std::collections::HashMap;
 use std::io::Write;
