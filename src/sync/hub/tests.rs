@@ -1,0 +1,122 @@
+//! Unit tests of the hub's framing, tables and keys.
+
+use super::*;
+
+#[test]
+fn frames_decode_with_the_channel_codec() {
+    let mut buf = BytesMut::new();
+    assert!(frame_into(
+        &mut buf,
+        &ToHub::Puts {
+            obj: 7,
+            items: vec![ByteBuf::from(vec![1, 2, 3]), ByteBuf::new()],
+        },
+    ));
+    let body = read_frame(&buf[..]).unwrap();
+    match wire::from_frame::<ToHub>(&body).unwrap() {
+        ToHub::Puts { obj: 7, items } => {
+            assert_eq!(items, vec![ByteBuf::from(vec![1, 2, 3]), ByteBuf::new()])
+        }
+        other => panic!("decoded {other:?}"),
+    }
+}
+
+#[test]
+fn puts_and_acks_keep_their_order_with_other_frames() {
+    let out = Outbox::new();
+    assert!(out.push_put(1, vec![1]));
+    assert!(out.push_put(1, vec![2]));
+    out.push_ack(2, 5);
+    assert!(out.push(&ToHub::Forget { obj: 2 }));
+    let mut st = lock(&out.st);
+    st.flush();
+    let mut rest = &st.buf[..];
+    let mut got = Vec::new();
+    while !rest.is_empty() {
+        let body = read_frame(&mut rest).unwrap();
+        got.push(format!("{:?}", wire::from_frame::<ToHub>(&body).unwrap()));
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got[0].starts_with("Puts { obj: 1"), "{got:?}");
+    assert!(got[1].starts_with("Ack { obj: 2, upto: 5"), "{got:?}");
+    assert!(got[2].starts_with("Forget { obj: 2"), "{got:?}");
+}
+
+#[test]
+fn an_object_or_a_pipe_end_opens_only_with_its_key() {
+    let h = hub().unwrap();
+    let core = QueueCore::new(None);
+    let id = core.id;
+    let obj = Obj::Queue(core);
+    let key = h.register(id, &obj).unwrap();
+    assert_eq!(h.register(id, &obj).unwrap(), key, "one key per object");
+    assert!(h.find(id, Kind::Queue, key).is_some());
+    assert!(
+        h.find(id, Kind::Queue, key ^ 1).is_none(),
+        "a wrong key opens nothing"
+    );
+    assert!(h.find(id, Kind::Lock, key).is_none(), "nor a wrong kind");
+    let other = Obj::Queue(QueueCore::new(None));
+    let other_id = match &other {
+        Obj::Queue(c) => c.id,
+        _ => unreachable!(),
+    };
+    h.register(other_id, &other).unwrap();
+    assert!(
+        h.find(other_id, Kind::Queue, key).is_none(),
+        "a key opens one object"
+    );
+    drop(obj);
+    assert!(
+        h.find(id, Kind::Queue, key).is_none(),
+        "a dropped object is gone"
+    );
+    assert!(!lock(&h.objects).contains_key(&id), "and forgotten at once");
+
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (export, key) = h.export(a.into()).unwrap();
+    assert!(h.take_export(export, key ^ 1).is_none());
+    assert!(h.take_export(export + 1, key).is_none());
+    assert!(h.take_export(export, key).is_some());
+    assert!(h.take_export(export, key).is_none(), "claimed once");
+}
+
+#[test]
+fn a_late_lower_acknowledgement_does_not_undo_a_higher_one() {
+    // Two threads handing out items 6 and 5 of one queue may report them 6, then 5.
+    let out = Outbox::new();
+    out.push_ack(1, 6);
+    out.push_ack(1, 5);
+    let mut st = lock(&out.st);
+    st.flush();
+    let body = read_frame(&st.buf[..]).unwrap();
+    match wire::from_frame::<ToHub>(&body).unwrap() {
+        ToHub::Ack { obj: 1, upto } => assert_eq!(upto, 6),
+        other => panic!("decoded {other:?}"),
+    }
+}
+
+#[test]
+fn an_unauthenticated_connection_announcing_a_large_frame_is_dropped_at_once() {
+    use std::io::Read;
+    let h = hub().unwrap();
+    let mut sock = h.me.connect().unwrap();
+    // Just under the frame limit, so only the Hello's own cap refuses it.
+    sock.write_all(&[0x3f, 0xff, 0xff, 0xff]).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match sock.read(&mut byte) {
+        Ok(0) => {}
+        other => panic!("the hub kept the connection: {other:?}"),
+    }
+}
+
+/// Reads one frame in blocking mode (tests of the framing use it).
+pub(crate) fn read_frame(mut r: impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let mut body = vec![0; u32::from_be_bytes(len) as usize];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}
