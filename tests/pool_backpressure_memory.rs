@@ -2,6 +2,8 @@
 //! concurrent callers against 2 workers keep the parent's peak RSS bounded: a test
 //! binary of its own, so that nothing else moves the peak.
 
+mod support;
+
 use futures::StreamExt;
 use procpool::AsyncPool;
 
@@ -11,12 +13,7 @@ fn double(x: u64) -> u64 {
 
 /// The process's peak resident set so far.
 fn peak_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    support::status_kib("VmHWM")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,7 @@ async fn give_up_waiting(
     ev: Event,
     empty: Queue<u32>,
     unfinished: Queue<u32>,
-) -> (usize, usize, u64) {
+) -> (usize, usize) {
     // Each future is polled once (its request goes out) and dropped (its cancel goes),
     // as a timeout that expires would; `*_timeout` calls drop theirs the same way.
     for _ in 0..ROUNDS {
@@ -43,7 +43,7 @@ async fn give_up_waiting(
     // Every cancel went before this and is answered before it.
     empty.flush().await.unwrap();
     let t = procpool::__tables();
-    (t.pending, t.remotes, rss_kib())
+    (t.pending, t.remotes)
 }
 
 /// Serves `jobs` until it is closed: each job is a number and the queue for its answer.
@@ -54,15 +54,6 @@ fn serve(jobs: Queue<(u32, Queue<u32>)>) -> u32 {
         served += 1;
     }
     served
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +68,7 @@ async fn long_running_use_leaves_the_tables_as_it_found_them() {
     let empty: Queue<u32> = Queue::new();
     let unfinished: Queue<u32> = Queue::new();
     unfinished.put(1).await.unwrap();
-    let (pending, remotes, _) = soon(async {
+    let (pending, remotes) = soon(async {
         procpool::spawn(
             give_up_waiting,
             (lock.clone(), ev.clone(), empty.clone(), unfinished.clone()),
@@ -108,7 +99,7 @@ async fn long_running_use_leaves_the_tables_as_it_found_them() {
         jobs.put((n, reply.clone())).await.unwrap();
         assert_eq!(reply.get_timeout(SOON).await.unwrap(), n * 2);
         if n % 2_000 == 1_999 {
-            rss.push(rss_kib());
+            rss.push(support::status_kib("VmRSS"));
         }
     }
     jobs.close().unwrap();

@@ -571,7 +571,9 @@ fn answer_recall((sock, gate, outbox, handover): &Control) -> bool {
     if upto == wire::ARENA_MARK {
         match fd {
             Some(fd) => handover.give(fd),
-            None => eprintln!("procpool: the arena's message came without its file"),
+            // A parent that broke the protocol: the main thread's wait for the file
+            // gives up and says so.
+            None => tracing::error!("procpool: the arena's message came without its file"),
         }
         return true;
     }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::PoolStats;
-use super::message::{Args, Command, Finished, Job, Part, Reply, TaskResult};
+use super::message::{Args, Command, Finished, Job, Reply, TaskResult};
 use super::worker::{self, Event, Init, WorkerConn};
 use crate::error::Error;
 use crate::runtime::service::ChildHandle;
@@ -745,11 +745,7 @@ impl Dispatcher {
             self.counts.queued -= 1;
             // Its place in the queue is free (back in the queue later, it holds none).
             self.left_queue += usize::from(std::mem::take(&mut task.admitted));
-            let deferred = task
-                .args
-                .rest
-                .as_deref()
-                .is_some_and(|parts| parts.iter().any(|p| matches!(p, Part::Deferred(_))));
+            let deferred = task.args.has_deferred();
             if deferred {
                 // Encoded elsewhere (a user's `Serialize` of megabytes); the worker's
                 // head clock starts once its frame is queued (see `on_staged`).

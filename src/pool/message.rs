@@ -37,6 +37,13 @@ pub(crate) struct Args {
 }
 
 impl Args {
+    /// Whether a large map item among them is encoded only when sent (see `Deferred`).
+    pub(crate) fn has_deferred(&self) -> bool {
+        self.rest
+            .as_deref()
+            .is_some_and(|parts| parts.iter().any(|p| matches!(p, Part::Deferred(_))))
+    }
+
     pub(crate) fn len(&self) -> usize {
         let rest = self.rest.iter().flat_map(|r| r.iter());
         self.head.len() + self.body.len() + rest.map(Part::len).sum::<usize>()

@@ -322,8 +322,7 @@ impl Link {
     /// fit; if one cannot be encoded, nothing is queued and that is the error.
     pub(crate) fn send_run(&self, id: u64, target: TargetRef, args: &Args) -> Result<(), Error> {
         let parts = args.rest.as_deref().unwrap_or_default();
-        let deferred = parts.iter().any(|p| matches!(p, Part::Deferred(_)));
-        if deferred
+        if args.has_deferred()
             && args.len() <= ARENA_SIZE / 2
             && let Some(sent) = self.send_run_shared(id, target, args)
         {

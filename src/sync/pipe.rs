@@ -562,23 +562,15 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         self.ep.arrived().await;
         let (body, pins) = encode_message(&msg)?;
         let upto = self.ep.queue(&body)?;
-        // Queued whole: it goes, even if this future is dropped (see `until_decoded`);
-        // handles in it stay until it is decoded, unless the other end is gone.
+        // Queued whole: it goes, even if this future is dropped (see `until_decoded`).
         let pins = pins.until_decoded();
-        loop {
-            match self.ep.flush(upto) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => {
-                    pins.refused();
-                    return Err(e);
-                }
+        let sent = async {
+            while !self.ep.flush(upto)? {
+                self.ep.ready(Want::Write).await?;
             }
-            if let Err(e) = self.ep.ready(Want::Write).await {
-                pins.refused();
-                return Err(e);
-            }
-        }
+            Ok(())
+        };
+        delivered(sent.await, pins)
     }
 
     /// Receives the next message, waiting until one arrives.
@@ -613,20 +605,13 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
         let (body, pins) = encode_message(&msg)?;
         let upto = self.ep.queue(&body)?;
         let pins = pins.until_decoded();
-        loop {
-            match self.ep.flush(upto) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => {
-                    pins.refused();
-                    return Err(e);
-                }
+        let sent = (|| {
+            while !self.ep.flush(upto)? {
+                self.ep.block(Want::Write, None)?;
             }
-            if let Err(e) = self.ep.block(Want::Write, None) {
-                pins.refused();
-                return Err(e);
-            }
-        }
+            Ok(())
+        })();
+        delivered(sent, pins)
     }
 
     /// [`recv`](Self::recv) for synchronous code: blocks this thread.
@@ -649,6 +634,16 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
 fn encode_message<T: Serialize>(msg: &T) -> Result<(Vec<u8>, hub::Pins)> {
     let (body, pins) = hub::collect_sent(|| wire::encode_value(msg));
     Ok((body.map_err(Error::encode::<T>)?, pins))
+}
+
+/// What a send that got its message queued returns: handles and pipe ends in the
+/// message stay until it is decoded, unless the socket failed (the other end is gone,
+/// and nobody will decode it).
+fn delivered(sent: Result<()>, pins: hub::UntilDecoded) -> Result<()> {
+    if sent.is_err() {
+        pins.refused();
+    }
+    sent
 }
 
 /// How an end travels: the hub holding its fd, the export's number and its key.

@@ -235,19 +235,23 @@ pub async fn eventually_async(limit: Duration, mut cond: impl FnMut() -> bool) -
     }
 }
 
-/// Waits up to `limit` for `pid` to be dead, without blocking the runtime's thread.
+/// Waits for `pid` to be dead (a zombie counts), failing if a look started more than
+/// `limit` from now still finds it running (see [`ended_within`]).
 pub async fn gone_within(pid: u32, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !is_dead(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} still alive after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    ended_within(pid, Instant::now(), limit, running).await;
 }
 
-/// Waits (up to a minute) until `running(pid)` is false, and fails only if the process
+/// A `kB` figure of this process's `/proc/self/status` (`"VmRSS"`, `"VmHWM"`, ...).
+pub fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// Waits until `running(pid)` is false, and fails only if the process
 /// was *seen* running more than `limit` after `since` (the fault: a kill, a drop). Each
 /// look is timed before it is taken, so a look that comes late (a loaded machine that
 /// did not run this test for a while) is not mistaken for a late exit: only a look

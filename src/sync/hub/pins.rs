@@ -13,6 +13,18 @@ pub(crate) enum Pin {
     Ticket(u64, u64),
 }
 
+impl Pin {
+    /// Lets it outlive its carrier: an object's ticket stays until its copy is decoded,
+    /// a parked pipe end until it is claimed. (An object pinned for a child's arguments
+    /// is let go, as before.)
+    fn keep(mut self) {
+        match &mut self {
+            Pin::Export(id, _) | Pin::Ticket(id, _) => *id = 0,
+            Pin::Obj(_) => {}
+        }
+    }
+}
+
 impl Drop for Pin {
     fn drop(&mut self) {
         let Some(h) = own() else {
@@ -53,13 +65,8 @@ impl Pins {
     /// The bytes were sent (a put or a pipe message that succeeded): what they refer to
     /// stays until a process decodes them (a ticket is given back by its `Unpin`, a pipe
     /// end by its claim). Dropping `Pins` instead (the send failed) lets go at once.
-    pub(crate) fn keep(mut self) {
-        for pin in &mut self.0 {
-            match pin {
-                Pin::Export(id, _) | Pin::Ticket(id, _) => *id = 0,
-                Pin::Obj(_) => {}
-            }
-        }
+    pub(crate) fn keep(self) {
+        self.0.into_iter().for_each(Pin::keep);
     }
 }
 
@@ -169,8 +176,8 @@ pub(super) fn add_pin(pin: Pin) -> Result<(), Pin> {
 /// Keeps a parked pipe end until the current encoding's carrier lets go of it, or, with
 /// no carrier, until it is claimed.
 pub(crate) fn pin_export(id: u64, key: u64) {
-    if let Err(Pin::Export(id, _)) = &mut add_pin(Pin::Export(id, key)) {
-        *id = 0;
+    if let Err(pin) = add_pin(Pin::Export(id, key)) {
+        pin.keep();
     }
 }
 
