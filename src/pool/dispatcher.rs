@@ -319,7 +319,7 @@ impl Dispatcher {
     fn submit(&mut self, job: Job) {
         if let Some(reason) = &self.broken {
             self.left_queue += usize::from(job.admitted);
-            (job.reply)(Err(Error::spawn(reason.clone(), None)));
+            job.reply.send(Err(Error::spawn(reason.clone(), None)));
             return;
         }
         self.counts.submitted += 1;
@@ -669,7 +669,7 @@ impl Dispatcher {
     /// once per round, not once per task.
     fn deliver_answers(&mut self) {
         for (reply, res) in self.answers.drain(..) {
-            reply(res);
+            reply.send(res);
         }
     }
 
@@ -697,7 +697,7 @@ impl Dispatcher {
                     self.counts.failed += 1;
                     self.left_queue += usize::from(task.admitted);
                     if let Some(reply) = task.reply {
-                        reply(Err(Error::spawn(reason.clone(), None)));
+                        reply.send(Err(Error::spawn(reason.clone(), None)));
                     }
                 }
             }
@@ -718,6 +718,13 @@ impl Dispatcher {
                 self.pending.pop_front(); // cancelled while queued
                 continue;
             };
+            if task.reply.as_ref().is_some_and(Reply::is_closed) {
+                // Its map is gone and its cancel on the way: cancelled now (as tower's
+                // buffer worker skips a request whose caller left).
+                self.pending.pop_front();
+                self.cancel(id);
+                continue;
+            }
             let size = task.args.len();
             let may_start = busy < self.cfg.processes;
             let Some(w) = self
@@ -900,7 +907,7 @@ impl Dispatcher {
             self.counts.running -= 1;
             self.counts.failed += 1;
             if let (Some(reply), Some(err)) = (task.reply, head_err) {
-                reply(Err(err));
+                reply.send(Err(err));
             }
         }
         for id in w.inflight.drain(..).rev() {
@@ -985,7 +992,7 @@ impl Dispatcher {
         for (_, task) in self.tasks.drain() {
             if let (false, Some(reply)) = (task.cancelled, task.reply) {
                 self.counts.cancelled += 1;
-                reply(Err(Error::PoolClosed));
+                reply.send(Err(Error::PoolClosed));
             }
         }
         self.pending.clear();

@@ -13,8 +13,7 @@ use tokio::sync::oneshot;
 use tokio::time::Sleep;
 
 use super::Shared;
-use super::message::Args;
-use super::message::TaskResult;
+use super::message::{Args, Reply, TaskResult};
 use crate::error::{Error, Result};
 use crate::sync::Pins;
 use crate::target::TargetRef;
@@ -190,12 +189,7 @@ impl<R> TaskHandle<R> {
     ) -> Self {
         let submitted = call.and_then(|(target, args, pins)| {
             let (tx, rx) = oneshot::channel();
-            let reply = Box::new(move |r: TaskResult| {
-                // The receiver is gone if the caller stopped waiting; nothing to do then.
-                drop(tx.send(r));
-                // The task is over: what its arguments referred to may go.
-                drop(pins);
-            });
+            let reply = Reply::One { tx, pins };
             shared
                 .submit(target, args, |_| reply, admitted)
                 .map(|id| (id, rx))

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
 use super::Shared;
-use super::message::{Args, Deferred, Finished, Part, TaskResult};
+use super::message::{Args, Deferred, Finished, Part, Reply, TaskResult};
 use crate::error::{Error, Result};
 use crate::target::TargetRef;
 use crate::wire::spare::Spare;
@@ -454,7 +454,7 @@ pub struct Map<R> {
 impl<R> Unpin for Map<R> {}
 
 struct MapRun<R> {
-    rx: mpsc::UnboundedReceiver<(usize, TaskResult)>,
+    rx: mpsc::UnboundedReceiver<(u64, TaskResult)>,
     ids: Vec<u64>,
     /// The values of chunks `..next`, in order: a chunk answered in its turn is decoded
     /// straight into it.
@@ -476,7 +476,7 @@ struct MapRun<R> {
     next_chunk: usize,
     /// Dropped once every chunk is submitted: then the channel ends only when every
     /// chunk's answer (or the dispatcher) is gone.
-    tx: Option<mpsc::UnboundedSender<(usize, TaskResult)>>,
+    tx: Option<mpsc::UnboundedSender<(u64, TaskResult)>>,
     admission: super::Admission,
 }
 
@@ -495,10 +495,10 @@ impl<R> MapRun<R> {
             let Some(tx) = self.tx.clone() else {
                 unreachable!("the sender is kept until the last chunk is submitted");
             };
-            let reply = Box::new(move |r: TaskResult| {
-                // The receiver is gone only if the Map was dropped: nobody to tell.
-                drop(tx.send((idx, r)));
-            });
+            let reply = Reply::Many {
+                key: u64::try_from(idx).unwrap_or(u64::MAX),
+                tx,
+            };
             let args = self.items.chunk(start..(start + self.size).min(n));
             let id = shared.submit(self.target, args, |_| reply, true)?;
             self.ids.push(id);
@@ -624,11 +624,13 @@ impl<R: DeserializeOwned + 'static> Map<R> {
             return Poll::Ready(Err(e));
         }
         while let Poll::Ready(msg) = run.rx.poll_recv(cx) {
-            let Some((idx, res)) = msg else {
+            let Some((key, res)) = msg else {
                 // Every sender dropped without an answer: the dispatcher is gone.
                 return Poll::Ready(Err(Error::PoolClosed));
             };
-            if run.results[idx].is_some() {
+            // The key is the chunk's index (see `submit_more`).
+            let idx = usize::try_from(key).unwrap_or(usize::MAX);
+            if run.results.get(idx).is_none_or(Option::is_some) {
                 continue; // answered once already
             }
             run.remaining -= 1;
@@ -813,17 +815,9 @@ impl<R, I> Imap<R, I> {
         let args = items.chunk(0..items.len());
         // Not counted against `max_queued`: an imap keeps a few chunks per worker in
         // flight on its own (`IMAP_WINDOW_PER_WORKER`).
-        let id = self.shared.submit(
-            target,
-            args,
-            move |id| {
-                Box::new(move |r: TaskResult| {
-                    // The receiver is gone only if the stream was dropped.
-                    drop(tx.send((id, r)));
-                })
-            },
-            false,
-        )?;
+        let id = self
+            .shared
+            .submit(target, args, move |id| Reply::Many { key: id, tx }, false)?;
         self.inflight.insert(
             id,
             Chunk {

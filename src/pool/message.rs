@@ -3,8 +3,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::sync::Pins;
 use crate::target::TargetRef;
 use crate::wire::Outcome;
 
@@ -18,9 +20,46 @@ pub(crate) struct Finished {
     pub(crate) worker: Arc<str>,
 }
 
-/// How the dispatcher answers a caller: a oneshot for one task, a shared channel for the
-/// chunks of a map.
-pub(crate) type Reply = Box<dyn FnOnce(TaskResult) + Send>;
+/// How the dispatcher answers a caller, and asks whether anyone still listens.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// The one caller of a task (`apply`, `apply_async`); what its arguments referred to
+    /// stays pinned until it is answered (see `sync::Pins`).
+    One {
+        tx: oneshot::Sender<TaskResult>,
+        pins: Pins,
+    },
+    /// One of the tasks of a `map` or an `imap`, answered on their shared channel under
+    /// `key` (a map's chunk index, an imap's task id).
+    Many {
+        key: u64,
+        tx: mpsc::UnboundedSender<(u64, TaskResult)>,
+    },
+}
+
+impl Reply {
+    /// Hands the caller its answer; a caller that stopped waiting needs none.
+    pub(crate) fn send(self, res: TaskResult) {
+        match self {
+            Reply::One { tx, pins } => {
+                drop(tx.send(res));
+                // The task is over: what its arguments referred to may go.
+                drop(pins);
+            }
+            Reply::Many { key, tx } => drop(tx.send((key, res))),
+        }
+    }
+
+    /// Nobody will read the answer and the task need not run: the `map` or `imap` it
+    /// belongs to was dropped (its cancels are on their way). Never for [`Reply::One`]:
+    /// a detached `TaskHandle` has dropped its receiver, yet its task runs.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Reply::One { .. } => false,
+            Reply::Many { tx, .. } => tx.is_closed(),
+        }
+    }
+}
 
 /// A task's encoded arguments: `head`, `body`, then `rest`, together one MessagePack
 /// value.
