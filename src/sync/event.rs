@@ -7,9 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::Notify;
 
-use super::hub::{self, Kind, Obj, Op, Peer, Reply, lock};
+use super::hub::{self, Kind, Op, Peer, Reply, Served, lock};
 use super::queue::expect_ok;
-use super::{Access, Handle, wait_until};
+use super::{Access, Core, Handle, wait_until};
 use crate::error::{Error, Result};
 
 pub(crate) struct EventCore {
@@ -53,8 +53,19 @@ impl EventCore {
     fn is_set(&self) -> bool {
         lock(&self.st).set
     }
+}
 
-    pub(crate) fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op) {
+/// What the hub does with an event's frames.
+impl Served for EventCore {
+    fn kind(&self) -> Kind {
+        Self::KIND
+    }
+
+    fn parked(&self) -> usize {
+        lock(&self.st).waiters.len()
+    }
+
+    fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op) {
         match op {
             Op::Set => {
                 self.set();
@@ -79,7 +90,7 @@ impl EventCore {
 
     /// A waiter of another process gave up: it leaves the line and is answered
     /// `Cancelled` (which clears the request on its side). Not in line: it was answered.
-    pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
+    fn cancel(&self, peer: &Peer, id: u64) {
         let mut st = lock(&self.st);
         let before = st.waiters.len();
         st.waiters.retain(|(p, i)| !(p.id == peer.id && *i == id));
@@ -88,7 +99,7 @@ impl EventCore {
         }
     }
 
-    pub(crate) fn peer_gone(&self, peer: &Arc<Peer>) {
+    fn peer_gone(self: Arc<Self>, peer: &Arc<Peer>) {
         lock(&self.st).waiters.retain(|(p, _)| p.id != peer.id);
     }
 }
@@ -265,21 +276,6 @@ impl Drop for EventCore {
     }
 }
 
-impl super::Core for EventCore {
+impl Core for EventCore {
     const KIND: Kind = Kind::Event;
-
-    fn obj(self: &Arc<Self>) -> Obj {
-        Obj::Event(Arc::clone(self))
-    }
-
-    fn parked(&self) -> usize {
-        lock(&self.st).waiters.len()
-    }
-
-    fn from_obj(obj: Obj) -> Option<Arc<Self>> {
-        match obj {
-            Obj::Event(c) => Some(c),
-            _ => None,
-        }
-    }
 }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::oneshot;
 
-use super::hub::{self, Kind, Obj, Op, Peer, Remote, Reply, lock};
+use super::hub::{self, Kind, Op, Peer, Remote, Reply, Served, lock};
 use super::queue::unexpected;
-use super::{Access, Handle};
+use super::{Access, Core, Handle};
 use crate::error::{Error, Result};
 
 pub(crate) struct LockCore {
@@ -184,8 +184,21 @@ impl LockCore {
         // out: it is never dropped unsent while we wait.
         (&mut waiting.rx).await.map_err(|_| Error::Closed)
     }
+}
 
-    pub(crate) fn remote_op(self: &Arc<Self>, peer: &Arc<Peer>, id: u64, op: Op) {
+/// What the hub does with a lock's frames.
+impl Served for LockCore {
+    fn kind(&self) -> Kind {
+        Self::KIND
+    }
+
+    fn parked(&self) -> usize {
+        // Both tables, so that an entry left in either shows.
+        let st = lock(&self.st);
+        st.remote.len() + st.waiters.len()
+    }
+
+    fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op) {
         let mut st = lock(&self.st);
         match op {
             Op::Acquire { wait } => {
@@ -206,7 +219,7 @@ impl LockCore {
         }
     }
 
-    pub(crate) fn release_peer(self: &Arc<Self>, peer: &Peer) {
+    fn release_peer(self: Arc<Self>, peer: &Peer) {
         let held = lock(&self.st).holder == Some(Holder::Peer(peer.id));
         if held {
             self.release();
@@ -216,7 +229,7 @@ impl LockCore {
     /// A waiter of another process gave up (`ToHub::Cancel`): its entry leaves the line
     /// and it is answered `Cancelled`, which clears the request on its side. If it is no
     /// longer in line it was granted: the grant's `Answer` there sends the release.
-    pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
+    fn cancel(&self, peer: &Peer, id: u64) {
         let mut st = lock(&self.st);
         if let Some(ticket) = st.remote.remove(&(peer.id, id)) {
             st.waiters.remove(&ticket);
@@ -226,7 +239,7 @@ impl LockCore {
 
     /// `peer`'s process let go of the lock's handle or died: if it held the lock, the
     /// lock is released and marked abandoned for the next holder.
-    pub(crate) fn peer_gone(self: &Arc<Self>, peer: &Arc<Peer>) {
+    fn peer_gone(self: Arc<Self>, peer: &Arc<Peer>) {
         let mut st = lock(&self.st);
         st.waiters
             .retain(|_, w| !matches!(w, Waiter::Peer(p, _) if p.id == peer.id));
@@ -441,25 +454,8 @@ impl<'de> Deserialize<'de> for Lock {
     }
 }
 
-impl super::Core for LockCore {
+impl Core for LockCore {
     const KIND: Kind = Kind::Lock;
-
-    fn obj(self: &Arc<Self>) -> Obj {
-        Obj::Lock(Arc::clone(self))
-    }
-
-    fn from_obj(obj: Obj) -> Option<Arc<Self>> {
-        match obj {
-            Obj::Lock(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    fn parked(&self) -> usize {
-        // Both tables, so that an entry left in either shows.
-        let st = lock(&self.st);
-        st.remote.len() + st.waiters.len()
-    }
 }
 
 impl Drop for LockCore {
@@ -471,6 +467,20 @@ impl Drop for LockCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hub holds objects as `Arc<dyn Served>`: a handle decoded in its owner gets
+    /// its own core back, and an object of another kind is not taken for a lock.
+    #[test]
+    fn the_hub_gives_back_the_same_core_and_only_to_its_kind() {
+        let core = LockCore::new();
+        let obj = core.obj();
+        assert_eq!(obj.kind(), Kind::Lock);
+        let back = LockCore::from_obj(obj).expect("a lock's object is a lock");
+        assert!(Arc::ptr_eq(&back, &core));
+        let queue = super::super::queue::QueueCore::new(None).obj();
+        assert_eq!(queue.kind(), Kind::Queue);
+        assert!(LockCore::from_obj(queue).is_none());
+    }
 
     /// A million waiters that left without taking their entry out (what every dropped
     /// `lock()` future did before): one release skips them all on a 2 MiB test-thread

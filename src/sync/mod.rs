@@ -46,13 +46,20 @@ pub(crate) use hub::{Pins, collect, pins_taken, settle, unpin_last};
 pub use hub::{Tables, set_owner_timeout, tables};
 pub(crate) use pipe::{Taken, take_message};
 
-/// The object behind a handle, as seen from the process the handle is in.
-pub(crate) trait Core: Send + Sync + Sized + 'static {
+/// The object behind a handle, as seen from the process the handle is in (what the hub
+/// does with it is [`Served`](hub::Served)).
+pub(crate) trait Core: hub::Served + Sized + 'static {
     const KIND: Kind;
-    fn obj(self: &Arc<Self>) -> Obj;
-    fn from_obj(obj: Obj) -> Option<Arc<Self>>;
-    /// Requests of other processes waiting in it.
-    fn parked(&self) -> usize;
+
+    /// The object, as the hub holds it.
+    fn obj(self: &Arc<Self>) -> Obj {
+        Arc::clone(self) as Obj
+    }
+
+    /// The object of this kind that the hub found (`None`: another kind).
+    fn from_obj(obj: Obj) -> Option<Arc<Self>> {
+        obj.as_any().downcast().ok()
+    }
 }
 
 /// A handle's way to its object.

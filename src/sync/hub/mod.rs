@@ -34,6 +34,7 @@
 //! while some process holds it open, so keep a handle until the receiver has decoded its
 //! copy.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -51,9 +52,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::codec::FramedRead;
 
-use super::event::EventCore;
-use super::lock::LockCore;
-use super::queue::QueueCore;
 use crate::error::Error;
 use crate::wire::{self, frame_into};
 
@@ -165,74 +163,64 @@ pub(crate) enum Kind {
     Event,
 }
 
-/// An object owned by this process's hub.
-#[derive(Clone)]
-pub(crate) enum Obj {
-    Queue(Arc<QueueCore>),
-    Lock(Arc<LockCore>),
-    Event(Arc<EventCore>),
-}
-
-#[derive(Clone)]
-enum WeakObj {
-    Queue(Weak<QueueCore>),
-    Lock(Weak<LockCore>),
-    Event(Weak<EventCore>),
-}
-
-impl Obj {
-    fn kind(&self) -> Kind {
-        match self {
-            Obj::Queue(_) => Kind::Queue,
-            Obj::Lock(_) => Kind::Lock,
-            Obj::Event(_) => Kind::Event,
-        }
-    }
-
-    fn downgrade(&self) -> WeakObj {
-        match self {
-            Obj::Queue(c) => WeakObj::Queue(Arc::downgrade(c)),
-            Obj::Lock(c) => WeakObj::Lock(Arc::downgrade(c)),
-            Obj::Event(c) => WeakObj::Event(Arc::downgrade(c)),
-        }
-    }
-
-    /// The process behind `peer` no longer uses this object.
-    fn peer_gone(&self, peer: &Arc<Peer>) {
-        match self {
-            Obj::Queue(c) => c.peer_gone(peer),
-            Obj::Lock(c) => c.peer_gone(peer),
-            Obj::Event(c) => c.peer_gone(peer),
-        }
-    }
+/// An object this process's hub serves to other processes: what a session does with the
+/// frames that name it. Each kind (queue, lock, event) implements it, so the hub knows no
+/// kind: it checks a [`Kind`] when a process opens an object and passes the rest on.
+///
+/// Every method runs on the session's task (procpool's service thread) and must not
+/// block: it updates the object under its own mutex and answers through `peer`, whose
+/// outbox never waits. A frame that does not apply to the object's kind (`Puts` to a lock,
+/// `Release` to a queue) comes only from a process that broke the protocol (a process
+/// opens an object only with its kind, and sends only that kind's frames): the default
+/// hooks ignore it (as before: it changes nothing here).
+pub(crate) trait Served: AsAny + Send + Sync {
+    /// What kind it is (a process opens it only with this kind).
+    fn kind(&self) -> Kind;
 
     /// Requests of other processes waiting in this object.
-    fn parked(&self) -> usize {
-        match self {
-            Obj::Queue(c) => super::Core::parked(&**c),
-            Obj::Lock(c) => super::Core::parked(&**c),
-            Obj::Event(c) => super::Core::parked(&**c),
-        }
-    }
+    fn parked(&self) -> usize;
 
-    fn handle(&self, peer: &Arc<Peer>, id: u64, op: Op) {
-        match self {
-            Obj::Queue(c) => c.remote_op(peer, id, op),
-            Obj::Lock(c) => c.remote_op(peer, id, op),
-            Obj::Event(c) => c.remote_op(peer, id, op),
-        }
+    /// Request `id` of `peer` (answered through `peer`, at once or when it can be).
+    fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op);
+
+    /// `peer` gave up request `id`: if it still waits here it leaves its line and is
+    /// answered `Cancelled` (which clears it on the other side); if not, it was answered
+    /// already.
+    fn cancel(&self, peer: &Peer, id: u64);
+
+    /// The process behind `peer` no longer uses this object (it let go of its last
+    /// handle, or its connection ended): undo what it held.
+    fn peer_gone(self: Arc<Self>, peer: &Arc<Peer>);
+
+    /// `ToHub::Puts`: items for an unbounded queue.
+    fn puts(&self, _items: Vec<ByteBuf>) {}
+
+    /// `ToHub::Ack`: `peer` handed out every item it got up to sequence number `upto`.
+    fn ack(&self, _peer: &Peer, _upto: u64) {}
+
+    /// `ToHub::Return`: `peer` gives back items `from..=to` that it did not hand out.
+    fn give_back(&self, _peer: &Peer, _from: u64, _to: u64) {}
+
+    /// `ToHub::Release`: `peer` lets go of the lock it holds.
+    fn release_peer(self: Arc<Self>, _peer: &Peer) {}
+}
+
+/// The concrete object behind a [`Served`], for `Core::from_obj` (a supertrait, not a
+/// method each kind writes; and not trait upcasting, newer than the crate's Rust).
+pub(crate) trait AsAny {
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<T: Any + Send + Sync> AsAny for T {
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
     }
 }
 
-impl WeakObj {
-    fn upgrade(&self) -> Option<Obj> {
-        match self {
-            WeakObj::Queue(w) => w.upgrade().map(Obj::Queue),
-            WeakObj::Lock(w) => w.upgrade().map(Obj::Lock),
-            WeakObj::Event(w) => w.upgrade().map(Obj::Event),
-        }
-    }
-}
+/// An object owned by this process's hub.
+pub(crate) type Obj = Arc<dyn Served>;
+
+type WeakObj = Weak<dyn Served>;
 
 // ---------------------------------------------------------------------------------------
 // Protocol

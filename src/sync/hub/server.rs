@@ -52,7 +52,7 @@ pub fn tables() -> Tables {
         // Upgraded (and dropped) outside the table's lock: a drop may unregister.
         let alive: Vec<Obj> = objects.iter().filter_map(WeakObj::upgrade).collect();
         t.objects = alive.len();
-        t.parked = alive.iter().map(Obj::parked).sum();
+        t.parked = alive.iter().map(|o| o.parked()).sum();
         drop(alive);
         t.pinned = lock(&h.pinned).len();
         t.exports = lock(&h.exports).len();
@@ -147,7 +147,7 @@ impl Hub {
         objects.insert(
             id,
             Registered {
-                obj: obj.downgrade(),
+                obj: Arc::downgrade(obj),
                 key,
             },
         );
@@ -289,11 +289,12 @@ impl Hub {
                     }
                 }
                 ToHub::Forget { obj } => {
-                    if let Some((o, n)) = open.get_mut(&obj) {
+                    if let Some((_, n)) = open.get_mut(&obj) {
                         *n -= 1;
-                        if *n == 0 {
+                        if *n == 0
+                            && let Some((o, _)) = open.remove(&obj)
+                        {
                             o.peer_gone(&peer);
-                            open.remove(&obj);
                         }
                     }
                 }
@@ -301,33 +302,33 @@ impl Hub {
                     id, op: Op::Sync, ..
                 } => peer.reply(id, Reply::Ok),
                 ToHub::Req { id, obj, op } => match open.get(&obj) {
-                    Some((o, _)) => o.handle(&peer, id, op),
+                    Some((o, _)) => o.remote_op(&peer, id, op),
                     None => peer.reply(id, Reply::Gone),
                 },
+                ToHub::Cancel { obj, id } => {
+                    if let Some((o, _)) = open.get(&obj) {
+                        o.cancel(&peer, id);
+                    }
+                }
+                // A queue's or a lock's frames: an object of another kind ignores them.
                 ToHub::Puts { obj, items } => {
-                    if let Some((Obj::Queue(q), _)) = open.get(&obj) {
-                        q.put_many(items);
+                    if let Some((o, _)) = open.get(&obj) {
+                        o.puts(items);
                     }
                 }
                 ToHub::Ack { obj, upto } => {
-                    if let Some((Obj::Queue(q), _)) = open.get(&obj) {
-                        q.ack(&peer, upto);
+                    if let Some((o, _)) = open.get(&obj) {
+                        o.ack(&peer, upto);
                     }
                 }
                 ToHub::Return { obj, from, to } => {
-                    if let Some((Obj::Queue(q), _)) = open.get(&obj) {
-                        q.give_back(&peer, from, to);
+                    if let Some((o, _)) = open.get(&obj) {
+                        o.give_back(&peer, from, to);
                     }
                 }
-                ToHub::Cancel { obj, id } => match open.get(&obj) {
-                    Some((Obj::Queue(q), _)) => q.cancel(&peer, id),
-                    Some((Obj::Lock(l), _)) => l.cancel(&peer, id),
-                    Some((Obj::Event(e), _)) => e.cancel(&peer, id),
-                    None => {}
-                },
                 ToHub::Release { obj } => {
-                    if let Some((Obj::Lock(l), _)) = open.get(&obj) {
-                        l.release_peer(&peer);
+                    if let Some((o, _)) = open.get(&obj) {
+                        Arc::clone(o).release_peer(&peer);
                     }
                 }
             }

@@ -1,6 +1,7 @@
 //! Unit tests of the hub's framing, tables and keys.
 
 use super::*;
+use crate::sync::queue::QueueCore;
 
 #[test]
 fn frames_decode_with_the_channel_codec() {
@@ -47,7 +48,7 @@ fn an_object_or_a_pipe_end_opens_only_with_its_key() {
     let h = hub().unwrap();
     let core = QueueCore::new(None);
     let id = core.id;
-    let obj = Obj::Queue(core);
+    let obj: Obj = core;
     let key = h.register(id, &obj).unwrap();
     assert_eq!(h.register(id, &obj).unwrap(), key, "one key per object");
     assert!(h.find(id, Kind::Queue, key).is_some());
@@ -56,11 +57,9 @@ fn an_object_or_a_pipe_end_opens_only_with_its_key() {
         "a wrong key opens nothing"
     );
     assert!(h.find(id, Kind::Lock, key).is_none(), "nor a wrong kind");
-    let other = Obj::Queue(QueueCore::new(None));
-    let other_id = match &other {
-        Obj::Queue(c) => c.id,
-        _ => unreachable!(),
-    };
+    let other_core = QueueCore::new(None);
+    let other_id = other_core.id;
+    let other: Obj = other_core;
     h.register(other_id, &other).unwrap();
     assert!(
         h.find(other_id, Kind::Queue, key).is_none(),

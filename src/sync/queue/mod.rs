@@ -11,8 +11,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_bytes::ByteBuf;
 use tokio::sync::{Notify, oneshot};
 
-use super::hub::{self, Kind, Obj, Op, Peer, Remote, Reply, lock};
-use super::{Access, Handle, wait_until};
+use super::hub::{self, Kind, Op, Peer, Remote, Reply, Served, lock};
+use super::{Access, Core, Handle, wait_until};
 use crate::error::{Error, Result};
 use crate::wire;
 

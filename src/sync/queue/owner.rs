@@ -257,9 +257,21 @@ impl QueueCore {
     pub(super) fn unfinished(&self) -> u64 {
         lock(&self.st).unfinished
     }
+}
+
+/// What the hub does with a queue's frames.
+impl Served for QueueCore {
+    fn kind(&self) -> Kind {
+        Self::KIND
+    }
+
+    fn parked(&self) -> usize {
+        let st = lock(&self.st);
+        st.wants.len() + st.puts.len() + st.joiners.len()
+    }
 
     /// Items for an unbounded queue from another process.
-    pub(crate) fn put_many(&self, items: Vec<ByteBuf>) {
+    fn puts(&self, items: Vec<ByteBuf>) {
         self.update(|st| {
             if !st.closed {
                 for item in items {
@@ -269,7 +281,7 @@ impl QueueCore {
         });
     }
 
-    pub(crate) fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op) {
+    fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op) {
         match op {
             Op::Close => {
                 self.close();
@@ -314,7 +326,7 @@ impl QueueCore {
     }
 
     /// `peer` handed out every item it got up to sequence number `upto`.
-    pub(crate) fn ack(&self, peer: &Peer, upto: u64) {
+    fn ack(&self, peer: &Peer, upto: u64) {
         self.update(|st| {
             if let Some(held) = st.held.get_mut(&peer.id) {
                 let before = held.items.len();
@@ -332,7 +344,7 @@ impl QueueCore {
     }
 
     /// `peer` gives back items `from..=to` that it did not hand out.
-    pub(crate) fn give_back(&self, peer: &Peer, from: u64, to: u64) {
+    fn give_back(&self, peer: &Peer, from: u64, to: u64) {
         self.update(|st| {
             let Some(held) = st.held.get_mut(&peer.id) else {
                 return;
@@ -350,7 +362,7 @@ impl QueueCore {
     /// A request of another process was given up: if it still waits here it leaves its
     /// line and is answered `Cancelled` (which clears it on the other side); if not, it
     /// was answered already.
-    pub(crate) fn cancel(&self, peer: &Peer, id: u64) {
+    fn cancel(&self, peer: &Peer, id: u64) {
         self.update(|st| {
             let mine = |p: &Arc<Peer>, i: &u64| p.id == peer.id && *i == id;
             let before = st.wants.len() + st.joiners.len() + st.puts.len();
@@ -365,7 +377,7 @@ impl QueueCore {
 
     /// `peer`'s process dropped the queue or died: what it held and did not hand out
     /// goes back to the front, in order; its waiting requests are dropped.
-    pub(crate) fn peer_gone(&self, peer: &Arc<Peer>) {
+    fn peer_gone(self: Arc<Self>, peer: &Arc<Peer>) {
         self.update(|st| {
             if let Some(held) = st.held.remove(&peer.id) {
                 st.held_count -= held.items.len();
@@ -378,24 +390,8 @@ impl QueueCore {
     }
 }
 
-impl super::super::Core for QueueCore {
+impl Core for QueueCore {
     const KIND: Kind = Kind::Queue;
-
-    fn obj(self: &Arc<Self>) -> Obj {
-        Obj::Queue(Arc::clone(self))
-    }
-
-    fn from_obj(obj: Obj) -> Option<Arc<Self>> {
-        match obj {
-            Obj::Queue(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    fn parked(&self) -> usize {
-        let st = lock(&self.st);
-        st.wants.len() + st.puts.len() + st.joiners.len()
-    }
 }
 
 impl Drop for QueueCore {
