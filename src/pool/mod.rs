@@ -9,6 +9,7 @@ mod encoder;
 mod future;
 mod map;
 mod message;
+mod seam;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -330,99 +331,21 @@ impl Builder {
         }
         let max_queued = self.max_queued.min(tokio::sync::Semaphore::MAX_PERMITS);
         let admission = Arc::new(tokio::sync::Semaphore::new(max_queued));
-        let init = self.init.transpose()?;
+        let backend = worker::Processes {
+            init: self.init.transpose()?,
+            start_timeout: self.start_timeout,
+            kill_grace: self.kill_grace,
+        };
         let cfg = Config {
             processes,
-            init,
             max_tasks_per_child: self.max_tasks_per_child,
             max_memory_per_child: self.max_memory_per_child,
             task_timeout: self.task_timeout,
-            start_timeout: self.start_timeout,
-            kill_grace: self.kill_grace,
             pipeline: self.pipeline,
         };
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        let mut next_worker = 0;
-        // Workers start (and their I/O runs) on procpool's pools' thread, not on the
-        // caller's runtime: the pool outlives the runtime that built it.
-        let start_one = |next_worker: &mut u64| -> Result<()> {
-            let identity = crate::runtime::next_identity();
-            crate::runtime::service::run_pool(worker::start(
-                *next_worker,
-                identity,
-                cfg.init.clone(),
-                cfg.start_timeout,
-                events_tx.clone(),
-            ))?;
-            *next_worker += 1;
-            Ok(())
-        };
-        for _ in 0..processes {
-            start_one(&mut next_worker)?;
-        }
-        // Every connection made so far is held here until handed to the dispatcher. If
-        // the build is cancelled, dropping a connection drops its writer, whose write half
-        // shuts the socket down (tokio's OwnedWriteHalf does on drop): the worker reads
-        // end-of-channel and exits, and is reaped (tests/pool_build_cancel.rs). Workers
-        // still starting find `events` gone and kill themselves (worker::start).
-        let mut ready: Vec<worker::WorkerConn> = Vec::with_capacity(processes);
-        let mut died = 0u64;
-        let mut failure = None;
-        while ready.len() < processes {
-            let Some(ev) = events.recv().await else {
-                break; // unreachable: `start_one` holds a sender
-            };
-            match ev {
-                worker::Event::Ready(conn) => ready.push(conn),
-                worker::Event::Failed(e) => {
-                    failure = Some(e);
-                    break;
-                }
-                worker::Event::Gone { worker, exit, .. } => {
-                    // A worker that was ready died before the pool was built.
-                    let Some(i) = ready.iter().position(|c| c.id == worker) else {
-                        continue;
-                    };
-                    let conn = ready.swap_remove(i);
-                    died += 1;
-                    tracing::info!(target: "procpool::lifecycle", worker = %conn.name,
-                        "worker died with {exit} while the pool was being built; replaced");
-                    if died >= u64::from(dispatcher::MAX_START_FAILURES) {
-                        failure = Some(Error::spawn(
-                            format!(
-                                "{died} workers died right after they started \
-                                 (the last, {}, with {exit})",
-                                conn.name
-                            ),
-                            None,
-                        ));
-                        break;
-                    }
-                    if let Err(e) = start_one(&mut next_worker) {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-                worker::Event::Done { worker, .. } => {
-                    // No task was sent yet: a worker answering one broke the protocol.
-                    if let Some(conn) = ready.iter().find(|c| c.id == worker) {
-                        tracing::warn!(target: "procpool::lifecycle", worker = %conn.name,
-                            "worker answered a task it was never given; killed");
-                        kill_now(&conn.child);
-                    }
-                }
-                // No task was sent yet: nothing was staged or recalled.
-                worker::Event::Stopped
-                | worker::Event::Recalled { .. }
-                | worker::Event::Staged { .. } => {}
-            }
-        }
-        if let Some(e) = failure {
-            for conn in &ready {
-                kill_now(&conn.child);
-            }
-            return Err(e);
-        }
+        let initial = dispatcher::start_all(&backend, processes, &events_tx, &mut events).await?;
+        let died = initial.restarts;
         let (tx, cmds) = mpsc::unbounded_channel();
         let stats = Arc::new(Mutex::new(PoolStats {
             workers: processes,
@@ -432,13 +355,10 @@ impl Builder {
         }));
         let dispatcher = Dispatcher::new(
             cfg,
+            backend,
             cmds,
             Arc::clone(&stats),
-            dispatcher::Initial {
-                workers: ready,
-                next_worker,
-                restarts: died,
-            },
+            initial,
             events_tx,
             events,
             Arc::clone(&admission),

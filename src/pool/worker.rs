@@ -12,44 +12,15 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc};
 
 use super::message::{Args, Part};
-use crate::error::{Error, ExitReason};
+use super::seam::{Conn, Events, Workers};
+use crate::error::Error;
 use crate::runtime::service::{ChildHandle, Spawned, spawn_child};
 use crate::target::{SharedMap, TargetRef};
 use crate::wire::spare::Spare;
-use crate::wire::{Down, Outcome, Role, Run, Up, WireError};
+use crate::wire::{Down, Role, Run, Up, WireError};
 
-/// What a worker's I/O tasks tell the dispatcher.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// A worker finished its handshake (and initializer).
-    Ready(WorkerConn),
-    /// A worker could not be started.
-    Failed(Error),
-    /// Task `id` finished on worker `worker`.
-    Done {
-        worker: u64,
-        id: u64,
-        outcome: Outcome,
-    },
-    /// Worker `worker` is gone (its channel closed and it was reaped).
-    Gone {
-        worker: u64,
-        exit: ExitReason,
-        protocol: Option<String>,
-    },
-    /// A worker the dispatcher stopped (see `dispatcher::kill`) is reaped.
-    Stopped,
-    /// Task `id`'s arguments for worker `worker` were encoded off the dispatcher (see
-    /// [`WorkerConn::stage`]): its frame is queued, or the encoding failed.
-    Staged {
-        worker: u64,
-        id: u64,
-        result: Result<(), Error>,
-    },
-    /// Worker `worker` gave back the tasks it was sent as numbers `after + 1 ..= upto`:
-    /// they will not run there (see [`WorkerConn::recall`]).
-    Recalled { worker: u64, after: u64, upto: u64 },
-}
+/// The events of a process worker.
+pub(crate) type Event = super::seam::Event<WorkerConn>;
 
 /// A live worker's handle: where to send frames, and its process.
 ///
@@ -274,19 +245,26 @@ impl Out {
     }
 }
 
-impl WorkerConn {
-    /// Queues task `id` as [`send_run`](Link::send_run) does, but encodes its large map
-    /// items on procpool's encoder thread, never on the dispatcher's: the frame is
-    /// queued there, and `Event::Staged` on `events` says when (or why not). Frames the
-    /// dispatcher queues for this worker meanwhile would overtake it: it sends this
-    /// worker nothing until then.
-    pub(crate) fn stage(
-        &self,
-        id: u64,
-        target: TargetRef,
-        args: Args,
-        events: mpsc::UnboundedSender<Event>,
-    ) {
+impl Conn for WorkerConn {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.pid
+    }
+
+    fn run(&self, id: u64, target: TargetRef, args: &Args) -> Result<(), Error> {
+        self.link.send_run(id, target, args)
+    }
+
+    /// Encodes on procpool's encoder thread, never on the dispatcher's: the frame is
+    /// queued there, and `Event::Staged` on `events` says when (or why not).
+    fn stage(&self, id: u64, target: TargetRef, args: Args, events: Events<WorkerConn>) {
         let link = self.link.clone();
         let worker = self.id;
         super::encoder::run(Box::new(move || {
@@ -304,6 +282,112 @@ impl WorkerConn {
             // Err: the dispatcher is gone, and with it the task.
             events.send(Event::Staged { worker, id, result }).ok();
         }));
+    }
+
+    fn skip(&self, id: u64) {
+        self.link.send(&Down::Skip { id });
+    }
+
+    fn shutdown(&self) {
+        self.link.send(&Down::Shutdown);
+    }
+
+    fn recall(&self, upto: u64) -> bool {
+        self.link.recall(upto)
+    }
+
+    fn answered(&self, id: u64) {
+        self.link.answered(id);
+    }
+
+    fn release_buffers(&self) {
+        self.link.release_buffers();
+    }
+
+    fn flush(&self) {
+        self.link.flush();
+    }
+
+    /// From `/proc/PID/statm`; `None` if it cannot be read (the process is gone: it is
+    /// being replaced anyway).
+    fn resident_bytes(&self) -> Option<u64> {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.child.pid)).ok()?;
+        let pages: u64 = statm.split(' ').nth(1)?.parse().ok()?;
+        let page = rustix::param::page_size() as u64;
+        pages.checked_mul(page)
+    }
+}
+
+/// The pool's workers: processes of this executable, started with the builder's
+/// initializer and timeouts.
+#[derive(Debug)]
+pub(crate) struct Processes {
+    pub(crate) init: Option<Init>,
+    pub(crate) start_timeout: std::time::Duration,
+    /// How long a stopped worker has between SIGTERM and SIGKILL.
+    pub(crate) kill_grace: std::time::Duration,
+}
+
+impl Workers for Processes {
+    type Conn = WorkerConn;
+
+    /// On procpool's pools' runtime, not on the caller's: the pool outlives the runtime
+    /// that built it.
+    fn start(&self, id: u64, events: Events<WorkerConn>) {
+        let identity = crate::runtime::next_identity();
+        let task = start(
+            id,
+            identity,
+            self.init.clone(),
+            self.start_timeout,
+            events.clone(),
+        );
+        if let Err(e) = crate::runtime::service::run_pool(task) {
+            // Err: the pool is gone.
+            events.send(Event::Failed(e)).ok();
+        }
+    }
+
+    fn stop(&self, conn: WorkerConn, events: Events<WorkerConn>) {
+        let (child, grace) = (Arc::clone(&conn.child), self.kill_grace);
+        // Its channel closes now; the process gets the grace period.
+        drop(conn);
+        let stop = async move {
+            kill(child, grace).await;
+            // Gone only if the pool is: nobody counts then.
+            drop(events.send(Event::Stopped));
+        };
+        if let Err(e) = crate::runtime::service::run_pool(stop) {
+            tracing::warn!(target: "procpool::lifecycle", "cannot stop a worker: {e}");
+        }
+    }
+
+    async fn kill_all(&self, conns: Vec<WorkerConn>) {
+        let children: Vec<Arc<ChildHandle>> = conns.iter().map(|c| Arc::clone(&c.child)).collect();
+        drop(conns);
+        for c in &children {
+            super::kill_now(c);
+        }
+        // All were sent SIGKILL, so waiting for them one after the other takes as long
+        // as the slowest.
+        for c in &children {
+            c.wait(&mut None).await;
+        }
+    }
+}
+
+/// SIGTERM to the worker's process group, a grace period, then SIGKILL; then reap.
+async fn kill(child: Arc<ChildHandle>, grace: std::time::Duration) {
+    if let Err(e) = child.signal_group(rustix::process::Signal::TERM) {
+        tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
+            "cannot stop worker: {e}");
+    }
+    if tokio::time::timeout(grace, child.wait(&mut None))
+        .await
+        .is_err()
+    {
+        super::kill_now(&child);
+        child.wait(&mut None).await;
     }
 }
 

@@ -26,11 +26,13 @@ use tokio::time::Instant;
 
 use super::PoolStats;
 use super::message::{Args, Command, Finished, Job, Reply, TaskResult};
-use super::worker::{self, Event, Init, WorkerConn};
+use super::seam::{Conn, Event, Workers};
 use crate::error::Error;
-use crate::runtime::service::ChildHandle;
 use crate::target::TargetRef;
-use crate::wire::{Down, Outcome};
+use crate::wire::Outcome;
+
+mod startup;
+pub(crate) use startup::start_all;
 
 /// How long a worker may take to skip a cancelled task that reached the head of its
 /// queue before the dispatcher assumes it is running it and stops the worker.
@@ -90,19 +92,16 @@ pub(crate) const MAX_START_FAILURES: u32 = 5;
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) processes: usize,
-    pub(crate) init: Option<Init>,
     pub(crate) max_tasks_per_child: Option<u32>,
     pub(crate) max_memory_per_child: Option<u64>,
     pub(crate) task_timeout: Option<Duration>,
-    pub(crate) start_timeout: Duration,
-    pub(crate) kill_grace: Duration,
     pub(crate) pipeline: usize,
 }
 
 /// What `build` hands the dispatcher: the ready workers, the next worker id, and how
 /// many workers were replaced while the pool was being built.
-pub(crate) struct Initial {
-    pub(crate) workers: Vec<WorkerConn>,
+pub(crate) struct Initial<C> {
+    pub(crate) workers: Vec<C>,
     pub(crate) next_worker: u64,
     pub(crate) restarts: u64,
 }
@@ -129,8 +128,8 @@ struct Task {
     seq: u64,
 }
 
-struct Worker {
-    conn: WorkerConn,
+struct Worker<C> {
+    conn: C,
     inflight: VecDeque<u64>,
     /// Bytes of arguments of the tasks in `inflight`.
     inflight_bytes: usize,
@@ -163,13 +162,15 @@ struct Counts {
     running: usize,
 }
 
-pub(crate) struct Dispatcher {
+pub(crate) struct Dispatcher<W: Workers> {
     cfg: Config,
+    /// What starts and stops the workers.
+    backend: W,
     cmds: mpsc::UnboundedReceiver<Command>,
-    events_tx: mpsc::UnboundedSender<Event>,
-    events: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::UnboundedSender<Event<W::Conn>>,
+    events: mpsc::UnboundedReceiver<Event<W::Conn>>,
     stats: Arc<Mutex<PoolStats>>,
-    workers: Vec<Worker>,
+    workers: Vec<Worker<W::Conn>>,
     starting: usize,
     /// Workers stopped and not reaped yet: their task may still be running.
     dying: usize,
@@ -193,14 +194,16 @@ pub(crate) struct Dispatcher {
     left_queue: usize,
 }
 
-impl Dispatcher {
+impl<W: Workers> Dispatcher<W> {
+    #[allow(clippy::too_many_arguments)] // each is one of its parts; no two go together
     pub(crate) fn new(
         cfg: Config,
+        backend: W,
         cmds: mpsc::UnboundedReceiver<Command>,
         stats: Arc<Mutex<PoolStats>>,
-        initial: Initial,
-        events_tx: mpsc::UnboundedSender<Event>,
-        events: mpsc::UnboundedReceiver<Event>,
+        initial: Initial<W::Conn>,
+        events_tx: mpsc::UnboundedSender<Event<W::Conn>>,
+        events: mpsc::UnboundedReceiver<Event<W::Conn>>,
         admission: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         let Initial {
@@ -211,6 +214,7 @@ impl Dispatcher {
         let workers = workers.into_iter().map(Worker::new).collect();
         Dispatcher {
             cfg,
+            backend,
             cmds,
             events_tx,
             events,
@@ -372,11 +376,11 @@ impl Dispatcher {
                 };
                 if self.workers[idx].inflight.front() == Some(&id) {
                     // Running: stop the worker so no CPU goes to unwanted work.
-                    tracing::info!(task = id, worker = %self.workers[idx].conn.name,
+                    tracing::info!(task = id, worker = %self.workers[idx].conn.name(),
                         "task cancelled; worker replaced");
                     self.stop_worker(idx, None);
                 } else {
-                    self.workers[idx].conn.send(&Down::Skip { id });
+                    self.workers[idx].conn.skip(id);
                 }
             }
         }
@@ -384,10 +388,10 @@ impl Dispatcher {
 
     // -------------------------------------------------------------------- events
 
-    fn on_event(&mut self, ev: Event) {
+    fn on_event(&mut self, ev: Event<W::Conn>) {
         match ev {
             Event::Ready(conn) => {
-                tracing::info!(worker = %conn.name, pid = conn.child.pid, "worker started");
+                tracing::info!(worker = %conn.name(), pid = conn.pid(), "worker started");
                 self.starting -= 1;
                 self.failures = 0;
                 self.retry_at = None;
@@ -427,26 +431,26 @@ impl Dispatcher {
                 exit,
                 protocol,
             } => {
-                let Some(idx) = self.workers.iter().position(|w| w.conn.id == worker) else {
+                let Some(idx) = self.workers.iter().position(|w| w.conn.id() == worker) else {
                     return; // stopped by us already
                 };
                 let w = &self.workers[idx];
                 let err = match protocol {
                     Some(reason) => Error::Protocol {
-                        name: w.conn.name.to_string(),
+                        name: w.conn.name().to_string(),
                         reason,
                     },
                     None => Error::WorkerDied {
-                        pid: w.conn.child.pid,
-                        name: w.conn.name.to_string(),
+                        pid: w.conn.pid(),
+                        name: w.conn.name().to_string(),
                         reason: exit,
                     },
                 };
                 let expected = w.retiring && w.inflight.is_empty();
                 if expected {
-                    tracing::debug!(worker = %w.conn.name, "worker retired");
+                    tracing::debug!(worker = %w.conn.name(), "worker retired");
                 } else {
-                    tracing::info!(worker = %w.conn.name, pid = w.conn.child.pid,
+                    tracing::info!(worker = %w.conn.name(), pid = w.conn.pid(),
                         "worker replaced: {err}");
                 }
                 self.remove_worker(idx, Some(err));
@@ -459,7 +463,7 @@ impl Dispatcher {
 
     /// Task `id`'s frame is queued for `worker`, or its arguments failed to encode.
     fn on_staged(&mut self, worker: u64, id: u64, result: Result<(), Error>) {
-        let Some(w) = self.workers.iter_mut().find(|w| w.conn.id == worker) else {
+        let Some(w) = self.workers.iter_mut().find(|w| w.conn.id() == worker) else {
             return; // the worker is gone: its tasks were put back in the queue
         };
         if !w.staging || w.inflight.back() != Some(&id) {
@@ -472,7 +476,7 @@ impl Dispatcher {
                     task.state = State::Sent;
                     if task.cancelled {
                         // Behind its Run frame: the worker never starts it.
-                        w.conn.send(&Down::Skip { id });
+                        w.conn.skip(id);
                     }
                 }
                 if w.inflight.len() == 1 {
@@ -501,18 +505,18 @@ impl Dispatcher {
             }
         }
         if std::mem::take(&mut w.shutdown_after_staging) {
-            w.conn.send(&Down::Shutdown);
+            w.conn.shutdown();
         }
     }
 
     fn on_done(&mut self, worker: u64, id: u64, outcome: Outcome) {
-        let Some(idx) = self.workers.iter().position(|w| w.conn.id == worker) else {
+        let Some(idx) = self.workers.iter().position(|w| w.conn.id() == worker) else {
             return; // a late answer from a worker we stopped
         };
         let w = &mut self.workers[idx];
         if w.inflight.front() != Some(&id) {
             let err = Error::Protocol {
-                name: w.conn.name.to_string(),
+                name: w.conn.name().to_string(),
                 reason: format!("answered task {id} out of order"),
             };
             self.stop_worker(idx, Some(err));
@@ -546,10 +550,10 @@ impl Dispatcher {
                     .is_none_or(|t| !matches!(t.state, State::Staging))
             })
             .map(|_| now);
-        let name = Arc::clone(&w.conn.name);
+        let name = Arc::clone(w.conn.name());
         if let Some(limit) = self.cfg.max_memory_per_child
             && !w.retiring
-            && let Some(rss) = resident_bytes(w.conn.child.pid)
+            && let Some(rss) = w.conn.resident_bytes()
             && rss > limit
         {
             tracing::info!(target: "procpool::lifecycle", worker = %name,
@@ -560,7 +564,7 @@ impl Dispatcher {
                 // After the staged task's frame, or that task would be lost with it.
                 w.shutdown_after_staging = true;
             } else {
-                w.conn.send(&Down::Shutdown);
+                w.conn.shutdown();
             }
             self.counts.restarts += 1;
         }
@@ -596,7 +600,7 @@ impl Dispatcher {
     /// Worker `worker` gave back tasks `after + 1 ..= upto` (see `rebalance`): they go
     /// back to the front of the queue, in order, for the idle workers.
     fn on_recalled(&mut self, worker: u64, after: u64, upto: u64) {
-        let Some(w) = self.workers.iter_mut().find(|w| w.conn.id == worker) else {
+        let Some(w) = self.workers.iter_mut().find(|w| w.conn.id() == worker) else {
             return; // stopped meanwhile: its tasks went back already
         };
         w.recalling = false;
@@ -633,7 +637,7 @@ impl Dispatcher {
             self.pending.push_front(id);
         }
         if !back.is_empty() {
-            tracing::debug!(worker = %w.conn.name, tasks = back.len(),
+            tracing::debug!(worker = %w.conn.name(), tasks = back.len(),
                 "tasks sent ahead to a busy worker taken back for an idle one");
         }
     }
@@ -649,7 +653,7 @@ impl Dispatcher {
             if at > now {
                 continue;
             }
-            let name = &self.workers[idx].conn.name;
+            let name = self.workers[idx].conn.name();
             let err = match (cancelled, self.cfg.task_timeout) {
                 (false, Some(after)) => {
                     tracing::info!(worker = %name, "task timed out after {after:?}; worker replaced");
@@ -760,7 +764,7 @@ impl Dispatcher {
                     .stage(id, task.target, task.args.clone(), self.events_tx.clone());
                 w.staging = true;
                 task.state = State::Staging;
-            } else if let Err(e) = w.conn.send_run(id, task.target, &task.args) {
+            } else if let Err(e) = w.conn.run(id, task.target, &task.args) {
                 // A large map item that could be encoded before cannot be now.
                 tracing::debug!(task = id, "task arguments failed to encode again");
                 self.counts.failed += 1;
@@ -775,7 +779,7 @@ impl Dispatcher {
             w.sent += 1;
             task.seq = w.sent;
             self.counts.running += 1;
-            tracing::debug!(task = id, worker = %w.conn.name, "task sent");
+            tracing::debug!(task = id, worker = %w.conn.name(), "task sent");
             w.inflight.push_back(id);
             w.inflight_bytes += size;
             if w.inflight.len() == 1 && !deferred {
@@ -793,7 +797,7 @@ impl Dispatcher {
                 if w.staging {
                     w.shutdown_after_staging = true;
                 } else {
-                    w.conn.send(&Down::Shutdown);
+                    w.conn.shutdown();
                 }
             }
         }
@@ -852,7 +856,7 @@ impl Dispatcher {
             // reader reports that.
             w.recalling = true;
             if !w.conn.recall(w.sent) {
-                tracing::debug!(worker = %w.conn.name, "cannot send a recall");
+                tracing::debug!(worker = %w.conn.name(), "cannot send a recall");
             }
         }
     }
@@ -878,20 +882,13 @@ impl Dispatcher {
             self.starting += 1;
             let id = self.next_worker;
             self.next_worker += 1;
-            let identity = crate::runtime::next_identity();
-            tokio::spawn(worker::start(
-                id,
-                identity,
-                self.cfg.init.clone(),
-                self.cfg.start_timeout,
-                self.events_tx.clone(),
-            ));
+            self.backend.start(id, self.events_tx.clone());
         }
     }
 
     /// Removes worker `idx`: its running task fails with `head_err`, the tasks queued
     /// behind it go back to the front of the queue.
-    fn remove_worker(&mut self, idx: usize, head_err: Option<Error>) -> Worker {
+    fn remove_worker(&mut self, idx: usize, head_err: Option<Error>) -> Worker<W::Conn> {
         let mut w = self.workers.swap_remove(idx);
         // A head still staging never reached the worker: it goes back with the rest.
         let head_sent = w.inflight.front().is_some_and(|id| {
@@ -932,19 +929,10 @@ impl Dispatcher {
         let w = self.remove_worker(idx, head_err);
         self.counts.restarts += 1;
         self.dying += 1;
-        let (child, grace, events) = (
-            Arc::clone(&w.conn.child),
-            self.cfg.kill_grace,
-            self.events_tx.clone(),
-        );
-        tokio::spawn(async move {
-            kill(child, grace).await;
-            // Gone only if the pool is: nobody counts then.
-            drop(events.send(Event::Stopped));
-        });
+        self.backend.stop(w.conn, self.events_tx.clone());
     }
 
-    fn head_deadline(&self, w: &Worker) -> Option<(Instant, bool)> {
+    fn head_deadline(&self, w: &Worker<W::Conn>) -> Option<(Instant, bool)> {
         let since = w.head_since?;
         let head = w.inflight.front()?;
         let cancelled = self.tasks.get(head).is_none_or(|t| t.cancelled);
@@ -972,7 +960,7 @@ impl Dispatcher {
         for w in &mut self.workers {
             if !w.retiring && w.inflight.is_empty() {
                 w.retiring = true;
-                w.conn.send(&Down::Shutdown);
+                w.conn.shutdown();
             }
         }
     }
@@ -998,27 +986,16 @@ impl Dispatcher {
         self.pending.clear();
         self.counts.queued = 0;
         self.counts.running = 0;
-        let mut children: Vec<Arc<ChildHandle>> = self
-            .workers
-            .drain(..)
-            .map(|w| Arc::clone(&w.conn.child))
-            .collect();
+        let mut conns: Vec<W::Conn> = self.workers.drain(..).map(|w| w.conn).collect();
         // Workers still starting: refuse their Ready (their start task then kills them),
         // and take the ones already reported.
         self.events.close();
         while let Some(ev) = self.events.recv().await {
             if let Event::Ready(conn) = ev {
-                children.push(Arc::clone(&conn.child));
+                conns.push(conn);
             }
         }
-        for c in &children {
-            super::kill_now(c);
-        }
-        // All were sent SIGKILL, so waiting for them one after the other takes as long as
-        // the slowest.
-        for c in &children {
-            c.wait(&mut None).await;
-        }
+        self.backend.kill_all(conns).await;
         self.publish_stats();
         if let Some(done) = done {
             done.send(()).ok();
@@ -1050,8 +1027,8 @@ impl Dispatcher {
     }
 }
 
-impl Worker {
-    fn new(conn: WorkerConn) -> Self {
+impl<C: Conn> Worker<C> {
+    fn new(conn: C) -> Self {
         Worker {
             conn,
             inflight: VecDeque::new(),
@@ -1065,30 +1042,6 @@ impl Worker {
             shutdown_after_staging: false,
         }
     }
-}
-
-/// SIGTERM to the worker's process group, a grace period, then SIGKILL; then reap.
-async fn kill(child: Arc<ChildHandle>, grace: Duration) {
-    if let Err(e) = child.signal_group(rustix::process::Signal::TERM) {
-        tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
-            "cannot stop worker: {e}");
-    }
-    if tokio::time::timeout(grace, child.wait(&mut None))
-        .await
-        .is_err()
-    {
-        super::kill_now(&child);
-        child.wait(&mut None).await;
-    }
-}
-
-/// The resident set of process `pid` in bytes, from `/proc/PID/statm`; `None` if it
-/// cannot be read (the process is gone: it is being replaced anyway).
-fn resident_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split(' ').nth(1)?.parse().ok()?;
-    let page = rustix::param::page_size() as u64;
-    pages.checked_mul(page)
 }
 
 #[cfg(test)]
