@@ -27,7 +27,7 @@ pub use map::{Imap, Map};
 
 use crate::error::{Error, Result};
 use crate::target::{Target, TargetRef};
-use dispatcher::{Config, Dispatcher};
+use dispatcher::Config;
 use message::{Args, Command, Job, Reply};
 use worker::Init;
 
@@ -343,26 +343,11 @@ impl Builder {
             task_timeout: self.task_timeout,
             pipeline: self.pipeline,
         };
-        let (events_tx, mut events) = mpsc::unbounded_channel();
-        let initial = dispatcher::start_all(&backend, processes, &events_tx, &mut events).await?;
-        let died = initial.restarts;
-        let (tx, cmds) = mpsc::unbounded_channel();
-        let stats = Arc::new(Mutex::new(PoolStats {
-            workers: processes,
-            idle: processes,
-            restarts: died,
-            ..PoolStats::default()
-        }));
-        let dispatcher = Dispatcher::new(
-            cfg,
-            backend,
-            cmds,
-            Arc::clone(&stats),
-            initial,
-            events_tx,
-            events,
-            Arc::clone(&admission),
-        );
+        let dispatcher::Launched {
+            dispatcher,
+            commands: tx,
+            stats,
+        } = dispatcher::launch(cfg, backend, Arc::clone(&admission)).await?;
         crate::runtime::service::run_pool(dispatcher.run())?;
         Ok(AsyncPool {
             shared: Arc::new(Shared {

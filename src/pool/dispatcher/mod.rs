@@ -26,13 +26,17 @@ use tokio::time::Instant;
 
 use super::PoolStats;
 use super::message::{Args, Command, Finished, Job, Reply, TaskResult};
-use super::seam::{Conn, Event, Workers};
+use super::seam::{Conn, Event, Events, Workers};
 use crate::error::Error;
 use crate::target::TargetRef;
 use crate::wire::Outcome;
 
+#[cfg(test)]
+mod fake;
 mod startup;
-pub(crate) use startup::start_all;
+#[cfg(test)]
+mod tests;
+pub(crate) use startup::{Launched, launch};
 
 /// How long a worker may take to skip a cancelled task that reached the head of its
 /// queue before the dispatcher assumes it is running it and stops the worker.
@@ -195,15 +199,14 @@ pub(crate) struct Dispatcher<W: Workers> {
 }
 
 impl<W: Workers> Dispatcher<W> {
-    #[allow(clippy::too_many_arguments)] // each is one of its parts; no two go together
-    pub(crate) fn new(
+    /// See [`launch`], which makes one.
+    fn new(
         cfg: Config,
         backend: W,
+        initial: Initial<W::Conn>,
+        (events_tx, events): (Events<W::Conn>, mpsc::UnboundedReceiver<Event<W::Conn>>),
         cmds: mpsc::UnboundedReceiver<Command>,
         stats: Arc<Mutex<PoolStats>>,
-        initial: Initial<W::Conn>,
-        events_tx: mpsc::UnboundedSender<Event<W::Conn>>,
-        events: mpsc::UnboundedReceiver<Event<W::Conn>>,
         admission: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         let Initial {
@@ -878,6 +881,9 @@ impl<W: Workers> Dispatcher<W> {
         if self.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
+        // The backoff is over: a deadline left in the past would wake the loop at once,
+        // again and again, until the workers started now are ready (a spin).
+        self.retry_at = None;
         for _ in active..want {
             self.starting += 1;
             let id = self.next_worker;
@@ -1045,7 +1051,7 @@ impl<C: Conn> Worker<C> {
 }
 
 #[cfg(test)]
-mod tests {
+mod hash_tests {
     use std::hash::BuildHasher;
 
     use super::*;

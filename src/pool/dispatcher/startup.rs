@@ -1,10 +1,59 @@
 //! Starting a pool's first workers (what `Builder::build` waits for).
 
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::mpsc;
 
-use super::{Initial, MAX_START_FAILURES};
+use super::{Config, Dispatcher, Initial, MAX_START_FAILURES};
 use crate::error::Error;
+use crate::pool::PoolStats;
+use crate::pool::message::Command;
 use crate::pool::seam::{Conn, Event, Events, Workers};
+
+/// A dispatcher ready to run, with what its pool's handles hold.
+pub(crate) struct Launched<W: Workers> {
+    pub(crate) dispatcher: Dispatcher<W>,
+    /// Where callers send their [`Command`]s.
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    /// What it publishes for `AsyncPool::stats`.
+    pub(crate) stats: Arc<Mutex<PoolStats>>,
+}
+
+/// Starts `cfg.processes` workers through `backend` (see [`start_all`]) and makes the
+/// dispatcher that will drive them; `admission` holds the queue's places.
+///
+/// # Errors
+///
+/// As for [`start_all`].
+pub(crate) async fn launch<W: Workers>(
+    cfg: Config,
+    backend: W,
+    admission: Arc<tokio::sync::Semaphore>,
+) -> Result<Launched<W>, Error> {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let initial = start_all(&backend, cfg.processes, &events_tx, &mut events).await?;
+    let (commands, cmds) = mpsc::unbounded_channel();
+    let stats = Arc::new(Mutex::new(PoolStats {
+        workers: cfg.processes,
+        idle: cfg.processes,
+        restarts: initial.restarts,
+        ..PoolStats::default()
+    }));
+    let dispatcher = Dispatcher::new(
+        cfg,
+        backend,
+        initial,
+        (events_tx, events),
+        cmds,
+        Arc::clone(&stats),
+        admission,
+    );
+    Ok(Launched {
+        dispatcher,
+        commands,
+        stats,
+    })
+}
 
 /// Starts `processes` workers through `backend` and waits until every one is ready; a
 /// worker that dies after it was ready (while others still start) is replaced, up to
@@ -22,7 +71,7 @@ use crate::pool::seam::{Conn, Event, Events, Workers};
 /// dropping one tells its worker to exit (tests/pool_build_cancel.rs). Workers still
 /// starting find `events` gone and are killed (see [`Workers::start`]) once the caller
 /// drops the receiver.
-pub(crate) async fn start_all<W: Workers>(
+async fn start_all<W: Workers>(
     backend: &W,
     processes: usize,
     events_tx: &Events<W::Conn>,
