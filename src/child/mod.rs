@@ -398,7 +398,7 @@ fn serve_pool(
             ..
         } = done
         {
-            wire::give_back_chunk_buffer(bytes.into_vec());
+            wire::chunk::give_back_chunk_buffer(bytes.into_vec());
         }
     }
 }

@@ -45,6 +45,7 @@ pub(crate) use sys::{
 };
 
 use crate::error::Error;
+use crate::wire::chunk::ChunkWriter;
 use crate::wire::{self, Outcome};
 
 /// A function that can run in another process with arguments `Args` (a tuple).
@@ -236,64 +237,6 @@ fn resolve_entry<F>(entry: Entry) -> Result<TargetRef, Error> {
     Ok(TargetRef { offset, name })
 }
 
-/// Writes what a chunk sends back, `(Vec<R>, Option<(u32, Outcome)>)`: the values of the
-/// items that ran, in order, and the failure that stopped it, with the failing item's
-/// index in the chunk (items after it did not run). Written value by value into a buffer
-/// a worker keeps between chunks, and read the same way (`pool::map::read_chunk_output`).
-pub(crate) struct ChunkWriter {
-    out: Vec<u8>,
-    /// The values are plain numbers or bools (see `wire::scalar`).
-    scalar: bool,
-    ran: u32,
-    /// Where the values written whole end (a value whose `Serialize` failed or panicked
-    /// may have left a part of itself after it).
-    end: usize,
-}
-
-impl ChunkWriter {
-    /// Room for about `hint` bytes of values of type `R` (up to the size of buffer a
-    /// worker keeps: a larger answer grows as it is written).
-    pub(crate) fn new<R: 'static>(hint: usize) -> Self {
-        let mut out = wire::take_chunk_buffer();
-        out.reserve(hint.min(wire::KEPT_CHUNK_BUFFER) + 16);
-        out.push(0x92); // (values, failure)
-        out.push(0xdd); // an array with a 32-bit length, written by `finish`
-        out.extend_from_slice(&[0; 4]);
-        let end = out.len();
-        ChunkWriter {
-            out,
-            scalar: wire::scalar::handles::<R>(),
-            ran: 0,
-            end,
-        }
-    }
-
-    /// Appends `value`. After an error (or a panic), push no more: `finish`. A value that
-    /// takes the answer past what one message holds is an error (and is not kept).
-    pub(crate) fn push<R: Serialize>(&mut self, value: &R) -> Result<(), String> {
-        self.out.truncate(self.end);
-        if !(self.scalar && wire::scalar::encode(value, &mut self.out)) {
-            wire::encode_value_into(&mut self.out, value)?;
-        }
-        if self.out.len() > wire::MAX_ARGS {
-            let len = self.out.len() - self.end;
-            self.out.truncate(self.end);
-            return Err(wire::oversize_reason(len));
-        }
-        self.end = self.out.len();
-        self.ran += 1;
-        Ok(())
-    }
-
-    /// The bytes: the values pushed whole, then `failure`.
-    pub(crate) fn finish(mut self, failure: &Option<(u32, Outcome)>) -> Result<Vec<u8>, String> {
-        self.out.truncate(self.end);
-        self.out[2..6].copy_from_slice(&self.ran.to_be_bytes());
-        wire::encode_value_into(&mut self.out, failure)?;
-        Ok(self.out)
-    }
-}
-
 fn map_entry<F, M, T>(args: &[u8], cx: &mut Context) -> Outcome
 where
     F: Target<(T,), M>,
@@ -321,12 +264,12 @@ where
     T: DeserializeOwned + 'static,
 {
     let mut rest = args;
-    let n = match rmp::decode::read_array_len(&mut rest) {
+    let n = match wire::chunk::read_request_len(&mut rest) {
         Ok(n) => n,
-        Err(e) => {
+        Err(reason) => {
             return Outcome::Decode {
                 type_name: std::any::type_name::<Vec<T>>().to_owned(),
-                reason: e.to_string(),
+                reason,
             };
         }
     };

@@ -18,6 +18,7 @@
 //! The parent sends `Hello` and `Run` without waiting, so a start costs one round trip.
 
 mod blocking;
+pub(crate) mod chunk;
 pub(crate) mod fdpass;
 mod nil;
 pub(crate) mod scalar;
@@ -558,29 +559,6 @@ pub(crate) fn encode_value_into<T: Serialize + ?Sized>(
             &mut rmp_serde::Serializer::new(buf).with_struct_map(),
         ))
         .map_err(|e| e.to_string())
-}
-
-/// A chunk's answer up to this size leaves its buffer for the next chunk (see
-/// [`take_chunk_buffer`]).
-pub(crate) const KEPT_CHUNK_BUFFER: usize = 1 << 20;
-
-thread_local! {
-    static CHUNK_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// An empty buffer for a chunk's answer: the one the last answer gave back (a worker
-/// answering chunk after chunk writes into memory it has touched before), or a new one.
-pub(crate) fn take_chunk_buffer() -> Vec<u8> {
-    CHUNK_BUFFER.with(|b| b.take())
-}
-
-/// Keeps `buf` (an answer that was sent) for the next [`take_chunk_buffer`], unless it
-/// is large.
-pub(crate) fn give_back_chunk_buffer(mut buf: Vec<u8>) {
-    if buf.capacity() <= KEPT_CHUNK_BUFFER {
-        buf.clear();
-        CHUNK_BUFFER.with(|b| b.set(buf));
-    }
 }
 
 /// Reads values one after another from MessagePack bytes, and then what follows them:

@@ -523,7 +523,7 @@ mod options {
         // And in the other writers of values.
         let mut buf = vec![7];
         assert!(encode_value_into(&mut buf, &Some(())).is_err());
-        let mut w = crate::target::ChunkWriter::new::<Option<Option<u8>>>(0);
+        let mut w = chunk::ChunkWriter::new::<Option<Option<u8>>>(0);
         w.push(&Some(Some(1u8))).unwrap();
         assert!(w.push(&Some(None::<u8>)).is_err());
     }

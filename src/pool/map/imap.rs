@@ -1,0 +1,362 @@
+//! [`Imap`], the stream of `imap` and `imap_unordered`: pulls items as chunks finish,
+//! sizes chunks to their work, and resubmits what follows an item that failed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::answer::decode_chunk;
+use super::encode::Encoded;
+use crate::error::{Error, Result};
+use crate::pool::Shared;
+use crate::pool::message::{Reply, TaskResult};
+use crate::target::TargetRef;
+use crate::wire::chunk::MAX_CHUNK_ITEMS;
+
+/// Chunks in flight per worker in an [`Imap`]: bounds its memory.
+const IMAP_WINDOW_PER_WORKER: usize = 4;
+/// Adaptive chunking aims for chunks of about this duration.
+const IMAP_CHUNK_TARGET: Duration = Duration::from_millis(5);
+const IMAP_MAX_CHUNK: usize = 4096;
+
+/// The stream of [`AsyncPool::imap`](crate::pool::AsyncPool::imap) and
+/// [`imap_unordered`](crate::pool::AsyncPool::imap_unordered).
+///
+/// Pulls items from its iterator only as chunks finish, with at most
+/// `4 × processes` chunks in flight, so an endless iterator works in constant memory.
+/// Chunks start at one item and adapt to about 5 ms of work each; set a fixed size with
+/// [`chunksize`](Self::chunksize) before the first poll.
+///
+/// An item that panics, that cannot be encoded here or decoded in the worker, or whose
+/// result cannot be encoded, is that item's `Err`; the stream goes on, and the items
+/// around it in its chunk keep their results.
+/// A worker that dies fails the items of the chunk it was running.
+///
+/// # Drop
+///
+/// Dropping the stream cancels every chunk in flight.
+#[must_use = "streams do nothing unless polled"]
+pub struct Imap<R, I> {
+    shared: Arc<Shared>,
+    target: Option<Result<TargetRef>>,
+    items: I,
+    exhausted: bool,
+    ordered: bool,
+    fixed_chunk: Option<usize>,
+    /// Seconds per item, smoothed: drives the adaptive chunk size.
+    per_item: Option<f64>,
+    tx: mpsc::UnboundedSender<(u64, TaskResult)>,
+    rx: mpsc::UnboundedReceiver<(u64, TaskResult)>,
+    /// Chunks in flight by task id.
+    inflight: BTreeMap<u64, Chunk>,
+    next_seq: u64,
+    /// Ordered mode: results by sequence number, waiting for their turn.
+    parked: BTreeMap<u64, Parked<R>>,
+    emit_seq: u64,
+    out: VecDeque<Result<R>>,
+    /// The input iterator panicked: the last item, once everything before it is out.
+    input_panic: Option<Error>,
+    _r: PhantomData<fn() -> R>,
+}
+
+// Nothing is pinned inside: results are plain values, never polled in place.
+impl<R, I: Unpin> Unpin for Imap<R, I> {}
+
+/// A chunk in flight: its items (kept to resubmit the rest after a failing item).
+struct Chunk {
+    seq: u64,
+    items: Encoded,
+    sent: Instant,
+}
+
+struct Parked<R> {
+    results: Vec<Result<R>>,
+    complete: bool,
+}
+
+impl<R, I> std::fmt::Debug for Imap<R, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Imap")
+            .field("ordered", &self.ordered)
+            .field("in_flight", &self.inflight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R, I> Imap<R, I> {
+    pub(in crate::pool) fn new(
+        shared: Arc<Shared>,
+        target: Result<TargetRef>,
+        items: I,
+        ordered: bool,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Imap {
+            shared,
+            target: Some(target),
+            items,
+            exhausted: false,
+            ordered,
+            fixed_chunk: None,
+            per_item: None,
+            tx,
+            rx,
+            inflight: BTreeMap::new(),
+            next_seq: 0,
+            parked: BTreeMap::new(),
+            emit_seq: 0,
+            out: VecDeque::new(),
+            input_panic: None,
+            _r: PhantomData,
+        }
+    }
+
+    /// Items per chunk, fixed. Default: adaptive (see the type's docs). 0 makes the
+    /// stream's one item [`Error::InvalidConfig`].
+    pub fn chunksize(mut self, n: usize) -> Self {
+        if n == 0 {
+            self.target = Some(Err(Error::InvalidConfig {
+                reason: "imap's chunksize must be at least 1".into(),
+            }));
+        }
+        self.fixed_chunk = Some(n.max(1));
+        self
+    }
+
+    fn chunk_size(&self) -> usize {
+        if let Some(n) = self.fixed_chunk {
+            return n.min(MAX_CHUNK_ITEMS);
+        }
+        match self.per_item {
+            None => 1,
+            Some(s) if s <= 0.0 => IMAP_MAX_CHUNK,
+            Some(s) => ((IMAP_CHUNK_TARGET.as_secs_f64() / s) as usize).clamp(1, IMAP_MAX_CHUNK),
+        }
+    }
+
+    fn submit(&mut self, target: TargetRef, seq: u64, mut items: Encoded) -> Result<()> {
+        let tx = self.tx.clone();
+        let args = items.chunk(0..items.len());
+        // Not counted against `max_queued`: an imap keeps a few chunks per worker in
+        // flight on its own (`IMAP_WINDOW_PER_WORKER`).
+        let id = self
+            .shared
+            .submit(target, args, move |id| Reply::Many { key: id, tx }, false)?;
+        self.inflight.insert(
+            id,
+            Chunk {
+                seq,
+                items,
+                sent: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    fn deliver(&mut self, seq: u64, results: Vec<Result<R>>, complete: bool) {
+        if !self.ordered {
+            self.out.extend(results);
+            return;
+        }
+        let p = self.parked.entry(seq).or_insert(Parked {
+            results: Vec::new(),
+            complete: false,
+        });
+        p.results.extend(results);
+        p.complete |= complete;
+        while let Some(p) = self.parked.get_mut(&self.emit_seq) {
+            self.out.extend(p.results.drain(..));
+            if !p.complete {
+                break;
+            }
+            self.parked.remove(&self.emit_seq);
+            self.emit_seq += 1;
+        }
+    }
+}
+
+impl<R, I, T> Imap<R, I>
+where
+    R: DeserializeOwned + 'static,
+    I: Iterator<Item = T>,
+    T: Serialize + Send + 'static,
+{
+    /// Pulls items and submits chunks until the window is full.
+    fn fill(&mut self, target: TargetRef) {
+        let window = IMAP_WINDOW_PER_WORKER * self.shared.processes().max(1);
+        // Results parked behind a slow chunk (ordered mode) count against the window too,
+        // or a stuck head would let memory grow without bound.
+        while !self.exhausted && self.inflight.len() + self.parked.len() < window {
+            let size = self.chunk_size();
+            let mut items = Encoded::default();
+            let mut bad = None;
+            let mut input = CatchPanic {
+                inner: &mut self.items,
+                panicked: None,
+            };
+            let (res, pins) = crate::sync::collect(|| items.fill(&mut input, size));
+            items.pins = pins;
+            match res {
+                Ok(ended) => self.exhausted |= ended,
+                Err(reason) => bad = Some(Error::encode::<T>(reason)),
+            }
+            if let Some(payload) = input.panicked {
+                // What was pulled before the panic is sent; the panic is the stream's
+                // last item, after every result (also in completion order).
+                let (message, _) = crate::target::panic_details(&*payload);
+                self.exhausted = true;
+                self.input_panic = Some(Error::Panicked {
+                    message: format!("the input iterator of imap panicked: {message}"),
+                    location: None,
+                    name: crate::runtime::current_process().name().to_owned(),
+                });
+            }
+            if items.len() > 0 {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                if let Err(e) = self.submit(target, seq, items) {
+                    self.deliver(seq, vec![Err(e)], true);
+                    self.exhausted = true;
+                }
+            }
+            if let Some(e) = bad {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.deliver(seq, vec![Err(e)], true);
+            }
+        }
+    }
+
+    fn on_result(&mut self, target: TargetRef, id: u64, res: TaskResult) {
+        let Some(mut chunk) = self.inflight.remove(&id) else {
+            return;
+        };
+        let n = chunk.items.len();
+        let (values, err) = match res {
+            Ok(done) => decode_chunk::<R>(done),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let ran = values.len();
+        if err.is_none() && n > 0 {
+            let s = chunk.sent.elapsed().as_secs_f64() / n as f64;
+            self.per_item = Some(self.per_item.map_or(s, |p| 0.7 * p + 0.3 * s));
+        }
+        let mut results: Vec<Result<R>> = values.into_iter().map(Ok).collect();
+        let Some(err) = err else {
+            self.deliver(chunk.seq, results, true);
+            return;
+        };
+        let item_failed = matches!(
+            err,
+            Error::Panicked { .. } | Error::Encode { .. } | Error::Decode { .. }
+        );
+        if item_failed && ran < n {
+            // The item at `ran` failed; the ones after it never ran: send them again.
+            results.push(Err(err));
+            let mut rest = Encoded::default();
+            // Handles among the items stay alive while the rest is in flight.
+            rest.pins = std::mem::take(&mut chunk.items.pins);
+            for i in ran + 1..n {
+                rest.push_item(&chunk.items, i);
+            }
+            let complete = rest.len() == 0;
+            self.deliver(chunk.seq, results, complete);
+            if !complete && let Err(e) = self.submit(target, chunk.seq, rest) {
+                self.deliver(chunk.seq, vec![Err(e)], true);
+            }
+        } else {
+            // The worker died, timed out or the pool closed: every item not answered gets
+            // that error (which of them was running is unknown).
+            for _ in ran + 1..n {
+                results.push(Err(err.duplicate()));
+            }
+            results.push(Err(err));
+            self.deliver(chunk.seq, results, true);
+        }
+    }
+}
+
+/// An iterator that ends where its inner one panics, keeping the panic: an input that
+/// panics at item `n` still has items `..n` computed (Python's `imap` yields them, then
+/// raises).
+struct CatchPanic<'a, I> {
+    inner: &'a mut I,
+    panicked: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl<I: Iterator> Iterator for CatchPanic<'_, I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        if self.panicked.is_some() {
+            return None;
+        }
+        // The inner iterator is never touched again after a panic.
+        let inner = std::panic::AssertUnwindSafe(&mut *self.inner);
+        match std::panic::catch_unwind(move || { inner }.0.next()) {
+            Ok(item) => item,
+            Err(payload) => {
+                self.panicked = Some(payload);
+                None
+            }
+        }
+    }
+}
+
+impl<R, I, T> Stream for Imap<R, I>
+where
+    R: DeserializeOwned + 'static,
+    I: Iterator<Item = T> + Unpin,
+    T: Serialize + Send + 'static,
+{
+    type Item = Result<R>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+        let this = &mut *self;
+        let target = match this.target.take() {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => {
+                // The target itself cannot run: one error, then the end.
+                return Poll::Ready(Some(Err(e)));
+            }
+            Some(Ok(t)) => t,
+        };
+        this.target = Some(Ok(target));
+        loop {
+            if let Some(r) = this.out.pop_front() {
+                return Poll::Ready(Some(r));
+            }
+            this.fill(target);
+            if let Some(r) = this.out.pop_front() {
+                return Poll::Ready(Some(r));
+            }
+            if this.inflight.is_empty() && this.exhausted {
+                this.target = None;
+                return Poll::Ready(this.input_panic.take().map(Err));
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some((id, res))) => this.on_result(target, id, res),
+                // Unreachable while `self.tx` lives; end rather than spin.
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<R, I> Drop for Imap<R, I> {
+    fn drop(&mut self) {
+        for &id in self.inflight.keys() {
+            self.shared.cancel(id);
+        }
+    }
+}
