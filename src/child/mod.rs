@@ -113,9 +113,10 @@ fn serve(args: Args) -> i32 {
             EXIT_ORPHANED
         };
     }
-    // Watching for the parent's end to close takes a thread (~0.1 ms to start here): with
-    // an initializer to run it must watch from now; without one, it starts after `Ready`
-    // (the poll is level-triggered: a parent gone in between is seen at once).
+    // Watching for the parent's end to close takes a thread, and starting one costs time
+    // (BENCHMARKS.md): with an initializer to run it must watch from now; without one,
+    // it starts after `Ready` (the poll is level-triggered: a parent gone in between is
+    // seen at once).
     let watching_early = hello.init.is_some();
     let gate = Arc::new(Mutex::new(Gate::default()));
     let handover = Arc::new(Handover::default());
@@ -176,10 +177,10 @@ fn take_control(stream: &UnixStream) -> std::io::Result<Option<Option<UnixStream
 /// instead, as Python's `multiprocessing` does for a child's stdin.
 ///
 /// The channel travels as stdin because std starts a child with `posix_spawn` (a
-/// `vfork`, which does not copy the parent's page tables: 1 ms instead of 6-7 ms for a
-/// parent with 100 MB of heap, measured on a 2-core VM) only when nothing runs between
-/// fork and exec, and making any other descriptor inheritable would need such a step.
-/// The channel is kept close-on-exec, so what this child starts does not inherit it.
+/// `vfork`, which does not copy the parent's page tables, so that a large heap does not
+/// slow the start: BENCHMARKS.md) only when nothing runs between fork and exec, and
+/// making any other descriptor inheritable would need such a step. The channel is kept
+/// close-on-exec, so what this child starts does not inherit it.
 fn take_channel() -> std::io::Result<UnixStream> {
     use rustix::fs::{FileType, Mode, OFlags};
     let stdin = rustix::stdio::stdin();
@@ -285,11 +286,11 @@ const LOOK_EVERY: Duration = Duration::from_micros(50);
 /// skips, runs the oldest task, writes its answer at once (an earlier answer must never
 /// wait for a later task to finish), and waits for frames only when it has nothing to
 /// run. With tasks queued, it looks for new frames at most every [`LOOK_EVERY`]: tiny
-/// tasks arrive in batches, and a look that finds nothing cost a syscall per task (about
-/// a fifth of the CPU time of tiny tasks). While a task runs, the end-of-channel watch
-/// (see [`watch_parent`]) exits the process if the parent goes away; a skip
-/// that arrives while its task runs is moot (the dispatcher stops a worker that does
-/// not move on).
+/// tasks arrive in batches, and a look that finds nothing cost a syscall per task (a
+/// large part of the CPU time of tiny tasks, BENCHMARKS.md). While a task runs, the
+/// end-of-channel watch (see [`watch_parent`]) exits the process if the parent goes
+/// away; a skip that arrives while its task runs is moot (the dispatcher stops a worker
+/// that does not move on).
 fn serve_pool(
     mut chan: BlockingChannel,
     outbox: Outbox,

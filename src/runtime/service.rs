@@ -140,9 +140,9 @@ fn send_preamble(channel: &UnixStream, control: Option<&UnixStream>) -> Result<(
 
 /// How much one end of a channel may have in flight: a Unix socket's default (about
 /// 208 KiB) splits a 5 MB argument into some 25 rounds of "write, wait, wake, read",
-/// each paying two wake-ups, which made large payloads 2-4x slower. The kernel caps it
-/// at `net.core.wmem_max` (often the default again) and charges memory only for what is
-/// in flight.
+/// each paying two wake-ups, which made large payloads much slower (BENCHMARKS.md).
+/// The kernel caps it at `net.core.wmem_max` (often the default again) and charges
+/// memory only for what is in flight.
 const CHANNEL_BUFFER: usize = 4 << 20;
 
 fn widen(end: &UnixStream) {
@@ -352,7 +352,7 @@ pub(crate) fn run<F: std::future::Future<Output = ()> + Send + 'static>(
 /// the service thread), so that a busy pool does not delay the hub's answers or the
 /// reaping of children; two of them (or one on a one-core machine), so that a
 /// dispatcher and its workers' readers run side by side, as they did on a caller's
-/// multi-thread runtime (one thread cost the 100k-task map a sixth of its throughput,
+/// multi-thread runtime (on one thread the 100k-task map lost throughput,
 /// BENCHMARKS.md).
 pub(crate) fn run_pool<F: std::future::Future<Output = ()> + Send + 'static>(
     fut: F,

@@ -1,12 +1,12 @@
 //! MessagePack for plain numbers and booleans without serde's machinery.
 //!
 //! A map over numbers spends nearly all its time encoding and decoding them, four times
-//! per item (items in the caller, then in the worker; results in the worker, then in the
-//! caller), and rmp-serde's generic path costs several times what the few bytes need
-//! (perf: `rmp::encode::write_sint`, `rmp_serde::decode::any_num` and their callers,
-//! 5–10 ns per number on the 2-core VM of BENCHMARKS.md). For the primitive types
-//! below, [`encode`] writes exactly the bytes rmp-serde writes (the most compact form,
-//! as `rmp::encode::write_sint`/`write_uint`), and [`decode`] reads the forms a value of
+//! per item (items in the caller, then in the worker; results in the worker, then in
+//! the caller), and rmp-serde's generic path costs several times what the few bytes
+//! need (perf: `rmp::encode::write_sint`, `rmp_serde::decode::any_num` and their
+//! callers; BENCHMARKS.md). For the primitive types below, [`encode`] writes exactly
+//! the bytes rmp-serde writes (the most compact form, as
+//! `rmp::encode::write_sint`/`write_uint`), and [`decode`] reads the forms a value of
 //! the type can arrive in, leaving anything else to rmp-serde (which then decides, with
 //! its own error messages). Every other type goes through serde as before.
 

@@ -1,10 +1,10 @@
 //! Large buffers kept for reuse.
 //!
-//! On the machines we measure, the first write to a fresh page costs about as much as
-//! copying a megabyte into memory already touched (BENCHMARKS.md, "Where the time
-//! goes"), and the allocator, with other large blocks freed in between, does not
-//! reliably hand the same memory back. So the few buffers that carry large messages
-//! (a worker's large frames, the parent's encodings of large map items) are kept.
+//! On the machines we measure, the first write to a fresh page costs more than copying
+//! into memory already touched (BENCHMARKS.md, "Where the time goes"), and the
+//! allocator, with other large blocks freed in between, does not reliably hand the same
+//! memory back. So the few buffers that carry large messages (a worker's large frames,
+//! the parent's encodings of large map items) are kept.
 
 use std::sync::{Arc, Mutex};
 
