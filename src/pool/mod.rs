@@ -4,6 +4,7 @@
 //! the background task, `message` what travels to it, `future` and `map` the named
 //! futures and streams callers await, `worker` one worker's I/O.
 
+mod builder;
 mod dispatcher;
 mod encoder;
 mod future;
@@ -14,22 +15,19 @@ mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
+pub use builder::{Builder, DEFAULT_MAX_QUEUED};
 pub use future::{Apply, TaskHandle, TaskTimeout};
 pub(crate) use map::fuzz_chunk_answer;
 pub use map::{Imap, Map};
 
 use crate::error::{Error, Result};
 use crate::target::{Target, TargetRef};
-use dispatcher::Config;
 use message::{Args, Command, Job, Reply};
-use worker::Init;
 
 /// A pool of worker processes, like Python's `multiprocessing.Pool`, driven by futures.
 ///
@@ -150,218 +148,6 @@ pub struct PoolStats {
     pub taken_back: u64,
 }
 
-/// Configures an [`AsyncPool`]; made by [`AsyncPool::builder`].
-#[derive(Debug)]
-#[must_use = "a Builder does nothing until `build().await`"]
-pub struct Builder {
-    processes: Option<usize>,
-    init: Option<Result<Init>>,
-    max_tasks_per_child: Option<u32>,
-    max_memory_per_child: Option<u64>,
-    task_timeout: Option<Duration>,
-    start_timeout: Duration,
-    kill_grace: Duration,
-    pipeline: usize,
-    max_queued: usize,
-}
-
-/// How long a worker may take to start (and run its initializer) by default.
-const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How many tasks may wait in a pool's queue by default (see [`Builder::max_queued`]).
-pub const DEFAULT_MAX_QUEUED: usize = 10_000;
-
-impl Builder {
-    /// Number of worker processes. Default: [`std::thread::available_parallelism`].
-    pub fn processes(mut self, n: usize) -> Self {
-        self.processes = Some(n);
-        self
-    }
-
-    /// Runs `f(args...)` once in each worker before its first task (Python's
-    /// `initializer`/`initargs`). Default: none.
-    ///
-    /// If it panics or fails in the first workers, [`build`](Self::build) returns that
-    /// error. If it fails in replacement workers, the pool retries with back-off and, after
-    /// 5 failures in a row with no worker left, fails the queued and new tasks with
-    /// [`Error::Spawn`] instead of respawning forever.
-    ///
-    /// `task_timeout` does not apply to the initializer; [`start_timeout`](Self::start_timeout)
-    /// does: a worker whose initializer has not returned by then is killed.
-    pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Self
-    where
-        F: Target<A, M>,
-        A: Serialize + DeserializeOwned + Send + 'static,
-        M: 'static,
-    {
-        let _: F = f; // It holds nothing: the child makes its own (see `Target`).
-        self.init = Some(crate::target::resolve::<F, M, A>().and_then(|target| {
-            let args = crate::wire::encode_value(&args).map_err(Error::encode::<A>)?;
-            crate::wire::check_args_len::<A>(args.len())?;
-            Ok(Init {
-                target,
-                args: Bytes::from(args),
-            })
-        }));
-        self
-    }
-
-    /// Replaces each worker after it has run `n` tasks (Python's `maxtasksperchild`), to
-    /// bound leaks in native code. The replacement is started as soon as the limit is
-    /// reached, so the pool never stalls, but it takes no task while `processes` others
-    /// run tasks. A chunk of a `map` counts as one task. 0 is
-    /// [`Error::InvalidConfig`] at [`build`](Self::build). Default: no limit.
-    pub fn max_tasks_per_child(mut self, n: u32) -> Self {
-        self.max_tasks_per_child = Some(n);
-        self
-    }
-
-    /// Replaces a worker whose resident set (RSS, from `/proc/PID/statm`) is over
-    /// `bytes` after a task: the task's result is delivered, the worker finishes what
-    /// was already sent to it and exits, and a replacement starts (counted in
-    /// [`PoolStats::restarts`]). Bounds leaks that `max_tasks_per_child` bounds only
-    /// blindly. Checked after each task (a chunk of a `map` is one task), never during
-    /// one. 0 is [`Error::InvalidConfig`]. Default: no limit.
-    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
-        self.max_memory_per_child = Some(bytes);
-        self
-    }
-
-    /// How long a worker may take to start: spawn, handshake and its
-    /// [`initializer`](Self::initializer). A worker not ready by then is killed (its
-    /// whole process group). In [`build`](Self::build) that is [`Error::Timeout`]; for a
-    /// replacement worker, the pool retries with back-off (counted in
-    /// [`PoolStats::start_failures`]). Zero is [`Error::InvalidConfig`]. Default: 60 s.
-    pub fn start_timeout(mut self, d: Duration) -> Self {
-        self.start_timeout = d;
-        self
-    }
-
-    /// Limits the execution time of every task (time spent queued does not count). A task
-    /// over the limit fails with [`Error::Timeout`] and its worker is stopped (SIGTERM to
-    /// its process group, [`kill_grace`](Self::kill_grace), SIGKILL) and replaced.
-    /// Default: no limit.
-    pub fn task_timeout(mut self, d: Duration) -> Self {
-        self.task_timeout = Some(d);
-        self
-    }
-
-    /// How long a worker being stopped gets between SIGTERM and SIGKILL. Default: 100 ms.
-    pub fn kill_grace(mut self, d: Duration) -> Self {
-        self.kill_grace = d;
-        self
-    }
-
-    /// How many tasks may be sent ahead to one worker (it runs them in order). More hides
-    /// the round trip for small tasks and lets the pool wake workers less often; 1 makes
-    /// every task wait for a free worker. Default: 64.
-    ///
-    /// This is the most: once tasks have finished, the pool sends about 2 ms of work
-    /// ahead to each worker, as measured on the tasks so far, so long tasks go one at a
-    /// time and a task does not wait behind a long one while another worker is free.
-    /// A pool's first tasks, before any has finished, are sent at most 8 ahead. Nor
-    /// does a worker with a task in flight get more than 8 MiB of arguments ahead. A
-    /// task sent ahead to a worker that is still busy is taken back and given to an
-    /// idle worker when one is free. 0 is [`Error::InvalidConfig`].
-    pub fn pipeline_depth(mut self, n: usize) -> Self {
-        self.pipeline = n;
-        self
-    }
-
-    /// At most `n` tasks wait in the pool's queue (submitted, not yet at a worker).
-    /// Default: [`DEFAULT_MAX_QUEUED`] (10,000).
-    ///
-    /// When the queue is full, the lazy calls wait for room before they submit: an
-    /// `apply(...).await` waits (its `.timeout(d)` counts that wait), a `map` or
-    /// `starmap` submits its chunks as room frees up (an `imap` keeps only a few chunks
-    /// per worker in flight on its own, and is not counted). That is how a service
-    /// that submits faster than its workers finish is pushed back instead of queueing
-    /// without limit. The eager calls, [`apply_async`](AsyncPool::apply_async) and
-    /// [`map_async`](AsyncPool::map_async), never wait: `apply_async` submits at once
-    /// even into a full queue (over the bound, as Python's `apply_async` does);
-    /// `map_async` runs a `map`, which waits for room as above. A chunk resubmitted after
-    /// one of its items failed does not wait either. 0 is [`Error::InvalidConfig`].
-    pub fn max_queued(mut self, n: usize) -> Self {
-        self.max_queued = n;
-        self
-    }
-
-    /// Starts the workers and waits until every one has handshaken and run the
-    /// initializer.
-    ///
-    /// A worker that dies after it was ready, while others still start, is replaced
-    /// (after 5 such deaths the build fails with [`Error::Spawn`]).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] for 0 processes (or another setting of 0 where it says
-    /// so); the initializer's error if it fails (for example [`Error::Panicked`]);
-    /// [`Error::Timeout`] if a worker is not ready within
-    /// [`start_timeout`](Self::start_timeout); [`Error::Spawn`] if a worker cannot start.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: workers started so far are killed and reaped if the future is
-    /// dropped.
-    pub async fn build(self) -> Result<AsyncPool> {
-        let invalid = |reason: &str| {
-            Err(Error::InvalidConfig {
-                reason: reason.to_owned(),
-            })
-        };
-        let processes = match self.processes {
-            Some(0) => return invalid("a pool needs at least 1 process"),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
-        if self.max_tasks_per_child == Some(0) {
-            return invalid("max_tasks_per_child must be at least 1");
-        }
-        if self.max_memory_per_child == Some(0) {
-            return invalid("max_memory_per_child must be more than 0 bytes");
-        }
-        if self.pipeline == 0 {
-            return invalid("pipeline_depth must be at least 1");
-        }
-        if self.start_timeout.is_zero() {
-            return invalid("start_timeout must be more than zero");
-        }
-        if self.max_queued == 0 {
-            return invalid("max_queued must be at least 1");
-        }
-        let max_queued = self.max_queued.min(tokio::sync::Semaphore::MAX_PERMITS);
-        let admission = Arc::new(tokio::sync::Semaphore::new(max_queued));
-        let backend = worker::Processes {
-            init: self.init.transpose()?,
-            start_timeout: self.start_timeout,
-            kill_grace: self.kill_grace,
-        };
-        let cfg = Config {
-            processes,
-            max_tasks_per_child: self.max_tasks_per_child,
-            max_memory_per_child: self.max_memory_per_child,
-            task_timeout: self.task_timeout,
-            pipeline: self.pipeline,
-        };
-        let dispatcher::Launched {
-            dispatcher,
-            commands: tx,
-            stats,
-        } = dispatcher::launch(cfg, backend, Arc::clone(&admission)).await?;
-        crate::runtime::service::run_pool(dispatcher.run())?;
-        Ok(AsyncPool {
-            shared: Arc::new(Shared {
-                tx,
-                next_id: AtomicU64::new(1),
-                closed: AtomicBool::new(false),
-                stats,
-                processes,
-                admission,
-            }),
-        })
-    }
-}
-
 /// SIGKILL to a worker's process group (a failure means it is gone already, or cannot
 /// be signalled at all: said in a log event, as there is nothing else to do).
 fn kill_now(child: &crate::runtime::service::ChildHandle) {
@@ -387,17 +173,7 @@ impl AsyncPool {
 
     /// A [`Builder`] to configure a pool.
     pub fn builder() -> Builder {
-        Builder {
-            processes: None,
-            init: None,
-            max_tasks_per_child: None,
-            max_memory_per_child: None,
-            task_timeout: None,
-            start_timeout: DEFAULT_START_TIMEOUT,
-            kill_grace: Duration::from_millis(100),
-            pipeline: 64,
-            max_queued: DEFAULT_MAX_QUEUED,
-        }
+        Builder::new()
     }
 
     /// The number of worker processes the pool keeps.
