@@ -6,7 +6,10 @@ use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio_util::codec::Decoder;
 
 use super::*;
 
