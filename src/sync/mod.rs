@@ -14,7 +14,7 @@
 //! - A handle is a capability: it opens its own object and nothing else (each object has
 //!   a random key, shown to its owner), and a process talks only to owners of its own
 //!   user.
-//! - A [`pipe`]'s ends are sockets of their own: after an end reaches its process,
+//! - A [`pipe`](fn@pipe)'s ends are sockets of their own: after an end reaches its process,
 //!   messages go straight between the two processes. The other end sees
 //!   [`Error::Closed`](crate::Error::Closed) when an end is dropped or its process dies.
 //!
