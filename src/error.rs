@@ -224,6 +224,46 @@ pub enum Error {
     )]
     AlreadyCompleted,
 
+    /// A remote task's node died or vanished while it ran the task (its heartbeat
+    /// stopped), and no retry was left (see `Builder::retries`).
+    #[error("node {node} was lost while it ran the task (no retry left)")]
+    NodeLost {
+        /// The node's id.
+        node: String,
+    },
+
+    /// No node of this program's build was registered within `wait_for_nodes`: nodes
+    /// run only tasks of their own build (DESIGN.md §10).
+    #[error(
+        "no node of this build ({build}) registered within {waited:?}; start nodes from this \
+         same executable (PROCPOOL_NODE=<redis url>)"
+    )]
+    NoCompatibleNodes {
+        /// This program's build fingerprint.
+        build: String,
+        /// How long the pool waited.
+        waited: Duration,
+    },
+
+    /// The remote backend (Redis) could not be used: unreachable past the reconnect
+    /// window, or it answered with an error.
+    #[error("the remote backend failed: {reason}")]
+    Backend {
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// An argument cannot cross machines: a `Queue`, `Lock`, `Event`, pipe end or other
+    /// handle of a process-local object was passed to a remote task.
+    #[error(
+        "an argument of type `{type_name}` cannot reach a remote node: it refers to an \
+         object of this machine"
+    )]
+    UnsupportedArgument {
+        /// What was passed.
+        type_name: String,
+    },
+
     /// An operating-system error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -288,6 +328,17 @@ impl Error {
             },
             Error::InvalidConfig { reason } => Error::InvalidConfig {
                 reason: reason.clone(),
+            },
+            Error::NodeLost { node } => Error::NodeLost { node: node.clone() },
+            Error::NoCompatibleNodes { build, waited } => Error::NoCompatibleNodes {
+                build: build.clone(),
+                waited: *waited,
+            },
+            Error::Backend { reason } => Error::Backend {
+                reason: reason.clone(),
+            },
+            Error::UnsupportedArgument { type_name } => Error::UnsupportedArgument {
+                type_name: type_name.clone(),
             },
             Error::Spawn { reason, .. } => Error::spawn(reason.clone(), None),
             Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),

@@ -229,6 +229,8 @@ pub mod __fuzz;
 mod child;
 mod error;
 mod log;
+#[cfg(feature = "redis")]
+mod node;
 mod pool;
 mod process;
 mod runtime;
@@ -248,6 +250,39 @@ pub use sync::{Connection, Event, Lock, LockGuard, Queue, TryPutError, pipe};
 pub use sync::{Tables as __Tables, set_owner_timeout as __set_owner_timeout, tables as __tables};
 pub use target::{Async, Blocking, Target};
 pub use wire::DEFAULT_MAX_FRAME;
+
+/// Remote nodes through Redis Streams (feature `redis`; DESIGN.md §10): the same
+/// [`AsyncPool`] with its tasks run on other machines.
+///
+/// A node is this same executable started with `PROCPOOL_NODE=<url>` in its
+/// environment (with `PROCPOOL_NAMESPACE`, the key in `PROCPOOL_KEY` or
+/// `PROCPOOL_KEY_FILE`, and `PROCPOOL_NODE_PROCESSES`): before `main`, it becomes a node
+/// and never runs `main`. [`node`](remote::node) runs one from a program's own `main`.
+///
+/// What holds today:
+/// - tasks go only to nodes of the same build (the ELF build-id, else the SHA-256 of the
+///   executable, names the stream); a pool with no such node within
+///   [`wait_for_nodes`](crate::Builder::wait_for_nodes) fails with
+///   [`Error::NoCompatibleNodes`];
+/// - every task and result frame carries an HMAC-SHA256 under the shared key; a node
+///   never runs a frame that fails it (it moves it to the namespace's dead letters and
+///   logs it), a parent drops a result that fails it;
+/// - a node runs each task in a local worker process, so panics, crashes and the
+///   `task_timeout` deadline (which travels with the task) behave as locally, with
+///   names such as `node-<id>:PoolWorker-2` in errors;
+/// - a `Queue`, `Lock`, `Event` or pipe end passed to `apply` is
+///   [`Error::UnsupportedArgument`];
+/// - a cancelled task still queued in Redis is deleted there.
+///
+/// Not built yet (issue 15's later steps): a task already taken by a node is not killed
+/// when its caller gives up (its result is dropped), a node's death is not detected
+/// (no `NodeLost`, no `.retries`), a parent's death does not stop its queued tasks, and
+/// `Error::Backend` after a Redis restart is not bounded by a reconnect window.
+#[cfg(feature = "redis")]
+pub mod remote {
+    pub use crate::node::node;
+    pub use crate::pool::remote::Redis;
+}
 
 /// The README's examples, compiled and run as doc tests so they stay true.
 #[cfg(doctest)]

@@ -27,6 +27,10 @@ pub struct Builder {
     kill_grace: Duration,
     pipeline: usize,
     max_queued: usize,
+    #[cfg(feature = "redis")]
+    remote: Option<super::remote::Redis>,
+    #[cfg(feature = "redis")]
+    wait_for_nodes: Duration,
 }
 
 /// How long a worker may take to start (and run its initializer) by default.
@@ -34,6 +38,27 @@ const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How many tasks may wait in a pool's queue by default (see [`Builder::max_queued`]).
 pub const DEFAULT_MAX_QUEUED: usize = 10_000;
+
+#[cfg(feature = "redis")]
+impl Builder {
+    /// Runs the pool's tasks on remote nodes through Redis Streams instead of local
+    /// processes (feature `redis`; see [`procpool::remote`](crate::remote)). Every
+    /// method of the pool keeps its meaning; settings about local workers
+    /// (`processes`, `initializer`, `max_tasks_per_child`, `max_memory_per_child`,
+    /// `start_timeout`) are the nodes' own and are ignored here; `task_timeout` travels
+    /// with each task and its node enforces it.
+    pub fn backend(mut self, redis: super::remote::Redis) -> Self {
+        self.remote = Some(redis);
+        self
+    }
+
+    /// With a remote backend: how long `build` waits for a node of this build to
+    /// register before it fails with [`Error::NoCompatibleNodes`]. Default: 10 s.
+    pub fn wait_for_nodes(mut self, d: Duration) -> Self {
+        self.wait_for_nodes = d;
+        self
+    }
+}
 
 impl Builder {
     /// The defaults, as each setting documents them.
@@ -48,6 +73,10 @@ impl Builder {
             kill_grace: Duration::from_millis(100),
             pipeline: 64,
             max_queued: DEFAULT_MAX_QUEUED,
+            #[cfg(feature = "redis")]
+            remote: None,
+            #[cfg(feature = "redis")]
+            wait_for_nodes: Duration::from_secs(10),
         }
     }
 
@@ -210,6 +239,25 @@ impl Builder {
         }
         let max_queued = self.max_queued.min(tokio::sync::Semaphore::MAX_PERMITS);
         let admission = Arc::new(tokio::sync::Semaphore::new(max_queued));
+        #[cfg(feature = "redis")]
+        if let Some(redis) = self.remote {
+            let opts = super::remote::client::Options {
+                wait_for_nodes: self.wait_for_nodes,
+                task_timeout: self.task_timeout,
+            };
+            let launched =
+                super::remote::client::launch(redis, opts, Arc::clone(&admission)).await?;
+            return Ok(AsyncPool {
+                shared: Arc::new(Shared {
+                    tx: launched.commands,
+                    next_id: AtomicU64::new(1),
+                    closed: AtomicBool::new(false),
+                    stats: launched.stats,
+                    processes: launched.processes,
+                    admission,
+                }),
+            });
+        }
         let backend = worker::Processes {
             init: self.init.transpose()?,
             start_timeout: self.start_timeout,

@@ -83,6 +83,21 @@ impl Args {
             .is_some_and(|parts| parts.iter().any(|p| matches!(p, Part::Deferred(_))))
     }
 
+    /// All of them in one buffer (for a remote node); a large item is encoded again now.
+    #[cfg(feature = "redis")]
+    pub(crate) fn to_vec(&self) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.body);
+        for part in self.rest.as_deref().unwrap_or_default() {
+            match part {
+                Part::Bytes(b) => out.extend_from_slice(b),
+                Part::Deferred(item) => item.encode_into(&mut out)?,
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn len(&self) -> usize {
         let rest = self.rest.iter().flat_map(|r| r.iter());
         self.head.len() + self.body.len() + rest.map(Part::len).sum::<usize>()

@@ -10,6 +10,8 @@ mod encoder;
 mod future;
 mod map;
 mod message;
+#[cfg(feature = "redis")]
+pub(crate) mod remote;
 mod seam;
 mod worker;
 
@@ -154,6 +156,23 @@ fn kill_now(child: &crate::runtime::service::ChildHandle) {
     if let Err(e) = child.signal_group(rustix::process::Signal::KILL) {
         tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
             "cannot kill worker: {e}");
+    }
+}
+
+#[cfg(feature = "redis")]
+impl AsyncPool {
+    /// For a node: runs an encoded task (see `node`), answered on the receiver.
+    pub(crate) fn submit_encoded(
+        &self,
+        target: TargetRef,
+        args: bytes::Bytes,
+    ) -> Result<(u64, oneshot::Receiver<message::TaskResult>)> {
+        self.shared.submit_encoded(target, args)
+    }
+
+    /// For a node: the caller of task `id` gave up (its worker is stopped if it runs).
+    pub(crate) fn cancel_encoded(&self, id: u64) {
+        self.shared.cancel(id);
     }
 }
 
@@ -465,6 +484,22 @@ impl Shared {
             return Err(Error::PoolClosed);
         }
         Ok(id)
+    }
+
+    /// Submits an encoded task as a node received it; its answer comes on the receiver.
+    #[cfg(feature = "redis")]
+    fn submit_encoded(
+        &self,
+        target: TargetRef,
+        args: bytes::Bytes,
+    ) -> Result<(u64, oneshot::Receiver<message::TaskResult>)> {
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::One {
+            tx,
+            pins: crate::sync::Pins::default(),
+        };
+        let id = self.submit(target, args, |_| reply, false)?;
+        Ok((id, rx))
     }
 
     /// Tells the dispatcher the caller of task `id` gave up.

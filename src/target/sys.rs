@@ -43,6 +43,8 @@ use super::{Entry, Image};
 /// process is a procpool child, in which case it never returns.
 extern "C" fn boot() {
     crate::child::boot();
+    #[cfg(feature = "redis")]
+    crate::node::boot_from_env();
 }
 
 // SAFETY: `.init_array` entries are called once by the dynamic loader (or the static

@@ -1,0 +1,346 @@
+//! A node: this executable serving a remote pool's tasks from Redis Streams in its own
+//! local worker processes (DESIGN.md §10), started by `PROCPOOL_NODE` before `main` or
+//! by [`node`] from a program's `main`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamId;
+
+use crate::error::{Error, Result};
+use crate::pool::AsyncPool;
+use crate::pool::remote::fingerprint::fingerprint;
+use crate::pool::remote::frame::{self, End, GROUP, Keys, ResultFrame, TaskFrame};
+use crate::pool::remote::{self, Redis, backend};
+use crate::target::TargetRef;
+
+/// How long a node's registration lasts unless renewed (it is renewed every second).
+const REGISTRATION: Duration = Duration::from_secs(3);
+
+/// Runs a node until its Redis fails: reads the tasks of this build from the
+/// namespace's stream, checks each frame's MAC and build, runs it in one of
+/// `node_processes` local workers, and writes the result to its parent's stream.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] without a key; [`Error::Backend`] when Redis cannot be
+/// reached; the local pool's error if its workers cannot start.
+pub async fn node(config: Redis) -> Result<()> {
+    let key = Arc::new(config.load_key()?);
+    let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
+    let client =
+        redis::Client::open(config.url.as_str()).map_err(|e| backend("bad Redis URL", e))?;
+    let mut con = remote::connect(&client, false).await?;
+    let mut reader = remote::connect(&client, true).await?;
+    let keys = Keys::new(&config.namespace);
+    let stream = keys.tasks(build);
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut con)
+        .await;
+    if let Err(e) = created
+        && e.code() != Some("BUSYGROUP")
+    {
+        return Err(backend("cannot create the consumer group", e));
+    }
+    let processes = config
+        .node_processes
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = AsyncPool::new(processes).await?;
+    let id = frame::random_id();
+    tracing::info!(target: "procpool::lifecycle", node = %id, build, processes,
+        "node serving namespace {}", config.namespace);
+    let member = format!("{id}/{processes}");
+    let register = {
+        let (mut con, nodes) = (con.clone(), keys.nodes(build));
+        async move {
+            loop {
+                let now = frame::now_ms();
+                let expires = now + u64::try_from(REGISTRATION.as_millis()).unwrap_or(3000);
+                let res: redis::RedisResult<()> = redis::pipe()
+                    .cmd("ZADD")
+                    .arg(&nodes)
+                    .arg(expires)
+                    .arg(&member)
+                    .ignore()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&nodes)
+                    .arg("-inf")
+                    .arg(now)
+                    .ignore()
+                    .query_async(&mut con)
+                    .await;
+                if let Err(e) = res {
+                    tracing::warn!(target: "procpool::remote", "cannot renew the node's registration: {e}");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let registration = tokio::spawn(register);
+    // At most two tasks per worker are taken at once: one running, one ready.
+    let slots = Arc::new(tokio::sync::Semaphore::new(processes * 2));
+    let ctx = Arc::new(Ctx {
+        key,
+        build,
+        keys,
+        stream,
+        node: format!("node-{id}"),
+        pool,
+    });
+    let res = loop {
+        let free = slots.available_permits().max(1);
+        let first = match Arc::clone(&slots).acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => break Ok(()),
+        };
+        let read = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&id)
+            .arg("COUNT")
+            .arg(free)
+            .arg("BLOCK")
+            .arg(remote::BLOCK.as_millis().to_string())
+            .arg("STREAMS")
+            .arg(&ctx.stream)
+            .arg(">")
+            .query_async::<Option<redis::streams::StreamReadReply>>(&mut reader)
+            .await;
+        let entries: Vec<StreamId> = match read {
+            Ok(r) => r
+                .into_iter()
+                .flat_map(|r| r.keys)
+                .flat_map(|k| k.ids)
+                .collect(),
+            Err(e) => break Err(backend("cannot read tasks", e)),
+        };
+        let mut permit = Some(first);
+        for entry in entries {
+            let p = match permit.take() {
+                Some(p) => p,
+                None => match Arc::clone(&slots).acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (ctx, con) = (Arc::clone(&ctx), con.clone());
+            tokio::spawn(async move {
+                ctx.serve(con, entry).await;
+                drop(p);
+            });
+        }
+    };
+    registration.abort();
+    res
+}
+
+/// What every task of a node shares.
+struct Ctx {
+    key: Arc<Vec<u8>>,
+    build: &'static str,
+    keys: Keys,
+    stream: String,
+    node: String,
+    pool: AsyncPool,
+}
+
+impl Ctx {
+    /// Runs one stream entry and answers its parent; an entry that fails its MAC, does
+    /// not decode or is for another build is never run: it goes to the dead letters.
+    async fn serve(&self, mut con: MultiplexedConnection, entry: StreamId) {
+        let (f, m) = (entry.get::<Vec<u8>>("f"), entry.get::<Vec<u8>>("m"));
+        let task = match f.as_ref().zip(m.as_ref()) {
+            None => Err("a frame or its MAC is missing".to_owned()),
+            Some((f, m)) if !frame::verify(&self.key, f, m) => {
+                Err("its MAC does not match (wrong key, or forged)".to_owned())
+            }
+            Some((f, _)) => match frame::decode::<TaskFrame>(f) {
+                Err(e) => Err(e.to_string()),
+                Ok(t) if t.build != self.build => Err(format!("it is for build {}", t.build)),
+                Ok(t) => Ok(t),
+            },
+        };
+        let task = match task {
+            Ok(t) => t,
+            Err(reason) => {
+                tracing::warn!(target: "procpool::remote", entry = %entry.id,
+                    "a task frame was refused and not run: {reason}");
+                let mut pipe = redis::pipe();
+                pipe.cmd("XADD")
+                    .arg(self.keys.dead_letters())
+                    .arg("*")
+                    .arg("f")
+                    .arg(f.unwrap_or_default())
+                    .arg("why")
+                    .arg(&reason)
+                    .ignore();
+                self.take_off(&mut pipe, &entry.id);
+                let dead: redis::RedisResult<()> = pipe.query_async(&mut con).await;
+                if let Err(e) = dead {
+                    tracing::warn!(target: "procpool::remote", "cannot move a refused frame aside: {e}");
+                }
+                return;
+            }
+        };
+        let (worker, end) = self.run(&task).await;
+        let result = ResultFrame {
+            task: task.task,
+            attempt: task.attempt,
+            worker: format!("{}:{worker}", self.node),
+            end,
+        };
+        let f = match frame::encode(&result) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(target: "procpool::remote", "cannot encode a result: {e}");
+                return;
+            }
+        };
+        let m = frame::sign(&self.key, &f);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(self.keys.results(&task.parent))
+            .arg("*")
+            .arg("f")
+            .arg(f)
+            .arg("m")
+            .arg(m)
+            .ignore();
+        self.take_off(&mut pipe, &entry.id);
+        let res: redis::RedisResult<()> = pipe.query_async(&mut con).await;
+        if let Err(e) = res {
+            tracing::warn!(target: "procpool::remote", task = task.task, "cannot answer a task: {e}");
+        }
+    }
+
+    /// Appends what takes stream entry `entry` off for good: its ack and its deletion.
+    fn take_off(&self, pipe: &mut redis::Pipeline, entry: &str) {
+        pipe.cmd("XACK")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg(entry)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&self.stream)
+            .arg(entry)
+            .ignore();
+    }
+
+    /// Runs a task in a local worker, within its deadline; which worker, and how it
+    /// ended.
+    async fn run(&self, task: &TaskFrame) -> (String, End) {
+        let Some(name) = intern(&task.target_name) else {
+            let reason = "too many distinct target names".to_owned();
+            return (String::new(), End::Failed { reason });
+        };
+        let target = TargetRef {
+            offset: task.target,
+            name,
+        };
+        let args = Bytes::from(task.args.clone().into_vec());
+        let (id, rx) = match self.pool.submit_encoded(target, args) {
+            Ok(x) => x,
+            Err(e) => return (String::new(), End::from_error(&e)),
+        };
+        let left = match task.deadline_ms {
+            0 => None,
+            at => Some(Duration::from_millis(at.saturating_sub(frame::now_ms()))),
+        };
+        let answer = match left {
+            None => rx.await,
+            Some(left) => match tokio::time::timeout(left, rx).await {
+                Ok(a) => a,
+                Err(_) => {
+                    // Stops its worker (its process group), as a local timeout does.
+                    self.pool.cancel_encoded(id);
+                    let after_ms = left.as_millis();
+                    let after_ms = u64::try_from(after_ms).unwrap_or(u64::MAX);
+                    return (String::new(), End::Timeout { after_ms });
+                }
+            },
+        };
+        match answer {
+            Ok(Ok(done)) => (done.worker.to_string(), End::Ran(done.outcome)),
+            Ok(Err(e)) => (worker_of(&e), End::from_error(&e)),
+            Err(_) => (String::new(), End::from_error(&Error::PoolClosed)),
+        }
+    }
+}
+
+fn worker_of(e: &Error) -> String {
+    match e {
+        Error::WorkerDied { name, .. } => name.clone(),
+        _ => String::new(),
+    }
+}
+
+/// Target names as `&'static str` (what a local pool's tasks carry), each kept once;
+/// at most 4,096 distinct ones (only authenticated frames get here).
+fn intern(name: &str) -> Option<&'static str> {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = names.get(name) {
+        return Some(n);
+    }
+    if names.len() >= 4096 {
+        return None;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    Some(leaked)
+}
+
+/// Called before `main`: if `PROCPOOL_NODE` is set, this process is a node and never
+/// returns (it exits when the node stops).
+pub(crate) fn boot_from_env() {
+    let Some(url) = std::env::var_os("PROCPOOL_NODE") else {
+        return;
+    };
+    // In node mode `main` never runs, so nobody else installs a subscriber.
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    if fmt.try_init().is_err() {
+        // One is installed already: it gets the node's events.
+    }
+    let mut config = Redis::new(url.to_string_lossy().into_owned());
+    if let Some(ns) = std::env::var_os("PROCPOOL_NAMESPACE") {
+        config = config.namespace(ns.to_string_lossy().into_owned());
+    }
+    if let Some(n) = std::env::var_os("PROCPOOL_NODE_PROCESSES") {
+        match n.to_string_lossy().parse::<usize>() {
+            Ok(n) if n > 0 => config = config.node_processes(n),
+            _ => {
+                tracing::error!(target: "procpool::lifecycle",
+                    "PROCPOOL_NODE_PROCESSES must be a number of processes, at least 1");
+                std::process::exit(2);
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(target: "procpool::lifecycle", "the node cannot start its runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    match runtime.block_on(node(config)) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            tracing::error!(target: "procpool::lifecycle", "the node stopped: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The parent's side of a remote pool: a dispatcher that takes the same
+//! [`Command`]s as the local one and answers the same [`Reply`]s, with tasks written to
+//! its build's stream and results read from its own.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+
+use super::fingerprint::fingerprint;
+use super::frame::{self, End, Keys, ResultFrame, TaskFrame};
+use super::{Redis, backend};
+
+use crate::error::{Error, ExitReason, Result};
+use crate::pool::PoolStats;
+use crate::pool::message::{Command, Finished, Job, Reply};
+
+/// What the builder decided for a remote pool.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) wait_for_nodes: Duration,
+    pub(crate) task_timeout: Option<Duration>,
+}
+
+/// A running remote pool's handles: where commands go, its stats, and how many
+/// worker processes its nodes had when it started.
+pub(crate) struct Launched {
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    pub(crate) stats: Arc<Mutex<PoolStats>>,
+    pub(crate) processes: usize,
+}
+
+/// Connects, waits for a node of this build, and starts the dispatcher on procpool's
+/// pools' runtime.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] without a key; [`Error::Backend`] if Redis cannot be
+/// reached; [`Error::NoCompatibleNodes`] if no node of this build registered within
+/// `wait_for_nodes`.
+pub(crate) async fn launch(
+    redis: Redis,
+    opts: Options,
+    admission: Arc<tokio::sync::Semaphore>,
+) -> Result<Launched> {
+    let key = redis.load_key()?;
+    let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
+    let client =
+        redis::Client::open(redis.url.as_str()).map_err(|e| backend("bad Redis URL", e))?;
+    let mut con = super::connect(&client, false).await?;
+    let reader = super::connect(&client, true).await?;
+    let keys = Keys::new(&redis.namespace);
+    let processes = wait_for_nodes(&mut con, &keys, build, opts.wait_for_nodes).await?;
+    let parent = frame::random_id();
+    let (commands, cmds) = mpsc::unbounded_channel();
+    let (results_tx, results) = mpsc::unbounded_channel();
+    let stats = Arc::new(Mutex::new(PoolStats {
+        workers: processes,
+        idle: processes,
+        ..PoolStats::default()
+    }));
+    let d = RemoteDispatcher {
+        key: Arc::new(key),
+        keys,
+        build,
+        parent,
+        opts,
+        con,
+        cmds,
+        results,
+        inflight: HashMap::new(),
+        stats: Arc::clone(&stats),
+        counts: PoolStats::default(),
+        closing: Vec::new(),
+        admission,
+    };
+    let read = read_results(
+        reader,
+        d.keys.results(&d.parent),
+        Arc::clone(&d.key),
+        results_tx,
+    );
+    crate::runtime::service::run_pool(read)?;
+    crate::runtime::service::run_pool(d.run())?;
+    Ok(Launched {
+        commands,
+        stats,
+        processes,
+    })
+}
+
+/// The worker processes of the live nodes of `build`, once there is one; polled every
+/// 50 ms until `wait`.
+async fn wait_for_nodes(
+    con: &mut MultiplexedConnection,
+    keys: &Keys,
+    build: &str,
+    wait: Duration,
+) -> Result<usize> {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(keys.nodes(build))
+            .arg(frame::now_ms())
+            .arg("+inf")
+            .query_async(con)
+            .await
+            .map_err(|e| backend("cannot list nodes", e))?;
+        let processes: usize = live
+            .iter()
+            .filter_map(|m| m.rsplit_once('/')?.1.parse::<usize>().ok())
+            .sum();
+        if !live.is_empty() {
+            return Ok(processes.max(1));
+        }
+        if tokio::time::Instant::now() >= until {
+            return Err(Error::NoCompatibleNodes {
+                build: build.to_owned(),
+                waited: wait,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A verified result, or the reader's end.
+enum FromReader {
+    Result(ResultFrame),
+    Failed(Error),
+}
+
+/// Reads this parent's result stream, drops what fails its MAC, and hands the rest to
+/// the dispatcher; read entries are deleted. Ends when the dispatcher does.
+async fn read_results(
+    mut con: MultiplexedConnection,
+    stream: String,
+    key: Arc<Vec<u8>>,
+    out: mpsc::UnboundedSender<FromReader>,
+) {
+    let mut last = "0".to_owned();
+    loop {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1024)
+            .arg("BLOCK")
+            .arg(super::BLOCK.as_millis().to_string())
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(&last);
+        let read = cmd.query_async::<Option<redis::streams::StreamReadReply>>(&mut con);
+        let reply = tokio::select! {
+            r = read => r,
+            () = out.closed() => break,
+        };
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // The dispatcher fails what is in flight: nothing waits forever.
+                out.send(FromReader::Failed(backend("cannot read results", e)))
+                    .ok();
+                return;
+            }
+        };
+        let mut ids = Vec::new();
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            let (f, m) = (entry.get::<Vec<u8>>("f"), entry.get::<Vec<u8>>("m"));
+            last.clone_from(&entry.id);
+            ids.push(entry.id);
+            let Some((f, m)) = f.zip(m) else {
+                tracing::warn!(target: "procpool::remote", "a result without its frame or MAC was dropped");
+                continue;
+            };
+            if !frame::verify(&key, &f, &m) {
+                tracing::warn!(target: "procpool::remote", "a result that failed its MAC was dropped");
+                continue;
+            }
+            match frame::decode::<ResultFrame>(&f) {
+                Ok(r) => {
+                    if out.send(FromReader::Result(r)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(target: "procpool::remote", "a result was dropped: {e}"),
+            }
+        }
+        if !ids.is_empty() {
+            let del: redis::RedisResult<i64> = redis::cmd("XDEL")
+                .arg(&stream)
+                .arg(&ids)
+                .query_async(&mut con)
+                .await;
+            if let Err(e) = del {
+                tracing::debug!(target: "procpool::remote", "cannot delete read results: {e}");
+            }
+        }
+    }
+    let del: redis::RedisResult<i64> = redis::cmd("DEL").arg(&stream).query_async(&mut con).await;
+    if let Err(e) = del {
+        tracing::debug!(target: "procpool::remote", "cannot delete the result stream: {e}");
+    }
+}
+
+struct Inflight {
+    reply: Reply,
+    /// The stream entry, while it may still be queued.
+    entry: Option<String>,
+    admitted: bool,
+}
+
+struct RemoteDispatcher {
+    key: Arc<Vec<u8>>,
+    keys: Keys,
+    build: &'static str,
+    parent: String,
+    opts: Options,
+    con: MultiplexedConnection,
+    cmds: mpsc::UnboundedReceiver<Command>,
+    results: mpsc::UnboundedReceiver<FromReader>,
+    inflight: HashMap<u64, Inflight>,
+    stats: Arc<Mutex<PoolStats>>,
+    counts: PoolStats,
+    closing: Vec<oneshot::Sender<()>>,
+    admission: Arc<tokio::sync::Semaphore>,
+}
+
+impl RemoteDispatcher {
+    async fn run(mut self) {
+        loop {
+            self.publish();
+            if !self.closing.is_empty() && self.inflight.is_empty() {
+                for done in self.closing.drain(..) {
+                    done.send(()).ok();
+                }
+                return;
+            }
+            tokio::select! {
+                cmd = self.cmds.recv() => {
+                    let mut batch = Vec::new();
+                    let mut next = cmd;
+                    while let Some(cmd) = next.take() {
+                        batch.push(cmd);
+                        if batch.len() < 256 {
+                            next = self.cmds.try_recv().ok();
+                        }
+                    }
+                    if batch.is_empty() {
+                        return self.fail_all(Error::PoolClosed); // every handle is gone
+                    }
+                    if !self.on_commands(batch).await {
+                        return;
+                    }
+                }
+                Some(msg) = self.results.recv() => match msg {
+                    FromReader::Result(r) => self.on_result(r),
+                    FromReader::Failed(e) => return self.fail_all(e),
+                },
+            }
+        }
+    }
+
+    /// Handles a batch; false once terminated.
+    async fn on_commands(&mut self, batch: Vec<Command>) -> bool {
+        let mut submits = Vec::new();
+        for cmd in batch {
+            match cmd {
+                Command::Submit(job) => submits.push(job),
+                Command::Cancel { id } => self.cancel(id).await,
+                Command::Close { done } => self.closing.push(done),
+                Command::Terminate { done } => {
+                    self.fail_all(Error::PoolClosed);
+                    done.send(()).ok();
+                    for done in self.closing.drain(..) {
+                        done.send(()).ok();
+                    }
+                    return false;
+                }
+            }
+        }
+        if !submits.is_empty() {
+            self.submit(submits).await;
+        }
+        true
+    }
+
+    /// Writes the tasks to the build's stream, in one round trip.
+    async fn submit(&mut self, jobs: Vec<Job>) {
+        let stream = self.keys.tasks(self.build);
+        let deadline_ms = self.opts.task_timeout.map_or(0, |t| {
+            frame::now_ms().saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+        });
+        let mut pipe = redis::pipe();
+        let mut sent = Vec::new();
+        for job in jobs {
+            self.counts.submitted += 1;
+            let framed = self.frame(&job, deadline_ms);
+            match framed {
+                Ok((f, m)) => {
+                    pipe.cmd("XADD")
+                        .arg(&stream)
+                        .arg("*")
+                        .arg("f")
+                        .arg(f)
+                        .arg("m")
+                        .arg(m);
+                    sent.push(job);
+                }
+                Err(e) => {
+                    self.counts.failed += 1;
+                    self.give_back(job.admitted);
+                    job.reply.send(Err(e));
+                }
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        let ids: redis::RedisResult<Vec<String>> = pipe.query_async(&mut self.con).await;
+        match ids {
+            Ok(ids) => {
+                for (job, entry) in sent.into_iter().zip(ids) {
+                    self.counts.running += 1;
+                    self.inflight.insert(
+                        job.id,
+                        Inflight {
+                            reply: job.reply,
+                            entry: Some(entry),
+                            admitted: job.admitted,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                for job in sent {
+                    self.counts.failed += 1;
+                    self.give_back(job.admitted);
+                    job.reply.send(Err(backend("cannot queue the task", &e)));
+                }
+            }
+        }
+    }
+
+    /// A job's frame and MAC; arguments that refer to objects of this machine cannot go.
+    fn frame(&self, job: &Job, deadline_ms: u64) -> Result<(Vec<u8>, Vec<u8>)> {
+        if let Reply::One { pins, .. } = &job.reply
+            && !pins.is_empty()
+        {
+            return Err(Error::UnsupportedArgument {
+                type_name: "a Queue, Lock, Event or pipe end".to_owned(),
+            });
+        }
+        let f = frame::encode(&TaskFrame {
+            task: job.id,
+            parent: self.parent.clone(),
+            build: self.build.to_owned(),
+            attempt: 0,
+            deadline_ms,
+            target: job.target.offset,
+            target_name: job.target.name.to_owned(),
+            args: ByteBuf::from(job.args.to_vec()?),
+        })?;
+        let m = frame::sign(&self.key, &f);
+        Ok((f, m))
+    }
+
+    /// A cancelled task's entry is deleted if it is still queued; one a node took runs
+    /// to its end there and its result is dropped.
+    async fn cancel(&mut self, id: u64) {
+        let Some(t) = self.inflight.remove(&id) else {
+            return;
+        };
+        self.counts.cancelled += 1;
+        self.counts.running -= 1;
+        self.give_back(t.admitted);
+        if let Some(entry) = t.entry {
+            let del: redis::RedisResult<i64> = redis::cmd("XDEL")
+                .arg(self.keys.tasks(self.build))
+                .arg(entry)
+                .query_async(&mut self.con)
+                .await;
+            if let Err(e) = del {
+                tracing::debug!(target: "procpool::remote", task = id, "cannot delete a cancelled task: {e}");
+            }
+        }
+    }
+
+    fn on_result(&mut self, r: ResultFrame) {
+        // The first result of a task wins; later ones (a retry's) are dropped.
+        let Some(t) = self.inflight.remove(&r.task) else {
+            return;
+        };
+        self.counts.running -= 1;
+        self.give_back(t.admitted);
+        let worker: Arc<str> = r.worker.into();
+        let res = match r.end {
+            End::Ran(outcome) => {
+                if matches!(outcome, crate::wire::Outcome::Value(_)) {
+                    self.counts.completed += 1;
+                } else {
+                    self.counts.failed += 1;
+                }
+                Ok(Finished { outcome, worker })
+            }
+            other => {
+                self.counts.failed += 1;
+                Err(match other {
+                    End::Timeout { after_ms } => Error::Timeout {
+                        after: Duration::from_millis(after_ms),
+                    },
+                    End::Died { pid, code, signal } => Error::WorkerDied {
+                        pid,
+                        name: worker.to_string(),
+                        reason: match (code, signal) {
+                            (Some(c), _) => ExitReason::Code(c),
+                            (None, Some(s)) => ExitReason::Signal(s),
+                            (None, None) => ExitReason::Unknown,
+                        },
+                    },
+                    End::Failed { reason } => Error::Backend {
+                        reason: format!("{worker}: {reason}"),
+                    },
+                    End::Ran(_) => unreachable!("handled above"),
+                })
+            }
+        };
+        t.reply.send(res);
+    }
+
+    fn give_back(&self, admitted: bool) {
+        if admitted {
+            self.admission.add_permits(1);
+        }
+    }
+
+    fn fail_all(&mut self, e: Error) {
+        for (_, t) in self.inflight.drain() {
+            self.counts.cancelled += 1;
+            if t.admitted {
+                self.admission.add_permits(1);
+            }
+            t.reply.send(Err(e.duplicate()));
+        }
+        self.counts.running = 0;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let PoolStats { workers, idle, .. } = *s;
+        *s = PoolStats {
+            workers,
+            idle,
+            ..self.counts
+        };
+    }
+}

@@ -1,0 +1,168 @@
+//! The pool's remote backend: tasks run on nodes (this same executable in node mode)
+//! through Redis Streams (DESIGN.md §10). This module holds what a parent needs: the
+//! configuration ([`Redis`]), the frames and keys (`frame`), the build fingerprint, and
+//! the dispatcher that stands where the local one does (`client`).
+
+pub(crate) mod client;
+pub(crate) mod fingerprint;
+pub(crate) mod frame;
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// Where a pool's tasks run when not in local processes: nodes reached through a
+/// Redis (or Valkey) server, with every frame authenticated by a shared key.
+///
+/// ```no_run
+/// # async fn f() -> procpool::Result<()> {
+/// use std::time::Duration;
+/// use procpool::AsyncPool;
+/// use procpool::remote::Redis;
+///
+/// fn doubler(x: i64) -> i64 {
+///     x * 2
+/// }
+///
+/// let pool = AsyncPool::builder()
+///     .backend(Redis::new("redis://127.0.0.1:6379").namespace("thumbs").key_env("PROCPOOL_KEY"))
+///     .wait_for_nodes(Duration::from_secs(5))
+///     .build()
+///     .await?;
+/// assert_eq!(pool.map(doubler, vec![5, 10, 20]).await?, vec![10, 20, 40]);
+/// # Ok(()) }
+/// ```
+///
+/// Nodes are this same executable started with `PROCPOOL_NODE=<url>` (and the same
+/// namespace and key) in the environment, or running [`node`](crate::remote::node).
+/// The URL is `redis://host:port`, `rediss://` for TLS, or `unix:///path/to/socket`.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    pub(crate) url: String,
+    pub(crate) namespace: String,
+    key: KeySource,
+    pub(crate) node_processes: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum KeySource {
+    /// `PROCPOOL_KEY`, else the file `PROCPOOL_KEY_FILE` names.
+    Default,
+    Bytes(Vec<u8>),
+    Env(String),
+    File(PathBuf),
+}
+
+impl Redis {
+    /// The server at `url`, namespace `default`, the key from the environment
+    /// (`PROCPOOL_KEY`, else the file named by `PROCPOOL_KEY_FILE`).
+    pub fn new(url: impl Into<String>) -> Redis {
+        Redis {
+            url: url.into(),
+            namespace: "default".to_owned(),
+            key: KeySource::Default,
+            node_processes: None,
+        }
+    }
+
+    /// Every key goes under `{pp:<namespace>}`; parents and nodes of one namespace see
+    /// each other only.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Redis {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The HMAC key itself.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Redis {
+        self.key = KeySource::Bytes(key.into());
+        self
+    }
+
+    /// The HMAC key is the text of environment variable `var`.
+    pub fn key_env(mut self, var: impl Into<String>) -> Redis {
+        self.key = KeySource::Env(var.into());
+        self
+    }
+
+    /// The HMAC key is the content of file `path`.
+    pub fn key_file(mut self, path: impl Into<PathBuf>) -> Redis {
+        self.key = KeySource::File(path.into());
+        self
+    }
+
+    /// For a node: how many local worker processes run its tasks. Default: the
+    /// available cores (`PROCPOOL_NODE_PROCESSES` in node mode).
+    pub fn node_processes(mut self, n: usize) -> Redis {
+        self.node_processes = Some(n);
+        self
+    }
+
+    /// The key's bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] if there is none, or it is empty.
+    pub(crate) fn load_key(&self) -> Result<Vec<u8>> {
+        let invalid = |reason: String| Error::InvalidConfig { reason };
+        let from_env = |var: &str| std::env::var_os(var).map(|v| v.into_encoded_bytes());
+        let from_file = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| invalid(format!("cannot read the key file {}: {e}", path.display())))
+        };
+        let key = match &self.key {
+            KeySource::Bytes(b) => b.clone(),
+            KeySource::Env(var) => from_env(var)
+                .ok_or_else(|| invalid(format!("the key variable {var} is not set")))?,
+            KeySource::File(path) => from_file(path)?,
+            KeySource::Default => match (
+                from_env("PROCPOOL_KEY"),
+                std::env::var_os("PROCPOOL_KEY_FILE"),
+            ) {
+                (Some(k), _) => k,
+                (None, Some(path)) => from_file(path.as_ref())?,
+                (None, None) => {
+                    return Err(invalid(
+                        "a remote pool needs an HMAC key: set PROCPOOL_KEY or \
+                         PROCPOOL_KEY_FILE, or call Redis::key"
+                            .to_owned(),
+                    ));
+                }
+            },
+        };
+        if key.is_empty() {
+            return Err(invalid("the HMAC key is empty".to_owned()));
+        }
+        Ok(key)
+    }
+}
+
+/// The backend's error for a Redis failure.
+pub(crate) fn backend(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Backend {
+        reason: format!("{what}: {e}"),
+    }
+}
+
+/// How long a blocking read (`XREAD BLOCK`, `XREADGROUP BLOCK`) waits for entries.
+pub(crate) const BLOCK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A connection to `client`'s server. One that `blocking` reads waits up to [`BLOCK`]
+/// for each answer (plus a margin), and is used for nothing else (redis-rs #643); any
+/// other answer is waited for 5 s.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if the server cannot be reached.
+pub(crate) async fn connect(
+    client: &redis::Client,
+    blocking: bool,
+) -> Result<redis::aio::MultiplexedConnection> {
+    let margin = std::time::Duration::from_secs(5);
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(margin))
+        .set_response_timeout(Some(if blocking { BLOCK + margin } else { margin }));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| backend("cannot connect to Redis", e))
+}

@@ -1,0 +1,129 @@
+//! A `redis-server` per test on a unix socket, and nodes: this test binary in node mode.
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::TempDir;
+
+/// A running `redis-server`, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub url: String,
+    pub socket: String,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// A fresh server, or `None` (with a message) when `redis-server` is not installed,
+    /// unless `PROCPOOL_REQUIRE_REDIS` is set: then a missing server fails the test.
+    pub fn start() -> Option<RedisServer> {
+        let dir = TempDir::new("redis");
+        let socket = dir.path("redis.sock");
+        let spawned = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--unixsocket",
+                &socket,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if std::env::var_os("PROCPOOL_REQUIRE_REDIS").is_some() => {
+                panic!("PROCPOOL_REQUIRE_REDIS is set but redis-server cannot start: {e}")
+            }
+            Err(_) => {
+                eprintln!(
+                    "skipped: redis-server is not installed (Debian/Ubuntu: apt-get install \
+                     redis-server); set PROCPOOL_REQUIRE_REDIS=1 to make this a failure"
+                );
+                return None;
+            }
+        };
+        let mut server = RedisServer {
+            child,
+            url: format!("unix://{socket}"),
+            socket,
+            _dir: dir,
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
+            if let Ok(Some(st)) = server.child.try_wait() {
+                panic!("redis-server exited at start: {st}");
+            }
+            assert!(
+                Instant::now() < until,
+                "redis-server did not open its socket in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(server)
+    }
+
+    /// A connection for the test's own commands.
+    pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Node processes (this test binary with `PROCPOOL_NODE` set), killed on drop.
+pub struct Nodes(Vec<Child>);
+
+impl Nodes {
+    /// `n` nodes of `processes` workers each, in namespace `ns`, with key `key`.
+    pub fn start(server: &RedisServer, ns: &str, key: &str, n: usize, processes: usize) -> Nodes {
+        let exe = std::env::current_exe().unwrap();
+        Nodes(
+            (0..n)
+                .map(|_| {
+                    Command::new(&exe)
+                        .env("PROCPOOL_NODE", &server.url)
+                        .env("PROCPOOL_NAMESPACE", ns)
+                        .env("PROCPOOL_KEY", key)
+                        .env("PROCPOOL_NODE_PROCESSES", processes.to_string())
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect(),
+        )
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A namespace of its own for each test.
+pub fn namespace(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{tag}-{}-{n}", std::process::id())
+}
