@@ -272,12 +272,16 @@ pub use wire::DEFAULT_MAX_FRAME;
 ///   names such as `node-<id>:PoolWorker-2` in errors;
 /// - a `Queue`, `Lock`, `Event` or pipe end passed to `apply` is
 ///   [`Error::UnsupportedArgument`];
-/// - a cancelled task still queued in Redis is deleted there.
+/// - a caller that gives up (drops its future, or its `.timeout(d)` passes) cancels the
+///   task: deleted from the stream if still queued; on the node that took it, never
+///   started, or its worker stopped (its process group with it) if it runs. Cancels go
+///   by pub/sub, and into a sorted set a node checks before it starts a task;
+/// - the remote pool's connections run on procpool's own runtime, like the local pool.
 ///
-/// Not built yet (issue 15's later steps): a task already taken by a node is not killed
-/// when its caller gives up (its result is dropped), a node's death is not detected
-/// (no `NodeLost`, no `.retries`), a parent's death does not stop its queued tasks, and
-/// `Error::Backend` after a Redis restart is not bounded by a reconnect window.
+/// Not built yet (issue 15's later steps): a node's death is not detected (no
+/// `NodeLost`, no `.retries`), a parent's death does not stop its queued tasks, a node
+/// does not drain on SIGTERM, and `Error::Backend` after a Redis restart is not bounded
+/// by a reconnect window.
 #[cfg(feature = "redis")]
 pub mod remote {
     pub use crate::node::node;

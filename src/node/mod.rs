@@ -88,6 +88,7 @@ pub async fn node(config: Redis) -> Result<()> {
     // At most two tasks per worker are taken at once: one running, one ready.
     let slots = Arc::new(tokio::sync::Semaphore::new(processes * 2));
     let ctx = Arc::new(Ctx {
+        cancels: Mutex::default(),
         key,
         build,
         keys,
@@ -95,6 +96,30 @@ pub async fn node(config: Redis) -> Result<()> {
         node: format!("node-{id}"),
         pool,
     });
+    let mut pubsub = client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| backend("cannot listen for cancels", e))?;
+    pubsub
+        .subscribe(ctx.keys.cancel_channel())
+        .await
+        .map_err(|e| backend("cannot listen for cancels", e))?;
+    let listen = {
+        let ctx = Arc::clone(&ctx);
+        let mut msgs = pubsub.into_on_message();
+        async move {
+            use futures::StreamExt;
+            while let Some(msg) = msgs.next().await {
+                match msg.get_payload::<String>() {
+                    Ok(name) => ctx.on_cancel(name),
+                    Err(e) => {
+                        tracing::warn!(target: "procpool::remote", "a cancel that is not text: {e}")
+                    }
+                }
+            }
+        }
+    };
+    let listener = tokio::spawn(listen);
     let res = loop {
         let free = slots.available_permits().max(1);
         let first = match Arc::clone(&slots).acquire_owned().await {
@@ -139,11 +164,25 @@ pub async fn node(config: Redis) -> Result<()> {
         }
     };
     registration.abort();
+    listener.abort();
     res
 }
 
+/// The node's tasks by cancel name (see `frame::cancel_name`), and the cancels heard
+/// for tasks it has not started.
+#[derive(Default)]
+struct Cancels {
+    running: std::collections::HashMap<String, u64>,
+    early: HashSet<String>,
+}
+
+/// At most this many cancels of tasks not started are remembered (the cancelled set in
+/// Redis has every one).
+const EARLY_CANCELS: usize = 10_000;
+
 /// What every task of a node shares.
 struct Ctx {
+    cancels: Mutex<Cancels>,
     key: Arc<Vec<u8>>,
     build: &'static str,
     keys: Keys,
@@ -153,6 +192,23 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A cancel heard on the channel: the task's worker is stopped if it runs here.
+    fn on_cancel(&self, name: String) {
+        let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        match c.running.remove(&name) {
+            Some(id) => {
+                tracing::debug!(target: "procpool::remote", task = %name, "cancelled; its worker is stopped");
+                self.pool.cancel_encoded(id);
+            }
+            None => {
+                if c.early.len() >= EARLY_CANCELS {
+                    c.early.clear();
+                }
+                c.early.insert(name);
+            }
+        }
+    }
+
     /// Runs one stream entry and answers its parent; an entry that fails its MAC, does
     /// not decode or is for another build is never run: it goes to the dead letters.
     async fn serve(&self, mut con: MultiplexedConnection, entry: StreamId) {
@@ -190,7 +246,16 @@ impl Ctx {
                 return;
             }
         };
-        let (worker, end) = self.run(&task).await;
+        let Some((worker, end)) = self.run(&mut con, &task).await else {
+            // Cancelled: its caller is gone; the entry goes, unanswered.
+            let mut pipe = redis::pipe();
+            self.take_off(&mut pipe, &entry.id);
+            let res: redis::RedisResult<()> = pipe.query_async(&mut con).await;
+            if let Err(e) = res {
+                tracing::warn!(target: "procpool::remote", "cannot drop a cancelled task: {e}");
+            }
+            return;
+        };
         let result = ResultFrame {
             task: task.task,
             attempt: task.attempt,
@@ -236,20 +301,68 @@ impl Ctx {
 
     /// Runs a task in a local worker, within its deadline; which worker, and how it
     /// ended.
-    async fn run(&self, task: &TaskFrame) -> (String, End) {
+    /// `None`: it was cancelled (before it started, or its worker was stopped), and
+    /// nobody waits for its result.
+    async fn run(
+        &self,
+        con: &mut MultiplexedConnection,
+        task: &TaskFrame,
+    ) -> Option<(String, End)> {
         let Some(name) = intern(&task.target_name) else {
             let reason = "too many distinct target names".to_owned();
-            return (String::new(), End::Failed { reason });
+            return Some((String::new(), End::Failed { reason }));
         };
         let target = TargetRef {
             offset: task.target,
             name,
         };
+        let cancel = frame::cancel_name(&task.parent, task.task);
+        // A cancel published before this node listened, or lost: the set has it.
+        let listed: redis::RedisResult<Option<f64>> = redis::cmd("ZSCORE")
+            .arg(self.keys.cancelled())
+            .arg(&cancel)
+            .query_async(con)
+            .await;
+        match listed {
+            Ok(Some(_)) => return None,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}"),
+        }
         let args = Bytes::from(task.args.clone().into_vec());
-        let (id, rx) = match self.pool.submit_encoded(target, args) {
-            Ok(x) => x,
-            Err(e) => return (String::new(), End::from_error(&e)),
+        let (id, rx) = {
+            let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+            if c.early.remove(&cancel) {
+                return None;
+            }
+            match self.pool.submit_encoded(target, args) {
+                Ok((id, rx)) => {
+                    c.running.insert(cancel.clone(), id);
+                    (id, rx)
+                }
+                Err(e) => return Some((String::new(), End::from_error(&e))),
+            }
         };
+        let answer = self.wait(task, id, rx).await;
+        let cancelled = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .running
+            .remove(&cancel)
+            .is_none();
+        if cancelled {
+            return None;
+        }
+        Some(answer)
+    }
+
+    /// Waits for local task `id` within `task`'s deadline.
+    async fn wait(
+        &self,
+        task: &TaskFrame,
+        id: u64,
+        rx: tokio::sync::oneshot::Receiver<crate::pool::RemoteResult>,
+    ) -> (String, End) {
         let left = match task.deadline_ms {
             0 => None,
             at => Some(Duration::from_millis(at.saturating_sub(frame::now_ms()))),

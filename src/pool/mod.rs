@@ -159,6 +159,10 @@ fn kill_now(child: &crate::runtime::service::ChildHandle) {
     }
 }
 
+/// A task's answer as the dispatcher gives it, for a node.
+#[cfg(feature = "redis")]
+pub(crate) type RemoteResult = message::TaskResult;
+
 #[cfg(feature = "redis")]
 impl AsyncPool {
     /// For a node: runs an encoded task (see `node`), answered on the receiver.

@@ -33,19 +33,55 @@ pub(crate) struct Launched {
     pub(crate) processes: usize,
 }
 
-/// Connects, waits for a node of this build, and starts the dispatcher on procpool's
-/// pools' runtime.
+/// Connects, waits for a node of this build, and starts the dispatcher, all on
+/// procpool's pools' runtime: the connections' drivers run there, not on the caller's
+/// runtime, so the pool serves callers that block their thread or whose runtime is gone.
 ///
 /// # Errors
 ///
 /// [`Error::InvalidConfig`] without a key; [`Error::Backend`] if Redis cannot be
 /// reached; [`Error::NoCompatibleNodes`] if no node of this build registered within
 /// `wait_for_nodes`.
+///
+/// # Cancel safety
+///
+/// Cancel safe: dropped, the start stops where it is and nothing is left running.
 pub(crate) async fn launch(
     redis: Redis,
     opts: Options,
     admission: Arc<tokio::sync::Semaphore>,
 ) -> Result<Launched> {
+    let (mut tx, rx) = oneshot::channel();
+    crate::runtime::service::run_pool(async move {
+        let started = tokio::select! {
+            r = start(redis, opts, admission) => r,
+            () = tx.closed() => return, // the build was dropped
+        };
+        match started {
+            Ok((launched, dispatcher, reader)) => {
+                if tx.send(Ok(launched)).is_ok() {
+                    tokio::spawn(reader);
+                    dispatcher.run().await;
+                }
+            }
+            Err(e) => drop(tx.send(Err(e))),
+        }
+    })?;
+    rx.await.unwrap_or(Err(Error::PoolClosed))
+}
+
+/// The parts of a started remote pool: its handles, its dispatcher, its result reader.
+type Started = (
+    Launched,
+    RemoteDispatcher,
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+);
+
+async fn start(
+    redis: Redis,
+    opts: Options,
+    admission: Arc<tokio::sync::Semaphore>,
+) -> Result<Started> {
     let key = redis.load_key()?;
     let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
     let client =
@@ -77,19 +113,18 @@ pub(crate) async fn launch(
         closing: Vec::new(),
         admission,
     };
-    let read = read_results(
+    let read = Box::pin(read_results(
         reader,
         d.keys.results(&d.parent),
         Arc::clone(&d.key),
         results_tx,
-    );
-    crate::runtime::service::run_pool(read)?;
-    crate::runtime::service::run_pool(d.run())?;
-    Ok(Launched {
+    ));
+    let launched = Launched {
         commands,
         stats,
         processes,
-    })
+    };
+    Ok((launched, d, read))
 }
 
 /// The worker processes of the live nodes of `build`, once there is one; polled every
@@ -267,7 +302,17 @@ impl RemoteDispatcher {
         for cmd in batch {
             match cmd {
                 Command::Submit(job) => submits.push(job),
-                Command::Cancel { id } => self.cancel(id).await,
+                Command::Cancel { id } => {
+                    // Submitted in this same batch: it never leaves this process.
+                    if let Some(i) = submits.iter().position(|j: &Job| j.id == id) {
+                        let job = submits.remove(i);
+                        self.counts.submitted += 1;
+                        self.counts.cancelled += 1;
+                        self.give_back(job.admitted);
+                    } else {
+                        self.cancel(id).await;
+                    }
+                }
                 Command::Close { done } => self.closing.push(done),
                 Command::Terminate { done } => {
                     self.fail_all(Error::PoolClosed);
@@ -365,8 +410,9 @@ impl RemoteDispatcher {
         Ok((f, m))
     }
 
-    /// A cancelled task's entry is deleted if it is still queued; one a node took runs
-    /// to its end there and its result is dropped.
+    /// A cancelled task's entry is deleted if it is still queued; a node that took it
+    /// hears of the cancel on the channel (or finds it in the cancelled set before it
+    /// starts the task) and stops its worker.
     async fn cancel(&mut self, id: u64) {
         let Some(t) = self.inflight.remove(&id) else {
             return;
@@ -374,15 +420,32 @@ impl RemoteDispatcher {
         self.counts.cancelled += 1;
         self.counts.running -= 1;
         self.give_back(t.admitted);
+        let name = frame::cancel_name(&self.parent, id);
+        let now = frame::now_ms();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.keys.cancelled())
+            .arg(now)
+            .arg(&name)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(self.keys.cancelled())
+            .arg("-inf")
+            .arg(now.saturating_sub(frame::CANCEL_KEPT_MS))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(self.keys.cancel_channel())
+            .arg(&name)
+            .ignore();
         if let Some(entry) = t.entry {
-            let del: redis::RedisResult<i64> = redis::cmd("XDEL")
+            pipe.cmd("XDEL")
                 .arg(self.keys.tasks(self.build))
                 .arg(entry)
-                .query_async(&mut self.con)
-                .await;
-            if let Err(e) = del {
-                tracing::debug!(target: "procpool::remote", task = id, "cannot delete a cancelled task: {e}");
-            }
+                .ignore();
+        }
+        let sent: redis::RedisResult<()> = pipe.query_async(&mut self.con).await;
+        if let Err(e) = sent {
+            tracing::warn!(target: "procpool::remote", task = id, "cannot cancel a remote task: {e}");
         }
     }
 

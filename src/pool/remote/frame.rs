@@ -38,11 +38,31 @@ impl Keys {
         format!("{}:r:{parent}", self.prefix)
     }
 
+    /// The channel cancels are published on (`<parent>/<task>`), for speed.
+    pub(crate) fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.prefix)
+    }
+
+    /// The cancelled tasks (`<parent>/<task>`, scored by when), for safety: a node
+    /// looks here before it runs a task, so a cancel it did not hear still counts.
+    pub(crate) fn cancelled(&self) -> String {
+        format!("{}:cancelled", self.prefix)
+    }
+
     /// Frames that failed authentication or did not decode, kept for inspection.
     pub(crate) fn dead_letters(&self) -> String {
         format!("{}:dead", self.prefix)
     }
 }
+
+/// How a task is named in cancels.
+pub(crate) fn cancel_name(parent: &str, task: u64) -> String {
+    format!("{parent}/{task}")
+}
+
+/// How long a cancel is kept in [`Keys::cancelled`] (ms): longer than any task waits
+/// in a stream in practice.
+pub(crate) const CANCEL_KEPT_MS: u64 = 3_600_000;
 
 /// The consumer group of a task stream.
 pub(crate) const GROUP: &str = "nodes";

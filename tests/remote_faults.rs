@@ -1,0 +1,160 @@
+//! The remote fault table, first rows (DESIGN.md §10): a timeout or a dropped handle
+//! stops the task's worker on its node (its process group with it), a cancelled task not
+//! started never runs, a crash on a node is `WorkerDied` once. Needs `redis-server`
+//! (skips without it, unless `PROCPOOL_REQUIRE_REDIS` is set).
+#![cfg(feature = "redis")]
+
+mod support;
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::time::{Duration, Instant};
+
+use procpool::remote::Redis;
+use procpool::{AsyncPool, Error, ExitReason};
+use redis_support::{Nodes, RedisServer, namespace};
+use support::{TempDir, eventually, is_dead, read_file_within, write_file};
+
+const KEY: &str = "another-test-key";
+
+fn doubler(x: i64) -> i64 {
+    x * 2
+}
+
+/// Writes its pid and that of a `sleep` it started (same process group), then sleeps.
+fn sleeper(dir: String) -> u8 {
+    let mut sleep = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    write_file(
+        &format!("{dir}/pids"),
+        &format!("{} {}", std::process::id(), sleep.id()),
+    );
+    // Killed with its worker's process group long before it ends.
+    sleep.wait().map_or(1, |_| 0)
+}
+
+fn touch(path: String) -> bool {
+    std::fs::write(path, b"ran").is_ok()
+}
+
+/// Counts its run in a file, then aborts (SIGABRT).
+fn crash(path: String) -> u8 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(b"ran\n").unwrap();
+    drop(f);
+    std::process::abort()
+}
+
+async fn remote_pool(server: &RedisServer, ns: &str) -> AsyncPool {
+    AsyncPool::builder()
+        .backend(Redis::new(&server.url).namespace(ns).key(KEY))
+        .wait_for_nodes(Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn pids(dir: &TempDir) -> Vec<u32> {
+    read_file_within(&dir.path("pids"), Duration::from_secs(30))
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_timeout_stops_the_task_and_its_process_group_on_the_node() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("timeout");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 2);
+    let pool = remote_pool(&server, &ns).await;
+    let dir = TempDir::new("remote-timeout");
+    let t0 = Instant::now();
+    let res = pool
+        .apply(sleeper, (dir.root().to_string_lossy().into_owned(),))
+        .timeout(Duration::from_millis(200))
+        .await;
+    let took = t0.elapsed();
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    if std::path::Path::new(&dir.path("pids")).exists() {
+        // It ran: its worker and the worker's own subprocess are stopped.
+        for pid in pids(&dir) {
+            assert!(
+                eventually(Duration::from_secs(5), || is_dead(pid)),
+                "{pid} lives"
+            );
+        }
+    } else {
+        // Cancelled before it started: it never starts.
+        assert!(!eventually(Duration::from_secs(2), || {
+            std::path::Path::new(&dir.path("pids")).exists()
+        }));
+    }
+    // The node keeps serving.
+    assert_eq!(pool.apply(doubler, (4,)).await.unwrap(), 8);
+}
+
+#[tokio::test]
+async fn dropping_a_running_remote_task_kills_it_and_a_dropped_queued_one_never_runs() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("drop");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns).await;
+    let dir = TempDir::new("remote-drop");
+    let marker = dir.path("queued-ran");
+    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
+    let [worker, sleep] = pids(&dir)[..] else {
+        panic!("two pids")
+    };
+    // Behind the sleeper on the node's only worker.
+    let queued = pool.apply_async(touch, (marker.clone(),));
+    // Written to Redis (so the node may have taken it) before it is dropped.
+    assert!(eventually(Duration::from_secs(10), || pool.stats().running == 2));
+    drop(queued);
+    let t0 = Instant::now();
+    drop(running);
+    assert!(eventually(Duration::from_secs(5), || is_dead(worker) && is_dead(sleep)));
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(2), "stopped after {took:?}");
+    // The node's pool is FIFO: a task submitted now ends after the dropped one would.
+    assert_eq!(pool.apply(doubler, (5,)).await.unwrap(), 10);
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "a dropped task ran"
+    );
+    let s = pool.stats();
+    assert_eq!(s.cancelled, 2, "{s:?}");
+}
+
+#[tokio::test]
+async fn a_crash_on_a_node_is_worker_died_with_its_signal_and_runs_once() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("crash");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns).await;
+    let dir = TempDir::new("remote-crash");
+    let count = dir.path("count");
+    match pool.apply(crash, (count.clone(),)).await {
+        Err(Error::WorkerDied { reason, name, .. }) => {
+            assert_eq!(reason, ExitReason::Signal(6));
+            assert!(name.starts_with("node-"), "{name}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(pool.apply(doubler, (1,)).await.unwrap(), 2);
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), "ran\n");
+}
