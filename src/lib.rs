@@ -278,10 +278,19 @@ pub use wire::DEFAULT_MAX_FRAME;
 ///   by pub/sub, and into a sorted set a node checks before it starts a task;
 /// - the remote pool's connections run on procpool's own runtime, like the local pool.
 ///
-/// Not built yet (issue 15's later steps): a node's death is not detected (no
-/// `NodeLost`, no `.retries`), a parent's death does not stop its queued tasks, a node
-/// does not drain on SIGTERM, and `Error::Backend` after a Redis restart is not bounded
-/// by a reconnect window.
+/// - nodes heartbeat the entries they hold every second (`XCLAIM ... JUSTID`, which
+///   does not count as a delivery); an entry silent for 3 s is claimed back by the
+///   reaper (one a second per build, elected among nodes and parents) and queued again
+///   while [`retries`](crate::Builder::retries) are left (default 0), else its caller
+///   gets [`Error::NodeLost`], within about 4 s of the node's death;
+/// - a node answers and acks through one script that first checks it still owns the
+///   entry, so a node presumed lost and then resumed writes nothing, and its ack cannot
+///   remove the new owner's entry.
+///
+/// Not built yet (issue 15's later steps): a parent's death does not stop its queued
+/// or running tasks, a node does not drain on SIGTERM nor exit when its Redis stays
+/// unreachable, `Error::Backend` after a Redis restart is not bounded by a reconnect
+/// window, and a remote task's `tracing` events stay on its node.
 #[cfg(feature = "redis")]
 pub mod remote {
     pub use crate::node::node;

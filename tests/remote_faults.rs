@@ -53,9 +53,32 @@ fn crash(path: String) -> u8 {
     std::process::abort()
 }
 
+/// Notes its run (its node's pid) in `path`; the first run then hangs, a second returns
+/// how many runs there were.
+fn first_run_hangs(path: String) -> usize {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    writeln!(f, "{}", std::os::unix::process::parent_id()).unwrap();
+    drop(f);
+    let runs = std::fs::read_to_string(&path).unwrap().lines().count();
+    if runs == 1 {
+        std::thread::sleep(Duration::from_secs(600));
+    }
+    runs
+}
+
 async fn remote_pool(server: &RedisServer, ns: &str) -> AsyncPool {
+    remote_pool_with(server, ns, 0).await
+}
+
+async fn remote_pool_with(server: &RedisServer, ns: &str, retries: u32) -> AsyncPool {
     AsyncPool::builder()
         .backend(Redis::new(&server.url).namespace(ns).key(KEY))
+        .retries(retries)
         .wait_for_nodes(Duration::from_secs(20))
         .build()
         .await
@@ -157,4 +180,53 @@ async fn a_crash_on_a_node_is_worker_died_with_its_signal_and_runs_once() {
     }
     assert_eq!(pool.apply(doubler, (1,)).await.unwrap(), 2);
     assert_eq!(std::fs::read_to_string(&count).unwrap(), "ran\n");
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_task_is_node_lost_within_seconds() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("lost");
+    let mut nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns).await;
+    let dir = TempDir::new("remote-lost");
+    let handle = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
+    let worker = pids(&dir)[0];
+    let t0 = Instant::now();
+    nodes.kill(nodes.pids()[0]);
+    match handle.await {
+        Err(Error::NodeLost { node }) => assert!(!node.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    let took = t0.elapsed();
+    // 3 s of silence, then the next reaper round (1 s); generous on a loaded machine.
+    assert!(took < Duration::from_secs(10), "NodeLost after {took:?}");
+    assert!(eventually(Duration::from_secs(5), || is_dead(worker)));
+}
+
+#[tokio::test]
+async fn with_a_retry_a_lost_task_completes_on_another_node_and_runs_at_most_twice() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("retry");
+    let mut nodes = Nodes::start(&server, &ns, KEY, 2, 1);
+    let pool = remote_pool_with(&server, &ns, 1).await;
+    let dir = TempDir::new("remote-retry");
+    let runs = dir.path("runs");
+    let handle = pool.apply_async(first_run_hangs, (runs.clone(),));
+    let first_node: u32 = read_file_within(&runs, Duration::from_secs(30))
+        .trim()
+        .parse()
+        .unwrap();
+    nodes.kill(first_node);
+    assert_eq!(handle.await.unwrap(), 2);
+    let lines: Vec<String> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_ne!(lines[0], lines[1], "the retry ran on the other node");
 }

@@ -85,10 +85,19 @@ pub async fn node(config: Redis) -> Result<()> {
         }
     };
     let registration = tokio::spawn(register);
+    let reaper = crate::pool::remote::reaper::Reaper {
+        keys: keys.clone(),
+        build,
+        key: Arc::clone(&key),
+        me: format!("reaper-{id}"),
+    };
+    let reaping = tokio::spawn(reaper.run(con.clone()));
     // At most two tasks per worker are taken at once: one running, one ready.
     let slots = Arc::new(tokio::sync::Semaphore::new(processes * 2));
     let ctx = Arc::new(Ctx {
         cancels: Mutex::default(),
+        entries: Mutex::default(),
+        consumer: id.clone(),
         key,
         build,
         keys,
@@ -120,6 +129,7 @@ pub async fn node(config: Redis) -> Result<()> {
         }
     };
     let listener = tokio::spawn(listen);
+    let heartbeat = tokio::spawn(Arc::clone(&ctx).heartbeat(con.clone()));
     let res = loop {
         let free = slots.available_permits().max(1);
         let first = match Arc::clone(&slots).acquire_owned().await {
@@ -157,6 +167,10 @@ pub async fn node(config: Redis) -> Result<()> {
                 },
             };
             let (ctx, con) = (Arc::clone(&ctx), con.clone());
+            ctx.entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(entry.id.clone());
             tokio::spawn(async move {
                 ctx.serve(con, entry).await;
                 drop(p);
@@ -165,6 +179,8 @@ pub async fn node(config: Redis) -> Result<()> {
     };
     registration.abort();
     listener.abort();
+    heartbeat.abort();
+    reaping.abort();
     res
 }
 
@@ -183,6 +199,10 @@ const EARLY_CANCELS: usize = 10_000;
 /// What every task of a node shares.
 struct Ctx {
     cancels: Mutex<Cancels>,
+    /// The stream entries this node holds (read, not answered): heartbeat.
+    entries: Mutex<HashSet<String>>,
+    /// This node's consumer name in the group.
+    consumer: String,
     key: Arc<Vec<u8>>,
     build: &'static str,
     keys: Keys,
@@ -191,7 +211,49 @@ struct Ctx {
     pool: AsyncPool,
 }
 
+/// Answers a task and takes its entry off, only if this node still owns the entry:
+/// a node presumed lost (paused, cut off) whose entry was reclaimed writes nothing, and
+/// its ack cannot remove the new owner's entry (a plain `XACK` from a former owner would).
+const ANSWER: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'f', ARGV[4], 'm', ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+";
+
 impl Ctx {
+    /// Renews the idle time of every entry this node holds, once a heartbeat, so the
+    /// reaper leaves them alone (`XCLAIM ... JUSTID` does not count as a delivery).
+    async fn heartbeat(self: Arc<Self>, mut con: MultiplexedConnection) {
+        loop {
+            tokio::time::sleep(crate::pool::remote::reaper::HEARTBEAT).await;
+            let ids: Vec<String> = self
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let renewed: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                .arg(&self.stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(&ids)
+                .arg("JUSTID")
+                .query_async(&mut con)
+                .await;
+            if let Err(e) = renewed {
+                tracing::warn!(target: "procpool::remote", "cannot heartbeat the node's tasks: {e}");
+            }
+        }
+    }
+
     /// A cancel heard on the channel: the task's worker is stopped if it runs here.
     fn on_cancel(&self, name: String) {
         let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,24 +332,36 @@ impl Ctx {
             }
         };
         let m = frame::sign(&self.key, &f);
-        let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(self.keys.results(&task.parent))
-            .arg("*")
-            .arg("f")
+        let res: redis::RedisResult<i64> = redis::Script::new(ANSWER)
+            .key(&self.stream)
+            .key(self.keys.results(&task.parent))
+            .arg(GROUP)
+            .arg(&entry.id)
+            .arg(&self.consumer)
             .arg(f)
-            .arg("m")
             .arg(m)
-            .ignore();
-        self.take_off(&mut pipe, &entry.id);
-        let res: redis::RedisResult<()> = pipe.query_async(&mut con).await;
-        if let Err(e) = res {
-            tracing::warn!(target: "procpool::remote", task = task.task, "cannot answer a task: {e}");
+            .invoke_async(&mut con)
+            .await;
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&entry.id);
+        match res {
+            Ok(1) => {}
+            Ok(_) => tracing::info!(target: "procpool::remote", task = task.task,
+                "the task was reclaimed from this node meanwhile; its result is dropped"),
+            Err(e) => {
+                tracing::warn!(target: "procpool::remote", task = task.task, "cannot answer a task: {e}")
+            }
         }
     }
 
     /// Appends what takes stream entry `entry` off for good: its ack and its deletion.
     fn take_off(&self, pipe: &mut redis::Pipeline, entry: &str) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(entry);
         pipe.cmd("XACK")
             .arg(&self.stream)
             .arg(GROUP)

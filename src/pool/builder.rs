@@ -31,6 +31,8 @@ pub struct Builder {
     remote: Option<super::remote::Redis>,
     #[cfg(feature = "redis")]
     wait_for_nodes: Duration,
+    #[cfg(feature = "redis")]
+    retries: u32,
 }
 
 /// How long a worker may take to start (and run its initializer) by default.
@@ -49,6 +51,16 @@ impl Builder {
     /// with each task and its node enforces it.
     pub fn backend(mut self, redis: super::remote::Redis) -> Self {
         self.remote = Some(redis);
+        self
+    }
+
+    /// With a remote backend: how many times a task whose node was lost (it stopped
+    /// heartbeating, about 3 s) is queued again for another node. Default 0:
+    /// at-most-once, the task fails with [`Error::NodeLost`]. With `n > 0` a task may
+    /// run up to `n + 1` times (a lost node may have run part of it); the first result
+    /// wins, a late one from a node presumed lost is dropped.
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
         self
     }
 
@@ -77,6 +89,8 @@ impl Builder {
             remote: None,
             #[cfg(feature = "redis")]
             wait_for_nodes: Duration::from_secs(10),
+            #[cfg(feature = "redis")]
+            retries: 0,
         }
     }
 
@@ -244,6 +258,7 @@ impl Builder {
             let opts = super::remote::client::Options {
                 wait_for_nodes: self.wait_for_nodes,
                 task_timeout: self.task_timeout,
+                retries: self.retries,
             };
             let launched =
                 super::remote::client::launch(redis, opts, Arc::clone(&admission)).await?;

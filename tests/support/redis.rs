@@ -107,6 +107,17 @@ impl Nodes {
         )
     }
 
+    /// SIGKILLs the node `pid` (and reaps it).
+    pub fn kill(&mut self, pid: u32) {
+        let c = self
+            .0
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .expect("one of these nodes");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.0.iter().map(Child::id).collect()
     }

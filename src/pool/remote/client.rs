@@ -23,6 +23,7 @@ use crate::pool::message::{Command, Finished, Job, Reply};
 pub(crate) struct Options {
     pub(crate) wait_for_nodes: Duration,
     pub(crate) task_timeout: Option<Duration>,
+    pub(crate) retries: u32,
 }
 
 /// A running remote pool's handles: where commands go, its stats, and how many
@@ -61,7 +62,16 @@ pub(crate) async fn launch(
             Ok((launched, dispatcher, reader)) => {
                 if tx.send(Ok(launched)).is_ok() {
                     tokio::spawn(reader);
+                    // Tasks of nodes that all died are answered too: parents reap.
+                    let reaper = super::reaper::Reaper {
+                        keys: dispatcher.keys.clone(),
+                        build: dispatcher.build,
+                        key: Arc::clone(&dispatcher.key),
+                        me: format!("reaper-{}", dispatcher.parent),
+                    };
+                    let reaping = tokio::spawn(reaper.run(dispatcher.con.clone()));
                     dispatcher.run().await;
+                    reaping.abort();
                 }
             }
             Err(e) => drop(tx.send(Err(e))),
@@ -401,6 +411,7 @@ impl RemoteDispatcher {
             parent: self.parent.clone(),
             build: self.build.to_owned(),
             attempt: 0,
+            retries: self.opts.retries,
             deadline_ms,
             target: job.target.offset,
             target_name: job.target.name.to_owned(),
@@ -484,6 +495,7 @@ impl RemoteDispatcher {
                     End::Failed { reason } => Error::Backend {
                         reason: format!("{worker}: {reason}"),
                     },
+                    End::Lost { node } => Error::NodeLost { node },
                     End::Ran(_) => unreachable!("handled above"),
                 })
             }

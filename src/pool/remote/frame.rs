@@ -49,6 +49,11 @@ impl Keys {
         format!("{}:cancelled", self.prefix)
     }
 
+    /// Who reaps the build's lost entries this second (`SET NX PX`).
+    pub(crate) fn reaper(&self, build: &str) -> String {
+        format!("{}:b:{build}:reaper", self.prefix)
+    }
+
     /// Frames that failed authentication or did not decode, kept for inspection.
     pub(crate) fn dead_letters(&self) -> String {
         format!("{}:dead", self.prefix)
@@ -77,6 +82,8 @@ pub(crate) struct TaskFrame {
     /// The build it is for.
     pub(crate) build: String,
     pub(crate) attempt: u32,
+    /// How many times it may run again after its node was lost (`Builder::retries`).
+    pub(crate) retries: u32,
     /// When it must be done, in ms since the epoch; 0: no deadline.
     pub(crate) deadline_ms: u64,
     pub(crate) target: u64,
@@ -109,6 +116,8 @@ pub(crate) enum End {
     },
     /// The node could not run it (what it said).
     Failed { reason: String },
+    /// Its node stopped heartbeating while it had the task, with no retry left.
+    Lost { node: String },
 }
 
 impl End {
@@ -198,6 +207,7 @@ mod tests {
             parent: "p".into(),
             build: "id-1".into(),
             attempt: 0,
+            retries: 0,
             deadline_ms: 0,
             target: 1,
             target_name: "t".into(),

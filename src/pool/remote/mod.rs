@@ -6,6 +6,7 @@
 pub(crate) mod client;
 pub(crate) mod fingerprint;
 pub(crate) mod frame;
+pub(crate) mod reaper;
 
 use std::path::PathBuf;
 
