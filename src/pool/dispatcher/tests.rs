@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::fake::{Note, Pool, Script, World, config, lock, ms, settle, value};
+use super::schedule::SKIP_GRACE;
 use crate::error::{Error, ExitReason};
 use crate::wire::Outcome;
 
@@ -185,7 +186,7 @@ async fn a_worker_that_runs_a_cancelled_task_is_stopped_after_the_skip_grace() {
     }
     let stopped = t0.elapsed();
     assert!(
-        (150 * MS..=152 * MS).contains(&stopped),
+        (100 * MS + SKIP_GRACE..=102 * MS + SKIP_GRACE).contains(&stopped),
         "stopped at {stopped:?}"
     );
     assert_eq!(p.world().count(|n| *n == Note::Ran(0, ahead)), 1);
