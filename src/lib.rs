@@ -287,9 +287,12 @@ pub use wire::DEFAULT_MAX_FRAME;
 ///   entry, so a node presumed lost and then resumed writes nothing, and its ack cannot
 ///   remove the new owner's entry.
 ///
-/// Not built yet (issue 15's later steps): a parent's death does not stop its queued
-/// or running tasks, a node does not drain on SIGTERM nor exit when its Redis stays
-/// unreachable, `Error::Backend` after a Redis restart is not bounded by a reconnect
+/// - a parent renews a key of its own every second (3 s of life): a node drops the
+///   unstarted tasks of a parent whose key is gone, and stops its running ones (checked
+///   every second), so a parent killed even by SIGKILL leaves no work behind.
+///
+/// Not built yet (issue 15's later steps): a node does not drain on SIGTERM nor exit
+/// when its Redis stays unreachable, `Error::Backend` after a Redis restart is not bounded by a reconnect
 /// window, and a remote task's `tracing` events stay on its node.
 #[cfg(feature = "redis")]
 pub mod remote {

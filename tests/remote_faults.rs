@@ -230,3 +230,62 @@ async fn with_a_retry_a_lost_task_completes_on_another_node_and_runs_at_most_twi
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_ne!(lines[0], lines[1], "the retry ran on the other node");
 }
+
+/// Run twice: by the test harness (it kills the parent it starts), and as that parent
+/// (this test binary again, with `PROCPOOL_TEST_PARENT_OF` set).
+#[tokio::test]
+async fn a_dead_parents_running_task_is_stopped_and_its_queued_one_dropped() {
+    const ME: &str = "a_dead_parents_running_task_is_stopped_and_its_queued_one_dropped";
+    if let Some(url) = std::env::var_os("PROCPOOL_TEST_PARENT_OF") {
+        let ns = std::env::var("PROCPOOL_TEST_NS").unwrap();
+        let dir = std::env::var("PROCPOOL_TEST_DIR").unwrap();
+        let pool = AsyncPool::builder()
+            .backend(Redis::new(url.to_string_lossy()).namespace(ns).key(KEY))
+            .wait_for_nodes(Duration::from_secs(20))
+            .build()
+            .await
+            .unwrap();
+        let running = pool.apply_async(sleeper, (dir.clone(),));
+        let queued = pool.apply_async(touch, (format!("{dir}/queued-ran"),));
+        assert!(eventually(Duration::from_secs(10), || pool.stats().running == 2));
+        write_file(&format!("{dir}/submitted"), "");
+        // Killed here, holding both.
+        let _held = (running, queued);
+        std::future::pending::<()>().await;
+    }
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("orphans");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let dir = TempDir::new("remote-orphans");
+    let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", ME, "--nocapture"])
+        .env("PROCPOOL_TEST_PARENT_OF", &server.url)
+        .env("PROCPOOL_TEST_NS", &ns)
+        .env("PROCPOOL_TEST_DIR", dir.root())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let [worker, sleep] = pids(&dir)[..] else {
+        panic!("two pids")
+    };
+    read_file_within(&dir.path("submitted"), Duration::from_secs(30));
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let t0 = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || is_dead(worker)
+            && is_dead(sleep)),
+        "the dead parent's task still runs"
+    );
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(8), "stopped after {took:?}");
+    // The node's pool is FIFO: a task of a live parent ends after the orphan would have.
+    let pool = remote_pool(&server, &ns).await;
+    assert_eq!(pool.apply(doubler, (3,)).await.unwrap(), 6);
+    assert!(
+        !std::path::Path::new(&dir.path("queued-ran")).exists(),
+        "an orphan ran"
+    );
+}

@@ -130,6 +130,7 @@ pub async fn node(config: Redis) -> Result<()> {
     };
     let listener = tokio::spawn(listen);
     let heartbeat = tokio::spawn(Arc::clone(&ctx).heartbeat(con.clone()));
+    let parents = tokio::spawn(Arc::clone(&ctx).watch_parents(con.clone()));
     let res = loop {
         let free = slots.available_permits().max(1);
         let first = match Arc::clone(&slots).acquire_owned().await {
@@ -180,6 +181,7 @@ pub async fn node(config: Redis) -> Result<()> {
     registration.abort();
     listener.abort();
     heartbeat.abort();
+    parents.abort();
     reaping.abort();
     res
 }
@@ -224,6 +226,51 @@ return 1
 ";
 
 impl Ctx {
+    /// Stops the running tasks of parents that are gone (their key expired: dead, even
+    /// by SIGKILL, or cut off), once a heartbeat.
+    async fn watch_parents(self: Arc<Self>, mut con: MultiplexedConnection) {
+        loop {
+            tokio::time::sleep(crate::pool::remote::reaper::HEARTBEAT).await;
+            let parents: Vec<String> = {
+                let c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                let set: HashSet<&str> = c
+                    .running
+                    .keys()
+                    .filter_map(|name| Some(name.rsplit_once('/')?.0))
+                    .collect();
+                set.into_iter().map(str::to_owned).collect()
+            };
+            for parent in parents {
+                let alive: redis::RedisResult<bool> = redis::cmd("EXISTS")
+                    .arg(self.keys.parent(&parent))
+                    .query_async(&mut con)
+                    .await;
+                match alive {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let prefix = format!("{parent}/");
+                        let names: Vec<String> = {
+                            let c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                            c.running
+                                .keys()
+                                .filter(|n| n.starts_with(&prefix))
+                                .cloned()
+                                .collect()
+                        };
+                        tracing::info!(target: "procpool::remote", parent = %parent,
+                            tasks = names.len(), "a parent is gone; its tasks are stopped");
+                        for name in names {
+                            self.on_cancel(name);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "procpool::remote", "cannot check a parent: {e}")
+                    }
+                }
+            }
+        }
+    }
+
     /// Renews the idle time of every entry this node holds, once a heartbeat, so the
     /// reaper leaves them alone (`XCLAIM ... JUSTID` does not count as a delivery).
     async fn heartbeat(self: Arc<Self>, mut con: MultiplexedConnection) {
@@ -391,15 +438,24 @@ impl Ctx {
             name,
         };
         let cancel = frame::cancel_name(&task.parent, task.task);
-        // A cancel published before this node listened, or lost: the set has it.
-        let listed: redis::RedisResult<Option<f64>> = redis::cmd("ZSCORE")
+        // A cancel published before this node listened, or lost: the set has it. A
+        // parent that is gone wants nothing.
+        let listed: redis::RedisResult<(Option<f64>, bool)> = redis::pipe()
+            .cmd("ZSCORE")
             .arg(self.keys.cancelled())
             .arg(&cancel)
+            .cmd("EXISTS")
+            .arg(self.keys.parent(&task.parent))
             .query_async(con)
             .await;
         match listed {
-            Ok(Some(_)) => return None,
-            Ok(None) => {}
+            Ok((Some(_), _)) => return None,
+            Ok((None, false)) => {
+                tracing::info!(target: "procpool::remote", task = %cancel,
+                    "the task's parent is gone; dropped unstarted");
+                return None;
+            }
+            Ok((None, true)) => {}
             Err(e) => tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}"),
         }
         let args = Bytes::from(task.args.clone().into_vec());

@@ -70,14 +70,43 @@ pub(crate) async fn launch(
                         me: format!("reaper-{}", dispatcher.parent),
                     };
                     let reaping = tokio::spawn(reaper.run(dispatcher.con.clone()));
+                    let alive_key = dispatcher.keys.parent(&dispatcher.parent);
+                    let mut con = dispatcher.con.clone();
+                    let alive = tokio::spawn(keep_alive(con.clone(), alive_key.clone()));
                     dispatcher.run().await;
                     reaping.abort();
+                    alive.abort();
+                    let gone: redis::RedisResult<i64> = redis::cmd("DEL")
+                        .arg(&alive_key)
+                        .query_async(&mut con)
+                        .await;
+                    if let Err(e) = gone {
+                        tracing::debug!(target: "procpool::remote", "cannot remove the parent's key: {e}");
+                    }
                 }
             }
             Err(e) => drop(tx.send(Err(e))),
         }
     })?;
     rx.await.unwrap_or(Err(Error::PoolClosed))
+}
+
+/// Says this parent is alive (its key, for 3 s) every second until dropped; a parent
+/// that dies, even by SIGKILL, is seen gone by its nodes within 3 s.
+async fn keep_alive(mut con: MultiplexedConnection, key: String) {
+    loop {
+        tokio::time::sleep(super::reaper::HEARTBEAT).await;
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(super::reaper::LOST_AFTER.as_millis()).unwrap_or(3000))
+            .query_async(&mut con)
+            .await;
+        if let Err(e) = set {
+            tracing::warn!(target: "procpool::remote", "cannot renew the parent's key: {e}");
+        }
+    }
 }
 
 /// The parts of a started remote pool: its handles, its dispatcher, its result reader.
@@ -101,6 +130,15 @@ async fn start(
     let keys = Keys::new(&redis.namespace);
     let processes = wait_for_nodes(&mut con, &keys, build, opts.wait_for_nodes).await?;
     let parent = frame::random_id();
+    // Alive before its first task is written (see `keep_alive`).
+    let _: () = redis::cmd("SET")
+        .arg(keys.parent(&parent))
+        .arg(1)
+        .arg("PX")
+        .arg(u64::try_from(super::reaper::LOST_AFTER.as_millis()).unwrap_or(3000))
+        .query_async(&mut con)
+        .await
+        .map_err(|e| backend("cannot register the parent", e))?;
     let (commands, cmds) = mpsc::unbounded_channel();
     let (results_tx, results) = mpsc::unbounded_channel();
     let stats = Arc::new(Mutex::new(PoolStats {

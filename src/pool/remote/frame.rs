@@ -38,6 +38,12 @@ impl Keys {
         format!("{}:r:{parent}", self.prefix)
     }
 
+    /// Parent `parent` is alive while this key is (`SET ... PX`, renewed every second):
+    /// nodes stop its tasks once it expires.
+    pub(crate) fn parent(&self, parent: &str) -> String {
+        format!("{}:p:{parent}", self.prefix)
+    }
+
     /// The channel cancels are published on (`<parent>/<task>`), for speed.
     pub(crate) fn cancel_channel(&self) -> String {
         format!("{}:cancel", self.prefix)
