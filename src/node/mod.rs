@@ -54,7 +54,10 @@ pub async fn node(config: Redis) -> Result<()> {
         .node_processes
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let pool = AsyncPool::new(processes).await?;
-    let id = frame::random_id();
+    // Host and pid first, so that logs and NodeLost name a node one can find.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "node".to_owned(), |h| h.trim().to_owned());
+    let id = format!("{host}-{}-{}", std::process::id(), &frame::random_id()[..6]);
     tracing::info!(target: "procpool::lifecycle", node = %id, build, processes,
         "node serving namespace {}", config.namespace);
     let member = format!("{id}/{processes}");
