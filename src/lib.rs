@@ -291,9 +291,15 @@ pub use wire::DEFAULT_MAX_FRAME;
 ///   unstarted tasks of a parent whose key is gone, and stops its running ones (checked
 ///   every second), so a parent killed even by SIGKILL leaves no work behind.
 ///
-/// Not built yet (issue 15's later steps): a node does not drain on SIGTERM nor exit
-/// when its Redis stays unreachable, `Error::Backend` after a Redis restart is not bounded by a reconnect
-/// window, and a remote task's `tracing` events stay on its node.
+/// - a node drains on SIGTERM: it unregisters, takes no new task, and waits for the
+///   ones it holds up to its grace (30 s, `PROCPOOL_NODE_GRACE`; the rest go to the
+///   reaper); it reconnects while its Redis is unreachable, and stops once that lasts
+///   past the reaper's threshold (its work is reclaimed elsewhere then).
+///
+/// Not built yet (issue 15's later steps): the parent's side of a Redis restart (its
+/// reader fails every task in flight with `Error::Backend` at the first error, with no
+/// reconnect window), a remote task's `tracing` events stay on its node, and `imap`
+/// over an endless iterator is bounded by the pool's window, not checked in Redis.
 #[cfg(feature = "redis")]
 pub mod remote {
     pub use crate::node::node;

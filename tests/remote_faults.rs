@@ -289,3 +289,34 @@ async fn a_dead_parents_running_task_is_stopped_and_its_queued_one_dropped() {
         "an orphan ran"
     );
 }
+
+/// Says it started, waits for `gate`, returns 1.
+fn gated(started: String, gate: String) -> u8 {
+    write_file(&started, "");
+    support::wait_for_file(&gate);
+    1
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_node_and_loses_nothing() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("drain");
+    let mut nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns).await;
+    let dir = TempDir::new("remote-drain");
+    let (started, gate) = (dir.path("started"), dir.path("gate"));
+    let held = pool.apply_async(gated, (started.clone(), gate.clone()));
+    read_file_within(&started, Duration::from_secs(30));
+    let node = nodes.pids()[0];
+    nodes.terminate(node);
+    // Taken by the draining node, or left in the stream for the next one.
+    let after = pool.apply_async(doubler, (2,));
+    write_file(&gate, "go");
+    assert_eq!(held.await.unwrap(), 1, "the task it held finished");
+    let st = nodes.wait(node, Duration::from_secs(20));
+    assert!(st.success(), "the drained node exited with {st}");
+    let _next = Nodes::start(&server, &ns, KEY, 1, 1);
+    assert_eq!(after.await.unwrap(), 4, "nothing was lost");
+}

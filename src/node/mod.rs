@@ -62,7 +62,7 @@ pub async fn node(config: Redis) -> Result<()> {
         "node serving namespace {}", config.namespace);
     let member = format!("{id}/{processes}");
     let register = {
-        let (mut con, nodes) = (con.clone(), keys.nodes(build));
+        let (mut con, nodes, member) = (con.clone(), keys.nodes(build), member.clone());
         async move {
             loop {
                 let now = frame::now_ms();
@@ -134,14 +134,24 @@ pub async fn node(config: Redis) -> Result<()> {
     let listener = tokio::spawn(listen);
     let heartbeat = tokio::spawn(Arc::clone(&ctx).heartbeat(con.clone()));
     let parents = tokio::spawn(Arc::clone(&ctx).watch_parents(con.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::spawn("cannot watch for SIGTERM", Some(e)))?;
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut draining = false;
     let res = loop {
+        if draining {
+            break Ok(());
+        }
         let free = slots.available_permits().max(1);
-        let first = match Arc::clone(&slots).acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
+        let first = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+            _ = term.recv() => break Ok(()),
         };
-        let read = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(GROUP)
             .arg(&id)
             .arg("COUNT")
@@ -150,16 +160,42 @@ pub async fn node(config: Redis) -> Result<()> {
             .arg(remote::BLOCK.as_millis().to_string())
             .arg("STREAMS")
             .arg(&ctx.stream)
-            .arg(">")
-            .query_async::<Option<redis::streams::StreamReadReply>>(&mut reader)
-            .await;
+            .arg(">");
+        // A read sent is never dropped: Redis hands the entries it delivers to this
+        // consumer whether or not the answer is read, and entries dropped here would sit
+        // in its pending list until reaped. SIGTERM ends the loop after this read.
+        let read = {
+            let read = cmd.query_async::<Option<redis::streams::StreamReadReply>>(&mut reader);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    r = &mut read => break r,
+                    _ = term.recv(), if !draining => draining = true,
+                }
+            }
+        };
         let entries: Vec<StreamId> = match read {
-            Ok(r) => r
-                .into_iter()
-                .flat_map(|r| r.keys)
-                .flat_map(|k| k.ids)
-                .collect(),
-            Err(e) => break Err(backend("cannot read tasks", e)),
+            Ok(r) => {
+                failing_since = None;
+                r.into_iter()
+                    .flat_map(|r| r.keys)
+                    .flat_map(|k| k.ids)
+                    .collect()
+            }
+            Err(e) => {
+                // Unreachable past the reaper's threshold: its work is reclaimed
+                // elsewhere anyway, so the node stops; until then it reconnects.
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > crate::pool::remote::reaper::LOST_AFTER {
+                    break Err(backend("cannot read tasks", e));
+                }
+                tracing::warn!(target: "procpool::remote", "cannot read tasks: {e}; reconnecting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Ok(c) = remote::connect(&client, true).await {
+                    reader = c;
+                }
+                continue;
+            }
         };
         let mut permit = Some(first);
         for entry in entries {
@@ -181,13 +217,34 @@ pub async fn node(config: Redis) -> Result<()> {
             });
         }
     };
+    // No new task from here on: unregistered, and the ones held finish within the grace.
     registration.abort();
+    let unregistered: redis::RedisResult<()> = redis::cmd("ZREM")
+        .arg(ctx.keys.nodes(build))
+        .arg(&member)
+        .query_async(&mut con)
+        .await;
+    if let Err(e) = unregistered {
+        tracing::debug!(target: "procpool::remote", "cannot unregister the node: {e}");
+    }
+    if res.is_ok() {
+        let grace = config.node_grace.unwrap_or(DRAIN_GRACE);
+        let all = u32::try_from(processes * 2).unwrap_or(u32::MAX);
+        match tokio::time::timeout(grace, slots.acquire_many(all)).await {
+            Ok(_) => tracing::info!(target: "procpool::lifecycle", node = %id, "node drained"),
+            Err(_) => tracing::warn!(target: "procpool::lifecycle", node = %id,
+                "drain grace of {grace:?} over; tasks still held go to the reaper"),
+        }
+    }
     listener.abort();
     heartbeat.abort();
     parents.abort();
     reaping.abort();
     res
 }
+
+/// How long a node drains on SIGTERM by default (see `Redis::node_grace`).
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// The node's tasks by cancel name (see `frame::cancel_name`), and the cancels heard
 /// for tasks it has not started.
@@ -568,6 +625,16 @@ pub(crate) fn boot_from_env() {
             _ => {
                 tracing::error!(target: "procpool::lifecycle",
                     "PROCPOOL_NODE_PROCESSES must be a number of processes, at least 1");
+                std::process::exit(2);
+            }
+        }
+    }
+    if let Some(g) = std::env::var_os("PROCPOOL_NODE_GRACE") {
+        match g.to_string_lossy().parse::<u64>() {
+            Ok(secs) => config = config.node_grace(Duration::from_secs(secs)),
+            Err(_) => {
+                tracing::error!(target: "procpool::lifecycle",
+                    "PROCPOOL_NODE_GRACE must be a number of seconds");
                 std::process::exit(2);
             }
         }

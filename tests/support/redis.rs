@@ -118,6 +118,35 @@ impl Nodes {
         c.wait().unwrap();
     }
 
+    /// SIGTERMs the node `pid`.
+    pub fn terminate(&self, pid: u32) {
+        let st = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits up to `limit` for node `pid` to exit; its status.
+    pub fn wait(&mut self, pid: u32, limit: Duration) -> std::process::ExitStatus {
+        let c = self
+            .0
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .expect("one of these nodes");
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {pid} still runs after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.0.iter().map(Child::id).collect()
     }

@@ -43,6 +43,7 @@ pub struct Redis {
     pub(crate) namespace: String,
     key: KeySource,
     pub(crate) node_processes: Option<usize>,
+    pub(crate) node_grace: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +64,7 @@ impl Redis {
             namespace: "default".to_owned(),
             key: KeySource::Default,
             node_processes: None,
+            node_grace: None,
         }
     }
 
@@ -95,6 +97,14 @@ impl Redis {
     /// available cores (`PROCPOOL_NODE_PROCESSES` in node mode).
     pub fn node_processes(mut self, n: usize) -> Redis {
         self.node_processes = Some(n);
+        self
+    }
+
+    /// For a node: on SIGTERM it takes no new task and waits this long for the ones it
+    /// holds (after that, they are its reaper's: retried or `NodeLost`). Default: 30 s
+    /// (`PROCPOOL_NODE_GRACE`, in seconds, in node mode).
+    pub fn node_grace(mut self, grace: std::time::Duration) -> Redis {
+        self.node_grace = Some(grace);
         self
     }
 
