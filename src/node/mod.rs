@@ -95,8 +95,8 @@ pub async fn node(config: Redis) -> Result<()> {
         me: format!("reaper-{id}"),
     };
     let reaping = tokio::spawn(reaper.run(con.clone()));
-    // At most two tasks per worker are taken at once: one running, one ready.
-    let slots = Arc::new(tokio::sync::Semaphore::new(processes * 2));
+    // At most HELD_PER_WORKER tasks per worker are held at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(processes * HELD_PER_WORKER));
     let ctx = Arc::new(Ctx {
         cancels: Mutex::default(),
         entries: Mutex::default(),
@@ -229,7 +229,7 @@ pub async fn node(config: Redis) -> Result<()> {
     }
     if res.is_ok() {
         let grace = config.node_grace.unwrap_or(DRAIN_GRACE);
-        let all = u32::try_from(processes * 2).unwrap_or(u32::MAX);
+        let all = u32::try_from(processes * HELD_PER_WORKER).unwrap_or(u32::MAX);
         match tokio::time::timeout(grace, slots.acquire_many(all)).await {
             Ok(_) => tracing::info!(target: "procpool::lifecycle", node = %id, "node drained"),
             Err(_) => tracing::warn!(target: "procpool::lifecycle", node = %id,
@@ -242,6 +242,12 @@ pub async fn node(config: Redis) -> Result<()> {
     reaping.abort();
     res
 }
+
+/// Tasks a node holds per local worker (read from the stream, not answered): enough
+/// that the round trips to Redis of one task overlap the others' (with 2 per worker,
+/// 100k `apply_async` ran at 12 k/s, bound by 4 tasks in flight per node; BENCHMARKS.md),
+/// few enough that one node does not take a burst another idle node could run.
+const HELD_PER_WORKER: usize = 16;
 
 /// How long a node drains on SIGTERM by default (see `Redis::node_grace`).
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
