@@ -40,6 +40,16 @@ impl ExitReason {
         }
     }
 
+    /// The reverse of [`exitcode`](Self::exitcode) (for results from remote nodes).
+    #[cfg(any(feature = "redis", test))]
+    pub(crate) fn from_exitcode(code: Option<i32>) -> ExitReason {
+        match code {
+            Some(c) if c < 0 => ExitReason::Signal(-c),
+            Some(c) => ExitReason::Code(c),
+            None => ExitReason::Unknown,
+        }
+    }
+
     /// True if the child reported that its target overflowed its stack (exit code 77).
     pub fn is_stack_overflow(self) -> bool {
         self == ExitReason::Code(EXIT_STACK_OVERFLOW)
@@ -376,6 +386,18 @@ mod tests {
         assert_eq!(ExitReason::Code(3).exitcode(), Some(3));
         assert_eq!(ExitReason::Signal(9).exitcode(), Some(-9));
         assert_eq!(ExitReason::Unknown.exitcode(), None);
+        for r in [
+            ExitReason::Code(0),
+            ExitReason::Code(3),
+            ExitReason::Signal(9),
+            ExitReason::Unknown,
+        ] {
+            assert_eq!(
+                ExitReason::from_exitcode(r.exitcode()),
+                r,
+                "round trip of {r:?}"
+            );
+        }
         assert_eq!(ExitReason::Signal(11).to_string(), "signal 11 (SIGSEGV)");
         assert!(ExitReason::Code(77).is_stack_overflow());
         assert!(!ExitReason::Signal(11).is_stack_overflow());

@@ -557,7 +557,7 @@ impl Ctx {
         &self,
         task: &TaskFrame,
         id: u64,
-        rx: tokio::sync::oneshot::Receiver<crate::pool::RemoteResult>,
+        rx: tokio::sync::oneshot::Receiver<crate::pool::message::TaskResult>,
     ) -> (String, End) {
         let left = match task.deadline_ms {
             0 => None,

@@ -9,7 +9,7 @@ mod dispatcher;
 mod encoder;
 mod future;
 mod map;
-mod message;
+pub(crate) mod message;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
 mod seam;
@@ -158,10 +158,6 @@ fn kill_now(child: &crate::runtime::service::ChildHandle) {
             "cannot kill worker: {e}");
     }
 }
-
-/// A task's answer as the dispatcher gives it, for a node.
-#[cfg(feature = "redis")]
-pub(crate) type RemoteResult = message::TaskResult;
 
 #[cfg(feature = "redis")]
 impl AsyncPool {

@@ -11,12 +11,12 @@ use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 
 use super::fingerprint::fingerprint;
-use super::frame::{self, End, Keys, ResultFrame, TaskFrame};
+use super::frame::{self, Keys, ResultFrame, TaskFrame};
 use super::{Redis, backend};
 
-use crate::error::{Error, ExitReason, Result};
+use crate::error::{Error, Result};
 use crate::pool::PoolStats;
-use crate::pool::message::{Command, Finished, Job, Reply};
+use crate::pool::message::{Command, Job, Reply};
 
 /// What the builder decided for a remote pool.
 #[derive(Debug, Clone)]
@@ -505,39 +505,12 @@ impl RemoteDispatcher {
         };
         self.counts.running -= 1;
         self.give_back(t.admitted);
-        let worker: Arc<str> = r.worker.into();
-        let res = match r.end {
-            End::Ran(outcome) => {
-                if matches!(outcome, crate::wire::Outcome::Value(_)) {
-                    self.counts.completed += 1;
-                } else {
-                    self.counts.failed += 1;
-                }
-                Ok(Finished { outcome, worker })
-            }
-            other => {
-                self.counts.failed += 1;
-                Err(match other {
-                    End::Timeout { after_ms } => Error::Timeout {
-                        after: Duration::from_millis(after_ms),
-                    },
-                    End::Died { pid, code, signal } => Error::WorkerDied {
-                        pid,
-                        name: worker.to_string(),
-                        reason: match (code, signal) {
-                            (Some(c), _) => ExitReason::Code(c),
-                            (None, Some(s)) => ExitReason::Signal(s),
-                            (None, None) => ExitReason::Unknown,
-                        },
-                    },
-                    End::Failed { reason } => Error::Backend {
-                        reason: format!("{worker}: {reason}"),
-                    },
-                    End::Lost { node } => Error::NodeLost { node },
-                    End::Ran(_) => unreachable!("handled above"),
-                })
-            }
-        };
+        let res = r.end.into_result(r.worker.into());
+        if matches!(&res, Ok(done) if matches!(done.outcome, crate::wire::Outcome::Value(_))) {
+            self.counts.completed += 1;
+        } else {
+            self.counts.failed += 1;
+        }
         t.reply.send(res);
     }
 

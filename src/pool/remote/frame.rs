@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use sha2::Sha256;
 
+use std::sync::Arc;
+
 use crate::error::{Error, ExitReason};
+use crate::pool::message::{Finished, TaskResult};
 use crate::wire::Outcome;
 
 /// The keys of one namespace; the `{pp:<ns>}` hash tag keeps them in one cluster slot.
@@ -114,12 +117,8 @@ pub(crate) enum End {
     Ran(Outcome),
     /// Its deadline passed; its process was stopped.
     Timeout { after_ms: u64 },
-    /// Its worker process died.
-    Died {
-        pid: u32,
-        code: Option<i32>,
-        signal: Option<i32>,
-    },
+    /// Its worker process died (`exitcode` as `ExitReason::exitcode` gives it).
+    Died { pid: u32, exitcode: Option<i32> },
     /// The node could not run it (what it said).
     Failed { reason: String },
     /// Its node stopped heartbeating while it had the task, with no retry left.
@@ -135,19 +134,33 @@ impl End {
             },
             Error::WorkerDied { pid, reason, .. } => End::Died {
                 pid: *pid,
-                code: match reason {
-                    ExitReason::Code(c) => Some(*c),
-                    _ => None,
-                },
-                signal: match reason {
-                    ExitReason::Signal(s) => Some(*s),
-                    _ => None,
-                },
+                exitcode: reason.exitcode(),
             },
             other => End::Failed {
                 reason: other.to_string(),
             },
         }
+    }
+}
+
+impl End {
+    /// What the task's caller gets; `worker` ran it (`node-<id>:PoolWorker-<n>`).
+    pub(crate) fn into_result(self, worker: Arc<str>) -> TaskResult {
+        Err(match self {
+            End::Ran(outcome) => return Ok(Finished { outcome, worker }),
+            End::Timeout { after_ms } => Error::Timeout {
+                after: std::time::Duration::from_millis(after_ms),
+            },
+            End::Died { pid, exitcode } => Error::WorkerDied {
+                pid,
+                name: worker.to_string(),
+                reason: ExitReason::from_exitcode(exitcode),
+            },
+            End::Failed { reason } => Error::Backend {
+                reason: format!("{worker}: {reason}"),
+            },
+            End::Lost { node } => Error::NodeLost { node },
+        })
     }
 }
 
