@@ -325,6 +325,12 @@ async fn a_skipped_large_argument_frees_its_place_in_the_arena() {
     let sent = support::eventually_async(Duration::from_secs(60), || pool.stats().running >= 3);
     assert!(sent.await, "{:?}", pool.stats());
     drop(middle);
+    // The gate opens only once the pool has taken the drop in (and sent the skip): a
+    // drop that reaches it after the first task ends finds the middle one running, and
+    // stopping its worker is then the right answer, not the one this test is about.
+    let skipped =
+        support::eventually_async(Duration::from_secs(60), || pool.stats().cancelled == 1);
+    assert!(skipped.await, "{:?}", pool.stats());
     support::write_file(&gate, "go");
     assert_eq!(within(first).await.unwrap(), 2 * MB);
     assert_eq!(within(last).await.unwrap(), 2 * MB);
