@@ -278,28 +278,38 @@ pub use wire::DEFAULT_MAX_FRAME;
 ///   by pub/sub, and into a sorted set a node checks before it starts a task;
 /// - the remote pool's connections run on procpool's own runtime, like the local pool.
 ///
-/// - nodes heartbeat the entries they hold every second (`XCLAIM ... JUSTID`, which
-///   does not count as a delivery); an entry silent for 3 s is claimed back by the
-///   reaper (one a second per build, elected among nodes and parents) and queued again
-///   while [`retries`](crate::Builder::retries) are left (default 0), else its caller
-///   gets [`Error::NodeLost`], within about 4 s of the node's death;
+/// - nodes heartbeat the entries they still own every second (`XCLAIM ... JUSTID`,
+///   which does not count as a delivery); an entry silent for 3 s is claimed back by
+///   the reaper (one a second per build, elected among nodes and parents) and queued
+///   again while [`retries`](crate::Builder::retries) are left (default 0), else its
+///   caller gets [`Error::NodeLost`], within about 4 s of the node's death;
 /// - a node answers and acks through one script that first checks it still owns the
-///   entry, so a node presumed lost and then resumed writes nothing, and its ack cannot
-///   remove the new owner's entry.
+///   entry, so a node presumed lost and then resumed (paused, cut off) writes nothing,
+///   and its ack cannot remove the new owner's entry; its heartbeat finds the entries
+///   it lost and stops their tasks.
 ///
-/// - a parent renews a key of its own every second (3 s of life): a node drops the
-///   unstarted tasks of a parent whose key is gone, and stops its running ones (checked
-///   every second), so a parent killed even by SIGKILL leaves no work behind.
+/// - a parent renews a key of its own every second (3 s of life) and with every batch
+///   it writes: a node drops the unstarted tasks of a parent whose key is gone, and
+///   stops its running ones (checked every second), so a parent killed even by SIGKILL
+///   leaves no work behind.
 ///
 /// - a node drains on SIGTERM: it unregisters, takes no new task, and waits for the
 ///   ones it holds up to its grace (30 s, `PROCPOOL_NODE_GRACE`; the rest go to the
 ///   reaper); it reconnects while its Redis is unreachable, and stops once that lasts
 ///   past the reaper's threshold (its work is reclaimed elsewhere then).
 ///
-/// Not built yet (issue 15's later steps): the parent's side of a Redis restart (its
-/// reader fails every task in flight with `Error::Backend` at the first error, with no
-/// reconnect window), a remote task's `tracing` events stay on its node, and `imap`
-/// over an endless iterator is bounded by the pool's window, not checked in Redis.
+/// - Redis unreachable: a pool reconnects; its tasks in flight fail with
+///   [`Error::Backend`] once it has been unreachable for 3 s, and a task submitted
+///   meanwhile fails at once; it serves again when Redis is back. A Redis that
+///   restarted (its `run_id` changed) fails the tasks in flight at once, and puts them in
+///   the cancelled set, even if it kept them (persistence): the pool cannot tell what a
+///   restarted server kept, and a task answered `Backend` must not run later. Nodes make
+///   the consumer group again and listen for cancels again; a node's tasks whose
+///   entries the restart lost are stopped by its heartbeat.
+///
+/// Not built yet (issue 15's later steps): a remote task's `tracing` events stay on
+/// its node, and `imap` over an endless iterator is bounded by the pool's window, not
+/// checked in Redis.
 #[cfg(feature = "redis")]
 pub mod remote {
     pub use crate::node::node;

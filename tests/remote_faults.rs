@@ -320,3 +320,122 @@ async fn sigterm_drains_a_node_and_loses_nothing() {
     let _next = Nodes::start(&server, &ns, KEY, 1, 1);
     assert_eq!(after.await.unwrap(), 4, "nothing was lost");
 }
+
+/// Appends the id of its node (its worker's parent) to `dir/runs`; run `n` then waits
+/// for `dir/go<n>`. Returns `n`.
+fn held_per_run(dir: String) -> usize {
+    use std::io::Write;
+    let path = format!("{dir}/runs");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let me = std::process::id();
+    writeln!(f, "{} {me}", std::os::unix::process::parent_id()).unwrap();
+    drop(f);
+    let n = std::fs::read_to_string(&path).unwrap().lines().count();
+    support::wait_for_file(&format!("{dir}/go{n}"));
+    n
+}
+
+/// The (node, worker) of each run of `held_per_run` so far.
+fn runs_of(path: &str) -> Vec<(u32, u32)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let (node, worker) = l.split_once(' ').unwrap();
+            (node.parse().unwrap(), worker.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The task stream of namespace `ns` (one build: this test binary's).
+async fn task_stream(con: &mut redis::aio::MultiplexedConnection, ns: &str) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{pp:{ns}}}:b:*:tasks"))
+        .query_async(con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys.into_iter().next().unwrap()
+}
+
+/// Node A runs a task and is paused (SIGSTOP) past the claim threshold: the task goes
+/// to node B (a retry). A resumes while B still runs it, its own run finished
+/// (`a_finishes`: its answer comes late) or still running (A must stop it). Either way
+/// A's answer and ack must not touch B's entry, and the caller gets B's result.
+async fn zombie(a_finishes: bool) {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("zombie");
+    let nodes = Nodes::start_logged(&server, &ns, KEY, 2, 1);
+    let pool = remote_pool_with(&server, &ns, 1).await;
+    let dir = TempDir::new("remote-zombie");
+    let runs = dir.path("runs");
+    let handle = pool.apply_async(held_per_run, (dir.root().display().to_string(),));
+    read_file_within(&runs, Duration::from_secs(30));
+    let (first, first_worker) = runs_of(&runs)[0];
+    nodes.signal(first, "STOP");
+    let reclaimed = eventually(Duration::from_secs(30), || runs_of(&runs).len() == 2);
+    assert!(
+        reclaimed,
+        "the task was not run again after its node stopped"
+    );
+    let (second, _) = runs_of(&runs)[1];
+    assert_ne!(first, second, "the retry ran on the other node");
+    if a_finishes {
+        write_file(&dir.path("go1"), "go");
+    }
+    nodes.signal(first, "CONT");
+    let found_out = eventually(Duration::from_secs(30), || {
+        let log = nodes.log(first);
+        log.contains("its result is dropped") || log.contains("no longer owns a task")
+    });
+    assert!(found_out, "node A never found out: {}", nodes.log(first));
+    if !a_finishes {
+        assert!(
+            eventually(Duration::from_secs(10), || is_dead(first_worker)),
+            "node A's stale run still goes on"
+        );
+    }
+    // B's entry is still B's, pending; the caller has not been answered by A.
+    let mut con = server.connect().await;
+    let stream = task_stream(&mut con, &ns).await;
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("nodes")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert!(
+        pending[0].1.contains(&format!("-{second}-")),
+        "the entry is not B's: {pending:?}"
+    );
+    write_file(&dir.path("go2"), "go");
+    let got = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("answered");
+    assert_eq!(
+        got.unwrap(),
+        2,
+        "the caller got the retry's result, not A's"
+    );
+    assert_eq!(runs_of(&runs).len(), 2, "ran twice, no more");
+}
+
+#[tokio::test]
+async fn a_zombie_nodes_late_result_is_ignored_and_its_ack_leaves_the_new_owners_entry() {
+    zombie(true).await;
+}
+
+#[tokio::test]
+async fn a_zombie_node_stops_the_task_it_lost_and_leaves_the_new_owners_entry() {
+    zombie(false).await;
+}

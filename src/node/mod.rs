@@ -2,19 +2,18 @@
 //! local worker processes (DESIGN.md §10), started by `PROCPOOL_NODE` before `main` or
 //! by [`node`] from a program's `main`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
 use redis::streams::StreamId;
 
 use crate::error::{Error, Result};
 use crate::pool::AsyncPool;
 use crate::pool::remote::fingerprint::fingerprint;
 use crate::pool::remote::frame::{self, End, GROUP, Keys, ResultFrame, TaskFrame};
-use crate::pool::remote::{self, Redis, backend};
+use crate::pool::remote::{self, Con, Redis, backend};
 use crate::target::TargetRef;
 
 /// How long a node's registration lasts unless renewed (it is renewed every second).
@@ -33,23 +32,11 @@ pub async fn node(config: Redis) -> Result<()> {
     let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
     let client =
         redis::Client::open(config.url.as_str()).map_err(|e| backend("bad Redis URL", e))?;
-    let mut con = remote::connect(&client, false).await?;
-    let mut reader = remote::connect(&client, true).await?;
+    let mut con = remote::connect(&client).await?;
+    let mut reader = remote::connect_blocking(&client).await?;
     let keys = Keys::new(&config.namespace);
     let stream = keys.tasks(build);
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut con)
-        .await;
-    if let Err(e) = created
-        && e.code() != Some("BUSYGROUP")
-    {
-        return Err(backend("cannot create the consumer group", e));
-    }
+    create_group(&mut con, &stream).await?;
     let processes = config
         .node_processes
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -67,8 +54,8 @@ pub async fn node(config: Redis) -> Result<()> {
             loop {
                 let now = frame::now_ms();
                 let expires = now + u64::try_from(REGISTRATION.as_millis()).unwrap_or(3000);
-                let res: redis::RedisResult<()> = redis::pipe()
-                    .cmd("ZADD")
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZADD")
                     .arg(&nodes)
                     .arg(expires)
                     .arg(&member)
@@ -77,9 +64,8 @@ pub async fn node(config: Redis) -> Result<()> {
                     .arg(&nodes)
                     .arg("-inf")
                     .arg(now)
-                    .ignore()
-                    .query_async(&mut con)
-                    .await;
+                    .ignore();
+                let res: redis::RedisResult<()> = remote::again_once(&mut con, &pipe).await;
                 if let Err(e) = res {
                     tracing::warn!(target: "procpool::remote", "cannot renew the node's registration: {e}");
                 }
@@ -108,30 +94,8 @@ pub async fn node(config: Redis) -> Result<()> {
         node: format!("node-{id}"),
         pool,
     });
-    let mut pubsub = client
-        .get_async_pubsub()
-        .await
-        .map_err(|e| backend("cannot listen for cancels", e))?;
-    pubsub
-        .subscribe(ctx.keys.cancel_channel())
-        .await
-        .map_err(|e| backend("cannot listen for cancels", e))?;
-    let listen = {
-        let ctx = Arc::clone(&ctx);
-        let mut msgs = pubsub.into_on_message();
-        async move {
-            use futures::StreamExt;
-            while let Some(msg) = msgs.next().await {
-                match msg.get_payload::<String>() {
-                    Ok(name) => ctx.on_cancel(name),
-                    Err(e) => {
-                        tracing::warn!(target: "procpool::remote", "a cancel that is not text: {e}")
-                    }
-                }
-            }
-        }
-    };
-    let listener = tokio::spawn(listen);
+    let pubsub = subscribe(&client, ctx.keys.cancel_channel()).await?;
+    let listener = tokio::spawn(Arc::clone(&ctx).listen(client.clone(), pubsub, con.clone()));
     let heartbeat = tokio::spawn(Arc::clone(&ctx).heartbeat(con.clone()));
     let parents = tokio::spawn(Arc::clone(&ctx).watch_parents(con.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -182,6 +146,17 @@ pub async fn node(config: Redis) -> Result<()> {
                     .flat_map(|k| k.ids)
                     .collect()
             }
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // Redis restarted without its data (or the stream was deleted): the
+                // group is made again, and reading goes on.
+                tracing::warn!(target: "procpool::remote", "the task stream's group is gone \
+                    (Redis restarted?); it is created again");
+                if let Err(e) = create_group(&mut con, &ctx.stream).await {
+                    tracing::warn!(target: "procpool::remote", "{e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
             Err(e) => {
                 // Unreachable past the reaper's threshold: its work is reclaimed
                 // elsewhere anyway, so the node stops; until then it reconnects.
@@ -191,8 +166,9 @@ pub async fn node(config: Redis) -> Result<()> {
                 }
                 tracing::warn!(target: "procpool::remote", "cannot read tasks: {e}; reconnecting");
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Ok(c) = remote::connect(&client, true).await {
-                    reader = c;
+                match remote::connect_blocking(&client).await {
+                    Ok(c) => reader = c,
+                    Err(e) => tracing::debug!(target: "procpool::remote", "{e}"),
                 }
                 continue;
             }
@@ -210,7 +186,7 @@ pub async fn node(config: Redis) -> Result<()> {
             ctx.entries
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(entry.id.clone());
+                .insert(entry.id.clone(), None);
             tokio::spawn(async move {
                 ctx.serve(con, entry).await;
                 drop(p);
@@ -267,8 +243,9 @@ const EARLY_CANCELS: usize = 10_000;
 /// What every task of a node shares.
 struct Ctx {
     cancels: Mutex<Cancels>,
-    /// The stream entries this node holds (read, not answered): heartbeat.
-    entries: Mutex<HashSet<String>>,
+    /// The stream entries this node holds (read, not answered), for the heartbeat, with
+    /// their task's cancel name once its frame is read.
+    entries: Mutex<HashMap<String, Option<String>>>,
     /// This node's consumer name in the group.
     consumer: String,
     key: Arc<Vec<u8>>,
@@ -282,19 +259,85 @@ struct Ctx {
 /// Answers a task and takes its entry off, only if this node still owns the entry:
 /// a node presumed lost (paused, cut off) whose entry was reclaimed writes nothing, and
 /// its ack cannot remove the new owner's entry (a plain `XACK` from a former owner would).
+/// With no frame (`ARGV[4]` empty) it only takes the entry off (a cancelled task's, a
+/// refused frame's).
 const ANSWER: &str = r"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
-redis.call('XADD', KEYS[2], '*', 'f', ARGV[4], 'm', ARGV[5])
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if p['err'] or #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 'f', ARGV[4], 'm', ARGV[5])
+end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 ";
 
+/// Renews the idle time of the entries (`ARGV[3..]`) consumer `ARGV[2]` still owns
+/// (`XCLAIM ... JUSTID`, which does not count as a delivery), and returns the others:
+/// entries reclaimed while the node was paused or cut off, or lost by a Redis that
+/// restarted. A plain `XCLAIM` would take a reclaimed entry back from its new owner.
+const RENEW: &str = r"
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p['err'] or #p == 0 or p[1][2] ~= ARGV[2] then
+    lost[#lost + 1] = ARGV[i]
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  end
+end
+return lost
+";
+
+/// The node's scripts, hashed once.
+struct Scripts {
+    answer: redis::Script,
+    renew: redis::Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        answer: redis::Script::new(ANSWER),
+        renew: redis::Script::new(RENEW),
+    })
+}
+
+/// Makes the consumer group of the task stream `stream` (and the stream), if missing.
+async fn create_group(con: &mut Con, stream: &str) -> Result<()> {
+    let mut create = redis::cmd("XGROUP");
+    create
+        .arg("CREATE")
+        .arg(stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM");
+    let created: redis::RedisResult<()> = remote::again_once(con, &create).await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => {
+            Err(backend("cannot create the consumer group", e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A connection subscribed to the cancel channel.
+async fn subscribe(client: &redis::Client, channel: String) -> Result<redis::aio::PubSub> {
+    let mut pubsub = client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| backend("cannot listen for cancels", e))?;
+    pubsub
+        .subscribe(channel)
+        .await
+        .map_err(|e| backend("cannot listen for cancels", e))?;
+    Ok(pubsub)
+}
+
 impl Ctx {
     /// Stops the running tasks of parents that are gone (their key expired: dead, even
     /// by SIGKILL, or cut off), once a heartbeat.
-    async fn watch_parents(self: Arc<Self>, mut con: MultiplexedConnection) {
+    async fn watch_parents(self: Arc<Self>, mut con: Con) {
         loop {
             tokio::time::sleep(crate::pool::remote::reaper::HEARTBEAT).await;
             let parents: Vec<String> = {
@@ -307,10 +350,9 @@ impl Ctx {
                 set.into_iter().map(str::to_owned).collect()
             };
             for parent in parents {
-                let alive: redis::RedisResult<bool> = redis::cmd("EXISTS")
-                    .arg(self.keys.parent(&parent))
-                    .query_async(&mut con)
-                    .await;
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(self.keys.parent(&parent));
+                let alive: redis::RedisResult<bool> = remote::again_once(&mut con, &exists).await;
                 match alive {
                     Ok(true) => {}
                     Ok(false) => {
@@ -337,32 +379,107 @@ impl Ctx {
         }
     }
 
+    /// Hears cancels on the channel until the node stops. When Redis drops the
+    /// subscription (it restarted, or the connection broke), it subscribes again and
+    /// looks up the cancelled set for the tasks that run here, for cancels published
+    /// meanwhile.
+    async fn listen(
+        self: Arc<Self>,
+        client: redis::Client,
+        first: redis::aio::PubSub,
+        mut con: Con,
+    ) {
+        use futures::StreamExt;
+        let mut pubsub = first;
+        loop {
+            let mut msgs = pubsub.into_on_message();
+            while let Some(msg) = msgs.next().await {
+                match msg.get_payload::<String>() {
+                    Ok(name) => self.on_cancel(name),
+                    Err(e) => {
+                        tracing::warn!(target: "procpool::remote", "a cancel that is not text: {e}")
+                    }
+                }
+            }
+            tracing::warn!(target: "procpool::remote", "the cancel channel was dropped; listening again");
+            pubsub = loop {
+                match subscribe(&client, self.keys.cancel_channel()).await {
+                    Ok(p) => break p,
+                    Err(e) => {
+                        tracing::debug!(target: "procpool::remote", "{e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            let names: Vec<String> = {
+                let c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                c.running.keys().cloned().collect()
+            };
+            if names.is_empty() {
+                continue;
+            }
+            let mut lookup = redis::cmd("ZMSCORE");
+            lookup.arg(self.keys.cancelled()).arg(&names);
+            let scores: redis::RedisResult<Vec<Option<f64>>> =
+                remote::again_once(&mut con, &lookup).await;
+            match scores {
+                Ok(scores) => {
+                    for (name, score) in names.into_iter().zip(scores) {
+                        if score.is_some() {
+                            self.on_cancel(name);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}"),
+            }
+        }
+    }
+
     /// Renews the idle time of every entry this node holds, once a heartbeat, so the
-    /// reaper leaves them alone (`XCLAIM ... JUSTID` does not count as a delivery).
-    async fn heartbeat(self: Arc<Self>, mut con: MultiplexedConnection) {
+    /// reaper leaves them alone; the task of an entry the node no longer owns is
+    /// stopped (see [`RENEW`]): its result would be dropped, and its parent has been
+    /// answered or has another node run it.
+    async fn heartbeat(self: Arc<Self>, mut con: Con) {
         loop {
             tokio::time::sleep(crate::pool::remote::reaper::HEARTBEAT).await;
             let ids: Vec<String> = self
                 .entries
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .iter()
+                .keys()
                 .cloned()
                 .collect();
             if ids.is_empty() {
                 continue;
             }
-            let renewed: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
-                .arg(&self.stream)
+            let renewed: redis::RedisResult<Vec<String>> = scripts()
+                .renew
+                .key(&self.stream)
                 .arg(GROUP)
                 .arg(&self.consumer)
-                .arg(0)
                 .arg(&ids)
-                .arg("JUSTID")
-                .query_async(&mut con)
+                .invoke_async(&mut con)
                 .await;
-            if let Err(e) = renewed {
-                tracing::warn!(target: "procpool::remote", "cannot heartbeat the node's tasks: {e}");
+            let lost = match renewed {
+                Ok(lost) => lost,
+                Err(e) => {
+                    tracing::warn!(target: "procpool::remote", "cannot heartbeat the node's tasks: {e}");
+                    continue;
+                }
+            };
+            for entry in lost {
+                let name = self
+                    .entries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&entry)
+                    .flatten();
+                tracing::warn!(target: "procpool::remote", entry = %entry, task = ?name,
+                    "this node no longer owns a task it holds (reclaimed while the node was \
+                    unreachable, or lost by a Redis restart); the task is stopped");
+                if let Some(name) = name {
+                    self.on_cancel(name);
+                }
             }
         }
     }
@@ -386,7 +503,7 @@ impl Ctx {
 
     /// Runs one stream entry and answers its parent; an entry that fails its MAC, does
     /// not decode or is for another build is never run: it goes to the dead letters.
-    async fn serve(&self, mut con: MultiplexedConnection, entry: StreamId) {
+    async fn serve(&self, mut con: Con, entry: StreamId) {
         let (f, m) = (entry.get::<Vec<u8>>("f"), entry.get::<Vec<u8>>("m"));
         let task = match f.as_ref().zip(m.as_ref()) {
             None => Err("a frame or its MAC is missing".to_owned()),
@@ -404,64 +521,69 @@ impl Ctx {
             Err(reason) => {
                 tracing::warn!(target: "procpool::remote", entry = %entry.id,
                     "a task frame was refused and not run: {reason}");
-                let mut pipe = redis::pipe();
-                pipe.cmd("XADD")
+                let dead: redis::RedisResult<()> = redis::cmd("XADD")
                     .arg(self.keys.dead_letters())
                     .arg("*")
                     .arg("f")
                     .arg(f.unwrap_or_default())
                     .arg("why")
                     .arg(&reason)
-                    .ignore();
-                self.take_off(&mut pipe, &entry.id);
-                let dead: redis::RedisResult<()> = pipe.query_async(&mut con).await;
+                    .query_async(&mut con)
+                    .await;
                 if let Err(e) = dead {
                     tracing::warn!(target: "procpool::remote", "cannot move a refused frame aside: {e}");
+                }
+                if let Err(e) = self.answer(&mut con, &entry.id, None).await {
+                    tracing::warn!(target: "procpool::remote", "cannot take a refused frame off: {e}");
                 }
                 return;
             }
         };
+        let cancel = frame::cancel_name(&task.parent, task.task);
+        if let Some(name) = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&entry.id)
+        {
+            *name = Some(cancel);
+        }
         let Some((worker, end)) = self.run(&mut con, &task).await else {
             // Cancelled: its caller is gone; the entry goes, unanswered.
-            let mut pipe = redis::pipe();
-            self.take_off(&mut pipe, &entry.id);
-            let res: redis::RedisResult<()> = pipe.query_async(&mut con).await;
-            if let Err(e) = res {
+            if let Err(e) = self.answer(&mut con, &entry.id, None).await {
                 tracing::warn!(target: "procpool::remote", "cannot drop a cancelled task: {e}");
             }
             return;
         };
-        let result = ResultFrame {
+        let mut result = ResultFrame {
             task: task.task,
             attempt: task.attempt,
             worker: format!("{}:{worker}", self.node),
             end,
         };
-        let f = match frame::encode(&result) {
+        let f = frame::encode(&result).or_else(|e| {
+            tracing::error!(target: "procpool::remote", task = task.task, "cannot encode a result: {e}");
+            let reason = format!("the node cannot encode the task's result: {e}");
+            result.end = End::Failed { reason };
+            frame::encode(&result)
+        });
+        let f = match f {
             Ok(f) => f,
             Err(e) => {
-                tracing::error!(target: "procpool::remote", "cannot encode a result: {e}");
+                // Not even a failure encodes: the entry stays, and the reaper answers
+                // the parent (NodeLost) once the heartbeat has stopped renewing it.
+                tracing::error!(target: "procpool::remote", task = task.task, "cannot encode a failure: {e}");
                 return;
             }
         };
         let m = frame::sign(&self.key, &f);
-        let res: redis::RedisResult<i64> = redis::Script::new(ANSWER)
-            .key(&self.stream)
-            .key(self.keys.results(&task.parent))
-            .arg(GROUP)
-            .arg(&entry.id)
-            .arg(&self.consumer)
-            .arg(f)
-            .arg(m)
-            .invoke_async(&mut con)
-            .await;
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&entry.id);
-        match res {
-            Ok(1) => {}
-            Ok(_) => tracing::info!(target: "procpool::remote", task = task.task,
+        let results = self.keys.results(&task.parent);
+        match self
+            .answer(&mut con, &entry.id, Some((&results, f, m)))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(target: "procpool::remote", task = task.task,
                 "the task was reclaimed from this node meanwhile; its result is dropped"),
             Err(e) => {
                 tracing::warn!(target: "procpool::remote", task = task.task, "cannot answer a task: {e}")
@@ -469,32 +591,39 @@ impl Ctx {
         }
     }
 
-    /// Appends what takes stream entry `entry` off for good: its ack and its deletion.
-    fn take_off(&self, pipe: &mut redis::Pipeline, entry: &str) {
+    /// Takes stream entry `entry` off (its ack and its deletion) and writes `result`
+    /// (the parent's stream, the frame, its MAC) if there is one, all only if this node
+    /// still owns the entry (see [`ANSWER`]); false if it does not.
+    async fn answer(
+        &self,
+        con: &mut Con,
+        entry: &str,
+        result: Option<(&str, Vec<u8>, Vec<u8>)>,
+    ) -> redis::RedisResult<bool> {
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(entry);
-        pipe.cmd("XACK")
-            .arg(&self.stream)
-            .arg(GROUP)
-            .arg(entry)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&self.stream)
-            .arg(entry)
-            .ignore();
+        let mut script = scripts().answer.prepare_invoke();
+        script.key(&self.stream);
+        match &result {
+            Some((stream, _, _)) => script.key(*stream),
+            None => script.key(&self.stream),
+        };
+        script.arg(GROUP).arg(entry).arg(&self.consumer);
+        match result {
+            Some((_, f, m)) => script.arg(f).arg(m),
+            None => script.arg("").arg(""),
+        };
+        let done: i64 = script.invoke_async(con).await?;
+        Ok(done == 1)
     }
 
     /// Runs a task in a local worker, within its deadline; which worker, and how it
     /// ended.
     /// `None`: it was cancelled (before it started, or its worker was stopped), and
     /// nobody waits for its result.
-    async fn run(
-        &self,
-        con: &mut MultiplexedConnection,
-        task: &TaskFrame,
-    ) -> Option<(String, End)> {
+    async fn run(&self, con: &mut Con, task: &TaskFrame) -> Option<(String, End)> {
         let Some(name) = intern(&task.target_name) else {
             let reason = "too many distinct target names".to_owned();
             return Some((String::new(), End::Failed { reason }));
@@ -506,14 +635,15 @@ impl Ctx {
         let cancel = frame::cancel_name(&task.parent, task.task);
         // A cancel published before this node listened, or lost: the set has it. A
         // parent that is gone wants nothing.
-        let listed: redis::RedisResult<(Option<f64>, bool)> = redis::pipe()
+        let mut lookup = redis::pipe();
+        lookup
             .cmd("ZSCORE")
             .arg(self.keys.cancelled())
             .arg(&cancel)
             .cmd("EXISTS")
-            .arg(self.keys.parent(&task.parent))
-            .query_async(con)
-            .await;
+            .arg(self.keys.parent(&task.parent));
+        let listed: redis::RedisResult<(Option<f64>, bool)> =
+            remote::again_once(con, &lookup).await;
         match listed {
             Ok((Some(_), _)) => return None,
             Ok((None, false)) => {

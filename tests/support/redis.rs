@@ -20,21 +20,7 @@ impl RedisServer {
     pub fn start() -> Option<RedisServer> {
         let dir = TempDir::new("redis");
         let socket = dir.path("redis.sock");
-        let spawned = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--unixsocket",
-                &socket,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
+        let child = match spawn(&socket) {
             Ok(c) => c,
             Err(e) if std::env::var_os("PROCPOOL_REQUIRE_REDIS").is_some() => {
                 panic!("PROCPOOL_REQUIRE_REDIS is set but redis-server cannot start: {e}")
@@ -53,9 +39,14 @@ impl RedisServer {
             socket,
             _dir: dir,
         };
+        server.wait_ready();
+        Some(server)
+    }
+
+    fn wait_ready(&mut self) {
         let until = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
-            if let Ok(Some(st)) = server.child.try_wait() {
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("redis-server exited at start: {st}");
             }
             assert!(
@@ -64,7 +55,25 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        Some(server)
+    }
+
+    /// SIGKILLs the server and starts a new one (empty: no persistence) on the same
+    /// socket.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// SIGKILLs the server (and reaps it).
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts a new, empty server on the socket of the one killed.
+    pub fn start_again(&mut self) {
+        self.child = spawn(&self.socket).expect("redis-server starts again");
+        self.wait_ready();
     }
 
     /// A connection for the test's own commands.
@@ -77,6 +86,23 @@ impl RedisServer {
     }
 }
 
+fn spawn(socket: &str) -> std::io::Result<Child> {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--unixsocket",
+            socket,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -85,26 +111,82 @@ impl Drop for RedisServer {
 }
 
 /// Node processes (this test binary with `PROCPOOL_NODE` set), killed on drop.
-pub struct Nodes(Vec<Child>);
+pub struct Nodes(Vec<Child>, Option<TempDir>);
 
 impl Nodes {
-    /// `n` nodes of `processes` workers each, in namespace `ns`, with key `key`.
+    /// `n` nodes of `processes` workers each, in namespace `ns`, with key `key`; their
+    /// logs go to the test's stderr.
     pub fn start(server: &RedisServer, ns: &str, key: &str, n: usize, processes: usize) -> Nodes {
-        let exe = std::env::current_exe().unwrap();
-        Nodes(
-            (0..n)
-                .map(|_| {
-                    Command::new(&exe)
-                        .env("PROCPOOL_NODE", &server.url)
-                        .env("PROCPOOL_NAMESPACE", ns)
-                        .env("PROCPOOL_KEY", key)
-                        .env("PROCPOOL_NODE_PROCESSES", processes.to_string())
-                        .stdout(Stdio::null())
-                        .spawn()
-                        .unwrap()
-                })
-                .collect(),
+        Nodes::spawn(server, ns, key, n, processes, None)
+    }
+
+    /// As [`Nodes::start`], with each node's log kept for [`Nodes::log`].
+    pub fn start_logged(
+        server: &RedisServer,
+        ns: &str,
+        key: &str,
+        n: usize,
+        processes: usize,
+    ) -> Nodes {
+        Nodes::spawn(
+            server,
+            ns,
+            key,
+            n,
+            processes,
+            Some(TempDir::new("node-logs")),
         )
+    }
+
+    fn spawn(
+        server: &RedisServer,
+        ns: &str,
+        key: &str,
+        n: usize,
+        processes: usize,
+        logs: Option<TempDir>,
+    ) -> Nodes {
+        let exe = std::env::current_exe().unwrap();
+        let children = (0..n)
+            .map(|i| {
+                let stderr = match &logs {
+                    Some(dir) => {
+                        Stdio::from(std::fs::File::create(dir.path(&format!("{i}"))).unwrap())
+                    }
+                    None => Stdio::inherit(),
+                };
+                Command::new(&exe)
+                    .env("PROCPOOL_NODE", &server.url)
+                    .env("PROCPOOL_NAMESPACE", ns)
+                    .env("PROCPOOL_KEY", key)
+                    .env("PROCPOOL_NODE_PROCESSES", processes.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(stderr)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        Nodes(children, logs)
+    }
+
+    /// What node `pid` has logged so far (nodes started with [`Nodes::start_logged`]).
+    pub fn log(&self, pid: u32) -> String {
+        let i = self
+            .0
+            .iter()
+            .position(|c| c.id() == pid)
+            .expect("one of these nodes");
+        let dir = self.1.as_ref().expect("nodes started with start_logged");
+        std::fs::read_to_string(dir.path(&format!("{i}"))).unwrap_or_default()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`...) to node `pid`.
+    pub fn signal(&self, pid: u32, signal: &str) {
+        let st = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
     }
 
     /// SIGKILLs the node `pid` (and reaps it).
@@ -120,11 +202,7 @@ impl Nodes {
 
     /// SIGTERMs the node `pid`.
     pub fn terminate(&self, pid: u32) {
-        let st = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        self.signal(pid, "TERM");
     }
 
     /// Waits up to `limit` for node `pid` to exit; its status.
@@ -155,6 +233,7 @@ impl Nodes {
 impl Drop for Nodes {
     fn drop(&mut self) {
         for c in &mut self.0 {
+            // A stopped node dies of SIGKILL too.
             let _ = c.kill();
             let _ = c.wait();
         }

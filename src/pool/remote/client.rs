@@ -6,13 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 
 use super::fingerprint::fingerprint;
 use super::frame::{self, Keys, ResultFrame, TaskFrame};
-use super::{Redis, backend};
+use super::{Con, Redis, backend};
 
 use crate::error::{Error, Result};
 use crate::pool::PoolStats;
@@ -93,20 +92,24 @@ pub(crate) async fn launch(
 
 /// Says this parent is alive (its key, for 3 s) every second until dropped; a parent
 /// that dies, even by SIGKILL, is seen gone by its nodes within 3 s.
-async fn keep_alive(mut con: MultiplexedConnection, key: String) {
+async fn keep_alive(mut con: Con, key: String) {
     loop {
         tokio::time::sleep(super::reaper::HEARTBEAT).await;
-        let set: redis::RedisResult<()> = redis::cmd("SET")
-            .arg(&key)
-            .arg(1)
-            .arg("PX")
-            .arg(u64::try_from(super::reaper::LOST_AFTER.as_millis()).unwrap_or(3000))
-            .query_async(&mut con)
-            .await;
+        let set: redis::RedisResult<()> = super::again_once(&mut con, &alive(&key)).await;
         if let Err(e) = set {
             tracing::warn!(target: "procpool::remote", "cannot renew the parent's key: {e}");
         }
     }
+}
+
+/// The command that says parent key `key` is alive for the next 3 s.
+fn alive(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key)
+        .arg(1)
+        .arg("PX")
+        .arg(u64::try_from(super::reaper::LOST_AFTER.as_millis()).unwrap_or(3000));
+    cmd
 }
 
 /// The parts of a started remote pool: its handles, its dispatcher, its result reader.
@@ -125,18 +128,16 @@ async fn start(
     let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
     let client =
         redis::Client::open(redis.url.as_str()).map_err(|e| backend("bad Redis URL", e))?;
-    let mut con = super::connect(&client, false).await?;
-    let reader = super::connect(&client, true).await?;
+    let mut con = super::connect(&client).await?;
+    let mut reader = super::connect_blocking(&client).await?;
+    let server = run_id(&mut reader)
+        .await
+        .map_err(|e| backend("cannot ask Redis who it is", e))?;
     let keys = Keys::new(&redis.namespace);
     let processes = wait_for_nodes(&mut con, &keys, build, opts.wait_for_nodes).await?;
     let parent = frame::random_id();
     // Alive before its first task is written (see `keep_alive`).
-    let _: () = redis::cmd("SET")
-        .arg(keys.parent(&parent))
-        .arg(1)
-        .arg("PX")
-        .arg(u64::try_from(super::reaper::LOST_AFTER.as_millis()).unwrap_or(3000))
-        .query_async(&mut con)
+    let _: () = super::again_once(&mut con, &alive(&keys.parent(&parent)))
         .await
         .map_err(|e| backend("cannot register the parent", e))?;
     let (commands, cmds) = mpsc::unbounded_channel();
@@ -161,12 +162,17 @@ async fn start(
         closing: Vec::new(),
         admission,
     };
-    let read = Box::pin(read_results(
-        reader,
-        d.keys.results(&d.parent),
-        Arc::clone(&d.key),
-        results_tx,
-    ));
+    let read = Box::pin(
+        Reader {
+            client,
+            con: Some(reader),
+            server,
+            stream: d.keys.results(&d.parent),
+            key: Arc::clone(&d.key),
+            out: results_tx,
+        }
+        .run(),
+    );
     let launched = Launched {
         commands,
         stats,
@@ -177,12 +183,7 @@ async fn start(
 
 /// The worker processes of the live nodes of `build`, once there is one; polled every
 /// 50 ms until `wait`.
-async fn wait_for_nodes(
-    con: &mut MultiplexedConnection,
-    keys: &Keys,
-    build: &str,
-    wait: Duration,
-) -> Result<usize> {
+async fn wait_for_nodes(con: &mut Con, keys: &Keys, build: &str, wait: Duration) -> Result<usize> {
     let until = tokio::time::Instant::now() + wait;
     loop {
         let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
@@ -209,80 +210,159 @@ async fn wait_for_nodes(
     }
 }
 
-/// A verified result, or the reader's end.
+/// What the result reader tells the dispatcher.
 enum FromReader {
+    /// A verified result.
     Result(ResultFrame),
-    Failed(Error),
+    /// Redis has been unreachable for [`RECONNECT_WINDOW`]: what is in flight fails.
+    Unreachable(Error),
+    /// Redis came back as another server (it restarted: a new `run_id`), which may have
+    /// lost the tasks in flight and their results: they fail, and are cancelled.
+    Restarted,
+}
+
+/// How long the pool waits for an unreachable Redis before failing the tasks in flight
+/// (the reaper's threshold: by then a node that cannot reach it has stopped).
+const RECONNECT_WINDOW: Duration = super::reaper::LOST_AFTER;
+
+/// The `run_id` of the server behind `con` (it changes when Redis restarts).
+async fn run_id(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<String> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(con).await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
 }
 
 /// Reads this parent's result stream, drops what fails its MAC, and hands the rest to
-/// the dispatcher; read entries are deleted. Ends when the dispatcher does.
-async fn read_results(
-    mut con: MultiplexedConnection,
+/// the dispatcher; read entries are deleted. Reconnects while Redis is unreachable.
+/// Ends when the dispatcher does.
+struct Reader {
+    client: redis::Client,
+    con: Option<redis::aio::MultiplexedConnection>,
+    /// The `run_id` of the server the pool started with, or last reconnected to.
+    server: String,
     stream: String,
     key: Arc<Vec<u8>>,
     out: mpsc::UnboundedSender<FromReader>,
-) {
-    let mut last = "0".to_owned();
-    loop {
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(1024)
-            .arg("BLOCK")
-            .arg(super::BLOCK.as_millis().to_string())
-            .arg("STREAMS")
-            .arg(&stream)
-            .arg(&last);
-        let read = cmd.query_async::<Option<redis::streams::StreamReadReply>>(&mut con);
-        let reply = tokio::select! {
-            r = read => r,
-            () = out.closed() => break,
-        };
-        let reply = match reply {
-            Ok(r) => r,
-            Err(e) => {
-                // The dispatcher fails what is in flight: nothing waits forever.
-                out.send(FromReader::Failed(backend("cannot read results", e)))
-                    .ok();
-                return;
-            }
-        };
-        let mut ids = Vec::new();
-        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            let (f, m) = (entry.get::<Vec<u8>>("f"), entry.get::<Vec<u8>>("m"));
-            last.clone_from(&entry.id);
-            ids.push(entry.id);
-            let Some((f, m)) = f.zip(m) else {
-                tracing::warn!(target: "procpool::remote", "a result without its frame or MAC was dropped");
-                continue;
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let mut last = "0".to_owned();
+        loop {
+            let Some(con) = self.con.as_mut() else {
+                let out = self.out.clone();
+                tokio::select! {
+                    () = self.reconnect() => continue,
+                    () = out.closed() => break,
+                }
             };
-            if !frame::verify(&key, &f, &m) {
-                tracing::warn!(target: "procpool::remote", "a result that failed its MAC was dropped");
-                continue;
-            }
-            match frame::decode::<ResultFrame>(&f) {
-                Ok(r) => {
-                    if out.send(FromReader::Result(r)).is_err() {
-                        return;
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(1024)
+                .arg("BLOCK")
+                .arg(super::BLOCK.as_millis().to_string())
+                .arg("STREAMS")
+                .arg(&self.stream)
+                .arg(&last);
+            let read = cmd.query_async::<Option<redis::streams::StreamReadReply>>(con);
+            let reply = tokio::select! {
+                r = read => r,
+                () = self.out.closed() => break,
+            };
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(target: "procpool::remote", "cannot read results: {e}; reconnecting");
+                    self.con = None;
+                    continue;
+                }
+            };
+            let mut ids = Vec::new();
+            for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                let (f, m) = (entry.get::<Vec<u8>>("f"), entry.get::<Vec<u8>>("m"));
+                last.clone_from(&entry.id);
+                ids.push(entry.id);
+                let Some((f, m)) = f.zip(m) else {
+                    tracing::warn!(target: "procpool::remote", "a result without its frame or MAC was dropped");
+                    continue;
+                };
+                if !frame::verify(&self.key, &f, &m) {
+                    tracing::warn!(target: "procpool::remote", "a result that failed its MAC was dropped");
+                    continue;
+                }
+                match frame::decode::<ResultFrame>(&f) {
+                    Ok(r) => {
+                        if self.out.send(FromReader::Result(r)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "procpool::remote", "a result was dropped: {e}")
                     }
                 }
-                Err(e) => tracing::warn!(target: "procpool::remote", "a result was dropped: {e}"),
+            }
+            if !ids.is_empty() {
+                let del: redis::RedisResult<i64> = redis::cmd("XDEL")
+                    .arg(&self.stream)
+                    .arg(&ids)
+                    .query_async(con)
+                    .await;
+                if let Err(e) = del {
+                    tracing::debug!(target: "procpool::remote", "cannot delete read results: {e}");
+                }
             }
         }
-        if !ids.is_empty() {
-            let del: redis::RedisResult<i64> = redis::cmd("XDEL")
-                .arg(&stream)
-                .arg(&ids)
-                .query_async(&mut con)
-                .await;
+        if let Some(con) = self.con.as_mut() {
+            let del: redis::RedisResult<i64> =
+                redis::cmd("DEL").arg(&self.stream).query_async(con).await;
             if let Err(e) = del {
-                tracing::debug!(target: "procpool::remote", "cannot delete read results: {e}");
+                tracing::debug!(target: "procpool::remote", "cannot delete the result stream: {e}");
             }
         }
     }
-    let del: redis::RedisResult<i64> = redis::cmd("DEL").arg(&stream).query_async(&mut con).await;
-    if let Err(e) = del {
-        tracing::debug!(target: "procpool::remote", "cannot delete the result stream: {e}");
+
+    /// Connects again, every 100 ms; past [`RECONNECT_WINDOW`] the dispatcher fails what
+    /// is in flight (once), and the reader keeps trying, for the tasks submitted later.
+    /// A server with another `run_id` restarted: the dispatcher hears it.
+    async fn reconnect(&mut self) {
+        let since = tokio::time::Instant::now();
+        let mut told = false;
+        loop {
+            let connected = match super::connect_blocking(&self.client).await {
+                Ok(mut c) => run_id(&mut c)
+                    .await
+                    .map(|id| (c, id))
+                    .map_err(|e| backend("", e)),
+                Err(e) => Err(e),
+            };
+            match connected {
+                Ok((c, id)) => {
+                    tracing::info!(target: "procpool::remote", "reconnected to Redis");
+                    if id != self.server {
+                        self.server = id;
+                        self.out.send(FromReader::Restarted).ok();
+                    }
+                    self.con = Some(c);
+                    return;
+                }
+                Err(e) => {
+                    if !told && since.elapsed() >= RECONNECT_WINDOW {
+                        told = true;
+                        let e = Error::Backend {
+                            reason: format!(
+                                "Redis has been unreachable for {RECONNECT_WINDOW:?} ({e})"
+                            ),
+                        };
+                        self.out.send(FromReader::Unreachable(e)).ok();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
     }
 }
 
@@ -299,7 +379,7 @@ struct RemoteDispatcher {
     build: &'static str,
     parent: String,
     opts: Options,
-    con: MultiplexedConnection,
+    con: Con,
     cmds: mpsc::UnboundedReceiver<Command>,
     results: mpsc::UnboundedReceiver<FromReader>,
     inflight: HashMap<u64, Inflight>,
@@ -338,7 +418,8 @@ impl RemoteDispatcher {
                 }
                 Some(msg) = self.results.recv() => match msg {
                     FromReader::Result(r) => self.on_result(r),
-                    FromReader::Failed(e) => return self.fail_all(e),
+                    FromReader::Unreachable(e) => self.fail_all(e),
+                    FromReader::Restarted => self.on_restart().await,
                 },
             }
         }
@@ -384,7 +465,12 @@ impl RemoteDispatcher {
         let deadline_ms = self.opts.task_timeout.map_or(0, |t| {
             frame::now_ms().saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
         });
+        // Alive when its tasks are read, even just after a Redis restart (which loses the
+        // key until `keep_alive` renews it): a node drops the tasks of a parent whose key
+        // is missing.
         let mut pipe = redis::pipe();
+        pipe.add_command(alive(&self.keys.parent(&self.parent)))
+            .ignore();
         let mut sent = Vec::new();
         for job in jobs {
             self.counts.submitted += 1;
@@ -492,7 +578,7 @@ impl RemoteDispatcher {
                 .arg(entry)
                 .ignore();
         }
-        let sent: redis::RedisResult<()> = pipe.query_async(&mut self.con).await;
+        let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
         if let Err(e) = sent {
             tracing::warn!(target: "procpool::remote", task = id, "cannot cancel a remote task: {e}");
         }
@@ -512,6 +598,33 @@ impl RemoteDispatcher {
             self.counts.failed += 1;
         }
         t.reply.send(res);
+    }
+
+    /// Redis restarted: whatever it held of the tasks in flight may be gone (their
+    /// entries, the nodes' pending lists, their results), so they fail, and go into the
+    /// cancelled set, so that a Redis that kept them (with persistence) does not have
+    /// them run after their callers were answered. The pool goes on with the new server.
+    async fn on_restart(&mut self) {
+        tracing::warn!(target: "procpool::remote", tasks = self.inflight.len(),
+            "Redis restarted; the tasks in flight fail with Backend");
+        let now = frame::now_ms();
+        let mut pipe = redis::pipe();
+        for id in self.inflight.keys() {
+            pipe.cmd("ZADD")
+                .arg(self.keys.cancelled())
+                .arg(now)
+                .arg(frame::cancel_name(&self.parent, *id))
+                .ignore();
+        }
+        if !self.inflight.is_empty() {
+            let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
+            if let Err(e) = sent {
+                tracing::warn!(target: "procpool::remote", "cannot cancel the tasks Redis may have lost: {e}");
+            }
+        }
+        self.fail_all(Error::Backend {
+            reason: "Redis restarted; the task's state there may be lost".to_owned(),
+        });
     }
 
     fn give_back(&self, admitted: bool) {

@@ -157,23 +157,88 @@ pub(crate) fn backend(what: &str, e: impl std::fmt::Display) -> Error {
 /// How long a blocking read (`XREAD BLOCK`, `XREADGROUP BLOCK`) waits for entries.
 pub(crate) const BLOCK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A connection to `client`'s server. One that `blocking` reads waits up to [`BLOCK`]
-/// for each answer (plus a margin), and is used for nothing else (redis-rs #643); any
-/// other answer is waited for 5 s.
+/// A connection to `client`'s server for blocking reads (`XREAD BLOCK`,
+/// `XREADGROUP BLOCK`): each answer is waited for up to [`BLOCK`] plus a margin, and it is
+/// used for nothing else (a blocked command holds up every other one on a multiplexed
+/// connection, redis-rs #643). Its owner reconnects it when a read fails.
 ///
 /// # Errors
 ///
 /// [`Error::Backend`] if the server cannot be reached.
-pub(crate) async fn connect(
+pub(crate) async fn connect_blocking(
     client: &redis::Client,
-    blocking: bool,
 ) -> Result<redis::aio::MultiplexedConnection> {
-    let margin = std::time::Duration::from_secs(5);
     let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(margin))
-        .set_response_timeout(Some(if blocking { BLOCK + margin } else { margin }));
+        .set_connection_timeout(Some(MARGIN))
+        .set_response_timeout(Some(BLOCK + MARGIN));
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| backend("cannot connect to Redis", e))
+}
+
+/// How long an answer from Redis (other than a blocking read's) or a connection attempt
+/// is waited for.
+const MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The connection for everything but blocking reads: multiplexed, and reconnected by
+/// redis-rs's `ConnectionManager` after an error (a command sent while Redis is down
+/// fails at once; the next one after it is back goes through), so a Redis restart does
+/// not leave a pool or a node with a dead connection for good.
+pub(crate) type Con = redis::aio::ConnectionManager;
+
+/// A [`Con`] to `client`'s server.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if the server cannot be reached.
+pub(crate) async fn connect(client: &redis::Client) -> Result<Con> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(MARGIN))
+        .set_response_timeout(Some(MARGIN))
+        .set_number_of_retries(2)
+        .set_max_delay(std::time::Duration::from_millis(500));
+    redis::aio::ConnectionManager::new_with_config(client.clone(), config)
+        .await
+        .map_err(|e| backend("cannot connect to Redis", e))
+}
+
+/// A command or pipeline that may run twice: sent again once if the connection broke
+/// (the first command on a [`Con`] after Redis restarted fails so, and the manager
+/// reconnects for the next). Only for commands whose second run changes nothing
+/// (`SET`, `ZADD`, reads, the node's owner-checked scripts).
+pub(crate) async fn again_once<T: redis::FromRedisValue>(
+    con: &mut Con,
+    query: &(impl Query + ?Sized),
+) -> redis::RedisResult<T> {
+    match query.run(con).await {
+        Err(e) if e.is_connection_dropped() || e.is_io_error() => query.run(con).await,
+        r => r,
+    }
+}
+
+/// A [`redis::Cmd`] or [`redis::Pipeline`], for [`again_once`].
+pub(crate) trait Query {
+    fn run<T: redis::FromRedisValue>(
+        &self,
+        con: &mut Con,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send;
+}
+
+impl Query for redis::Cmd {
+    fn run<T: redis::FromRedisValue>(
+        &self,
+        con: &mut Con,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(con)
+    }
+}
+
+impl Query for redis::Pipeline {
+    fn run<T: redis::FromRedisValue>(
+        &self,
+        con: &mut Con,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(con)
+    }
 }

@@ -6,8 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-
+use super::Con;
 use super::frame::{self, End, GROUP, Keys, ResultFrame, TaskFrame};
 
 /// A node renews its entries' idle time this often (`XCLAIM ... JUSTID`).
@@ -28,7 +27,7 @@ pub(crate) struct Reaper {
 
 impl Reaper {
     /// Reaps once a heartbeat when elected, until dropped.
-    pub(crate) async fn run(self, mut con: MultiplexedConnection) {
+    pub(crate) async fn run(self, mut con: Con) {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
             let elected: redis::RedisResult<Option<String>> = redis::cmd("SET")
@@ -40,18 +39,22 @@ impl Reaper {
                 .query_async(&mut con)
                 .await;
             match elected {
-                Ok(Some(_)) => {
-                    if let Err(e) = self.reap(&mut con).await {
-                        tracing::warn!(target: "procpool::remote", "cannot reap lost tasks: {e}");
+                Ok(Some(_)) => match self.reap(&mut con).await {
+                    Ok(()) => {}
+                    // No group (yet, or again after a Redis restart): nothing to reap;
+                    // the next node to read makes it.
+                    Err(e) if e.code() == Some("NOGROUP") => {}
+                    Err(e) => {
+                        tracing::warn!(target: "procpool::remote", "cannot reap lost tasks: {e}")
                     }
-                }
+                },
                 Ok(None) => {} // another one's turn
                 Err(e) => tracing::debug!(target: "procpool::remote", "reaper election: {e}"),
             }
         }
     }
 
-    async fn reap(&self, con: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn reap(&self, con: &mut Con) -> redis::RedisResult<()> {
         let stream = self.keys.tasks(self.build);
         let idle = u64::try_from(LOST_AFTER.as_millis()).unwrap_or(3000);
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
@@ -85,7 +88,7 @@ impl Reaper {
     /// either way it leaves the stream in the same transaction.
     async fn handle(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut Con,
         stream: &str,
         node: &str,
         entry: redis::streams::StreamId,
@@ -97,43 +100,54 @@ impl Reaper {
             .zip(entry.get::<Vec<u8>>("m"))
             .filter(|(f, m)| frame::verify(&self.key, f, m))
             .and_then(|(f, _)| frame::decode::<TaskFrame>(&f).ok());
-        match frame {
-            None => {
-                tracing::warn!(target: "procpool::remote", entry = %entry.id,
-                    "a lost entry that fails its MAC was dropped");
-            }
-            Some(mut task) if task.attempt < task.retries => {
-                task.attempt += 1;
-                tracing::info!(target: "procpool::lifecycle", task = task.task, node,
-                    attempt = task.attempt, "node lost; task queued again");
-                if let Ok(f) = frame::encode(&task) {
+        let Some(mut task) = frame else {
+            tracing::warn!(target: "procpool::remote", entry = %entry.id,
+                "a lost entry that fails its MAC was dropped");
+            return take_off(pipe, stream, &entry.id).query_async(con).await;
+        };
+        if task.attempt < task.retries {
+            task.attempt += 1;
+            match frame::encode(&task) {
+                Ok(f) => {
+                    tracing::info!(target: "procpool::lifecycle", task = task.task, node,
+                        attempt = task.attempt, "node lost; task queued again");
                     push_signed(&mut pipe, stream, &self.key, &f);
+                    return take_off(pipe, stream, &entry.id).query_async(con).await;
                 }
-            }
-            Some(task) => {
-                tracing::info!(target: "procpool::lifecycle", task = task.task, node,
-                    "node lost; its task fails with NodeLost");
-                let result = ResultFrame {
-                    task: task.task,
-                    attempt: task.attempt,
-                    worker: format!("node-{node}"),
-                    end: End::Lost {
-                        node: node.to_owned(),
-                    },
-                };
-                if let Ok(f) = frame::encode(&result) {
-                    push_signed(&mut pipe, &self.keys.results(&task.parent), &self.key, &f);
+                Err(e) => {
+                    // Decoded a moment ago, so this does not happen; if it did, the
+                    // parent hears NodeLost rather than nothing.
+                    tracing::error!(target: "procpool::remote", task = task.task,
+                        "a lost task cannot be queued again: {e}");
+                    task.attempt -= 1;
                 }
             }
         }
-        pipe.cmd("XACK")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(&entry.id)
-            .ignore();
-        pipe.cmd("XDEL").arg(stream).arg(&entry.id).ignore();
-        pipe.query_async(con).await
+        tracing::info!(target: "procpool::lifecycle", task = task.task, node,
+            "node lost; its task fails with NodeLost");
+        let result = ResultFrame {
+            task: task.task,
+            attempt: task.attempt,
+            worker: format!("node-{node}"),
+            end: End::Lost {
+                node: node.to_owned(),
+            },
+        };
+        match frame::encode(&result) {
+            Ok(f) => push_signed(&mut pipe, &self.keys.results(&task.parent), &self.key, &f),
+            // Its parent's own deadline, or its handle's drop, is then all that ends it.
+            Err(e) => tracing::error!(target: "procpool::remote", task = task.task,
+                "cannot encode a NodeLost answer: {e}"),
+        }
+        take_off(pipe, stream, &entry.id).query_async(con).await
     }
+}
+
+/// Appends the ack and deletion of `entry` of `stream` to `pipe`.
+fn take_off(mut pipe: redis::Pipeline, stream: &str, entry: &str) -> redis::Pipeline {
+    pipe.cmd("XACK").arg(stream).arg(GROUP).arg(entry).ignore();
+    pipe.cmd("XDEL").arg(stream).arg(entry).ignore();
+    pipe
 }
 
 /// Appends an `XADD` of frame `f` and its MAC to `stream`.
