@@ -251,8 +251,23 @@ async fn a_queue_cannot_reach_a_remote_task() {
     let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
     let pool = remote_pool(&server, &ns, KEY).await.unwrap();
     let q: Queue<u8> = Queue::new();
-    match pool.apply(queue_len, (q,)).await {
+    match pool.apply(queue_len, (q.clone(),)).await {
         Err(Error::UnsupportedArgument { .. }) => {}
         other => panic!("{other:?}"),
     }
+    // In a map's items, or an imap's, as well: nothing of it runs.
+    match pool.map(queue_len, vec![q.clone(), q.clone()]).await {
+        Err(Error::UnsupportedArgument { .. }) => {}
+        other => panic!("map: {other:?}"),
+    }
+    let got: Vec<_> = pool
+        .imap(queue_len, vec![q.clone(), q.clone()])
+        .collect()
+        .await;
+    assert!(
+        matches!(got.as_slice(), [Err(Error::UnsupportedArgument { .. })]),
+        "imap: {got:?}"
+    );
+    // The pool still serves.
+    assert_eq!(pool.apply(doubler, (4,)).await.unwrap(), 8);
 }

@@ -270,6 +270,7 @@ impl Builder {
                     stats: launched.stats,
                     processes: launched.processes,
                     admission,
+                    remote: true,
                 }),
             });
         }
@@ -299,6 +300,7 @@ impl Builder {
                 stats,
                 processes,
                 admission,
+                remote: false,
             }),
         })
     }

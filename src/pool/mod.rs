@@ -104,6 +104,9 @@ pub(crate) struct Shared {
     /// Places in the queue ([`Builder::max_queued`]): a lazy call takes one before it
     /// submits, and the dispatcher gives it back when the task leaves the queue.
     admission: Arc<tokio::sync::Semaphore>,
+    /// Its tasks run on other machines (a remote backend): arguments that refer to
+    /// objects of this one (`Queue`, `Lock`, `Event`, pipe ends) cannot go.
+    remote: bool,
 }
 
 impl std::fmt::Debug for AsyncPool {
@@ -510,5 +513,16 @@ impl Shared {
 
     fn processes(&self) -> usize {
         self.processes
+    }
+
+    /// [`Error::UnsupportedArgument`] if arguments that took handles (`pins`) would go
+    /// to a remote pool.
+    fn local_only(&self, pins: &crate::sync::Pins) -> Result<()> {
+        if self.remote && !pins.is_empty() {
+            return Err(Error::UnsupportedArgument {
+                type_name: "a Queue, Lock, Event or pipe end".to_owned(),
+            });
+        }
+        Ok(())
     }
 }

@@ -204,11 +204,17 @@ where
                 panicked: None,
             };
             let (res, pins) = crate::sync::collect(|| items.fill(&mut input, size));
-            items.pins = pins;
-            match res {
-                Ok(ended) => self.exhausted |= ended,
-                Err(reason) => bad = Some(Error::encode::<T>(reason)),
+            match (res, self.shared.local_only(&pins)) {
+                (_, Err(e)) => {
+                    // Nothing of this chunk goes; the stream ends with the error.
+                    items = Encoded::default();
+                    self.exhausted = true;
+                    bad = Some(e);
+                }
+                (Ok(ended), Ok(())) => self.exhausted |= ended,
+                (Err(reason), Ok(())) => bad = Some(Error::encode::<T>(reason)),
             }
+            items.pins = pins;
             if let Some(payload) = input.panicked {
                 // What was pulled before the panic is sent; the panic is the stream's
                 // last item, after every result (also in completion order).

@@ -159,6 +159,7 @@ impl<R> Map<R> {
         let (tx, rx) = mpsc::unbounded_channel();
         let chunks = n.div_ceil(size);
         let pins = std::mem::take(&mut items.pins);
+        self.shared.local_only(&pins)?;
         self.run = Some(MapRun {
             rx,
             ids: Vec::with_capacity(chunks),
