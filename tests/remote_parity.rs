@@ -137,7 +137,9 @@ async fn apply_map_starmap_imap_through_two_nodes_give_the_local_pools_results()
     // The node ran it, in one of its workers, and says so in names and errors.
     let names = pool.map(whoami, vec![0u8; 8]).await.unwrap();
     assert!(
-        names.iter().all(|n| n.starts_with("PoolWorker-")),
+        names
+            .iter()
+            .all(|n| n.starts_with("node-") && n.contains(":PoolWorker-")),
         "{names:?}"
     );
     match pool.apply(boom, (0,)).await {

@@ -40,11 +40,12 @@ pub async fn node(config: Redis) -> Result<()> {
     let processes = config
         .node_processes
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = AsyncPool::new(processes).await?;
     // Host and pid first, so that logs and NodeLost name a node one can find.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "node".to_owned(), |h| h.trim().to_owned());
     let id = format!("{host}-{}-{}", std::process::id(), &frame::random_id()[..6]);
+    crate::runtime::set_worker_prefix(format!("node-{id}"));
+    let pool = AsyncPool::new(processes).await?;
     tracing::info!(target: "procpool::lifecycle", node = %id, build, processes,
         "node serving namespace {}", config.namespace);
     let member = format!("{id}/{processes}");
@@ -558,7 +559,12 @@ impl Ctx {
         let mut result = ResultFrame {
             task: task.task,
             attempt: task.attempt,
-            worker: format!("{}:{worker}", self.node),
+            // The node's workers are named after it (`node-<id>:PoolWorker-2`).
+            worker: if worker.is_empty() {
+                self.node.clone()
+            } else {
+                worker
+            },
             end,
         };
         let f = frame::encode(&result).or_else(|e| {

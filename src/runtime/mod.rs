@@ -37,6 +37,27 @@ pub(crate) fn name_of(identity: &[u32]) -> String {
 }
 
 /// `Process-3:1`, `PoolWorker-4`: Python's naming from an identity.
+/// What a node puts before its workers' names (`node-<id>`), set once by the node.
+static WORKER_PREFIX: OnceLock<String> = OnceLock::new();
+
+/// Makes this process's pool workers `<prefix>:PoolWorker-<n>` from here on (a node
+/// does, so that names in errors, logs and `current_process()` say which machine).
+/// Only the first call counts.
+pub(crate) fn set_worker_prefix(prefix: String) {
+    if WORKER_PREFIX.set(prefix).is_err() {
+        tracing::debug!(target: "procpool::lifecycle", "the workers' name prefix was set already");
+    }
+}
+
+/// The name of pool worker `identity`: `PoolWorker-<n>`, after the prefix a node set.
+pub(crate) fn worker_name(identity: &[u32]) -> String {
+    let name = named("PoolWorker", identity);
+    match WORKER_PREFIX.get() {
+        Some(prefix) => format!("{prefix}:{name}"),
+        None => name,
+    }
+}
+
 pub(crate) fn named(prefix: &str, identity: &[u32]) -> String {
     let parts: Vec<String> = identity.iter().map(u32::to_string).collect();
     format!("{prefix}-{}", parts.join(":"))

@@ -213,7 +213,7 @@ pub(crate) async fn start(
     start_timeout: std::time::Duration,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let name: Arc<str> = crate::runtime::named("PoolWorker", &identity).into();
+    let name: Arc<str> = crate::runtime::worker_name(&identity).into();
     let ev = tokio::select! {
         r = connect(id, &name, identity, init, start_timeout, events.clone()) => match r {
             Ok(conn) => Event::Ready(conn),
