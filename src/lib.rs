@@ -307,9 +307,15 @@ pub use wire::DEFAULT_MAX_FRAME;
 ///   the consumer group again and listen for cancels again; a node's tasks whose
 ///   entries the restart lost are stopped by its heartbeat.
 ///
-/// Not built yet (issue 15's later steps): a remote task's `tracing` events stay on
-/// its node, and `imap` over an endless iterator is bounded by the pool's window, not
-/// checked in Redis.
+/// - a task whose arguments encode to more than Redis holds in one value (512 MiB less
+///   the frame) is [`Error::Encode`] at submit.
+///
+/// What differs from a local pool: a remote task's `tracing` events go to its node's
+/// subscriber (stderr in node mode), named `node-<id>:PoolWorker-<n>`, not to the
+/// parent's. Not built yet: forwarding them through each parent's result stream,
+/// bounded. `imap` keeps 4 chunks per worker of the nodes that were live when the pool
+/// started in flight, so an endless input holds that many entries in Redis; no test
+/// checks it on Redis yet.
 #[cfg(feature = "redis")]
 pub mod remote {
     pub use crate::node::node;

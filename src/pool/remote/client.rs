@@ -210,6 +210,10 @@ async fn wait_for_nodes(con: &mut Con, keys: &Keys, build: &str, wait: Duration)
     }
 }
 
+/// The largest arguments a remote task takes: Redis's default `proto-max-bulk-len`
+/// (512 MiB, the most one stream field holds) less room for the rest of the frame.
+const MAX_REMOTE_ARGS: usize = (512 << 20) - (64 << 10);
+
 /// What the result reader tells the dispatcher.
 enum FromReader {
     /// A verified result.
@@ -528,6 +532,16 @@ impl RemoteDispatcher {
         {
             return Err(Error::UnsupportedArgument {
                 type_name: "a Queue, Lock, Event or pipe end".to_owned(),
+            });
+        }
+        if job.args.len() > MAX_REMOTE_ARGS {
+            return Err(Error::Encode {
+                type_name: format!("the arguments of {}", job.target.name),
+                reason: format!(
+                    "they encode to {} bytes; a remote task's are at most {MAX_REMOTE_ARGS} \
+                     (Redis takes at most 512 MiB in one value, its proto-max-bulk-len)",
+                    job.args.len()
+                ),
             });
         }
         let f = frame::encode(&TaskFrame {
