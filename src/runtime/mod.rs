@@ -43,6 +43,7 @@ static WORKER_PREFIX: OnceLock<String> = OnceLock::new();
 /// Makes this process's pool workers `<prefix>:PoolWorker-<n>` from here on (a node
 /// does, so that names in errors, logs and `current_process()` say which machine).
 /// Only the first call counts.
+#[cfg(feature = "redis")]
 pub(crate) fn set_worker_prefix(prefix: String) {
     if WORKER_PREFIX.set(prefix).is_err() {
         tracing::debug!(target: "procpool::lifecycle", "the workers' name prefix was set already");
