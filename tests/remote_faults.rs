@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error, ExitReason};
-use redis_support::{Nodes, RedisServer, namespace};
+use redis_support::{Nodes, Proxy, RedisServer, namespace};
 use support::{TempDir, eventually, is_dead, read_file_within, write_file};
 
 const KEY: &str = "another-test-key";
@@ -438,4 +438,71 @@ async fn a_zombie_nodes_late_result_is_ignored_and_its_ack_leaves_the_new_owners
 #[tokio::test]
 async fn a_zombie_node_stops_the_task_it_lost_and_leaves_the_new_owners_entry() {
     zombie(false).await;
+}
+
+/// Node A runs a task and is cut off from Redis (a proxy that stops forwarding, its
+/// connections left open): the task is reclaimed and run again on node B. A's run then
+/// finishes and answers into the cut; on heal that late answer reaches Redis and is
+/// refused (A no longer owns the entry): B's entry stays, the caller gets B's result.
+#[tokio::test]
+async fn a_node_cut_off_has_its_task_reclaimed_and_its_late_answer_fenced() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("cut");
+    let proxies = [Proxy::start(&server), Proxy::start(&server)];
+    let nodes = Nodes::start_via(&[&proxies[0].url, &proxies[1].url], &ns, KEY, 1);
+    let pool = remote_pool_with(&server, &ns, 1).await;
+    let dir = TempDir::new("remote-cut");
+    let runs = dir.path("runs");
+    let handle = pool.apply_async(held_per_run, (dir.root().display().to_string(),));
+    read_file_within(&runs, Duration::from_secs(30));
+    let (first, _) = runs_of(&runs)[0];
+    let a = nodes.pids().iter().position(|&p| p == first).unwrap();
+    proxies[a].cut();
+    assert!(
+        eventually(Duration::from_secs(30), || runs_of(&runs).len() == 2),
+        "the task was not run again after its node was cut off"
+    );
+    let (second, _) = runs_of(&runs)[1];
+    assert_ne!(first, second, "the retry ran on the other node");
+    // A's run finishes; its answer (to this parent's result stream) is held by the cut.
+    write_file(&dir.path("go1"), "go");
+    let answer = format!("{{pp:{ns}}}:r:");
+    assert!(
+        eventually(Duration::from_secs(30), || proxies[a]
+            .held_upstream_contains(&answer)),
+        "node A never answered: {}",
+        nodes.log(first)
+    );
+    proxies[a].heal();
+    assert!(
+        eventually(Duration::from_secs(30), || nodes
+            .log(first)
+            .contains("its result is dropped")),
+        "node A's late answer was not refused: {}",
+        nodes.log(first)
+    );
+    let mut con = server.connect().await;
+    let stream = task_stream(&mut con, &ns).await;
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("nodes")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert!(
+        pending[0].1.contains(&format!("-{second}-")),
+        "the entry is not B's: {pending:?}"
+    );
+    write_file(&dir.path("go2"), "go");
+    let got = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("answered");
+    assert_eq!(got.unwrap(), 2, "the caller got B's result, not A's");
+    assert_eq!(runs_of(&runs).len(), 2, "ran twice, no more");
 }

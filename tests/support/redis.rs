@@ -1,7 +1,12 @@
 //! A `redis-server` per test on a unix socket, and nodes: this test binary in node mode.
 #![allow(dead_code, unreachable_pub)]
 
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::TempDir;
@@ -138,6 +143,11 @@ impl Nodes {
         )
     }
 
+    /// One logged node per url in `urls` (a [`Proxy`]'s, say), as [`Nodes::start_logged`].
+    pub fn start_via(urls: &[&str], ns: &str, key: &str, processes: usize) -> Nodes {
+        Nodes::spawn_at(urls, ns, key, processes, Some(TempDir::new("node-logs")))
+    }
+
     fn spawn(
         server: &RedisServer,
         ns: &str,
@@ -146,9 +156,22 @@ impl Nodes {
         processes: usize,
         logs: Option<TempDir>,
     ) -> Nodes {
+        let urls = vec![server.url.as_str(); n];
+        Nodes::spawn_at(&urls, ns, key, processes, logs)
+    }
+
+    fn spawn_at(
+        urls: &[&str],
+        ns: &str,
+        key: &str,
+        processes: usize,
+        logs: Option<TempDir>,
+    ) -> Nodes {
         let exe = std::env::current_exe().unwrap();
-        let children = (0..n)
-            .map(|i| {
+        let children = urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
                 let stderr = match &logs {
                     Some(dir) => {
                         Stdio::from(std::fs::File::create(dir.path(&format!("{i}"))).unwrap())
@@ -156,7 +179,7 @@ impl Nodes {
                     None => Stdio::inherit(),
                 };
                 Command::new(&exe)
-                    .env("PROCPOOL_NODE", &server.url)
+                    .env("PROCPOOL_NODE", url)
                     .env("PROCPOOL_NAMESPACE", ns)
                     .env("PROCPOOL_KEY", key)
                     .env("PROCPOOL_NODE_PROCESSES", processes.to_string())
@@ -245,4 +268,138 @@ pub fn namespace(tag: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{tag}-{}-{n}", std::process::id())
+}
+
+/// A unix-socket proxy in front of a server that can be cut off as a network can: its
+/// connections stay open (new ones are accepted too) but nothing crosses, the bytes sent
+/// meanwhile are held, and on [`Proxy::heal`] they are delivered, late, in order.
+pub struct Proxy {
+    pub url: String,
+    state: Arc<ProxyState>,
+    _dir: TempDir,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: AtomicBool,
+    links: Mutex<Vec<Arc<Link>>>,
+    /// Every byte held on its way to the server while cut.
+    held_upstream: Mutex<Vec<u8>>,
+}
+
+/// One direction of one connection.
+struct Link {
+    upstream: bool,
+    inner: Mutex<LinkInner>,
+}
+
+struct LinkInner {
+    to: UnixStream,
+    held: Vec<u8>,
+    eof: bool,
+}
+
+impl Proxy {
+    /// A proxy to `server`, forwarding.
+    pub fn start(server: &RedisServer) -> Proxy {
+        let dir = TempDir::new("redis-proxy");
+        let socket = dir.path("proxy.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let state = Arc::new(ProxyState::default());
+        let (st, upstream) = (Arc::clone(&state), server.socket.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = UnixStream::connect(&upstream) else {
+                    continue;
+                };
+                for (from, to, up) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        true,
+                    ),
+                    (server, client, false),
+                ] {
+                    let link = Arc::new(Link {
+                        upstream: up,
+                        inner: Mutex::new(LinkInner {
+                            to,
+                            held: Vec::new(),
+                            eof: false,
+                        }),
+                    });
+                    st.links.lock().unwrap().push(Arc::clone(&link));
+                    let st = Arc::clone(&st);
+                    std::thread::spawn(move || link.pump(from, &st));
+                }
+            }
+        });
+        Proxy {
+            url: format!("unix://{socket}"),
+            state,
+            _dir: dir,
+        }
+    }
+
+    /// Stops forwarding: from here on bytes are held, in both directions.
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Delivers what was held and forwards again.
+    pub fn heal(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+        for link in self.state.links.lock().unwrap().iter() {
+            let mut inner = link.inner.lock().unwrap();
+            let held = std::mem::take(&mut inner.held);
+            // The other end may be gone: what it sent is delivered as far as it can be.
+            if inner.to.write_all(&held).is_ok() && inner.eof {
+                inner.to.shutdown(Shutdown::Write).ok();
+            }
+        }
+    }
+
+    /// Whether the bytes held on their way to the server include `needle`.
+    pub fn held_upstream_contains(&self, needle: &str) -> bool {
+        let held = self.state.held_upstream.lock().unwrap();
+        held.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+}
+
+impl Link {
+    fn pump(&self, mut from: UnixStream, state: &ProxyState) {
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            let mut inner = self.inner.lock().unwrap();
+            if state.cut.load(Ordering::SeqCst) {
+                if n == 0 {
+                    inner.eof = true;
+                    return;
+                }
+                inner.held.extend_from_slice(&buf[..n]);
+                if self.upstream {
+                    state
+                        .held_upstream
+                        .lock()
+                        .unwrap()
+                        .extend_from_slice(&buf[..n]);
+                }
+                continue;
+            }
+            // Healed, but not flushed yet: the held bytes go first.
+            let held = std::mem::take(&mut inner.held);
+            if inner.to.write_all(&held).is_err() {
+                return;
+            }
+            if n == 0 {
+                inner.to.shutdown(Shutdown::Write).ok();
+                return;
+            }
+            if inner.to.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    }
 }
