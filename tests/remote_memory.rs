@@ -1,5 +1,6 @@
-//! Memory bounds of a remote pool (DESIGN.md §10): an argument Redis cannot hold is
-//! `Encode` at submit. Needs `redis-server` (skips without it, unless
+//! Memory bounds of a remote pool (DESIGN.md §10): `imap` over a long input keeps a
+//! window of chunks in Redis and the parent's memory flat; an argument Redis cannot hold
+//! is `Encode` at submit. Needs `redis-server` (skips without it, unless
 //! `PROCPOOL_REQUIRE_REDIS` is set).
 #![cfg(feature = "redis")]
 
@@ -10,15 +11,34 @@ mod redis_support;
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error};
 use redis_support::{Nodes, RedisServer, namespace};
-use support::TempDir;
+use support::{TempDir, status_kib};
 
 const KEY: &str = "memory-test-key";
 
 fn len_of(b: serde_bytes::ByteBuf) -> usize {
     b.len()
+}
+
+fn plus_one(x: u64) -> u64 {
+    x + 1
+}
+
+/// The length of the one stream matching `pattern`, 0 if there is none yet.
+async fn xlen(con: &mut redis::aio::MultiplexedConnection, pattern: &str) -> usize {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(con)
+        .await
+        .unwrap();
+    assert!(keys.len() <= 1, "{keys:?}");
+    match keys.first() {
+        Some(k) => redis::cmd("XLEN").arg(k).query_async(con).await.unwrap(),
+        None => 0,
+    }
 }
 
 async fn remote_pool(server: &RedisServer, ns: &str) -> AsyncPool {
@@ -46,4 +66,47 @@ async fn an_argument_redis_cannot_hold_is_encode_at_submit() {
     // The pool goes on.
     let fine = serde_bytes::ByteBuf::from(vec![1u8; 1 << 20]);
     assert_eq!(pool.apply(len_of, (fine,)).await.unwrap(), 1 << 20);
+}
+
+#[tokio::test]
+async fn imap_over_ten_million_items_keeps_a_window_in_redis_and_the_parents_memory_flat() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("imap-window");
+    let nodes = Nodes::start_logged(&server, &ns, KEY, 1, 2);
+    let pool = remote_pool(&server, &ns).await;
+    // Chunks in flight: the window is 4 per worker of the nodes the pool started with.
+    let window = 4 * pool.processes();
+    let mut con = server.connect().await;
+    let (tasks, results) = (format!("{{pp:{ns}}}:b:*:tasks"), format!("{{pp:{ns}}}:r:*"));
+    const N: u64 = 10_000_000;
+    let mut out = pool.imap(plus_one, 0..N).chunksize(20_000);
+    let (mut seen, mut longest, mut rss_at_1m) = (0u64, (0, 0), 0);
+    while let Some(r) = out.next().await {
+        seen += 1;
+        assert_eq!(r.unwrap(), seen, "in order, nothing lost");
+        if seen % 200_000 == 0 {
+            longest.0 = longest.0.max(xlen(&mut con, &tasks).await);
+            longest.1 = longest.1.max(xlen(&mut con, &results).await);
+        }
+        if seen == 1_000_000 {
+            rss_at_1m = status_kib("VmRSS");
+        }
+    }
+    assert_eq!(seen, N);
+    assert!(longest.0 > 0, "the task stream was never seen");
+    let grown_kib = status_kib("VmRSS").saturating_sub(rss_at_1m);
+    // Entries queued or running, and results not read yet: the window and a few more.
+    assert!(
+        longest.0 <= window + 2 && longest.1 <= window + 2,
+        "streams grew to {longest:?} entries (window {window})"
+    );
+    assert!(
+        grown_kib < 64 << 10,
+        "the parent grew by {grown_kib} KiB from item 1 M to item 10 M"
+    );
+    // A healthy run warns of nothing (a heartbeat racing an answer once did).
+    let log = nodes.log(nodes.pids()[0]);
+    assert!(!log.contains(" WARN "), "{log}");
 }

@@ -469,12 +469,14 @@ impl Ctx {
                 }
             };
             for entry in lost {
-                let name = self
+                let held = self
                     .entries
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&entry)
-                    .flatten();
+                    .remove(&entry);
+                // Not held any more: answered between the look at `entries` and the
+                // script (which then found it gone), nothing was lost.
+                let Some(name) = held else { continue };
                 tracing::warn!(target: "procpool::remote", entry = %entry, task = ?name,
                     "this node no longer owns a task it holds (reclaimed while the node was \
                     unreachable, or lost by a Redis restart); the task is stopped");
