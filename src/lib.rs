@@ -310,10 +310,15 @@ pub use wire::DEFAULT_MAX_FRAME;
 /// - a task whose arguments encode to more than Redis holds in one value (512 MiB less
 ///   the frame) is [`Error::Encode`] at submit.
 ///
-/// What differs from a local pool: a remote task's `tracing` events go to its node's
-/// subscriber (stderr in node mode), named `node-<id>:PoolWorker-<n>`, not to the
-/// parent's. Not built yet: forwarding them through each parent's result stream,
-/// bounded.
+/// - a remote task's `tracing` events (from any of its worker's threads) travel back
+///   with its result and are emitted in the parent as a local worker's are (target
+///   `procpool::child`, `process` = `node-<id>:PoolWorker-<n>`, `pid` = the worker's on
+///   its node), just before the result is handed on; the node logs them too. At most
+///   1,000 events and 256 KiB of text per task travel; the rest are counted in one
+///   `WARN` in the parent. What differs from a local pool: they arrive when the task
+///   ends, not as they are emitted; a task stopped at its deadline sends the ones
+///   emitted until then, a cancelled one none; the level is the node's (`INFO` in node
+///   mode), not the parent's.
 ///
 /// `imap` keeps 4 chunks per worker of the nodes that were live when the pool started
 /// in flight, so an endless input holds that many entries in Redis, and the parent's

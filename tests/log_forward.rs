@@ -3,85 +3,12 @@
 
 mod support;
 
-use std::sync::{Mutex, OnceLock};
+#[path = "support/capture.rs"]
+mod capture_support;
 
+use capture_support::{capture, events_of, events_where};
 use procpool::{AsyncPool, Error, Process};
-use tracing::field::{Field, Visit};
-use tracing::{Level, Subscriber};
-use tracing_subscriber::Layer;
-use tracing_subscriber::layer::{Context, SubscriberExt};
-
-#[derive(Debug, Clone, Default)]
-struct Captured {
-    level: String,
-    target: String,
-    process: String,
-    pid: u64,
-    child_target: String,
-    fields: String,
-    message: String,
-}
-
-impl Visit for Captured {
-    fn record_u64(&mut self, f: &Field, v: u64) {
-        if f.name() == "pid" {
-            self.pid = v;
-        }
-    }
-    fn record_str(&mut self, f: &Field, v: &str) {
-        self.set(f.name(), v.to_owned());
-    }
-    fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
-        self.set(f.name(), format!("{v:?}"));
-    }
-}
-
-impl Captured {
-    fn set(&mut self, name: &str, v: String) {
-        match name {
-            "process" => self.process = v,
-            "child_target" => self.child_target = v,
-            "fields" => self.fields = v,
-            "message" => self.message = v,
-            _ => {}
-        }
-    }
-}
-
-static EVENTS: Mutex<Vec<Captured>> = Mutex::new(Vec::new());
-
-struct Capture;
-impl<S: Subscriber> Layer<S> for Capture {
-    fn on_event(&self, e: &tracing::Event<'_>, _: Context<'_, S>) {
-        let mut c = Captured {
-            level: e.metadata().level().to_string(),
-            target: e.metadata().target().to_owned(),
-            ..Captured::default()
-        };
-        e.record(&mut c);
-        EVENTS.lock().unwrap().push(c);
-    }
-}
-
-/// One global subscriber for this test binary, at INFO.
-fn capture() {
-    static INIT: OnceLock<()> = OnceLock::new();
-    INIT.get_or_init(|| {
-        let sub = tracing_subscriber::registry()
-            .with(Capture.with_filter(tracing_subscriber::filter::LevelFilter::INFO));
-        tracing::subscriber::set_global_default(sub).expect("first subscriber");
-    });
-}
-
-fn events_of(process: &str) -> Vec<Captured> {
-    EVENTS
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| c.process == process)
-        .cloned()
-        .collect()
-}
+use tracing::Level;
 
 fn greets() -> (bool, bool) {
     tracing::warn!(answer = 42, "hello from the child");
@@ -201,13 +128,7 @@ async fn pool_workers_forward_too() {
     let pool = AsyncPool::new(1).await.unwrap();
     let worker_pid = pool.apply(std::process::id, ()).await.unwrap();
     assert_eq!(pool.apply(work_and_log, (7,)).await.unwrap(), 7);
-    let evs: Vec<Captured> = EVENTS
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.pid == u64::from(worker_pid) && e.message == "working")
-        .cloned()
-        .collect();
+    let evs = events_where(|e| e.pid == u64::from(worker_pid) && e.message == "working");
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert!(evs[0].process.starts_with("PoolWorker-"));
     assert_eq!(evs[0].fields, "x=7");

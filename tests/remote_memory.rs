@@ -9,12 +9,9 @@ mod support;
 #[path = "support/redis.rs"]
 mod redis_support;
 
-use std::time::Duration;
-
 use futures::StreamExt;
-use procpool::remote::Redis;
-use procpool::{AsyncPool, Error};
-use redis_support::{Nodes, RedisServer, namespace};
+use procpool::Error;
+use redis_support::{Nodes, RedisServer, namespace, remote_pool};
 use support::{TempDir, status_kib};
 
 const KEY: &str = "memory-test-key";
@@ -41,15 +38,6 @@ async fn xlen(con: &mut redis::aio::MultiplexedConnection, pattern: &str) -> usi
     }
 }
 
-async fn remote_pool(server: &RedisServer, ns: &str) -> AsyncPool {
-    AsyncPool::builder()
-        .backend(Redis::new(&server.url).namespace(ns).key(KEY))
-        .wait_for_nodes(Duration::from_secs(20))
-        .build()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn an_argument_redis_cannot_hold_is_encode_at_submit() {
     let Some(server) = RedisServer::start() else {
@@ -57,7 +45,7 @@ async fn an_argument_redis_cannot_hold_is_encode_at_submit() {
     };
     let ns = namespace("too-big");
     let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
-    let pool = remote_pool(&server, &ns).await;
+    let pool = remote_pool(&server, &ns, KEY).await;
     let big = serde_bytes::ByteBuf::from(vec![1u8; 513 << 20]);
     match pool.apply(len_of, (big,)).await {
         Err(Error::Encode { reason, .. }) => assert!(reason.contains("512 MiB"), "{reason}"),
@@ -75,7 +63,7 @@ async fn imap_over_ten_million_items_keeps_a_window_in_redis_and_the_parents_mem
     };
     let ns = namespace("imap-window");
     let nodes = Nodes::start_logged(&server, &ns, KEY, 1, 2);
-    let pool = remote_pool(&server, &ns).await;
+    let pool = remote_pool(&server, &ns, KEY).await;
     // Chunks in flight: the window is 4 per worker of the nodes the pool started with.
     let window = 4 * pool.processes();
     let mut con = server.connect().await;

@@ -10,9 +10,8 @@ mod redis_support;
 
 use std::time::Duration;
 
-use procpool::remote::Redis;
-use procpool::{AsyncPool, Error};
-use redis_support::{Nodes, RedisServer, namespace};
+use procpool::Error;
+use redis_support::{Nodes, RedisServer, namespace, remote_pool};
 use support::{TempDir, eventually, is_dead, read_file_within, write_file};
 
 const KEY: &str = "outage-test-key";
@@ -28,15 +27,6 @@ fn hold(started: String, never: String) -> u8 {
     1
 }
 
-async fn remote_pool(server: &RedisServer, ns: &str) -> AsyncPool {
-    AsyncPool::builder()
-        .backend(Redis::new(&server.url).namespace(ns).key(KEY))
-        .wait_for_nodes(Duration::from_secs(20))
-        .build()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_redis_restart_resolves_every_handle_leaves_no_child_and_the_pool_goes_on() {
     let Some(mut server) = RedisServer::start() else {
@@ -44,7 +34,7 @@ async fn a_redis_restart_resolves_every_handle_leaves_no_child_and_the_pool_goes
     };
     let ns = namespace("restart");
     let _nodes = Nodes::start(&server, &ns, KEY, 1, 2);
-    let pool = remote_pool(&server, &ns).await;
+    let pool = remote_pool(&server, &ns, KEY).await;
     let dir = TempDir::new("remote-restart");
     let never = dir.path("never");
     // Two run (the node has two workers), one waits on the node.
@@ -92,7 +82,7 @@ async fn redis_gone_for_good_fails_what_is_in_flight_and_the_pool_serves_once_it
     };
     let ns = namespace("gone");
     let mut nodes = Nodes::start(&server, &ns, KEY, 1, 1);
-    let pool = remote_pool(&server, &ns).await;
+    let pool = remote_pool(&server, &ns, KEY).await;
     let dir = TempDir::new("remote-gone");
     let running = pool.apply_async(hold, (dir.path("started"), dir.path("never")));
     let worker: u32 = read_file_within(&dir.path("started"), Duration::from_secs(30))

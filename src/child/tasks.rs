@@ -183,8 +183,10 @@ pub(super) fn serve_pool(
         let outcome = if skips.remove(&task.id) {
             Outcome::Skipped
         } else {
+            crate::log::set_task(Some(task.id));
             let outcome = execute_parts(task.target, &task.target_name, &task.args, &mut cx);
             crate::sync::settle();
+            crate::log::set_task(None);
             outcome
         };
         // The frame's memory goes back before the answer is written.

@@ -28,7 +28,7 @@
 //! set); it should emit events and let the parent decide where they go.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -41,6 +41,9 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
 use crate::wire::{LogRecord, Outbox, Up};
+
+#[cfg(feature = "redis")]
+pub(crate) mod capture;
 
 /// Set by [`log_to_stderr`]: children then print their events themselves, in the same
 /// format, so their lines keep program order with their own stdout (as in Python).
@@ -135,6 +138,21 @@ impl Fields {
 
 // ------------------------------------------------------------------------- child
 
+/// The pool task this child runs, [`NO_TASK`] between tasks.
+static TASK: AtomicU64 = AtomicU64::new(NO_TASK);
+const NO_TASK: u64 = u64::MAX;
+
+/// In a pool worker: the task it runs from here on (`None`: none), which its events
+/// carry.
+pub(crate) fn set_task(id: Option<u64>) {
+    TASK.store(id.unwrap_or(NO_TASK), Ordering::Relaxed);
+}
+
+fn current_task() -> Option<u64> {
+    let id = TASK.load(Ordering::Relaxed);
+    (id != NO_TASK).then_some(id)
+}
+
 /// The child's layer: every event goes to the parent.
 struct Forward {
     outbox: Outbox,
@@ -150,6 +168,7 @@ impl<S: Subscriber> Layer<S> for Forward {
             target: meta.target().to_owned(),
             message: f.message,
             fields: f.rest,
+            task: current_task(),
         };
         // Fails only if the parent is gone, and then this child is about to exit too.
         self.outbox.send(&Up::Log(record)).ok();

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use redis::streams::StreamId;
 
 use crate::error::{Error, Result};
+use crate::log::capture::TaskEvents;
 use crate::pool::AsyncPool;
 use crate::pool::remote::fingerprint::fingerprint;
 use crate::pool::remote::frame::{self, End, GROUP, Keys, ResultFrame, TaskFrame};
@@ -551,7 +552,7 @@ impl Ctx {
         {
             *name = Some(cancel);
         }
-        let Some((worker, end)) = self.run(&mut con, &task).await else {
+        let Some((worker, end, events)) = self.run(&mut con, &task).await else {
             // Cancelled: its caller is gone; the entry goes, unanswered.
             if let Err(e) = self.answer(&mut con, &entry.id, None).await {
                 tracing::warn!(target: "procpool::remote", "cannot drop a cancelled task: {e}");
@@ -568,6 +569,7 @@ impl Ctx {
                 worker
             },
             end,
+            events,
         };
         let f = frame::encode(&result).or_else(|e| {
             tracing::error!(target: "procpool::remote", task = task.task, "cannot encode a result: {e}");
@@ -627,14 +629,15 @@ impl Ctx {
         Ok(done == 1)
     }
 
-    /// Runs a task in a local worker, within its deadline; which worker, and how it
-    /// ended.
+    /// Runs a task in a local worker, within its deadline; which worker, how it ended,
+    /// and the events it emitted.
     /// `None`: it was cancelled (before it started, or its worker was stopped), and
     /// nobody waits for its result.
-    async fn run(&self, con: &mut Con, task: &TaskFrame) -> Option<(String, End)> {
+    async fn run(&self, con: &mut Con, task: &TaskFrame) -> Option<(String, End, TaskEvents)> {
         let Some(name) = intern(&task.target_name) else {
             let reason = "too many distinct target names".to_owned();
-            return Some((String::new(), End::Failed { reason }));
+            let failed = End::Failed { reason };
+            return Some((String::new(), failed, TaskEvents::default()));
         };
         let target = TargetRef {
             offset: task.target,
@@ -673,10 +676,16 @@ impl Ctx {
                     c.running.insert(cancel.clone(), id);
                     (id, rx)
                 }
-                Err(e) => return Some((String::new(), End::from_error(&e))),
+                Err(e) => {
+                    let failed = End::from_error(&e);
+                    return Some((String::new(), failed, TaskEvents::default()));
+                }
             }
         };
-        let answer = self.wait(task, id, rx).await;
+        let (worker, end) = self.wait(task, id, rx).await;
+        // Its worker's events came before its answer; any later (a worker killed at the
+        // deadline) are not kept.
+        let events = crate::log::capture::take(id);
         let cancelled = self
             .cancels
             .lock()
@@ -687,7 +696,7 @@ impl Ctx {
         if cancelled {
             return None;
         }
-        Some(answer)
+        Some((worker, end, events))
     }
 
     /// Waits for local task `id` within `task`'s deadline.

@@ -501,7 +501,12 @@ impl Shared {
             tx,
             pins: crate::sync::Pins::default(),
         };
-        let id = self.submit(target, args, |_| reply, false)?;
+        // Its events are kept from before it can start, for the node to send back.
+        let make_reply = |id| {
+            crate::log::capture::open(id);
+            reply
+        };
+        let id = self.submit(target, args, make_reply, false)?;
         Ok((id, rx))
     }
 

@@ -160,7 +160,7 @@ pub(crate) enum Up {
 }
 
 /// A child's `tracing` event as it crosses.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct LogRecord {
     /// 1 = ERROR .. 5 = TRACE.
     pub(crate) level: u8,
@@ -168,6 +168,9 @@ pub(crate) struct LogRecord {
     pub(crate) message: String,
     /// The event's other fields, `key=value` separated by spaces.
     pub(crate) fields: String,
+    /// The pool task the child was running when the event was emitted (on any of its
+    /// threads), if any.
+    pub(crate) task: Option<u64>,
 }
 
 /// What running a target produced.

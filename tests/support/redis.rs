@@ -403,3 +403,18 @@ impl Link {
         }
     }
 }
+
+/// A pool whose tasks run on the nodes of namespace `ns` on `server` (key `key`),
+/// waiting up to 20 s for the first.
+pub async fn remote_pool(server: &RedisServer, ns: &str, key: &str) -> procpool::AsyncPool {
+    procpool::AsyncPool::builder()
+        .backend(
+            procpool::remote::Redis::new(&server.url)
+                .namespace(ns)
+                .key(key),
+        )
+        .wait_for_nodes(Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap()
+}

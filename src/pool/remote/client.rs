@@ -299,7 +299,8 @@ impl Reader {
                     continue;
                 }
                 match frame::decode::<ResultFrame>(&f) {
-                    Ok(r) => {
+                    Ok(mut r) => {
+                        reemit(&r.worker, std::mem::take(&mut r.events));
                         if self.out.send(FromReader::Result(r)).is_err() {
                             return;
                         }
@@ -667,5 +668,19 @@ impl RemoteDispatcher {
             idle,
             ..self.counts
         };
+    }
+}
+
+/// Emits here the events a remote task's worker emitted (as a local worker's are, named
+/// `node-<id>:PoolWorker-<n>`), before its result is handed on.
+fn reemit(worker: &str, events: crate::log::capture::TaskEvents) {
+    for e in &events.events {
+        crate::log::reemit(worker, events.pid, e);
+    }
+    if events.dropped > 0 {
+        tracing::warn!(target: "procpool::remote", process = worker, dropped = events.dropped,
+            "a remote task emitted more events than travel with its result (at most {} \
+            events, {} KiB of text); the rest were dropped (its node logged them)",
+            crate::log::capture::MAX_EVENTS, crate::log::capture::MAX_BYTES >> 10);
     }
 }

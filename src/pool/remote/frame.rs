@@ -108,6 +108,9 @@ pub(crate) struct ResultFrame {
     /// `node-<id>:PoolWorker-<n>`.
     pub(crate) worker: String,
     pub(crate) end: End,
+    /// The `tracing` events its worker emitted while it ran (bounded), emitted again in
+    /// the parent.
+    pub(crate) events: crate::log::capture::TaskEvents,
 }
 
 /// How a remote task ended.

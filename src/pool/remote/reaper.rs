@@ -132,6 +132,7 @@ impl Reaper {
             end: End::Lost {
                 node: node.to_owned(),
             },
+            events: Default::default(),
         };
         match frame::encode(&result) {
             Ok(f) => push_signed(&mut pipe, &self.keys.results(&task.parent), &self.key, &f),

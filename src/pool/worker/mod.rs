@@ -290,6 +290,8 @@ async fn connect(
                     }
                 }
                 Ok(Some(Up::Log(record))) => {
+                    #[cfg(feature = "redis")]
+                    crate::log::capture::record(reader_child.pid, &record);
                     crate::log::reemit(&reader_name, reader_child.pid, &record);
                 }
                 Ok(Some(Up::Recalled { after, upto })) => {
