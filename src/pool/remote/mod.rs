@@ -36,7 +36,8 @@ use crate::error::{Error, Result};
 ///
 /// Nodes are this same executable started with `PROCPOOL_NODE=<url>` (and the same
 /// namespace and key) in the environment, or running [`node`](crate::remote::node).
-/// The URL is `redis://host:port`, `rediss://` for TLS, or `unix:///path/to/socket`.
+/// The URL is `redis://host:port`, `rediss://` for TLS (feature `redis-tls`), or
+/// `unix:///path/to/socket`. Running nodes: `DEPLOY.md` and `deploy/` in the repository.
 #[derive(Debug, Clone)]
 pub struct Redis {
     pub(crate) url: String,
