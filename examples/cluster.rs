@@ -10,9 +10,12 @@
 //! item, then kills a node in the middle of a task and shows the `NodeLost` its caller
 //! gets.
 
-use std::process::{Child, Command, Stdio};
+#[path = "support/local_cluster.rs"]
+mod local_cluster;
+
 use std::time::{Duration, Instant};
 
+use local_cluster::{INSTALL_REDIS, LocalCluster};
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error, current_process};
 
@@ -36,75 +39,17 @@ fn long_task(path: String) -> u8 {
     0
 }
 
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            // Gone already is fine: the point is that nothing outlives the example.
-            if c.kill().is_ok() {
-                c.wait().ok();
-            }
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::temp_dir().join(format!("procpool-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("redis.sock");
-    let redis = match Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--unixsocket",
-        ])
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "this example needs redis-server ({e}): install it with \
-                 `apt-get install redis-server` (Debian, Ubuntu) or `brew install redis`"
-            );
-            std::process::exit(1);
-        }
+    let Some(mut cluster) = LocalCluster::start("cluster", KEY, 2, 2).await? else {
+        eprintln!("this example needs redis-server: {INSTALL_REDIS}");
+        std::process::exit(1);
     };
-    let mut children = Killed(vec![redis]);
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if Instant::now() > until {
-            return Err("redis-server did not open its socket within 10 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let url = format!("unix://{}", socket.display());
-    println!("redis-server on {url}");
-
-    // Two nodes: this same executable with PROCPOOL_NODE set becomes a node before main.
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let node = Command::new(std::env::current_exe()?)
-            .env("PROCPOOL_NODE", &url)
-            .env("PROCPOOL_NAMESPACE", "cluster")
-            .env("PROCPOOL_KEY", KEY)
-            .env("PROCPOOL_NODE_PROCESSES", "2")
-            .stderr(Stdio::null())
-            .spawn()?;
-        nodes.push(node.id());
-        children.0.push(node);
-    }
-    println!("nodes started: pids {nodes:?}");
+    println!("redis-server on {}", cluster.url);
+    println!("nodes started: pids {:?}", cluster.nodes);
 
     let pool = AsyncPool::builder()
-        .backend(Redis::new(&url).namespace("cluster").key(KEY))
+        .backend(Redis::new(&cluster.url).namespace("cluster").key(KEY))
         .wait_for_nodes(Duration::from_secs(20))
         .build()
         .await?;
@@ -117,7 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // A node dies in the middle of a task: its caller hears NodeLost (retries(0)).
-    let marker = dir.join("running-on").to_string_lossy().into_owned();
+    let marker = cluster.path("running-on");
     let task = pool.apply_async(long_task, (marker.clone(),));
     let node: u32 = loop {
         if let Ok(pid) = std::fs::read_to_string(&marker) {
@@ -126,10 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     println!("a long task runs on node pid {node}; killing that node");
-    if let Some(c) = children.0.iter_mut().find(|c| c.id() == node) {
-        c.kill()?;
-        c.wait()?;
-    }
+    cluster.kill_node(node)?;
     let t0 = Instant::now();
     match task.await {
         Err(e @ Error::NodeLost { .. }) => {
@@ -138,7 +80,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => println!("unexpected: {other:?}"),
     }
     pool.close().await;
-    drop(children);
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -65,7 +65,7 @@ fn unlucky(x: u32) -> u32 {
 }
 
 #[tokio::main]
-async fn main() -> procpool::Result<()> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "== Process: start, join, exitcode (parent is {})",
         current_process().name()
@@ -235,6 +235,60 @@ async fn main() -> procpool::Result<()> {
     let mut p = procpool::spawn(logs_and_doubles, (21,)).await?;
     let value = p.join().await?;
     println!("  {} returned {value}", p.name());
+
+    remote_nodes().await
+}
+
+#[cfg(feature = "redis")]
+#[path = "support/local_cluster.rs"]
+mod local_cluster;
+
+/// The same pool, its tasks on two nodes through Redis Streams.
+#[cfg(feature = "redis")]
+async fn remote_nodes() -> Result<(), Box<dyn std::error::Error>> {
+    use local_cluster::{INSTALL_REDIS, LocalCluster};
+    println!("== Remote nodes: the same pool through Redis Streams (feature redis)");
+    let Some(cluster) = LocalCluster::start("tour", "tour-key", 2, 2).await? else {
+        println!("  skipped, this part needs redis-server: {INSTALL_REDIS}");
+        return Ok(());
+    };
+    println!(
+        "  a redis-server of its own, two nodes (this binary in node mode): pids {:?}",
+        cluster.nodes
+    );
+    let pool = AsyncPool::builder()
+        .backend(
+            procpool::remote::Redis::new(&cluster.url)
+                .namespace("tour")
+                .key("tour-key"),
+        )
+        .wait_for_nodes(Duration::from_secs(20))
+        .build()
+        .await?;
+    println!(
+        "  map: {:?}",
+        pool.map(|x: i64| x * 2, vec![5, 10, 20]).await?
+    );
+    let mut names = pool.map(pool_worker_name, vec![0; 8]).chunksize(1).await?;
+    names.sort();
+    names.dedup();
+    println!("  ran on: {names:?}");
+    report(pool.apply(panics, ()).await);
+    // Its event travels back with its result and is printed here, named after its worker.
+    println!(
+        "  logged remotely, returned {}",
+        pool.apply(logs_and_doubles, (21,)).await?
+    );
+    pool.close().await;
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn remote_nodes() -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "== Remote nodes: `cargo run --release --features redis --example tour` runs the same \
+         pool on two nodes through Redis Streams (it needs redis-server)"
+    );
     Ok(())
 }
 
