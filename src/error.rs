@@ -208,6 +208,23 @@ pub enum Error {
         reason: String,
     },
 
+    /// A [`BoundedSemaphore`](crate::BoundedSemaphore) was released more often than it
+    /// was acquired: Python's `ValueError: Semaphore released too many times`.
+    #[error(
+        "a bounded semaphore of {permits} permits was released more often than it was \
+         acquired (nothing changed)"
+    )]
+    ReleasedTooOften {
+        /// The permits it was created with.
+        permits: u64,
+    },
+
+    /// A [`Barrier`](crate::Barrier) is broken: a party died (or gave up) while others
+    /// waited, so the ones waiting and every later `wait` get this, as Python's
+    /// `BrokenBarrierError`. [`Barrier::reset`](crate::Barrier::reset) mends it.
+    #[error("the barrier is broken: a party died or gave up while others waited")]
+    BrokenBarrier,
+
     /// An option has a value that cannot work (for example a pool of 0 processes).
     #[error("invalid configuration: {reason}")]
     InvalidConfig {
@@ -339,6 +356,8 @@ impl Error {
             Error::InvalidConfig { reason } => Error::InvalidConfig {
                 reason: reason.clone(),
             },
+            Error::ReleasedTooOften { permits } => Error::ReleasedTooOften { permits: *permits },
+            Error::BrokenBarrier => Error::BrokenBarrier,
             Error::NodeLost { node } => Error::NodeLost { node: node.clone() },
             Error::NoCompatibleNodes { build, waited } => Error::NoCompatibleNodes {
                 build: build.clone(),

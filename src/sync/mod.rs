@@ -24,20 +24,24 @@
 //! [`Queue::flush`]: a `put` from another process returns `Ok` once the item is accepted
 //! for delivery, and `flush` waits until the owner has it.
 
+mod barrier;
 mod event;
 pub(crate) mod hub;
 mod lock;
 mod pipe;
 mod queue;
+mod semaphore;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use barrier::{Barrier, BarrierWaitResult};
 pub use event::Event;
 pub use lock::{Lock, LockGuard};
 pub use pipe::{Connection, pipe};
 pub use queue::{Queue, TryPutError};
+pub use semaphore::{BoundedSemaphore, Semaphore, SemaphorePermit};
 
 pub(crate) use hub::HubRef;
 use hub::{Kind, Obj, Remote};

@@ -161,6 +161,8 @@ pub(crate) enum Kind {
     Queue,
     Lock,
     Event,
+    Semaphore,
+    Barrier,
 }
 
 /// An object this process's hub serves to other processes: what a session does with the
@@ -309,13 +311,22 @@ pub(crate) enum Op {
     Close,
     TaskDone,
     Join,
+    /// A lock, or one permit of a semaphore; `Bool(false)` if not free and not `wait`.
     Acquire {
         wait: bool,
     },
+    /// A semaphore's `release()`: one more free permit.
+    ReleaseOne,
     Set,
     Clear,
+    /// An event's flag; a barrier's `broken`.
     IsSet,
+    /// An event's wait; a barrier party's arrival.
     Wait,
+    /// A barrier's `reset()`.
+    Reset,
+    /// A barrier's `abort()`.
+    Abort,
 }
 
 /// A hub to a process using its objects.
@@ -350,6 +361,17 @@ pub(crate) enum Reply {
     Cancelled,
     Granted {
         abandoned: bool,
+    },
+    /// A barrier party went through: its arrival index, and whether it came last.
+    Passed {
+        index: u64,
+        leader: bool,
+    },
+    /// The barrier is broken.
+    Broken,
+    /// A bounded semaphore refused a release: it has its `permits` already.
+    OverReleased {
+        permits: u64,
     },
     /// No such object (it was dropped everywhere, or the id is of another kind).
     Gone,

@@ -1,0 +1,228 @@
+//! `Semaphore`, `BoundedSemaphore` and `Barrier` across real processes (DESIGN.md §11):
+//! concurrency bounded by the permits, permits of a killed holder given back (and the
+//! next holder told), over-release refused, a barrier's rounds, leader and indices, and a
+//! barrier broken (not hung) by a party that dies, by `abort`, and mended by `reset`.
+
+mod support;
+
+use std::time::Duration;
+
+use procpool::{Barrier, BoundedSemaphore, Error, Event, Queue, Semaphore};
+use support::{hangs, soon};
+
+/// Takes a permit, says so, waits for `go`, gives the permit back.
+fn slot(s: Semaphore, inside: Queue<u32>, go: Event, n: u32) {
+    let permit = s.blocking_acquire().unwrap();
+    assert!(!permit.abandoned());
+    inside.blocking_put(n).unwrap();
+    go.blocking_wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_semaphore_of_three_lets_three_of_eight_processes_in_at_once() {
+    let s = Semaphore::new(3);
+    let (inside, go) = (Queue::new(), Event::new());
+    let mut procs = Vec::new();
+    for n in 0..8 {
+        let args = (s.clone(), inside.clone(), go.clone(), n);
+        procs.push(procpool::spawn(slot, args).await.unwrap());
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(soon(inside.get()).await.unwrap());
+    }
+    // Three hold a permit and wait for `go`: nobody else gets in meanwhile.
+    let fourth = tokio::time::timeout(Duration::from_millis(300), inside.get()).await;
+    assert!(fourth.is_err(), "a fourth process got in: {fourth:?}");
+    assert_eq!(s.available().unwrap(), 0);
+    assert!(s.try_acquire().unwrap().is_none());
+    go.set().unwrap();
+    for p in &mut procs {
+        soon(p.join()).await.unwrap();
+    }
+    let mut all = first;
+    while let Some(n) = inside.try_get().unwrap() {
+        all.push(n);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..8).collect::<Vec<_>>());
+    assert_eq!(s.available().unwrap(), 3, "every permit came back");
+}
+
+fn hold_two_and_hang(s: Semaphore, held: Event) {
+    let a = s.blocking_acquire().unwrap();
+    let b = s.blocking_acquire().unwrap();
+    held.set().unwrap();
+    let _keep = (a, b);
+    hangs();
+}
+
+async fn take_one(s: Semaphore) -> bool {
+    s.acquire().await.unwrap().abandoned()
+}
+
+#[tokio::test]
+async fn the_permits_of_a_killed_holder_come_back_and_the_next_taker_is_told() {
+    let s = Semaphore::new(2);
+    let held = Event::new();
+    let mut holder = procpool::spawn(hold_two_and_hang, (s.clone(), held.clone()))
+        .await
+        .unwrap();
+    soon(held.wait()).await.unwrap();
+    assert_eq!(s.available().unwrap(), 0);
+    let mut next = procpool::spawn(take_one, (s.clone(),)).await.unwrap();
+    holder.kill().unwrap();
+    assert!(matches!(holder.join().await, Err(Error::WorkerDied { .. })));
+    assert!(soon(next.join()).await.unwrap(), "the next taker is told");
+    // Both permits are back (the child's second taker dropped its permit on exit).
+    let (a, b) = (soon(s.acquire()).await.unwrap(), soon(s.acquire()).await.unwrap());
+    assert!(!a.abandoned() && !b.abandoned(), "told once only");
+    drop((a, b));
+    assert_eq!(s.available().unwrap(), 2);
+}
+
+/// From another process: try_acquire on an empty semaphore, a waiting acquire that
+/// gives up (it must leave the line), `release` (Python's) and a bounded over-release.
+async fn remote_semaphore_calls(s: Semaphore, b: BoundedSemaphore) -> (bool, bool, u64, bool) {
+    let none = s.try_acquire().unwrap().is_none();
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), s.acquire())
+        .await
+        .is_err();
+    s.release().unwrap();
+    let after = s.available().unwrap();
+    let over = matches!(b.release(), Err(Error::ReleasedTooOften { permits: 1 }));
+    (none, gave_up, after, over)
+}
+
+#[tokio::test]
+async fn semaphore_calls_from_another_process() {
+    let s = Semaphore::new(0);
+    let b = BoundedSemaphore::new(1);
+    let mut p = procpool::spawn(remote_semaphore_calls, (s.clone(), b.clone()))
+        .await
+        .unwrap();
+    let (none, gave_up, after, over) = soon(p.join()).await.unwrap();
+    assert!(none && gave_up, "try_acquire {none}, gave up {gave_up}");
+    // The waiter that gave up left the line: the released permit is free, not lost.
+    assert_eq!(after, 1);
+    assert_eq!(s.available().unwrap(), 1);
+    assert!(over, "a bounded semaphore refused the release from the child");
+    // Locally too, and a permit given back is not an over-release.
+    let permit = b.try_acquire().unwrap().expect("one permit");
+    assert!(b.try_acquire().unwrap().is_none());
+    drop(permit);
+    assert!(matches!(b.release(), Err(Error::ReleasedTooOften { permits: 1 })));
+    assert_eq!(b.available().unwrap(), 1);
+}
+
+/// Two rounds of the barrier; what each `wait` said.
+fn party(b: Barrier) -> Vec<(u64, bool)> {
+    (0..2)
+        .map(|_| {
+            let r = b.blocking_wait().unwrap();
+            (r.index(), r.is_leader())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_barrier_of_four_processes_goes_round_twice_with_one_leader_each_time() {
+    let b = Barrier::new(4);
+    assert_eq!(b.parties(), 4);
+    let mut procs = Vec::new();
+    for _ in 0..4 {
+        procs.push(procpool::spawn(party, (b.clone(),)).await.unwrap());
+    }
+    let mut rounds = vec![Vec::new(), Vec::new()];
+    for p in &mut procs {
+        for (round, r) in soon(p.join()).await.unwrap().into_iter().enumerate() {
+            rounds[round].push(r);
+        }
+    }
+    for round in rounds {
+        let mut idx: Vec<u64> = round.iter().map(|r| r.0).collect();
+        idx.sort_unstable();
+        assert_eq!(idx, [0, 1, 2, 3], "{round:?}");
+        let leaders: Vec<_> = round.iter().filter(|r| r.1).collect();
+        assert_eq!(leaders, [&(3, true)], "the last to arrive leads: {round:?}");
+    }
+    assert_eq!(b.n_waiting().unwrap(), 0);
+}
+
+/// Says it is about to wait, then waits: what the wait said.
+async fn wait_at(b: Barrier, ready: Queue<u32>) -> Result<bool, String> {
+    ready.put(std::process::id()).await.unwrap();
+    b.wait().await.map(|r| r.is_leader()).map_err(|e| e.to_string())
+}
+
+fn never_arrives(b: Barrier, ready: Queue<u32>) {
+    let _keep = b;
+    ready.blocking_put(std::process::id()).unwrap();
+    hangs();
+}
+
+#[tokio::test]
+async fn a_party_that_dies_breaks_the_barrier_instead_of_hanging_the_others() {
+    let b = Barrier::new(3);
+    let ready = Queue::new();
+    let mut dying = procpool::spawn(never_arrives, (b.clone(), ready.clone()))
+        .await
+        .unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        waiting.push(
+            procpool::spawn(wait_at, (b.clone(), ready.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    for _ in 0..3 {
+        soon(ready.get()).await.unwrap();
+    }
+    // Both waiters are in the barrier before the third party dies.
+    assert!(support::eventually(support::SOON, || b.n_waiting().unwrap() == 2));
+    dying.kill().unwrap();
+    assert!(matches!(dying.join().await, Err(Error::WorkerDied { .. })));
+    for p in &mut waiting {
+        let r = soon(p.join()).await.unwrap();
+        assert!(
+            matches!(&r, Err(m) if m.contains("barrier is broken")),
+            "{r:?}"
+        );
+    }
+    assert!(b.is_broken().unwrap());
+    assert!(matches!(soon(b.wait()).await, Err(Error::BrokenBarrier)));
+    // Mended, it works again.
+    b.reset().unwrap();
+    assert!(!b.is_broken().unwrap());
+    let mut p = procpool::spawn(wait_at, (b.clone(), ready.clone()))
+        .await
+        .unwrap();
+    let mut q = procpool::spawn(wait_at, (b.clone(), ready.clone()))
+        .await
+        .unwrap();
+    let here = soon(b.wait()).await.unwrap();
+    let there = [soon(p.join()).await.unwrap(), soon(q.join()).await.unwrap()];
+    let leaders = usize::from(here.is_leader())
+        + there.iter().filter(|r| matches!(r, Ok(true))).count();
+    assert_eq!(leaders, 1, "{here:?} {there:?}");
+}
+
+#[tokio::test]
+async fn abort_breaks_the_barrier_for_a_waiting_process_and_a_dropped_wait_breaks_it_too() {
+    let b = Barrier::new(2);
+    let ready = Queue::new();
+    let mut p = procpool::spawn(wait_at, (b.clone(), ready.clone()))
+        .await
+        .unwrap();
+    soon(ready.get()).await.unwrap();
+    assert!(support::eventually(support::SOON, || b.n_waiting().unwrap() == 1));
+    b.abort().unwrap();
+    let r = soon(p.join()).await.unwrap();
+    assert!(matches!(&r, Err(m) if m.contains("broken")), "{r:?}");
+    b.reset().unwrap();
+    // A wait given up (as a timed-out wait in Python) breaks it.
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), b.wait()).await;
+    assert!(gave_up.is_err());
+    assert!(b.is_broken().unwrap());
+}
