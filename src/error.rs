@@ -219,6 +219,15 @@ pub enum Error {
         permits: u64,
     },
 
+    /// An index or range past the end of an [`Array`](crate::Array).
+    #[error("index {index} is out of bounds: the array has {len} elements")]
+    OutOfBounds {
+        /// The first index past the end that was asked for.
+        index: usize,
+        /// The array's length.
+        len: usize,
+    },
+
     /// A [`Barrier`](crate::Barrier) is broken: a party died (or gave up) while others
     /// waited, so the ones waiting and every later `wait` get this, as Python's
     /// `BrokenBarrierError`. [`Barrier::reset`](crate::Barrier::reset) mends it.
@@ -358,6 +367,10 @@ impl Error {
             },
             Error::ReleasedTooOften { permits } => Error::ReleasedTooOften { permits: *permits },
             Error::BrokenBarrier => Error::BrokenBarrier,
+            Error::OutOfBounds { index, len } => Error::OutOfBounds {
+                index: *index,
+                len: *len,
+            },
             Error::NodeLost { node } => Error::NodeLost { node: node.clone() },
             Error::NoCompatibleNodes { build, waited } => Error::NoCompatibleNodes {
                 build: build.clone(),

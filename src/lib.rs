@@ -246,8 +246,8 @@ pub use pool::{
 pub use process::{Process, spawn};
 pub use runtime::{ProcessInfo, active_children, current_process};
 pub use sync::{
-    Barrier, BarrierWaitResult, BoundedSemaphore, Connection, Event, Lock, LockGuard, Queue,
-    Semaphore, SemaphorePermit, TryPutError, pipe,
+    Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Connection, Event, Lock,
+    LockGuard, Queue, Semaphore, SemaphorePermit, TryPutError, Value, ValueGuard, pipe,
 };
 #[doc(hidden)]
 pub use sync::{Tables as __Tables, set_owner_timeout as __set_owner_timeout, tables as __tables};

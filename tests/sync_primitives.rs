@@ -75,7 +75,10 @@ async fn the_permits_of_a_killed_holder_come_back_and_the_next_taker_is_told() {
     assert!(matches!(holder.join().await, Err(Error::WorkerDied { .. })));
     assert!(soon(next.join()).await.unwrap(), "the next taker is told");
     // Both permits are back (the child's second taker dropped its permit on exit).
-    let (a, b) = (soon(s.acquire()).await.unwrap(), soon(s.acquire()).await.unwrap());
+    let (a, b) = (
+        soon(s.acquire()).await.unwrap(),
+        soon(s.acquire()).await.unwrap(),
+    );
     assert!(!a.abandoned() && !b.abandoned(), "told once only");
     drop((a, b));
     assert_eq!(s.available().unwrap(), 2);
@@ -106,12 +109,18 @@ async fn semaphore_calls_from_another_process() {
     // The waiter that gave up left the line: the released permit is free, not lost.
     assert_eq!(after, 1);
     assert_eq!(s.available().unwrap(), 1);
-    assert!(over, "a bounded semaphore refused the release from the child");
+    assert!(
+        over,
+        "a bounded semaphore refused the release from the child"
+    );
     // Locally too, and a permit given back is not an over-release.
     let permit = b.try_acquire().unwrap().expect("one permit");
     assert!(b.try_acquire().unwrap().is_none());
     drop(permit);
-    assert!(matches!(b.release(), Err(Error::ReleasedTooOften { permits: 1 })));
+    assert!(matches!(
+        b.release(),
+        Err(Error::ReleasedTooOften { permits: 1 })
+    ));
     assert_eq!(b.available().unwrap(), 1);
 }
 
@@ -152,7 +161,10 @@ async fn a_barrier_of_four_processes_goes_round_twice_with_one_leader_each_time(
 /// Says it is about to wait, then waits: what the wait said.
 async fn wait_at(b: Barrier, ready: Queue<u32>) -> Result<bool, String> {
     ready.put(std::process::id()).await.unwrap();
-    b.wait().await.map(|r| r.is_leader()).map_err(|e| e.to_string())
+    b.wait()
+        .await
+        .map(|r| r.is_leader())
+        .map_err(|e| e.to_string())
 }
 
 fn never_arrives(b: Barrier, ready: Queue<u32>) {
@@ -180,7 +192,10 @@ async fn a_party_that_dies_breaks_the_barrier_instead_of_hanging_the_others() {
         soon(ready.get()).await.unwrap();
     }
     // Both waiters are in the barrier before the third party dies.
-    assert!(support::eventually(support::SOON, || b.n_waiting().unwrap() == 2));
+    assert!(support::eventually(support::SOON, || b
+        .n_waiting()
+        .unwrap()
+        == 2));
     dying.kill().unwrap();
     assert!(matches!(dying.join().await, Err(Error::WorkerDied { .. })));
     for p in &mut waiting {
@@ -203,8 +218,8 @@ async fn a_party_that_dies_breaks_the_barrier_instead_of_hanging_the_others() {
         .unwrap();
     let here = soon(b.wait()).await.unwrap();
     let there = [soon(p.join()).await.unwrap(), soon(q.join()).await.unwrap()];
-    let leaders = usize::from(here.is_leader())
-        + there.iter().filter(|r| matches!(r, Ok(true))).count();
+    let leaders =
+        usize::from(here.is_leader()) + there.iter().filter(|r| matches!(r, Ok(true))).count();
     assert_eq!(leaders, 1, "{here:?} {there:?}");
 }
 
@@ -216,7 +231,10 @@ async fn abort_breaks_the_barrier_for_a_waiting_process_and_a_dropped_wait_break
         .await
         .unwrap();
     soon(ready.get()).await.unwrap();
-    assert!(support::eventually(support::SOON, || b.n_waiting().unwrap() == 1));
+    assert!(support::eventually(support::SOON, || b
+        .n_waiting()
+        .unwrap()
+        == 1));
     b.abort().unwrap();
     let r = soon(p.join()).await.unwrap();
     assert!(matches!(&r, Err(m) if m.contains("broken")), "{r:?}");

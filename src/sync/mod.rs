@@ -31,6 +31,7 @@ mod lock;
 mod pipe;
 mod queue;
 mod semaphore;
+mod shared;
 
 use std::sync::Arc;
 
@@ -42,6 +43,7 @@ pub use lock::{Lock, LockGuard};
 pub use pipe::{Connection, pipe};
 pub use queue::{Queue, TryPutError};
 pub use semaphore::{BoundedSemaphore, Semaphore, SemaphorePermit};
+pub use shared::{Array, ArrayGuard, Value, ValueGuard};
 
 pub(crate) use hub::HubRef;
 use hub::{Kind, Obj, Remote};

@@ -379,3 +379,252 @@ impl Drop for SharedMap {
         }
     }
 }
+
+/// A writable memory file shared by processes, for `Value` and `Array`: a lock word
+/// (an `AtomicU32`, at offset 0) and `data_len` bytes of data from [`SharedRegion::DATA`],
+/// mapped in every process that has it.
+///
+/// # Soundness
+///
+/// The mapping is never moved or resized (the file is sealed against shrinking and
+/// growing, so no process can truncate it under another's mapping and cause SIGBUS), and
+/// is unmapped only on drop. The lock word is only accessed atomically. The data bytes
+/// are handed out only as [`SharedRegion::data`], whose caller must hold the region's
+/// lock (`sync`'s shared lock on the word, exclusive across processes and threads); every
+/// process follows that protocol, being this crate's code.
+#[derive(Debug)]
+pub(crate) struct SharedRegion {
+    ptr: std::ptr::NonNull<u8>,
+    data_len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain memory owned by this value, accessed atomically (the lock
+// word) or under the lock (the data): as sound as sharing a `Mutex<Box<[u8]>>`.
+unsafe impl Send for SharedRegion {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SharedRegion {}
+
+impl SharedRegion {
+    /// Where the data starts: after the lock word, aligned for any type of alignment up
+    /// to 64.
+    pub(crate) const DATA: usize = 64;
+
+    /// A new zero-filled region of `data_len` data bytes.
+    pub(crate) fn create(data_len: usize) -> std::io::Result<SharedRegion> {
+        use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, ftruncate, memfd_create};
+        let total = Self::DATA
+            .checked_add(data_len)
+            .ok_or_else(|| std::io::Error::other("too large"))?;
+        let fd = memfd_create(
+            "procpool-shared",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )?;
+        ftruncate(&fd, u64::try_from(total).map_err(std::io::Error::other)?)?;
+        fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        Self::map(fd, data_len)
+    }
+
+    /// The region of memory file `fd`, which must hold exactly `data_len` data bytes.
+    pub(crate) fn open(fd: OwnedFd, data_len: usize) -> std::io::Result<SharedRegion> {
+        let size = rustix::fs::fstat(&fd)?.st_size;
+        let want = Self::DATA.checked_add(data_len);
+        if want.and_then(|w| i64::try_from(w).ok()) != Some(size) {
+            return Err(std::io::Error::other(format!(
+                "the shared memory holds {size} bytes, not the {} expected",
+                Self::DATA.saturating_add(data_len)
+            )));
+        }
+        let seals = rustix::fs::fcntl_get_seals(&fd)?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(std::io::Error::other("the shared memory is not sealed"));
+        }
+        Self::map(fd, data_len)
+    }
+
+    fn map(fd: OwnedFd, data_len: usize) -> std::io::Result<SharedRegion> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        let total = Self::DATA + data_len;
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        // SAFETY: a new mapping at an address the kernel chooses, so it overlaps no memory
+        // Rust knows about; the file holds `total` bytes (made or checked so) and is
+        // sealed against shrinking.
+        let ptr = unsafe {
+            rustix::mm::mmap(std::ptr::null_mut(), total, prot, MapFlags::SHARED, &fd, 0)
+        }?;
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null address"))?;
+        Ok(SharedRegion { ptr, data_len, fd })
+    }
+
+    /// The memory file, to pass to another process.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// The lock word.
+    fn word(&self) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: offset 0 of a page-aligned mapping of at least 64 bytes is aligned and
+        // in bounds for an `AtomicU32`, lives as long as `&self`, and is only ever
+        // accessed atomically, in every process.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.as_ptr().cast()) }
+    }
+
+    /// Takes the region's lock, exclusive across every thread of every process that has
+    /// the region, waiting as long as it takes; a holder that died holding it is
+    /// replaced (the guard says so). Not reentrant: taking it twice in one thread waits
+    /// forever.
+    ///
+    /// The word holds the holder's pid, and [`LOCK_WAITERS`] once someone sleeps on it
+    /// (a futex shared by processes); a waiter looks at the holder every
+    /// [`LOCK_LOOK`], and takes the lock over from a holder that is dead.
+    pub(crate) fn lock(&self) -> RegionGuard<'_> {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let me = rustix::process::getpid()
+            .as_raw_nonzero()
+            .get()
+            .unsigned_abs();
+        let w = self.word();
+        let held = |abandoned| RegionGuard {
+            region: self,
+            abandoned,
+        };
+        if w.compare_exchange(0, me, Acquire, Relaxed).is_ok() {
+            return held(false);
+        }
+        let mut spins = 0;
+        loop {
+            let v = w.load(Relaxed);
+            if v == 0 {
+                // Taken marked, so that its release wakes whoever still sleeps.
+                if w.compare_exchange(0, me | LOCK_WAITERS, Acquire, Relaxed)
+                    .is_ok()
+                {
+                    return held(false);
+                }
+                continue;
+            }
+            if spins < 64 {
+                spins += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            if holder_is_dead(v & !LOCK_WAITERS) {
+                if w.compare_exchange(v, me | LOCK_WAITERS, Acquire, Relaxed)
+                    .is_ok()
+                {
+                    return held(true);
+                }
+                continue;
+            }
+            if v & LOCK_WAITERS == 0
+                && w.compare_exchange(v, v | LOCK_WAITERS, Relaxed, Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            let look = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: LOCK_LOOK.as_nanos().try_into().unwrap_or(20_000_000),
+            };
+            // Woken, timed out (look at the holder), interrupted or the word changed:
+            // all end in a look at the word.
+            let flags = rustix::thread::futex::Flags::empty();
+            if let Err(e) = rustix::thread::futex::wait(w, flags, v | LOCK_WAITERS, Some(&look))
+                && !matches!(
+                    e,
+                    rustix::io::Errno::AGAIN
+                        | rustix::io::Errno::TIMEDOUT
+                        | rustix::io::Errno::INTR
+                )
+            {
+                tracing::warn!("procpool: futex wait on shared memory failed: {e}");
+                std::thread::sleep(LOCK_LOOK);
+            }
+        }
+    }
+}
+
+/// Set in a region's lock word when a process sleeps on it.
+const LOCK_WAITERS: u32 = 1 << 31;
+
+/// How often a waiter for a region's lock looks whether its holder died.
+const LOCK_LOOK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether process `pid` is gone (or a zombie: dead, not reaped yet).
+fn holder_is_dead(pid: u32) -> bool {
+    let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    match rustix::process::test_kill_process(p) {
+        Err(rustix::io::Errno::SRCH) => true,
+        _ => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state == 'Z' || state == 'X'),
+    }
+}
+
+/// A region's lock, held; dropping it lets go.
+#[derive(Debug)]
+pub(crate) struct RegionGuard<'a> {
+    region: &'a SharedRegion,
+    abandoned: bool,
+}
+
+impl RegionGuard<'_> {
+    /// Whether the previous holder died holding the lock (the data may be half written).
+    pub(crate) fn abandoned(&self) -> bool {
+        self.abandoned
+    }
+
+    /// The data bytes (aligned to 64), read-only, for as long as the lock is held.
+    pub(crate) fn data_ref(&self) -> &[u8] {
+        let r = self.region;
+        // SAFETY: as for `data`; a shared borrow of the guard rules out a `data` slice
+        // (which borrows it mutably) while this one lives.
+        unsafe { std::slice::from_raw_parts(r.ptr.as_ptr().add(SharedRegion::DATA), r.data_len) }
+    }
+
+    /// The data bytes (aligned to 64), for as long as the lock is held.
+    pub(crate) fn data(&mut self) -> &mut [u8] {
+        let r = self.region;
+        // SAFETY: in bounds (`DATA + data_len` bytes are mapped), the mapping outlives the
+        // guard; the lock, exclusive across threads and processes, is held while this
+        // guard lives, and the slice borrows the guard mutably, so no other slice of
+        // these bytes exists anywhere meanwhile.
+        unsafe {
+            std::slice::from_raw_parts_mut(r.ptr.as_ptr().add(SharedRegion::DATA), r.data_len)
+        }
+    }
+}
+
+impl Drop for RegionGuard<'_> {
+    fn drop(&mut self) {
+        let w = self.region.word();
+        if w.swap(0, std::sync::atomic::Ordering::Release) & LOCK_WAITERS != 0
+            && let Err(e) = rustix::thread::futex::wake(w, rustix::thread::futex::Flags::empty(), 1)
+        {
+            tracing::warn!("procpool: futex wake on shared memory failed: {e}");
+        }
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `map` with this address and length, and no slice
+        // of it outlives `self` (they borrow it).
+        let unmapped =
+            unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), Self::DATA + self.data_len) };
+        if let Err(e) = unmapped {
+            tracing::warn!("procpool: cannot unmap shared memory: {e}");
+        }
+    }
+}
