@@ -246,8 +246,8 @@ pub use pool::{
 pub use process::{Process, spawn};
 pub use runtime::{ProcessInfo, active_children, current_process};
 pub use sync::{
-    Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Connection, Event, Lock,
-    LockGuard, Queue, Semaphore, SemaphorePermit, TryPutError, Value, ValueGuard, pipe,
+    Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Condition, Connection, Event,
+    Lock, LockGuard, Queue, Semaphore, SemaphorePermit, TryPutError, Value, ValueGuard, pipe,
 };
 #[doc(hidden)]
 pub use sync::{Tables as __Tables, set_owner_timeout as __set_owner_timeout, tables as __tables};

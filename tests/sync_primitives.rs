@@ -1,13 +1,14 @@
 //! `Semaphore`, `BoundedSemaphore` and `Barrier` across real processes (DESIGN.md §11):
 //! concurrency bounded by the permits, permits of a killed holder given back (and the
 //! next holder told), over-release refused, a barrier's rounds, leader and indices, and a
-//! barrier broken (not hung) by a party that dies, by `abort`, and mended by `reset`.
+//! barrier broken (not hung) by a party that dies, by `abort`, and mended by `reset`;
+//! a `Condition`'s producer/consumer over a bounded buffer with no lost wake-up.
 
 mod support;
 
 use std::time::Duration;
 
-use procpool::{Barrier, BoundedSemaphore, Error, Event, Queue, Semaphore};
+use procpool::{Barrier, BoundedSemaphore, Condition, Error, Event, Lock, Queue, Semaphore, Value};
 use support::{hangs, soon};
 
 /// Takes a permit, says so, waits for `go`, gives the permit back.
@@ -243,4 +244,150 @@ async fn abort_breaks_the_barrier_for_a_waiting_process_and_a_dropped_wait_break
     let gave_up = tokio::time::timeout(Duration::from_millis(50), b.wait()).await;
     assert!(gave_up.is_err());
     assert!(b.is_broken().unwrap());
+}
+
+/// A bounded buffer in shared memory: 8 slots, then the head and the length.
+type Ring = [u64; 10];
+const SLOTS: u64 = 8;
+
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Buffer {
+    lock: Lock,
+    not_full: Condition,
+    not_empty: Condition,
+    ring: Value<Ring>,
+}
+
+impl Buffer {
+    fn put(&self, item: u64) {
+        let mut g = self.lock.blocking_lock().unwrap();
+        self.not_full
+            .blocking_wait_for(&mut g, || self.ring.get().unwrap()[9] < SLOTS)
+            .unwrap();
+        self.ring
+            .update(|mut r| {
+                let tail = (r[8] + r[9]) % SLOTS;
+                r[usize::try_from(tail).unwrap()] = item;
+                r[9] += 1;
+                r
+            })
+            .unwrap();
+        self.not_empty.notify_one().unwrap();
+    }
+
+    fn take(&self) -> u64 {
+        let mut g = self.lock.blocking_lock().unwrap();
+        self.not_empty
+            .blocking_wait_for(&mut g, || self.ring.get().unwrap()[9] > 0)
+            .unwrap();
+        let mut item = 0;
+        self.ring
+            .update(|mut r| {
+                item = r[usize::try_from(r[8]).unwrap()];
+                r[8] = (r[8] + 1) % SLOTS;
+                r[9] -= 1;
+                r
+            })
+            .unwrap();
+        self.not_full.notify_one().unwrap();
+        item
+    }
+}
+
+fn produce(b: Buffer, from: u64, n: u64) {
+    for i in 0..n {
+        b.put(from + i);
+    }
+}
+
+/// Takes items until a 0; how many and their sum.
+fn consume(b: Buffer) -> (u64, u64) {
+    let (mut n, mut sum) = (0, 0);
+    loop {
+        match b.take() {
+            0 => return (n, sum),
+            x => {
+                n += 1;
+                sum += x;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bounded_buffer_of_two_producers_and_two_consumers_loses_no_wake_up() {
+    let lock = Lock::new();
+    let b = Buffer {
+        not_full: Condition::new(lock.clone()),
+        not_empty: Condition::new(lock.clone()),
+        lock,
+        ring: Value::new([0; 10]),
+    };
+    let mut producers = Vec::new();
+    for from in [1, 1001] {
+        let p = procpool::spawn(produce, (b.clone(), from, 300))
+            .await
+            .unwrap();
+        producers.push(p);
+    }
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        consumers.push(procpool::spawn(consume, (b.clone(),)).await.unwrap());
+    }
+    for p in &mut producers {
+        soon(p.join()).await.unwrap();
+    }
+    // One end mark per consumer, through the same buffer from the owner process.
+    let marks = b.clone();
+    tokio::task::spawn_blocking(move || (marks.put(0), marks.put(0)))
+        .await
+        .unwrap();
+    let (mut n, mut sum) = (0, 0);
+    for c in &mut consumers {
+        let (cn, cs) = soon(c.join()).await.unwrap();
+        n += cn;
+        sum += cs;
+    }
+    assert_eq!(n, 600);
+    let want: u64 = (1..=300).chain(1001..=1300).sum();
+    assert_eq!(sum, want);
+    assert_eq!(b.ring.get().unwrap()[9], 0, "the buffer is empty");
+}
+
+/// From a child with no runtime: a timed wait nobody notifies.
+fn timed_wait(c: Condition) -> (bool, u128, bool) {
+    let mut g = c.lock().blocking_lock().unwrap();
+    let t0 = std::time::Instant::now();
+    let woken = c
+        .blocking_wait_timeout(&mut g, Duration::from_millis(200))
+        .unwrap();
+    (woken, t0.elapsed().as_millis(), g.is_held())
+}
+
+async fn notified_wait(c: Condition, waiting: Event) -> bool {
+    let mut g = c.lock().lock().await.unwrap();
+    waiting.set().unwrap();
+    c.wait_timeout(&mut g, Duration::from_secs(30))
+        .await
+        .unwrap()
+        && g.is_held()
+}
+
+#[tokio::test]
+async fn a_condition_wait_times_out_or_is_woken_and_holds_the_lock_again() {
+    let c = Condition::new(Lock::new());
+    let mut p = procpool::spawn(timed_wait, (c.clone(),)).await.unwrap();
+    let (woken, ms, held) = soon(p.join()).await.unwrap();
+    assert!(!woken && held, "woken {woken}, held {held}");
+    assert!((200..5_000).contains(&ms), "timed out after {ms} ms");
+    // Woken: the child is parked once it let go of the lock, which this takes.
+    let waiting = Event::new();
+    let mut p = procpool::spawn(notified_wait, (c.clone(), waiting.clone()))
+        .await
+        .unwrap();
+    soon(waiting.wait()).await.unwrap();
+    let g = soon(c.lock().lock()).await.unwrap();
+    c.notify_all().unwrap();
+    drop(g);
+    assert!(soon(p.join()).await.unwrap(), "woken, and holding the lock");
 }

@@ -326,6 +326,9 @@ pub struct LockGuard {
 enum Held {
     Here(#[allow(dead_code)] Grant),
     Remote(Arc<Remote>),
+    /// Let go of by a [`Condition`](crate::Condition) wait that did not take it back
+    /// (it failed, or its future was dropped).
+    Released,
 }
 
 impl LockGuard {
@@ -333,6 +336,29 @@ impl LockGuard {
     /// protects may be inconsistent.
     pub fn abandoned(&self) -> bool {
         self.abandoned
+    }
+
+    /// Whether this guard holds its lock: always, except after a
+    /// [`Condition`](crate::Condition) wait through it failed or was dropped before it
+    /// took the lock back.
+    pub fn is_held(&self) -> bool {
+        !matches!(self.held, Held::Released)
+    }
+
+    /// Lets go of the lock (for a condition's wait); the guard holds nothing after.
+    pub(crate) fn release_for_wait(&mut self) {
+        let held = std::mem::replace(&mut self.held, Held::Released);
+        if let Held::Remote(r) = &held {
+            r.client.send(&hub::ToHub::Release { obj: r.obj });
+        }
+        // `Held::Here`'s grant releases as it drops here.
+        drop(held);
+    }
+
+    /// Holds the lock again, through `taken` (a new guard of the same lock).
+    pub(crate) fn rehold(&mut self, mut taken: LockGuard) {
+        self.abandoned = taken.abandoned;
+        self.held = std::mem::replace(&mut taken.held, Held::Released);
     }
 }
 

@@ -25,6 +25,7 @@
 //! for delivery, and `flush` waits until the owner has it.
 
 mod barrier;
+mod condition;
 mod event;
 pub(crate) mod hub;
 mod lock;
@@ -38,6 +39,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use barrier::{Barrier, BarrierWaitResult};
+pub use condition::Condition;
 pub use event::Event;
 pub use lock::{Lock, LockGuard};
 pub use pipe::{Connection, pipe};

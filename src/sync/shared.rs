@@ -143,7 +143,9 @@ fn data_len<T>(len: usize) -> Result<usize> {
 }
 
 /// A value of plain data (`T: bytemuck::Pod`: integers, floats, arrays and `#[repr(C)]`
-/// structs of them) in memory shared by processes: Python's `multiprocessing.Value`.
+/// structs of them, with `#[derive(bytemuck::Pod, bytemuck::Zeroable)]`; not `bool` or
+/// enums, whose bytes could be invalid: use a `u8`) in memory shared by processes:
+/// Python's `multiprocessing.Value`.
 ///
 /// Every process that has a clone reads and writes the same memory, without a round trip
 /// to another process: [`get`](Value::get), [`set`](Value::set) and

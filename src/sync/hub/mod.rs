@@ -163,6 +163,7 @@ pub(crate) enum Kind {
     Event,
     Semaphore,
     Barrier,
+    Condition,
 }
 
 /// An object this process's hub serves to other processes: what a session does with the
@@ -327,6 +328,20 @@ pub(crate) enum Op {
     Reset,
     /// A barrier's `abort()`.
     Abort,
+    /// A condition's waiter enters: answered `Len(ticket)`.
+    CondEnter,
+    /// A condition's waiter waits on its ticket: answered `Ok` when woken.
+    CondWait {
+        ticket: u64,
+    },
+    /// A condition's waiter gives its ticket up.
+    CondLeave {
+        ticket: u64,
+    },
+    /// A condition's `notify_one` / `notify_all`.
+    Notify {
+        all: bool,
+    },
 }
 
 /// A hub to a process using its objects.
