@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use procpool::{AsyncPool, Connection, Process, Queue, pipe};
+use procpool::{AsyncPool, Connection, Event, Process, Queue, Semaphore, Value, pipe};
 use serde_bytes::ByteBuf;
 
 const WORKERS: usize = 2;
@@ -31,6 +31,33 @@ const N_PINGPONG: usize = 10_000;
 const N_SPAWN: usize = 50;
 const N_IMAP: u64 = 10_000_000;
 const BUSY_MOD: u64 = 1_000_003;
+const N_SEM: usize = 10_000;
+const N_INCR: i64 = 200_000;
+
+/// Batches of `n` acquires and releases of `s`: each batch's microseconds per acquire
+/// and release (a timer read per round trip would cost as much as the round trip).
+fn sem_child(s: Semaphore, n: usize) -> Vec<f64> {
+    (0..20)
+        .map(|_| {
+            let t0 = Instant::now();
+            for _ in 0..n {
+                drop(
+                    s.blocking_acquire()
+                        .expect("the parent keeps the semaphore"),
+                );
+            }
+            t0.elapsed().as_secs_f64() * 1e6 / n as f64
+        })
+        .collect()
+}
+
+/// `n` increments of `v` once `go` is set.
+fn incr(v: Value<i64>, n: i64, go: Event) {
+    go.blocking_wait().expect("the parent keeps the event");
+    for _ in 0..n {
+        v.update(|x| x + 1).expect("shared memory");
+    }
+}
 
 fn emit(system: &str, workload: &str, metric: &str, value: f64, unit: &str) {
     println!(
@@ -372,6 +399,50 @@ async fn main() -> procpool::Result<()> {
         emit(sys, "pipe_pingpong", "p99", pct(&mut lat, 99.0), "us");
 
         raw_pingpong()?;
+    }
+
+    if want(&only, "sem_roundtrip") {
+        let s = Semaphore::new(1);
+        let mut p = Process::new(sem_child, (s.clone(), N_SEM));
+        p.start().await?;
+        let mut lat = p.join().await?;
+        emit(sys, "sem_roundtrip", "median", median(&mut lat), "us");
+        // The floor of any semaphore: a take and a give back, one atomic each, here.
+        let count = std::sync::atomic::AtomicU64::new(1);
+        let mut raw: Vec<f64> = (0..20)
+            .map(|_| {
+                let t0 = Instant::now();
+                for _ in 0..N_SEM {
+                    use std::sync::atomic::Ordering::{AcqRel, Release};
+                    black_box(count.fetch_sub(1, AcqRel));
+                    black_box(count.fetch_add(1, Release));
+                }
+                t0.elapsed().as_secs_f64() * 1e6 / N_SEM as f64
+            })
+            .collect();
+        emit("raw", "sem_roundtrip", "median", median(&mut raw), "us");
+    }
+
+    if want(&only, "value_incr_2p") {
+        let (v, go) = (Value::new(0i64), Event::new());
+        let mut ps = Vec::new();
+        for _ in 0..2 {
+            ps.push(procpool::spawn(incr, (v.clone(), N_INCR, go.clone())).await?);
+        }
+        let t0 = Instant::now();
+        go.set()?;
+        for p in &mut ps {
+            p.join().await?;
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        assert_eq!(v.get()?, 2 * N_INCR);
+        emit(
+            sys,
+            "value_incr_2p",
+            "throughput",
+            2.0 * N_INCR as f64 / dt,
+            "items/s",
+        );
     }
 
     if want(&only, "process_spawn") {

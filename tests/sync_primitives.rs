@@ -107,9 +107,13 @@ async fn semaphore_calls_from_another_process() {
         .unwrap();
     let (none, gave_up, after, over) = soon(p.join()).await.unwrap();
     assert!(none && gave_up, "try_acquire {none}, gave up {gave_up}");
-    // The waiter that gave up left the line: the released permit is free, not lost.
-    assert_eq!(after, 1);
-    assert_eq!(s.available().unwrap(), 1);
+    // The waiter that gave up keeps nothing: the released permit is free, not lost
+    // (its waiting thread may take it an instant before it stops, and gives it back).
+    assert!(after <= 1, "{after}");
+    assert!(support::eventually(support::SOON, || s
+        .available()
+        .unwrap()
+        == 1));
     assert!(
         over,
         "a bounded semaphore refused the release from the child"

@@ -1,321 +1,146 @@
-//! `Semaphore` and `BoundedSemaphore`: permits shared by processes, given back when
-//! their holder dies.
+//! `Semaphore` and `BoundedSemaphore`: permits in memory shared by processes, given
+//! back when their holder dies.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tokio::sync::oneshot;
 
-use super::hub::{self, Kind, Op, Peer, Remote, Reply, Served, lock};
-use super::queue::{expect_ok, unexpected};
-use super::{Access, Core, Handle};
+use super::shared::{Memory, data_len, deserialize_memory, serialize_memory};
 use crate::error::{Error, Result};
+use crate::target::RegionGuard;
 
-pub(crate) struct SemCore {
-    pub(crate) id: u64,
-    st: Mutex<SState>,
-    /// Itself, for the grants made from the hub's hooks (which get `&self`).
-    me: Weak<SemCore>,
-}
+/// The most processes that hold permits at once.
+const HOLDERS: usize = 256;
 
-struct SState {
+/// How often a waiter looks whether a holder died, when nothing else happens.
+const LOOK: Duration = Duration::from_millis(20);
+
+/// A semaphore's state, in its shared memory, read and written under its lock.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct State {
     /// Permits free now.
     free: u64,
-    /// A bounded semaphore's permits at creation: free and held never exceed it.
-    bound: Option<u64>,
-    /// Permits held by callers in this process.
-    held_here: u64,
-    /// Permits held by other processes, by peer id.
-    held: HashMap<u64, u64>,
-    /// A holder died holding permits (they were given back); the next taker is told.
-    abandoned: bool,
-    /// The line, by ticket: first come, first served.
-    waiters: BTreeMap<u64, Waiter>,
-    /// The ticket of each waiter of another process, by (peer id, request id).
-    remote: HashMap<(u64, u64), u64>,
-    next_ticket: u64,
+    /// Permits there are, free and held (grows with a `release` that returned none).
+    total: u64,
+    /// The permits at creation: a bounded semaphore's most.
+    bound: u64,
+    /// A holder died holding permits (given back since); the next taker is told.
+    abandoned: u32,
+    /// 1 for a `BoundedSemaphore`.
+    bounded: u32,
+    holders: [Holder; HOLDERS],
 }
 
-enum Waiter {
-    Here(oneshot::Sender<Grant>),
-    Peer(Arc<Peer>, u64),
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Holder {
+    pid: u32,
+    held: u32,
 }
 
-impl SState {
-    fn enqueue(&mut self, w: Waiter) -> u64 {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        if let Waiter::Peer(p, id) = &w {
-            self.remote.insert((p.id, *id), ticket);
+impl State {
+    fn of<'a>(g: &'a mut RegionGuard<'_>) -> &'a mut State {
+        let abandoned = g.abandoned();
+        let st: &mut State = bytemuck::from_bytes_mut(g.data());
+        if abandoned {
+            // A process died inside the lock: the count is made again from what is
+            // held, which each update writes before the count.
+            st.repair();
         }
-        self.waiters.insert(ticket, w);
-        ticket
+        st
     }
 
-    /// Permits there are now, free and held.
-    fn total(&self) -> u64 {
-        self.free + self.held_here + self.held.values().sum::<u64>()
+    fn repair(&mut self) {
+        let held: u64 = self.holders.iter().map(|h| u64::from(h.held)).sum();
+        self.free = self.total.saturating_sub(held);
+        self.abandoned = 1;
     }
 
-    /// One more free permit, unless a bounded semaphore would go over its bound.
-    fn add_free(&mut self) -> Result<()> {
-        if let Some(bound) = self.bound
-            && self.total() >= bound
-        {
-            return Err(Error::ReleasedTooOften { permits: bound });
-        }
-        self.free += 1;
-        Ok(())
-    }
-
-    /// Takes a free permit for peer `peer` if one is free and the grant reaches it.
-    fn offer_to(&mut self, peer: &Peer, id: u64) -> bool {
-        let abandoned = self.abandoned;
-        if self.free > 0 && peer.offer(id, Reply::Granted { abandoned }) {
-            self.free -= 1;
-            *self.held.entry(peer.id).or_default() += 1;
-            self.abandoned = false;
-            return true;
-        }
-        false
-    }
-}
-
-/// A permit held by a caller in the owner process; dropping it gives it back.
-struct Grant {
-    core: Arc<SemCore>,
-    abandoned: bool,
-    /// False for a grant taken back from a waiter that was gone (see `wake`).
-    live: bool,
-}
-
-impl Drop for Grant {
-    fn drop(&mut self) {
-        if self.live {
-            let mut st = lock(&self.core.st);
-            st.held_here = st.held_here.saturating_sub(1);
-            st.free += 1;
-            drop(st);
-            self.core.wake();
+    /// Gives back the permits of holders that died.
+    fn reclaim_dead(&mut self) {
+        for h in &mut self.holders {
+            if h.held > 0 && crate::target::holder_is_dead(h.pid) {
+                tracing::warn!(
+                    pid = h.pid,
+                    permits = h.held,
+                    "a process died holding procpool::Semaphore permits; they were given back"
+                );
+                self.free += u64::from(h.held);
+                // Its pid stays: a slot once used never ends another pid's probe.
+                h.held = 0;
+                self.abandoned = 1;
+            }
         }
     }
-}
 
-/// A local caller's place in the line; dropping it takes its entry out (a grant sent
-/// but not taken is dropped with `rx`, which gives the permit back).
-struct Waiting {
-    core: Arc<SemCore>,
-    ticket: u64,
-    rx: oneshot::Receiver<Grant>,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        let left = lock(&self.core.st).waiters.remove(&self.ticket);
-        drop(left);
-    }
-}
-
-impl SemCore {
-    fn new(permits: u64, bounded: bool) -> Arc<Self> {
-        Arc::new_cyclic(|me| SemCore {
-            me: me.clone(),
-            id: hub::next_id(),
-            st: Mutex::new(SState {
-                free: permits,
-                bound: bounded.then_some(permits),
-                held_here: 0,
-                held: HashMap::new(),
-                abandoned: false,
-                waiters: BTreeMap::new(),
-                remote: HashMap::new(),
-                next_ticket: 0,
-            }),
-        })
-    }
-
-    /// A permit for a caller here (`st` is this core's state, with a free permit).
-    fn take_here(&self, st: &mut SState) -> Option<Grant> {
-        // Only gone while the core is being dropped, and then nobody waits.
-        let core = self.me.upgrade()?;
-        st.free -= 1;
-        st.held_here += 1;
-        Some(Grant {
-            core,
-            abandoned: std::mem::take(&mut st.abandoned),
-            live: true,
-        })
-    }
-
-    /// Free permits go to the waiters at the front of the line, as many as there are
-    /// permits; waiters that are gone are skipped (a loop, however many).
-    fn wake(&self) {
-        let mut st = lock(&self.st);
-        while st.free > 0 {
-            let Some((_, waiter)) = st.waiters.pop_first() else {
-                return;
-            };
-            match waiter {
-                Waiter::Peer(peer, id) => {
-                    st.remote.remove(&(peer.id, id));
-                    // Not taken if that process's connection is closed.
-                    st.offer_to(&peer, id);
+    /// The slots `pid` may use, from its own (`pid % HOLDERS`) on, up to the first one
+    /// never used: a process finds its slot at once unless another holds it.
+    fn probe(&self, pid: u32) -> impl Iterator<Item = usize> + '_ {
+        let start = usize::try_from(pid).unwrap_or(0) % HOLDERS;
+        (0..HOLDERS)
+            .map(move |i| (start + i) % HOLDERS)
+            .take_while(move |&i| {
+                // Stops after a never-used slot (included).
+                i == start || {
+                    let prev = (i + HOLDERS - 1) % HOLDERS;
+                    self.holders[prev].pid != 0
                 }
-                Waiter::Here(tx) if tx.is_closed() => {}
-                Waiter::Here(tx) => {
-                    let Some(grant) = self.take_here(&mut st) else {
-                        return;
-                    };
-                    drop(st);
-                    // If that caller is leaving right now, its receiver drops the grant,
-                    // which gives the permit back (and wakes the next one).
-                    if let Err(mut grant) = tx.send(grant) {
-                        grant.live = false;
-                        let mut back = lock(&self.st);
-                        back.held_here -= 1;
-                        back.free += 1;
-                        back.abandoned |= grant.abandoned;
-                    }
-                    st = lock(&self.st);
-                }
+            })
+    }
+
+    /// `pid`'s slot, or a free one for it.
+    fn slot(&mut self, pid: u32) -> Option<&mut Holder> {
+        let mut free = None;
+        let mut mine = None;
+        for i in self.probe(pid) {
+            let h = self.holders[i];
+            if h.pid == pid {
+                mine = Some(i);
+                break;
+            }
+            if h.held == 0 && free.is_none() {
+                free = Some(i);
             }
         }
+        let h = &mut self.holders[mine.or(free)?];
+        h.pid = pid;
+        Some(h)
     }
 
-    fn try_acquire_here(&self) -> Option<Grant> {
-        let mut st = lock(&self.st);
-        if st.free > 0 && st.waiters.is_empty() {
-            self.take_here(&mut st)
-        } else {
-            None
-        }
-    }
-
-    async fn acquire_here(self: &Arc<Self>) -> Result<Grant> {
-        let mut waiting = {
-            let mut st = lock(&self.st);
-            if st.free > 0 && st.waiters.is_empty() {
-                return self.take_here(&mut st).ok_or(Error::Closed);
+    /// One of `pid`'s permits comes back; false if it holds none.
+    fn give_back(&mut self, pid: u32) -> bool {
+        let found = self
+            .probe(pid)
+            .find(|&i| self.holders[i].pid == pid && self.holders[i].held > 0);
+        match found {
+            Some(i) => {
+                self.holders[i].held -= 1;
+                self.free += 1;
+                true
             }
-            let (tx, rx) = oneshot::channel();
-            let ticket = st.enqueue(Waiter::Here(tx));
-            Waiting {
-                core: Arc::clone(self),
-                ticket,
-                rx,
-            }
-        };
-        (&mut waiting.rx).await.map_err(|_| Error::Closed)
-    }
-
-    /// Python's `release()` from this process: one more free permit.
-    fn release_here(&self) -> Result<()> {
-        lock(&self.st).add_free()?;
-        self.wake();
-        Ok(())
-    }
-}
-
-/// What the hub does with a semaphore's frames.
-impl Served for SemCore {
-    fn kind(&self) -> Kind {
-        Self::KIND
-    }
-
-    fn parked(&self) -> usize {
-        let st = lock(&self.st);
-        st.remote.len() + st.waiters.len()
-    }
-
-    fn remote_op(&self, peer: &Arc<Peer>, id: u64, op: Op) {
-        let mut st = lock(&self.st);
-        match op {
-            Op::Acquire { wait } => {
-                // First come, first served: not ahead of those in line.
-                let granted = st.waiters.is_empty() && st.offer_to(peer, id);
-                if !granted && wait {
-                    st.enqueue(Waiter::Peer(Arc::clone(peer), id));
-                } else if !granted {
-                    peer.reply(id, Reply::Bool(false));
-                }
-            }
-            Op::ReleaseOne => {
-                let added = st.add_free();
-                drop(st);
-                match added {
-                    Ok(()) => {
-                        peer.reply(id, Reply::Ok);
-                        self.wake();
-                    }
-                    Err(_) => {
-                        let permits = st_bound(self);
-                        peer.reply(id, Reply::OverReleased { permits });
-                    }
-                }
-            }
-            Op::Len => peer.reply(id, Reply::Len(st.free)),
-            _ => peer.reply(id, Reply::Invalid("not a semaphore operation".to_owned())),
-        }
-    }
-
-    /// `ToHub::Release`: a permit of `peer`'s is given back (its holder dropped it).
-    fn release_peer(self: Arc<Self>, peer: &Peer) {
-        let mut st = lock(&self.st);
-        match st.held.get_mut(&peer.id) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                st.free += 1;
-            }
-            // Only a process that broke the protocol releases what it does not hold.
-            _ => return,
-        }
-        drop(st);
-        self.wake();
-    }
-
-    fn cancel(&self, peer: &Peer, id: u64) {
-        let mut st = lock(&self.st);
-        if let Some(ticket) = st.remote.remove(&(peer.id, id)) {
-            st.waiters.remove(&ticket);
-            peer.reply(id, Reply::Cancelled);
-        }
-    }
-
-    /// `peer`'s process let go of the semaphore or died: the permits it held come back,
-    /// and the next taker is told.
-    fn peer_gone(self: Arc<Self>, peer: &Arc<Peer>) {
-        let mut st = lock(&self.st);
-        st.waiters
-            .retain(|_, w| !matches!(w, Waiter::Peer(p, _) if p.id == peer.id));
-        st.remote.retain(|&(p, _), _| p != peer.id);
-        let held = st.held.remove(&peer.id).unwrap_or(0);
-        if held > 0 {
-            st.free += held;
-            st.abandoned = true;
-            drop(st);
-            tracing::warn!(
-                permits = held,
-                "a process died holding procpool::Semaphore permits; they were given back"
-            );
-            self.wake();
+            None => false,
         }
     }
 }
 
-/// A bounded semaphore's permits.
-fn st_bound(core: &SemCore) -> u64 {
-    lock(&core.st).bound.unwrap_or(u64::MAX)
+fn me() -> u32 {
+    crate::target::my_pid()
 }
 
 /// A counter of permits shared by processes: Python's `multiprocessing.Semaphore`,
 /// async, with RAII permits.
 ///
-/// `acquire().await` waits (without blocking a thread) until a permit is free and
-/// returns it; dropping the [`SemaphorePermit`] gives it back. Waiters are served in the
-/// order they asked. [`release`](Semaphore::release) adds a permit without one being
-/// held, as Python's `release()` does.
+/// `acquire().await` waits (without blocking the caller's thread) until a permit is free
+/// and returns it; dropping the [`SemaphorePermit`] gives it back.
+/// [`release`](Semaphore::release) adds a permit without one being held, as Python's
+/// `release()` does. The count lives in memory shared by every process that has the
+/// semaphore (as Python's does), so taking and giving back a free permit is a few atomic
+/// operations, with no round trip to another process; a waiter sleeps on a futex. Waiters
+/// are not served in a fixed order (nor are Python's).
 ///
 /// ```
 /// use procpool::{Process, Semaphore};
@@ -338,16 +163,16 @@ fn st_bound(core: &SemCore) -> u64 {
 /// # When a holder dies
 ///
 /// The permits held by a process that dies (crash, `SIGKILL`, a pool task stopped on
-/// timeout) are given back, and the next taker can tell: its
-/// [`SemaphorePermit::abandoned`] is true (what the permits guard may have been left
-/// half done). The owner logs a warning as well. Python's semaphore loses those permits
-/// for good.
+/// timeout) are given back (a waiter looks for dead holders every 20 ms), and the next
+/// taker can tell: its [`SemaphorePermit::abandoned`] is true (what the permits guard
+/// may have been left half done), and a warning is logged. Python's semaphore loses
+/// those permits for good. At most 256 processes can hold permits at once.
 ///
-/// Like [`Lock`](crate::Lock), it lives in the process that created it; once that
-/// process is gone, calls elsewhere fail with [`Error::Closed`].
+/// The memory stays as long as some process has the semaphore, including after the
+/// one that created it is gone.
 #[derive(Clone)]
 pub struct Semaphore {
-    h: Handle<SemCore>,
+    mem: Arc<Memory>,
 }
 
 /// A [`Semaphore`] that refuses a [`release`](Semaphore::release) that would make more
@@ -368,12 +193,13 @@ pub struct Semaphore {
 pub struct BoundedSemaphore(Semaphore);
 
 impl BoundedSemaphore {
-    /// A new bounded semaphore with `permits` free permits, owned by this process.
+    /// A new bounded semaphore with `permits` free permits.
+    ///
+    /// # Panics
+    ///
+    /// As [`Semaphore::new`].
     pub fn new(permits: u64) -> Self {
-        let core = SemCore::new(permits, true);
-        BoundedSemaphore(Semaphore {
-            h: Handle::local(core.id, core),
-        })
+        BoundedSemaphore(Semaphore::make(permits, true))
     }
 }
 
@@ -385,27 +211,24 @@ impl std::ops::Deref for BoundedSemaphore {
     }
 }
 
-impl fmt::Debug for Semaphore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Semaphore")
-            .field("id", &self.h.id)
-            .field("owned_here", &matches!(self.h.access, Access::Local(_)))
-            .finish()
+impl std::fmt::Debug for Semaphore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Semaphore");
+        match self.available() {
+            Ok(n) => d.field("available", &n),
+            Err(e) => d.field("error", &e.to_string()),
+        };
+        d.finish()
     }
 }
 
 /// A permit of a [`Semaphore`]; dropping it gives it back (also when it is dropped by a
 /// panic's unwinding). A permit never outlives its process: if the process dies, the
-/// owner takes it back.
+/// next waiter takes it back.
 #[must_use = "the permit is given back as soon as it is dropped"]
 pub struct SemaphorePermit {
-    held: Held,
+    mem: Arc<Memory>,
     abandoned: bool,
-}
-
-enum Held {
-    Here(#[allow(dead_code)] Grant),
-    Remote(Arc<Remote>),
 }
 
 impl SemaphorePermit {
@@ -416,8 +239,8 @@ impl SemaphorePermit {
     }
 }
 
-impl fmt::Debug for SemaphorePermit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for SemaphorePermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SemaphorePermit")
             .field("abandoned", &self.abandoned)
             .finish()
@@ -426,19 +249,94 @@ impl fmt::Debug for SemaphorePermit {
 
 impl Drop for SemaphorePermit {
     fn drop(&mut self) {
-        if let Held::Remote(r) = &self.held {
-            r.client.send(&hub::ToHub::Release { obj: r.obj });
+        // A permit exists only where its memory is mapped.
+        if let Ok(region) = self.mem.region() {
+            let mut g = region.lock();
+            State::of(&mut g).give_back(me());
+            drop(g);
+            region.announce_change();
         }
-        // `Held::Here` gives back in the grant's own Drop.
+    }
+}
+
+/// Tells a waiting thread to stop, when the `acquire` future that started it is dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
 impl Semaphore {
-    /// A new semaphore with `permits` free permits, owned by this process.
+    /// A new semaphore with `permits` free permits, in new shared memory.
+    ///
+    /// # Panics
+    ///
+    /// If the system cannot make shared memory (out of memory or of file descriptors),
+    /// as [`Value::new`](crate::Value::new).
     pub fn new(permits: u64) -> Self {
-        let core = SemCore::new(permits, false);
-        Semaphore {
-            h: Handle::local(core.id, core),
+        Self::make(permits, false)
+    }
+
+    fn make(permits: u64, bounded: bool) -> Self {
+        let made = data_len::<State>(1).and_then(Memory::new);
+        let mem = made.unwrap_or_else(|e| panic!("cannot make shared memory: {e}"));
+        let sem = Semaphore { mem };
+        if let Ok(region) = sem.mem.region() {
+            let mut g = region.lock();
+            let st = State::of(&mut g);
+            st.free = permits;
+            st.total = permits;
+            st.bound = permits;
+            st.bounded = u32::from(bounded);
+        }
+        sem
+    }
+
+    /// A free permit, if there is one (`reclaim`: after giving back dead holders').
+    fn take(&self, reclaim: bool) -> Result<Option<SemaphorePermit>> {
+        let region = self.mem.region()?;
+        let mut g = region.lock();
+        let st = State::of(&mut g);
+        if st.free == 0 && reclaim {
+            st.reclaim_dead();
+        }
+        if st.free == 0 {
+            return Ok(None);
+        }
+        let Some(slot) = st.slot(me()) else {
+            return Err(Error::InvalidConfig {
+                reason: format!("more than {HOLDERS} processes hold permits of one semaphore"),
+            });
+        };
+        // What is held first, then the count (see `State::of`).
+        slot.held += 1;
+        st.free -= 1;
+        let abandoned = std::mem::take(&mut st.abandoned) != 0;
+        Ok(Some(SemaphorePermit {
+            mem: Arc::clone(&self.mem),
+            abandoned,
+        }))
+    }
+
+    /// Waits for a permit on this thread, until `stop` is set.
+    fn wait_for_permit(&self, stop: &AtomicBool) -> Result<Option<SemaphorePermit>> {
+        let region = self.mem.region()?;
+        let mut quiet = false;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let seen = region.begin_wait();
+            // Dead holders are looked for when nothing happened for a while.
+            let taken = self.take(quiet);
+            if !matches!(taken, Ok(None)) {
+                region.end_wait();
+                return taken;
+            }
+            quiet = !region.wait_change(seen, LOOK);
+            region.end_wait();
         }
     }
 
@@ -446,66 +344,83 @@ impl Semaphore {
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] if the owner process is gone.
+    /// [`Error::Io`] if this handle's memory never arrived from the process that sent it
+    /// (it died first); [`Error::InvalidConfig`] if 256 other processes hold permits.
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: if the future is dropped, this caller leaves the line, and a permit
-    /// granted as it was dropped is given back at once.
+    /// Cancel safe: if the future is dropped, no permit is kept (one taken as it was
+    /// dropped is given back at once). A free permit is taken at once; otherwise the wait
+    /// runs on a thread of procpool's own runtime (the caller's is not blocked).
     pub async fn acquire(&self) -> Result<SemaphorePermit> {
-        match &self.h.access {
-            Access::Local(core) => Ok(local_permit(core.acquire_here().await?)),
-            Access::Remote(r) => remote_permit(r, r.call(Op::Acquire { wait: true }).await?),
-            Access::Dead(_) => Err(Error::Closed),
+        if let Some(p) = self.take(false)? {
+            return Ok(p);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let _stop = StopOnDrop(Arc::clone(&stop));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        crate::runtime::service::run(async move {
+            let got = tokio::task::spawn_blocking(move || me.wait_for_permit(&stop)).await;
+            let got = got.unwrap_or_else(|e| {
+                Err(Error::Io(std::io::Error::other(format!(
+                    "the semaphore's wait failed: {e}"
+                ))))
+            });
+            // Err: the caller is gone, and the permit (if any) goes back as it drops.
+            drop(tx.send(got));
+        })?;
+        match rx.await {
+            Ok(Ok(Some(p))) => Ok(p),
+            Ok(Ok(None)) => Err(Error::Cancelled),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Closed),
         }
     }
 
     /// [`acquire`](Self::acquire) for synchronous code: blocks this thread (no runtime
-    /// needed). Do not call it from async code.
+    /// needed).
     ///
     /// # Errors
     ///
     /// As for `acquire`.
     pub fn blocking_acquire(&self) -> Result<SemaphorePermit> {
-        futures::executor::block_on(self.acquire())
+        self.wait_for_permit(&AtomicBool::new(false))?
+            .ok_or(Error::Cancelled)
     }
 
-    /// Takes a permit if one is free now and nobody waits for one (`Ok(None)` if not).
-    /// From a process other than the owner this asks the owner (a round trip, blocking
-    /// this thread briefly).
+    /// Takes a permit if one is free now (`Ok(None)` if not), never waiting (but for the
+    /// lock, held by others only for a few instructions).
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] if the owner process is gone; [`Error::Timeout`] if, from
-    /// another process, the owner does not answer within 10 s.
+    /// As for [`acquire`](Self::acquire).
     pub fn try_acquire(&self) -> Result<Option<SemaphorePermit>> {
-        match &self.h.access {
-            Access::Local(core) => Ok(core.try_acquire_here().map(local_permit)),
-            Access::Remote(r) => match r.blocking_call(Op::Acquire { wait: false })? {
-                Reply::Bool(false) => Ok(None),
-                other => remote_permit(r, other).map(Some),
-            },
-            Access::Dead(_) => Err(Error::Closed),
-        }
+        self.take(true)
     }
 
     /// Adds a free permit (Python's `release()`), for code that counts by hand rather
-    /// than with permits; the first waiter gets it.
+    /// than with permits; a waiter gets it. From a process that holds permits it gives
+    /// one of them back.
     ///
     /// # Errors
     ///
     /// [`Error::ReleasedTooOften`] for a [`BoundedSemaphore`] already at its permits;
-    /// [`Error::Closed`] if the owner process is gone; [`Error::Timeout`] if, from
-    /// another process, the owner does not answer within 10 s.
+    /// [`Error::Io`] as for [`acquire`](Self::acquire).
     pub fn release(&self) -> Result<()> {
-        match &self.h.access {
-            Access::Local(core) => core.release_here(),
-            Access::Remote(r) => match r.blocking_call(Op::ReleaseOne)? {
-                Reply::OverReleased { permits } => Err(Error::ReleasedTooOften { permits }),
-                other => expect_ok(other),
-            },
-            Access::Dead(_) => Err(Error::Closed),
+        let region = self.mem.region()?;
+        let mut g = region.lock();
+        let st = State::of(&mut g);
+        if !st.give_back(me()) {
+            if st.bounded != 0 && st.total >= st.bound {
+                return Err(Error::ReleasedTooOften { permits: st.bound });
+            }
+            st.total += 1;
+            st.free += 1;
         }
+        drop(g);
+        region.announce_change();
+        Ok(())
     }
 
     /// The permits free now (Python's `get_value()`): a snapshot, which may change at
@@ -513,56 +428,24 @@ impl Semaphore {
     ///
     /// # Errors
     ///
-    /// As for [`release`](Self::release), but never `ReleasedTooOften`.
+    /// [`Error::Io`] as for [`acquire`](Self::acquire).
     pub fn available(&self) -> Result<u64> {
-        match &self.h.access {
-            Access::Local(core) => Ok(lock(&core.st).free),
-            Access::Remote(r) => match r.blocking_call(Op::Len)? {
-                Reply::Len(n) => Ok(n),
-                other => Err(unexpected(other)),
-            },
-            Access::Dead(_) => Err(Error::Closed),
-        }
-    }
-}
-
-fn local_permit(grant: Grant) -> SemaphorePermit {
-    SemaphorePermit {
-        abandoned: grant.abandoned,
-        held: Held::Here(grant),
-    }
-}
-
-fn remote_permit(r: &Arc<Remote>, reply: Reply) -> Result<SemaphorePermit> {
-    match reply {
-        Reply::Granted { abandoned } => Ok(SemaphorePermit {
-            held: Held::Remote(Arc::clone(r)),
-            abandoned,
-        }),
-        other => Err(unexpected(other)),
+        let region = self.mem.region()?;
+        let mut g = region.lock();
+        Ok(State::of(&mut g).free)
     }
 }
 
 impl Serialize for Semaphore {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.h.serialize(None, s)
+        serialize_memory::<S, State>(&self.mem, 1, s)
     }
 }
 
 impl<'de> Deserialize<'de> for Semaphore {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         Ok(Semaphore {
-            h: Handle::deserialize(d)?.0,
+            mem: deserialize_memory::<D, State>(d)?.0,
         })
-    }
-}
-
-impl Core for SemCore {
-    const KIND: Kind = Kind::Semaphore;
-}
-
-impl Drop for SemCore {
-    fn drop(&mut self) {
-        super::hub::unregister(self.id);
     }
 }

@@ -14,14 +14,14 @@ use crate::target::{RegionGuard, SharedRegion};
 
 /// The memory under a `Value` or `Array` handle: mapped here, or on its way from the
 /// process that sent the handle (mapped at its first use).
-struct Memory {
+pub(super) struct Memory {
     region: OnceLock<std::result::Result<SharedRegion, String>>,
     arrival: Option<Arc<hub::Arrival>>,
     data_len: usize,
 }
 
 impl Memory {
-    fn new(data_len: usize) -> Result<Arc<Memory>> {
+    pub(super) fn new(data_len: usize) -> Result<Arc<Memory>> {
         let region = SharedRegion::create(data_len)?;
         Ok(Arc::new(Memory {
             region: OnceLock::from(Ok(region)),
@@ -39,7 +39,7 @@ impl Memory {
     }
 
     /// The mapping, once it is here.
-    fn region(&self) -> Result<&SharedRegion> {
+    pub(super) fn region(&self) -> Result<&SharedRegion> {
         let got = self.region.get_or_init(|| {
             let Some(a) = &self.arrival else {
                 return Err("no shared memory".to_owned());
@@ -75,7 +75,7 @@ struct Wire {
     elem: String,
 }
 
-fn serialize_memory<S: Serializer, T>(
+pub(super) fn serialize_memory<S: Serializer, T>(
     mem: &Memory,
     len: usize,
     s: S,
@@ -100,7 +100,7 @@ fn serialize_memory<S: Serializer, T>(
 }
 
 /// The memory of a handle being decoded, and its number of elements.
-fn deserialize_memory<'de, D: Deserializer<'de>, T>(
+pub(super) fn deserialize_memory<'de, D: Deserializer<'de>, T>(
     d: D,
 ) -> std::result::Result<(Arc<Memory>, usize), D::Error> {
     use serde::de::Error as _;
@@ -121,7 +121,7 @@ fn deserialize_memory<'de, D: Deserializer<'de>, T>(
 }
 
 /// The bytes of `len` elements of `T`, if `T` fits the region's alignment.
-fn data_len<T>(len: usize) -> Result<usize> {
+pub(super) fn data_len<T>(len: usize) -> Result<usize> {
     if std::mem::align_of::<T>() > SharedRegion::DATA {
         return Err(Error::InvalidConfig {
             reason: format!(

@@ -40,8 +40,8 @@ use serde_bytes::ByteBuf;
 
 pub(crate) use image::Image;
 pub(crate) use sys::{
-    RegionGuard, SharedMap, SharedRegion, ignore_sigpipe, keep_boot_linked, lookup, register_fd,
-    report_stack_overflow, watch_pidfd,
+    RegionGuard, SharedMap, SharedRegion, holder_is_dead, ignore_sigpipe, keep_boot_linked, lookup,
+    my_pid, register_fd, report_stack_overflow, watch_pidfd,
 };
 
 use crate::error::Error;

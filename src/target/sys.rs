@@ -465,10 +465,66 @@ impl SharedRegion {
 
     /// The lock word.
     fn word(&self) -> &std::sync::atomic::AtomicU32 {
-        // SAFETY: offset 0 of a page-aligned mapping of at least 64 bytes is aligned and
-        // in bounds for an `AtomicU32`, lives as long as `&self`, and is only ever
-        // accessed atomically, in every process.
-        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.as_ptr().cast()) }
+        self.header(0)
+    }
+
+    /// Word `i` of the header (0: the lock; 1: the change counter; 2: its sleepers).
+    fn header(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < 3, "three header words");
+        // SAFETY: offset 4 * i < 12 of a page-aligned mapping of at least 64 bytes is
+        // aligned and in bounds for an `AtomicU32`, lives as long as `&self`, and the
+        // header words are only ever accessed atomically, in every process.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.as_ptr().add(4 * i).cast()) }
+    }
+
+    /// Starts a wait for a change: counts this waiter (so that changes from here on are
+    /// announced) and returns the change counter, to look at the data and then to pass to
+    /// [`wait_change`](Self::wait_change). Each call is paired with
+    /// [`end_wait`](Self::end_wait).
+    pub(crate) fn begin_wait(&self) -> u32 {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.header(2).fetch_add(1, SeqCst);
+        self.header(1).load(SeqCst)
+    }
+
+    /// Ends what [`begin_wait`](Self::begin_wait) started.
+    pub(crate) fn end_wait(&self) {
+        self.header(2)
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sleeps until the change counter is no longer `seen`, or at most `limit`; whether
+    /// it changed.
+    pub(crate) fn wait_change(&self, seen: u32, limit: std::time::Duration) -> bool {
+        let ts = rustix::time::Timespec {
+            tv_sec: i64::try_from(limit.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(limit.subsec_nanos()),
+        };
+        let flags = rustix::thread::futex::Flags::empty();
+        if let Err(e) = rustix::thread::futex::wait(self.header(1), flags, seen, Some(&ts))
+            && !matches!(
+                e,
+                rustix::io::Errno::AGAIN | rustix::io::Errno::TIMEDOUT | rustix::io::Errno::INTR
+            )
+        {
+            tracing::warn!("procpool: futex wait on shared memory failed: {e}");
+            std::thread::sleep(limit);
+        }
+        self.header(1).load(std::sync::atomic::Ordering::SeqCst) != seen
+    }
+
+    /// Announces a change of the data (made under the lock, before this call) to the
+    /// waiters counted by [`begin_wait`](Self::begin_wait), if any: a waiter counted
+    /// before it looked at the data either saw the change or is woken.
+    pub(crate) fn announce_change(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.header(2).load(SeqCst) > 0 {
+            self.header(1).fetch_add(1, SeqCst);
+            let flags = rustix::thread::futex::Flags::empty();
+            if let Err(e) = rustix::thread::futex::wake(self.header(1), flags, u32::MAX >> 1) {
+                tracing::warn!("procpool: futex wake on shared memory failed: {e}");
+            }
+        }
     }
 
     /// Takes the region's lock, exclusive across every thread of every process that has
@@ -481,10 +537,7 @@ impl SharedRegion {
     /// [`LOCK_LOOK`], and takes the lock over from a holder that is dead.
     pub(crate) fn lock(&self) -> RegionGuard<'_> {
         use std::sync::atomic::Ordering::{Acquire, Relaxed};
-        let me = rustix::process::getpid()
-            .as_raw_nonzero()
-            .get()
-            .unsigned_abs();
+        let me = my_pid();
         let w = self.word();
         let held = |abandoned| RegionGuard {
             region: self,
@@ -552,8 +605,15 @@ const LOCK_WAITERS: u32 = 1 << 31;
 /// How often a waiter for a region's lock looks whether its holder died.
 const LOCK_LOOK: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// This process's pid, asked of the kernel once (a syscall is most of an uncontended
+/// lock's cost). procpool starts children with a new executable, never a bare `fork`.
+pub(crate) fn my_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
 /// Whether process `pid` is gone (or a zombie: dead, not reaped yet).
-fn holder_is_dead(pid: u32) -> bool {
+pub(crate) fn holder_is_dead(pid: u32) -> bool {
     let Some(p) = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)

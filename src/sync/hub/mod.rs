@@ -161,7 +161,6 @@ pub(crate) enum Kind {
     Queue,
     Lock,
     Event,
-    Semaphore,
     Barrier,
     Condition,
 }
@@ -312,12 +311,10 @@ pub(crate) enum Op {
     Close,
     TaskDone,
     Join,
-    /// A lock, or one permit of a semaphore; `Bool(false)` if not free and not `wait`.
+    /// A lock; `Bool(false)` if not free and not `wait`.
     Acquire {
         wait: bool,
     },
-    /// A semaphore's `release()`: one more free permit.
-    ReleaseOne,
     Set,
     Clear,
     /// An event's flag; a barrier's `broken`.
@@ -384,10 +381,6 @@ pub(crate) enum Reply {
     },
     /// The barrier is broken.
     Broken,
-    /// A bounded semaphore refused a release: it has its `permits` already.
-    OverReleased {
-        permits: u64,
-    },
     /// No such object (it was dropped everywhere, or the id is of another kind).
     Gone,
     /// The request is not valid (`task_done` called too often).
