@@ -7,7 +7,10 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use procpool::{AsyncPool, Connection, Error, Event, Lock, Process, Queue, current_process, pipe};
+use procpool::{
+    Array, AsyncPool, Barrier, Condition, Connection, Error, Event, Lock, Process, Queue,
+    Semaphore, Value, current_process, pipe,
+};
 
 fn doubler(number: i64) -> i64 {
     let result = number * 2;
@@ -229,6 +232,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     pool.close().await;
 
+    println!("== Semaphore, Barrier, Condition, Value and Array across processes");
+    let slots = Semaphore::new(2);
+    let counter = Value::new(0u64);
+    let barrier = Barrier::new(3);
+    let mut procs = Vec::new();
+    for _ in 0..3 {
+        let args = (slots.clone(), counter.clone(), barrier.clone());
+        procs.push(procpool::spawn(count_in_slots, args).await?);
+    }
+    let mut leaders = 0;
+    for p in &mut procs {
+        leaders += u32::from(p.join().await?);
+    }
+    println!(
+        "  3 processes, 2 at a time, 1,000 increments each: {}; one leader: {}",
+        counter.get()?,
+        leaders == 1
+    );
+    let lock = Lock::new();
+    let ready = Condition::new(lock.clone());
+    let squares: Array<u32> = Array::new(5);
+    let mut g = lock.lock().await?;
+    let mut p = procpool::spawn(fill_and_notify, (ready.clone(), squares.clone())).await?;
+    ready
+        .wait_for(&mut g, || squares.get(4).unwrap_or(0) != 0)
+        .await?;
+    drop(g);
+    p.join().await?;
+    println!(
+        "  filled by a child, announced with a Condition: {:?}",
+        squares.to_vec()?
+    );
+
     println!("== Logging: child tracing events in the parent, Python's log_to_stderr");
     procpool::log_to_stderr(tracing::Level::INFO)?;
     tracing::info!("the parent logs too");
@@ -349,6 +385,36 @@ async fn wait_then_report(go: Event, out: Queue<String>) {
     go.wait().await.expect("the parent keeps the event");
     let line = format!("{} saw the event set", current_process().name());
     out.put(line).await.expect("the parent keeps the queue");
+}
+
+/// 1,000 increments while holding one of the semaphore's permits, then the barrier:
+/// whether it was the leader.
+fn count_in_slots(slots: Semaphore, counter: Value<u64>, barrier: Barrier) -> bool {
+    {
+        let _permit = slots
+            .blocking_acquire()
+            .expect("the parent keeps the semaphore");
+        for _ in 0..1000 {
+            counter.update(|c| c + 1).expect("shared memory");
+        }
+    }
+    barrier
+        .blocking_wait()
+        .expect("nobody breaks it")
+        .is_leader()
+}
+
+fn fill_and_notify(ready: Condition, squares: Array<u32>) {
+    let _g = ready
+        .lock()
+        .blocking_lock()
+        .expect("the parent keeps the lock");
+    for i in 0..5u32 {
+        squares
+            .set(i as usize, (i + 1) * (i + 1))
+            .expect("in bounds");
+    }
+    ready.notify_all().expect("the parent keeps the condition");
 }
 
 fn logs_and_doubles(x: u32) -> u32 {

@@ -86,3 +86,36 @@ fn pipe_sends_and_receives_each_message_in_order() {
     );
     assert_eq!(out.lines().count(), 7, "{out}");
 }
+
+#[test]
+fn shared_memory_prints_pythons_output_and_a_counter_that_lost_nothing() {
+    assert_eq!(
+        run("shared_memory"),
+        "3.1415927\n[0, -1, -2, -3, -4, -5, -6, -7, -8, -9]\n40000\n"
+    );
+}
+
+#[test]
+fn semaphore_lets_at_most_three_download_at_once() {
+    let out = run("semaphore");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 9, "{out}");
+    assert_eq!(lines[8], "at most 3 downloads ran at once", "{out}");
+}
+
+#[test]
+fn barrier_lets_nobody_pass_before_all_four_prepared() {
+    let out = run("barrier");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}");
+    assert!(lines[..4].iter().all(|l| l.ends_with(" prepared")), "{out}");
+    assert!(
+        lines[4..].iter().all(|l| l.contains(" passed the barrier")),
+        "{out}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("leader")).count(),
+        1,
+        "{out}"
+    );
+}
