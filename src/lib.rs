@@ -142,6 +142,17 @@
 //! (the next holder is told, see [`LockGuard::abandoned`]) where Python would deadlock.
 //! A pipe end whose process dies gives the other end [`Error::Closed`].
 //!
+//! The rest of Python's synchronisation and sharing travels the same way:
+//! [`Semaphore`] / [`BoundedSemaphore`] (RAII permits; a dead holder's permits come
+//! back), [`Condition`] over a [`Lock`], [`Barrier`] (a party that dies breaks it
+//! rather than hang the others: [`Error::BrokenBarrier`]), and [`Value`] / [`Array`],
+//! plain data in memory shared by every process that has them (reads, writes and
+//! `update`s are atomic, no round trip). `Semaphore`, `Value` and `Array` live in shared
+//! memory and outlast the process that made them; `Queue`, `Lock`, `Event`, `Condition`
+//! and `Barrier` live in their creator's process. None of them can go to a remote node
+//! (they are process-local): passing one to a remote task is
+//! [`Error::UnsupportedArgument`].
+//!
 //! From a process other than the owner, the calls that answer at once
 //! (`Event::set`/`clear`/`is_set`, `Queue::len`/`close`/`task_done`/`try_get`/`try_put`,
 //! `Lock::try_lock`) take one round trip to the owner, answered in microseconds by its
