@@ -4,9 +4,11 @@
 //! - identity: the process's name (`MainProcess`, `Process-3:1`, `PoolWorker-2`),
 //!   [`current_process`], [`active_children`], and the numbering of new children;
 //! - [`service`]: the threads that start and reap every child, serve the hub, and run
-//!   every pool's dispatcher and I/O.
+//!   every pool's dispatcher and I/O;
+//! - [`timer`]: the timers of the `*_timeout` calls, under any executor or none.
 
 pub(crate) mod service;
+pub(crate) mod timer;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -11,6 +11,7 @@ use super::hub::{self, Kind, Op, Peer, Reply, Served, lock};
 use super::queue::expect_ok;
 use super::{Access, Core, Handle, wait_until};
 use crate::error::{Error, Result};
+use crate::runtime::timer::{self, Sleep};
 
 pub(crate) struct EventCore {
     pub(crate) id: u64,
@@ -225,7 +226,11 @@ impl Event {
     }
 
     /// [`wait`](Self::wait) for at most `d`: `Ok(true)` if the flag was set, `Ok(false)`
-    /// if the time ran out (Python's `wait(timeout)`).
+    /// if the time ran out (Python's `wait(timeout)`). A flag set now answers at once.
+    ///
+    /// Works under any executor: inside a tokio runtime the limit is that runtime's timer
+    /// (it follows paused time), elsewhere (`futures::executor::block_on`, a plain
+    /// target) a timer on procpool's own thread.
     ///
     /// # Errors
     ///
@@ -233,15 +238,30 @@ impl Event {
     ///
     /// # Panics
     ///
-    /// Outside a tokio runtime with timers enabled (as `tokio::time::timeout`).
+    /// Inside a tokio runtime built without timers (as `tokio::time::timeout`).
     ///
     /// # Cancel safety
     ///
     /// Cancel safe.
     pub async fn wait_timeout(&self, d: Duration) -> Result<bool> {
-        match tokio::time::timeout(d, self.wait()).await {
-            Ok(r) => r.map(|()| true),
-            Err(_) => Ok(false),
+        match timer::timeout(Sleep::new(d), self.wait()).await {
+            Some(r) => r.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// [`wait_timeout`](Self::wait_timeout) for synchronous code: blocks this thread at
+    /// most about `d`. Needs no runtime. Do not call it from async code.
+    ///
+    /// # Errors
+    ///
+    /// As for `wait`.
+    pub fn blocking_wait_timeout(&self, d: Duration) -> Result<bool> {
+        let at = timer::deadline_in(d);
+        let wait = timer::timeout(Sleep::parked_until(at), self.wait());
+        match timer::block_on_until(wait, at) {
+            Some(r) => r.map(|()| true),
+            None => Ok(false),
         }
     }
 

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::oneshot;
@@ -11,6 +12,7 @@ use super::hub::{self, Kind, Op, Peer, Remote, Reply, Served, lock};
 use super::queue::unexpected;
 use super::{Access, Core, Handle};
 use crate::error::{Error, Result};
+use crate::runtime::timer::{self, Sleep};
 
 pub(crate) struct LockCore {
     pub(crate) id: u64,
@@ -420,6 +422,42 @@ impl Lock {
     /// As for `lock`.
     pub fn blocking_lock(&self) -> Result<LockGuard> {
         futures::executor::block_on(self.lock())
+    }
+
+    /// [`lock`](Self::lock) for at most `d`: `Ok(Some(guard))` if it was taken,
+    /// `Ok(None)` if the time ran out (Python's `acquire(timeout=d)` answering `False`).
+    /// A free lock is taken at once, whatever `d`.
+    ///
+    /// Works under any executor: inside a tokio runtime the limit is that runtime's timer
+    /// (it follows paused time), elsewhere (`futures::executor::block_on`, a plain
+    /// target) a timer on procpool's own thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the owner process is gone.
+    ///
+    /// # Panics
+    ///
+    /// Inside a tokio runtime built without timers (as `tokio::time::timeout`).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`lock`](Self::lock): a caller whose time ran out, or whose
+    /// future is dropped, leaves the line, and a grant that raced with it is released.
+    pub async fn lock_timeout(&self, d: Duration) -> Result<Option<LockGuard>> {
+        timer::timeout(Sleep::new(d), self.lock()).await.transpose()
+    }
+
+    /// [`lock_timeout`](Self::lock_timeout) for synchronous code: blocks this thread at
+    /// most about `d`. Needs no runtime. Do not call it from async code.
+    ///
+    /// # Errors
+    ///
+    /// As for `lock`.
+    pub fn blocking_lock_timeout(&self, d: Duration) -> Result<Option<LockGuard>> {
+        let at = timer::deadline_in(d);
+        let taking = timer::timeout(Sleep::parked_until(at), self.lock());
+        timer::block_on_until(taking, at).transpose()
     }
 
     /// How many callers wait in this lock's line, in this process and others; `None`

@@ -18,6 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::hub::{self, HubRef};
 use crate::error::{Error, Result};
+use crate::runtime::timer::{self, Sleep};
 use crate::wire;
 
 use endpoint::{Endpoint, Want};
@@ -163,11 +164,12 @@ impl<T> Connection<T> {
                 self.ep.ready(Want::Read).await?;
             }
         };
-        match tokio::time::timeout(d, wait).await {
-            Ok(r) => r,
+        // A timer that does not panic outside a runtime: the wait says `Error::Io` then.
+        match timer::timeout(Sleep::new(d), wait).await {
+            Some(r) => r,
             // Still on its way: nothing to receive yet.
-            Err(_) if self.ep.here().is_none() => Ok(false),
-            Err(_) => self.ep.readable_now(),
+            None if self.ep.here().is_none() => Ok(false),
+            None => self.ep.readable_now(),
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, oneshot};
 use super::hub::{self, Kind, Op, Peer, Remote, Reply, Served, lock};
 use super::{Access, Core, Handle, wait_until};
 use crate::error::{Error, Result};
+use crate::runtime::timer::{self, Sleep};
 use crate::wire;
 
 /// About how many bytes of items one answer to a consumer carries (at least one item).
@@ -346,7 +347,12 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     /// [`put`](Self::put), giving up after `d` with [`Error::Timeout`] if the queue stays
-    /// full. A timed-out item was not put.
+    /// full. A timed-out item was not put. With room now, it puts at once (a zero `d`
+    /// makes it a `try_put` that answers [`Error::Timeout`] when full).
+    ///
+    /// Works under any executor: inside a tokio runtime the limit is that runtime's timer
+    /// (it follows paused time), elsewhere (`futures::executor::block_on`, a plain
+    /// target) a timer on procpool's own thread.
     ///
     /// # Errors
     ///
@@ -354,12 +360,30 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     ///
     /// # Panics
     ///
-    /// Outside a tokio runtime with timers enabled (as `tokio::time::timeout`).
+    /// Inside a tokio runtime built without timers (as `tokio::time::timeout`).
     ///
     /// # Cancel safety
     ///
     /// As for `put`.
     pub async fn put_timeout(&self, item: T, d: Duration) -> Result<()> {
+        self.put_within(item, d, Sleep::new(d)).await
+    }
+
+    /// [`put_timeout`](Self::put_timeout) for synchronous code: blocks this thread at
+    /// most about `d` (then the put is withdrawn; from another process, the owner's
+    /// answer to the withdrawal says whether it made it in first). Needs no runtime.
+    /// Do not call it from async code (use `put_timeout`).
+    ///
+    /// # Errors
+    ///
+    /// As for `put`, and [`Error::Timeout`].
+    pub fn blocking_put_timeout(&self, item: T, d: Duration) -> Result<()> {
+        let at = timer::deadline_in(d);
+        timer::block_on_until(self.put_within(item, d, Sleep::parked_until(at)), at)
+    }
+
+    /// [`put_timeout`](Self::put_timeout) with its timer, `d` long.
+    async fn put_within(&self, item: T, d: Duration, sleep: Sleep) -> Result<()> {
         let (bytes, pins) = encode(&item)?;
         let pins = pins.until_decoded();
         let certain = !matches!(self.h.access, Access::Remote(_));
@@ -371,9 +395,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 })?;
                 let guard = r.withdraw_on_drop(id);
                 tokio::pin!(rx);
-                let reply = match tokio::time::timeout(d, &mut rx).await {
-                    Ok(reply) => reply,
-                    Err(_) => {
+                let reply = match timer::timeout(sleep, &mut rx).await {
+                    Some(reply) => reply,
+                    None => {
                         // Withdraw it; the answer says whether it made it in first.
                         r.cancel(id);
                         rx.await
@@ -385,9 +409,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     other => expect_ok(other),
                 }
             }
-            _ => match tokio::time::timeout(d, self.put_bytes(bytes)).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::Timeout { after: d }),
+            _ => match timer::timeout(sleep, self.put_bytes(bytes)).await {
+                Some(r) => r,
+                None => Err(Error::Timeout { after: d }),
             },
         };
         if matches!(put, Err(Error::Timeout { .. })) {
@@ -475,7 +499,13 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         decode(&bytes)
     }
 
-    /// [`get`](Self::get), giving up after `d` with [`Error::Timeout`].
+    /// [`get`](Self::get), giving up after `d` with [`Error::Timeout`]. An item there
+    /// now is taken at once (a zero `d` makes it a `try_get` that answers
+    /// [`Error::Timeout`] when empty).
+    ///
+    /// Works under any executor: inside a tokio runtime the limit is that runtime's timer
+    /// (it follows paused time), elsewhere (`futures::executor::block_on`, a plain
+    /// target) a timer on procpool's own thread.
     ///
     /// # Errors
     ///
@@ -483,15 +513,32 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     ///
     /// # Panics
     ///
-    /// Outside a tokio runtime with timers enabled (as `tokio::time::timeout`).
+    /// Inside a tokio runtime built without timers (as `tokio::time::timeout`).
     ///
     /// # Cancel safety
     ///
     /// As for `get`.
     pub async fn get_timeout(&self, d: Duration) -> Result<T> {
-        match tokio::time::timeout(d, self.get()).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout { after: d }),
+        match timer::timeout(Sleep::new(d), self.get()).await {
+            Some(r) => r,
+            None => Err(Error::Timeout { after: d }),
+        }
+    }
+
+    /// [`get_timeout`](Self::get_timeout) for synchronous code: blocks this thread at
+    /// most about `d`. Needs no runtime. Do not call it from async code (use
+    /// `get_timeout`).
+    ///
+    /// # Errors
+    ///
+    /// As for `get`, and [`Error::Timeout`]. Items fetched for this process when the
+    /// time runs out stay buffered, as for a dropped `get`.
+    pub fn blocking_get_timeout(&self, d: Duration) -> Result<T> {
+        let at = timer::deadline_in(d);
+        let get = timer::timeout(Sleep::parked_until(at), self.get());
+        match timer::block_on_until(get, at) {
+            Some(r) => r,
+            None => Err(Error::Timeout { after: d }),
         }
     }
 

@@ -1,0 +1,215 @@
+//! Issue 16 item 6, the missing calls, across real processes: `parent_process`,
+//! `pipe_oneway`, `starmap_async`, `run_timeout`, and the `*_timeout` calls of `Queue`,
+//! `Event` and `Lock` from synchronous code with no tokio runtime.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use procpool::{Error, Event, Lock, Process, Queue};
+use support::soon;
+
+/// What a child saw of one timed call: its name, how long it took (ms), and how it ended.
+type Seen = Vec<(String, u64, String)>;
+
+fn kind<T: std::fmt::Debug>(r: &procpool::Result<T>) -> String {
+    match r {
+        Ok(v) => format!("ok {v:?}"),
+        Err(Error::Timeout { .. }) => "timeout".to_owned(),
+        Err(e) => format!("error {e}"),
+    }
+}
+
+fn timed<T: std::fmt::Debug>(seen: &mut Seen, name: &str, f: impl FnOnce() -> procpool::Result<T>) {
+    let start = Instant::now();
+    let r = f();
+    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    seen.push((name.to_owned(), ms, kind(&r)));
+}
+
+/// A plain (sync) target: no tokio runtime anywhere in this process. The async
+/// `*_timeout` calls are driven by `futures`' executor, which has no timer.
+fn async_timeouts_under_a_plain_executor(empty: Queue<u32>, full: Queue<u32>, ev: Event) -> Seen {
+    let d = Duration::from_millis(100);
+    let mut seen = Seen::new();
+    timed(&mut seen, "get_timeout", || {
+        futures::executor::block_on(empty.get_timeout(d))
+    });
+    timed(&mut seen, "put_timeout", || {
+        futures::executor::block_on(full.put_timeout(7, d))
+    });
+    timed(&mut seen, "wait_timeout", || {
+        futures::executor::block_on(ev.wait_timeout(d))
+    });
+    seen
+}
+
+fn assert_timed_out(seen: &Seen, d: Duration) {
+    for (name, ms, how) in seen {
+        assert_eq!(how, "timeout", "{name} ended so: {seen:?}");
+        let took = Duration::from_millis(*ms);
+        assert!(
+            took >= d,
+            "{name} returned after {took:?}, before its {d:?}"
+        );
+        assert!(
+            took < d + Duration::from_secs(3),
+            "{name} took {took:?} for {d:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn async_timeouts_work_under_a_plain_executor_in_a_child() {
+    let (empty, full, ev) = (Queue::new(), Queue::bounded(1), Event::new());
+    full.put(1).await.unwrap();
+    let mut p = Process::new(
+        async_timeouts_under_a_plain_executor,
+        (empty, full.clone(), ev),
+    );
+    p.start().await.unwrap();
+    let seen = soon(p.join()).await.expect("the child reports what it saw");
+    // Event::wait_timeout answers Ok(false), not Timeout.
+    let (ev_seen, rest): (Seen, Seen) = seen.into_iter().partition(|(n, ..)| n == "wait_timeout");
+    assert_timed_out(&rest, Duration::from_millis(100));
+    assert_eq!(ev_seen.len(), 1);
+    assert_eq!(ev_seen[0].2, "ok false", "{ev_seen:?}");
+    assert_eq!(full.len(), 1, "the timed-out put put nothing");
+}
+
+/// A plain target calling every `blocking_*_timeout` (and `lock_timeout`) on objects of
+/// the parent (`empty`, `full`, `ev`, `held` time out; `one`, `set`, `free` answer at
+/// once) and on a queue of its own.
+fn blocking_timeouts(
+    (empty, full, ev, held): (Queue<u32>, Queue<u32>, Event, Lock),
+    (one, set, free): (Queue<u32>, Event, Lock),
+) -> Seen {
+    let d = Duration::from_millis(100);
+    let long = Duration::from_secs(20);
+    let mut seen = Seen::new();
+    timed(&mut seen, "remote get", || empty.blocking_get_timeout(d));
+    timed(&mut seen, "remote put", || full.blocking_put_timeout(7, d));
+    timed(&mut seen, "remote wait", || ev.blocking_wait_timeout(d));
+    timed(&mut seen, "remote lock", || {
+        held.blocking_lock_timeout(d).map(|g| g.is_some())
+    });
+    timed(&mut seen, "remote lock async", || {
+        futures::executor::block_on(held.lock_timeout(d)).map(|g| g.is_some())
+    });
+    let own: Queue<u32> = Queue::new();
+    timed(&mut seen, "own get", || own.blocking_get_timeout(d));
+    let own_full: Queue<u32> = Queue::bounded(1);
+    own_full.blocking_put(1).expect("a queue of this process");
+    timed(&mut seen, "own put", || own_full.blocking_put_timeout(2, d));
+    let own_lock = Lock::new();
+    let _guard = own_lock.blocking_lock().expect("a lock of this process");
+    timed(&mut seen, "own lock", || {
+        own_lock.blocking_lock_timeout(d).map(|g| g.is_some())
+    });
+    // What can answer now does, however long the limit, or however short.
+    timed(&mut seen, "now remote get", || {
+        one.blocking_get_timeout(long)
+    });
+    timed(&mut seen, "now remote wait", || {
+        set.blocking_wait_timeout(long)
+    });
+    timed(&mut seen, "now remote lock", || {
+        free.blocking_lock_timeout(long).map(|g| g.is_some())
+    });
+    own.blocking_put(5).expect("a queue of this process");
+    timed(&mut seen, "now own get", || own.blocking_get_timeout(long));
+    timed(&mut seen, "now zero get", || {
+        empty.blocking_get_timeout(Duration::ZERO)
+    });
+    timed(&mut seen, "now zero lock", || {
+        held.blocking_lock_timeout(Duration::ZERO)
+            .map(|g| g.is_some())
+    });
+    seen
+}
+
+#[tokio::test]
+async fn blocking_timeouts_work_in_a_child_with_no_runtime() {
+    let (empty, full, ev, held) = (Queue::new(), Queue::bounded(1), Event::new(), Lock::new());
+    full.put(1).await.unwrap();
+    let guard = held.lock().await.unwrap();
+    let (one, set, free) = (Queue::new(), Event::new(), Lock::new());
+    one.put(3).await.unwrap();
+    set.set().unwrap();
+    let mut p = Process::new(
+        blocking_timeouts,
+        (
+            (empty.clone(), full.clone(), ev.clone(), held.clone()),
+            (one.clone(), set, free.clone()),
+        ),
+    );
+    p.start().await.unwrap();
+    let seen = soon(p.join()).await.expect("the child reports what it saw");
+    drop(guard);
+    let d = Duration::from_millis(100);
+    let expected = [
+        ("remote get", "timeout"),
+        ("remote put", "timeout"),
+        ("remote wait", "ok false"),
+        ("remote lock", "ok false"),
+        ("remote lock async", "ok false"),
+        ("own get", "timeout"),
+        ("own put", "timeout"),
+        ("own lock", "ok false"),
+        ("now remote get", "ok 3"),
+        ("now remote wait", "ok true"),
+        ("now remote lock", "ok true"),
+        ("now own get", "ok 5"),
+        ("now zero get", "timeout"),
+        ("now zero lock", "ok false"),
+    ];
+    assert_eq!(seen.len(), expected.len(), "{seen:?}");
+    for ((name, ms, how), (want_name, want)) in seen.iter().zip(expected) {
+        assert_eq!((name.as_str(), how.as_str()), (want_name, want), "{seen:?}");
+        let took = Duration::from_millis(*ms);
+        if name.starts_with("now") {
+            assert!(
+                took < Duration::from_secs(2),
+                "{name} took {took:?}: {seen:?}"
+            );
+        } else {
+            assert!(
+                took >= d,
+                "{name} returned after {took:?}, before its {d:?}"
+            );
+            assert!(
+                took < d + Duration::from_secs(3),
+                "{name} took {took:?} for {d:?}"
+            );
+        }
+    }
+    // What timed out left nothing behind: the put did not land, the lock's line is
+    // empty, and the lock taken at once went back when the child ended.
+    assert_eq!(full.len(), 1);
+    assert_eq!(held.queued_waiters(), Some(0));
+    assert!(held.try_lock().unwrap().is_some());
+    assert!(free.try_lock().unwrap().is_some());
+    assert_eq!(one.len(), 0);
+}
+
+#[tokio::test]
+async fn lock_timeout_in_the_owner_and_across_processes_from_async_code() {
+    let lock = Lock::new();
+    let guard = lock.lock_timeout(Duration::from_secs(20)).await.unwrap();
+    assert!(guard.is_some(), "a free lock is taken at once");
+    let start = Instant::now();
+    let again = lock.lock_timeout(Duration::from_millis(100)).await.unwrap();
+    assert!(again.is_none());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(
+        lock.queued_waiters(),
+        Some(0),
+        "the waiter whose time ran out left"
+    );
+    drop(guard);
+    assert!(lock.lock_timeout(Duration::ZERO).await.unwrap().is_some());
+}
