@@ -255,7 +255,7 @@ pub use pool::{
     Apply, AsyncPool, Builder, DEFAULT_MAX_QUEUED, Imap, Map, PoolStats, TaskHandle, TaskTimeout,
 };
 pub use process::{Process, spawn};
-pub use runtime::{ProcessInfo, active_children, current_process};
+pub use runtime::{ProcessInfo, active_children, current_process, parent_process};
 pub use sync::{
     Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Condition, Connection, Event,
     Lock, LockGuard, Queue, Semaphore, SemaphorePermit, TryPutError, Value, ValueGuard, pipe,

@@ -213,3 +213,60 @@ async fn lock_timeout_in_the_owner_and_across_processes_from_async_code() {
     drop(guard);
     assert!(lock.lock_timeout(Duration::ZERO).await.unwrap().is_some());
 }
+
+// ------------------------------------------------------------------ parent_process
+
+/// This process's parent as `parent_process()` says: (name, pid), or `None`.
+fn parent_seen() -> Option<(String, u32)> {
+    procpool::parent_process().map(|p| (p.name().to_owned(), p.pid()))
+}
+
+/// (me, my parent, my child's parent): a child that starts a grandchild.
+type Family = ((String, u32), Option<(String, u32)>, Option<(String, u32)>);
+
+async fn starts_a_grandchild() -> Family {
+    let me = procpool::current_process();
+    let mut p = Process::new(parent_seen, ());
+    p.start().await.expect("the grandchild starts");
+    let grandchild = p.join().await.expect("the grandchild answers");
+    ((me.name().to_owned(), me.pid()), parent_seen(), grandchild)
+}
+
+#[tokio::test]
+async fn parent_process_in_main_child_grandchild_and_pool_worker() {
+    assert!(
+        procpool::parent_process().is_none(),
+        "the main process has none"
+    );
+    let main = (
+        procpool::current_process().name().to_owned(),
+        std::process::id(),
+    );
+    assert_eq!(main.0, "MainProcess");
+
+    let mut p = Process::new(parent_seen, ()).with_name("named-child");
+    p.start().await.unwrap();
+    assert_eq!(soon(p.join()).await.unwrap(), Some(main.clone()));
+
+    let mut p = Process::new(starts_a_grandchild, ());
+    p.start().await.unwrap();
+    let child_pid = p.pid().expect("started");
+    let (me, parent, grandchild) = soon(p.join()).await.unwrap();
+    assert_eq!(me.1, child_pid);
+    assert_eq!(parent, Some(main.clone()));
+    // The grandchild's parent is the child, under the child's name.
+    assert_eq!(grandchild, Some(me.clone()));
+    assert!(me.0.starts_with("Process-"), "{me:?}");
+
+    let pool = procpool::AsyncPool::new(1).await.unwrap();
+    assert_eq!(
+        pool.apply(parent_seen, ()).await.unwrap(),
+        Some(main.clone())
+    );
+    // A pool worker's own child names the worker.
+    let (worker, parent, grandchild) = pool.apply(starts_a_grandchild, ()).await.unwrap();
+    assert!(worker.0.starts_with("PoolWorker-"), "{worker:?}");
+    assert_eq!(parent, Some(main));
+    assert_eq!(grandchild, Some(worker));
+    pool.close().await;
+}

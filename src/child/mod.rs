@@ -128,7 +128,14 @@ fn serve(args: Args) -> i32 {
     if watching_early {
         watch_parent(chan.get_ref(), control.take());
     }
-    crate::runtime::become_child(&hello.name, hello.identity.clone());
+    // The pid is the one on the command line, checked above to be our parent's.
+    let parent = u32::try_from(args.parent).unwrap_or_default();
+    crate::runtime::become_child(
+        &hello.name,
+        hello.identity.clone(),
+        &hello.parent_name,
+        parent,
+    );
     crate::log::install_forwarding(hello.log_level, hello.log_print, outbox.clone());
     set_title(&hello.name);
     // Python prints the traceback of a `Process` that raised, not of a pool task (the

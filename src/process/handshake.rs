@@ -32,6 +32,7 @@ pub(crate) fn hello(name: &str, identity: Vec<u32>, role: Role, init: Option<Run
         fingerprint,
         name: name.to_owned(),
         identity,
+        parent_name: crate::runtime::current_process().name,
         role,
         init,
         log_level: crate::log::current_level(),

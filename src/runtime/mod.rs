@@ -19,17 +19,35 @@ use std::sync::atomic::{AtomicU32, Ordering};
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Who this process is, when it is a procpool child.
-static SELF_ID: OnceLock<(String, Vec<u32>)> = OnceLock::new();
+struct SelfId {
+    name: String,
+    identity: Vec<u32>,
+    parent: ProcessInfo,
+}
 
-/// Called once in a child, before any target runs.
-pub(crate) fn become_child(name: &str, identity: Vec<u32>) {
+static SELF_ID: OnceLock<SelfId> = OnceLock::new();
+
+/// Called once in a child, before any target runs: its name and identity, and its
+/// parent's name and pid.
+pub(crate) fn become_child(name: &str, identity: Vec<u32>, parent_name: &str, parent_pid: u32) {
+    let me = SelfId {
+        name: name.to_owned(),
+        identity,
+        parent: ProcessInfo {
+            name: parent_name.to_owned(),
+            pid: parent_pid,
+        },
+    };
     // Set at most once per process; a second call cannot happen (boot runs once).
-    drop(SELF_ID.set((name.to_owned(), identity)));
+    drop(SELF_ID.set(me));
 }
 
 /// The identity of the next child: ours plus the next counter value.
 pub(crate) fn next_identity() -> Vec<u32> {
-    let mut id = SELF_ID.get().map(|(_, id)| id.clone()).unwrap_or_default();
+    let mut id = SELF_ID
+        .get()
+        .map(|me| me.identity.clone())
+        .unwrap_or_default();
     id.push(COUNTER.fetch_add(1, Ordering::Relaxed) + 1);
     id
 }
@@ -98,9 +116,27 @@ pub fn current_process() -> ProcessInfo {
     ProcessInfo {
         name: SELF_ID
             .get()
-            .map_or_else(|| "MainProcess".to_owned(), |(n, _)| n.clone()),
+            .map_or_else(|| "MainProcess".to_owned(), |me| me.name.clone()),
         pid: std::process::id(),
     }
+}
+
+/// The process that started this one, in a procpool child (a [`Process`]'s target, a
+/// pool worker, a child of a child); `None` in the program the user started (Python's
+/// `multiprocessing.parent_process()`).
+///
+/// Its name is what [`current_process`] said there when this child was started
+/// (`MainProcess`, `Process-3`, or a name given with `with_name`); its pid is the
+/// parent's, which started this process (so a grandchild's parent is the child).
+/// It says who the parent was: it may have ended since.
+///
+/// ```
+/// assert!(procpool::parent_process().is_none());
+/// ```
+///
+/// [`Process`]: crate::Process
+pub fn parent_process() -> Option<ProcessInfo> {
+    SELF_ID.get().map(|me| me.parent.clone())
 }
 
 /// The children of this process that are still running, in the order they were started

@@ -48,6 +48,9 @@ pub(crate) struct Hello {
     pub(crate) name: String,
     /// Python's `_identity`: `[3]` for `Process-3`, `[3, 1]` for `Process-3:1`.
     pub(crate) identity: Vec<u32>,
+    /// The parent's own name (`MainProcess`, `Process-3`): the child's
+    /// `parent_process()`, with the pid from its command line.
+    pub(crate) parent_name: String,
     pub(crate) role: Role,
     /// A pool's initializer: runs once before `Ready`.
     pub(crate) init: Option<Run>,
