@@ -37,6 +37,10 @@ fn send_sync_unpin() {
     require_sync::<Queue<String>>();
     require_send::<Connection<Vec<u8>>>();
     require_sync::<Connection<Vec<u8>>>();
+    require_send::<procpool::Receiver<Vec<u8>>>();
+    require_sync::<procpool::Receiver<Vec<u8>>>();
+    require_send::<procpool::Sender<Vec<u8>>>();
+    require_sync::<procpool::Sender<Vec<u8>>>();
     require_send::<Lock>();
     require_sync::<Lock>();
     require_send::<LockGuard>();

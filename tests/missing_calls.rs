@@ -270,3 +270,105 @@ async fn parent_process_in_main_child_grandchild_and_pool_worker() {
     assert_eq!(grandchild, Some(worker));
     pool.close().await;
 }
+
+// ------------------------------------------------------------------ pipe_oneway
+
+/// A plain target that sends `0..n` and returns.
+fn sends(to: procpool::Sender<u32>, n: u32) {
+    for i in 0..n {
+        to.blocking_send(i).expect("the receiver is there");
+    }
+}
+
+/// An async target that receives until every sender is gone, and says what it got.
+async fn receives_all(from: procpool::Receiver<u32>) -> Vec<u32> {
+    let mut got = Vec::new();
+    loop {
+        match from.recv().await {
+            Ok(x) => got.push(x),
+            Err(Error::Closed) => return got,
+            Err(e) => panic!("recv failed: {e}"),
+        }
+    }
+}
+
+/// A plain target: polls, receives one with the blocking calls, and returns it.
+fn receives_one_blocking(from: procpool::Receiver<String>) -> (bool, String) {
+    let ready = from
+        .blocking_poll(Duration::from_secs(20))
+        .expect("the socket works");
+    (ready, from.blocking_recv().expect("a message comes"))
+}
+
+#[tokio::test]
+async fn pipe_oneway_child_sends_parent_receives() {
+    let (rx, tx) = procpool::pipe_oneway::<u32>();
+    // Two senders: a clone in each child; the parent lets go of its own.
+    let mut a = Process::new(sends, (tx.clone(), 3));
+    let mut b = Process::new(sends, (tx, 2));
+    a.start().await.unwrap();
+    b.start().await.unwrap();
+    let got = soon(receives_all(rx)).await;
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 0, 1, 1, 2], "{got:?}");
+    soon(a.join()).await.unwrap();
+    soon(b.join()).await.unwrap();
+}
+
+#[tokio::test]
+async fn pipe_oneway_parent_sends_child_receives() {
+    let (rx, tx) = procpool::pipe_oneway::<u32>();
+    let mut p = Process::new(receives_all, (rx,));
+    p.start().await.unwrap();
+    for i in 10..15 {
+        tx.send(i).await.unwrap();
+    }
+    drop(tx);
+    assert_eq!(soon(p.join()).await.unwrap(), vec![10, 11, 12, 13, 14]);
+
+    // A blocking receiver in a plain child, and an async poll on ours.
+    let (rx, tx) = procpool::pipe_oneway::<String>();
+    let mut p = Process::new(receives_one_blocking, (rx,));
+    p.start().await.unwrap();
+    tx.blocking_send("hi".to_owned()).unwrap();
+    assert_eq!(soon(p.join()).await.unwrap(), (true, "hi".to_owned()));
+    // The receiver went with its process: sends fail.
+    let err = soon(async {
+        loop {
+            if let Err(e) = tx.send("anyone?".to_owned()).await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(matches!(err, Error::Closed), "{err:?}");
+}
+
+#[tokio::test]
+async fn pipe_oneway_between_two_children_and_through_pool_tasks() {
+    // Child to child: the messages do not pass through the parent.
+    let (rx, tx) = procpool::pipe_oneway::<u32>();
+    let mut reader = Process::new(receives_all, (rx,));
+    let mut writer = Process::new(sends, (tx, 4));
+    reader.start().await.unwrap();
+    writer.start().await.unwrap();
+    soon(writer.join()).await.unwrap();
+    assert_eq!(soon(reader.join()).await.unwrap(), vec![0, 1, 2, 3]);
+
+    // Pool tasks: one sends, one receives, on two workers.
+    let pool = procpool::AsyncPool::new(2).await.unwrap();
+    let (rx, tx) = procpool::pipe_oneway::<u32>();
+    let receiving = pool.apply_async(receives_all, (rx,));
+    pool.apply(sends, (tx, 3)).await.unwrap();
+    assert_eq!(soon(receiving).await.unwrap(), vec![0, 1, 2]);
+
+    // Ours, polled: nothing yet, then a message.
+    let (rx, tx) = procpool::pipe_oneway::<u32>();
+    assert!(!rx.poll(Duration::ZERO).await.unwrap());
+    pool.apply(sends, (tx, 1)).await.unwrap();
+    assert!(rx.poll(Duration::from_secs(20)).await.unwrap());
+    assert_eq!(rx.recv().await.unwrap(), 0);
+    assert!(matches!(soon(rx.recv()).await, Err(Error::Closed)));
+    pool.close().await;
+}

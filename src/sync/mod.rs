@@ -42,7 +42,7 @@ pub use barrier::{Barrier, BarrierWaitResult};
 pub use condition::Condition;
 pub use event::Event;
 pub use lock::{Lock, LockGuard};
-pub use pipe::{Connection, pipe};
+pub use pipe::{Connection, Receiver, Sender, pipe, pipe_oneway};
 pub use queue::{Queue, TryPutError};
 pub use semaphore::{BoundedSemaphore, Semaphore, SemaphorePermit};
 pub use shared::{Array, ArrayGuard, Value, ValueGuard};

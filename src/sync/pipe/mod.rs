@@ -1,10 +1,12 @@
 //! `pipe()`: two connected, duplex message endpoints, usable from any two processes.
 //!
 //! Here: `pipe()` and the handle, [`Connection`], with its calls and how an end travels to
-//! another process. What is under a handle (the socket, its buffers, messages framed in
+//! another process; `oneway.rs` holds `pipe_oneway()`, whose two ends are `Connection`s
+//! that can each go one way only. What is under a handle (the socket, its buffers, messages framed in
 //! and out of them, the waits on it, the end still arriving) is `endpoint.rs`'s.
 
 mod endpoint;
+mod oneway;
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -23,6 +25,7 @@ use crate::wire;
 
 use endpoint::{Endpoint, Want};
 pub(crate) use endpoint::{Taken, take_message};
+pub use oneway::{Receiver, Sender, pipe_oneway};
 
 /// Creates a pipe: two connected [`Connection`]s (Python's `Pipe()`, duplex). What one
 /// sends, the other receives, in order, with message boundaries kept.
