@@ -76,7 +76,7 @@
 //! |---|---|---|
 //! | panics | [`Error::Panicked`] with message and location | worker keeps serving |
 //! | aborts, segfaults, `process::exit`, is killed | [`Error::WorkerDied`] with signal or code | worker replaced, other tasks unaffected |
-//! | exceeds `task_timeout` or `.timeout(d)` | [`Error::Timeout`] | SIGTERM to its process group, grace, SIGKILL; replaced |
+//! | exceeds `task_timeout`, `.run_timeout(d)` or `.timeout(d)` | [`Error::Timeout`] | SIGTERM to its process group, grace, SIGKILL; replaced |
 //! | argument cannot be encoded | [`Error::Encode`] at submit, nothing sent | unaffected |
 //! | result cannot be encoded / decoded | [`Error::Encode`] / [`Error::Decode`] | worker keeps serving |
 //! | initializer fails | `build()` or the tasks fail with that error | no endless respawn loop |
@@ -84,6 +84,10 @@
 //!
 //! Dropping a future or [`TaskHandle`] cancels its task: a queued task is removed, a
 //! running one has its worker stopped and replaced.
+//!
+//! Two limits per call: `.timeout(d)` bounds the caller's wait (from the first poll,
+//! the queue included), `.run_timeout(d)` the task's execution (from its start in a
+//! worker, as pebble's `schedule(timeout=)`; for a map, each chunk's).
 //!
 //! # How it works
 //!
@@ -113,8 +117,9 @@
 //!
 //! # Queues, pipes, locks and events
 //!
-//! [`Queue`], [`pipe`] ([`Connection`]), [`Lock`] and [`Event`] are Python's, async, and
-//! travel to children as ordinary arguments, to a [`Process`] or to pool tasks:
+//! [`Queue`], [`pipe`] ([`Connection`]), [`pipe_oneway`] ([`Receiver`], [`Sender`]),
+//! [`Lock`] and [`Event`] are Python's, async, and travel to children as ordinary
+//! arguments, to a [`Process`] or to pool tasks:
 //!
 //! ```
 //! use procpool::{Connection, Event, Lock, Process, Queue, pipe};
@@ -137,6 +142,13 @@
 //! p.join().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Every wait has a `*_timeout` form (`Queue::get_timeout`, `Event::wait_timeout`,
+//! `Lock::lock_timeout`, ...) and a `blocking_*_timeout` one for plain targets: they work
+//! under any executor or none (outside a tokio runtime, the limit is a timer of
+//! procpool's own thread; a blocking call parks its thread until its deadline).
+//! [`current_process`] and [`parent_process`] say who this process is and who started
+//! it.
 //!
 //! Each queue item is delivered exactly once, and a lock whose holder dies is released
 //! (the next holder is told, see [`LockGuard::abandoned`]) where Python would deadlock.

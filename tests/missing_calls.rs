@@ -372,3 +372,149 @@ async fn pipe_oneway_between_two_children_and_through_pool_tasks() {
     assert!(matches!(soon(rx.recv()).await, Err(Error::Closed)));
     pool.close().await;
 }
+
+// ------------------------------------------------------------------ run_timeout, starmap_async
+
+/// Blocks its worker until `go` is set; returns the worker's pid.
+fn waits_for(go: Event) -> u32 {
+    go.blocking_wait().expect("the parent keeps the event");
+    std::process::id()
+}
+
+/// Returns at once: `x` and the worker's pid.
+fn quick(x: u32) -> (u32, u32) {
+    (x, std::process::id())
+}
+
+fn add(a: u32, b: u32) -> u32 {
+    a + b
+}
+
+/// Hangs for item 0, returns the others.
+fn hangs_on_zero(x: u32) -> u32 {
+    if x == 0 {
+        support::hangs();
+    }
+    x
+}
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+const D: Duration = Duration::from_millis(300);
+
+/// Occupies the one worker of `pool` until `go` is set, and returns a probe that
+/// resolves with `Timeout` [`D`] after its first poll: by then, every task submitted
+/// before that poll has waited more than `D`.
+fn busy_worker(
+    pool: &procpool::AsyncPool,
+    go: &Event,
+) -> (procpool::TaskHandle<u32>, procpool::TaskTimeout<(u32, u32)>) {
+    let busy = pool.apply_async(waits_for, (go.clone(),));
+    let probe = pool.apply_async(quick, (99,)).timeout(D);
+    (busy, probe)
+}
+
+#[tokio::test]
+async fn run_timeout_does_not_count_the_wait_but_timeout_does() {
+    let pool = procpool::AsyncPool::new(1).await.unwrap();
+    let go = Event::new();
+    let (busy, probe) = busy_worker(&pool, &go);
+    // Queued behind the busy worker, in all three forms of a call (a lazy `apply`
+    // submits when first polled).
+    let mut applied = Box::pin(pool.apply(quick, (1,)).run_timeout(D));
+    assert!(futures::poll!(applied.as_mut()).is_pending());
+    let handle = pool.apply_async(quick, (2,)).run_timeout(D);
+    let mapped = pool.map_async(quick, vec![3, 4, 5]).run_timeout(D);
+    let timed = pool.apply(quick, (6,)).timeout(D);
+    // `timeout` counts the wait: it expires while the worker is still busy.
+    let (probe, timed) = soon(async { tokio::join!(probe, timed) }).await;
+    assert!(
+        matches!(probe, Err(Error::Timeout { after: D })),
+        "{probe:?}"
+    );
+    assert!(
+        matches!(timed, Err(Error::Timeout { after: D })),
+        "{timed:?}"
+    );
+    // The run_timeout calls have waited longer than D by now, and still succeed.
+    go.set().unwrap();
+    let worker = soon(busy).await.unwrap();
+    assert_eq!(soon(applied).await.unwrap(), (1, worker));
+    assert_eq!(soon(handle).await.unwrap(), (2, worker));
+    let mapped = soon(mapped).await.unwrap();
+    assert_eq!(mapped, vec![(3, worker), (4, worker), (5, worker)]);
+    assert_eq!(pool.stats().restarts, 0, "no worker was stopped");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn run_timeout_stops_a_task_that_runs_too_long_and_replaces_its_worker() {
+    let pool = procpool::AsyncPool::builder()
+        .processes(1)
+        .task_timeout(Duration::from_secs(600))
+        .build()
+        .await
+        .unwrap();
+    let before = pool.apply(pid, ()).await.unwrap();
+    let start = Instant::now();
+    let r = soon(pool.apply(support::hangs, ()).run_timeout(D)).await;
+    let took = start.elapsed();
+    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    assert!(took >= D && took < D + Duration::from_secs(10), "{took:?}");
+    let after = pool.apply(pid, ()).await.unwrap();
+    assert_ne!(before, after, "the worker was replaced");
+    assert!(
+        support::eventually_async(Duration::from_secs(10), || support::is_dead(before)).await,
+        "the stopped worker {before} is gone"
+    );
+
+    // The same through a handle, a map's chunk and a starmap_async.
+    let r = soon(pool.apply_async(support::hangs, ()).run_timeout(D)).await;
+    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    let r = soon(
+        pool.map(hangs_on_zero, vec![0, 1])
+            .chunksize(1)
+            .run_timeout(D),
+    )
+    .await;
+    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    let r = soon(pool.map_async(hangs_on_zero, vec![1, 0]).run_timeout(D)).await;
+    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    let last = pool.apply(pid, ()).await.unwrap();
+    assert_ne!(last, after);
+    assert_eq!(pool.stats().restarts, 4, "{:?}", pool.stats());
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn starmap_async_submits_now_and_resolves_in_order() {
+    let pool = procpool::AsyncPool::new(2).await.unwrap();
+    let items: Vec<(u32, u32)> = (0..50).map(|i| (i, 100)).collect();
+    let handle = pool.starmap_async(add, items);
+    let want: Vec<u32> = (100..150).collect();
+    assert_eq!(soon(handle).await.unwrap(), want);
+    assert_eq!(
+        soon(pool.starmap_async(add, Vec::new())).await.unwrap(),
+        Vec::<u32>::new()
+    );
+
+    // Submitted before it is awaited: the tasks run while nobody polls the handle.
+    let ran: Queue<u32> = Queue::new();
+    let handle = pool.starmap_async(reports, vec![(ran.clone(), 1), (ran.clone(), 2)]);
+    let mut seen = vec![
+        soon(ran.get()).await.unwrap(),
+        soon(ran.get()).await.unwrap(),
+    ];
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2]);
+    assert_eq!(soon(handle).await.unwrap(), vec![1, 2]);
+    pool.close().await;
+}
+
+/// Puts `x` on `ran`, returns it.
+fn reports(ran: Queue<u32>, x: u32) -> u32 {
+    ran.blocking_put(x).expect("the parent keeps the queue");
+    x
+}

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use futures::future::FusedFuture;
 use serde::de::DeserializeOwned;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
-use super::Shared;
 use super::message::{Args, Reply, TaskResult};
+use super::{Map, Shared};
 use crate::error::{Error, Result};
 use crate::sync::Pins;
 use crate::target::TargetRef;
@@ -21,7 +21,8 @@ use crate::target::TargetRef;
 /// The future of [`AsyncPool::apply`](super::AsyncPool::apply): runs one task and
 /// resolves with its return value.
 ///
-/// Submits the task when first polled. Options go before that: [`timeout`](Self::timeout).
+/// Submits the task when first polled. Options go before that: [`timeout`](Self::timeout)
+/// (the caller's wait), [`run_timeout`](Self::run_timeout) (the task's execution).
 ///
 /// Polled again after it gave its result, it answers [`Error::AlreadyCompleted`] (it
 /// never panics), and it is a [`FusedFuture`], so `futures::select!` can tell.
@@ -35,6 +36,7 @@ pub struct Apply<R> {
     shared: Arc<Shared>,
     call: Option<Result<(TargetRef, Args, Pins)>>,
     timeout: Option<Duration>,
+    run_timeout: Option<Duration>,
     /// The timeout's timer, from the first poll (it counts the wait for room).
     sleep: Option<Pin<Box<Sleep>>>,
     /// Waiting for room in the queue (see `Builder::max_queued`).
@@ -46,6 +48,7 @@ impl<R> std::fmt::Debug for Apply<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Apply")
             .field("timeout", &self.timeout)
+            .field("run_timeout", &self.run_timeout)
             .field("submitted", &self.running.is_some())
             .finish_non_exhaustive()
     }
@@ -57,6 +60,7 @@ impl<R> Apply<R> {
             shared,
             call: Some(call),
             timeout: None,
+            run_timeout: None,
             sleep: None,
             admission: super::Admission::default(),
             running: None,
@@ -73,6 +77,26 @@ impl<R> Apply<R> {
     /// executor's own timer around it).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
+        self
+    }
+
+    /// Limits the task's execution to `d`, counted from when it starts in a worker
+    /// (pebble's `schedule(timeout=)`): its wait in the queue, or behind another task on
+    /// a busy worker, does not count. A task that runs longer is stopped as
+    /// [`Builder::task_timeout`](super::Builder::task_timeout) stops one (SIGTERM to its
+    /// worker's process group, a grace, SIGKILL; the worker is replaced) and the future
+    /// resolves with [`Error::Timeout`] (`after` = `d`). In place of the pool's
+    /// `task_timeout` for this task; with [`timeout`](Self::timeout) as well, whichever
+    /// expires first ends it.
+    ///
+    /// Its start is the pool's estimate: when the task was sent to an idle worker, or
+    /// when the task before it on that worker finished. The limit follows the real
+    /// clock (on procpool's thread), not a test's paused time.
+    ///
+    /// A remote pool has no such limit: the future resolves with
+    /// [`Error::InvalidConfig`] and nothing runs.
+    pub fn run_timeout(mut self, d: Duration) -> Self {
+        self.run_timeout = Some(d);
         self
     }
 }
@@ -111,7 +135,7 @@ impl<R: DeserializeOwned> Future for Apply<R> {
                 return Poll::Ready(Err(Error::AlreadyCompleted));
             };
             // Closed while it waited: `submit` refuses it (`PoolClosed`).
-            let handle = TaskHandle::submit(&this.shared, call, admitted);
+            let handle = TaskHandle::submit(&this.shared, call, admitted, this.run_timeout);
             let mut running = TaskTimeout::new(handle, this.timeout);
             running.sleep = this.sleep.take();
             this.running = Some(running);
@@ -139,6 +163,8 @@ impl<R: DeserializeOwned> FusedFuture for Apply<R> {
 /// - `tokio::time::timeout(d, &mut handle)` waits at most `d` and does **not** cancel:
 ///   wait again later (Python's `get(timeout)`).
 /// - [`handle.timeout(d)`](Self::timeout) waits at most `d`, then cancels.
+/// - [`handle.run_timeout(d)`](Self::run_timeout) limits the task's execution (or each
+///   chunk's, for `map_async`) to `d`, counted from its start in a worker.
 ///
 /// Polled again after it gave its result, a handle answers [`Error::AlreadyCompleted`]
 /// (it never panics); it is a [`FusedFuture`].
@@ -167,6 +193,8 @@ enum Inner<R> {
     Spawned {
         join: tokio::task::JoinHandle<Result<R>>,
         finished: bool,
+        /// To the spawned map: the chunks' execution limit (see `spawned_map`).
+        run_limit: mpsc::UnboundedSender<Duration>,
     },
     /// Submission failed; the error is handed out once.
     Failed(Option<Error>),
@@ -186,12 +214,13 @@ impl<R> TaskHandle<R> {
         shared: &Arc<Shared>,
         call: Result<(TargetRef, Args, Pins)>,
         admitted: bool,
+        run_timeout: Option<Duration>,
     ) -> Self {
         let submitted = call.and_then(|(target, args, pins)| {
             let (tx, rx) = oneshot::channel();
             let reply = Reply::One { tx, pins };
             shared
-                .submit(target, args, |_| reply, admitted)
+                .submit(target, args, |_| reply, admitted, run_timeout)
                 .map(|id| (id, rx))
         });
         let inner = match submitted {
@@ -207,20 +236,11 @@ impl<R> TaskHandle<R> {
         TaskHandle { inner }
     }
 
-    pub(super) fn spawned(join: tokio::task::JoinHandle<Result<R>>) -> Self {
-        TaskHandle {
-            inner: Inner::Spawned {
-                join,
-                finished: false,
-            },
-        }
-    }
-
     /// True once the result is ready (awaiting will not wait).
     pub fn is_finished(&self) -> bool {
         match &self.inner {
             Inner::Task { rx, finished, .. } => *finished || !rx.is_empty() || rx.is_terminated(),
-            Inner::Spawned { join, finished } => *finished || join.is_finished(),
+            Inner::Spawned { join, finished, .. } => *finished || join.is_finished(),
             Inner::Failed(_) | Inner::Detached => true,
         }
     }
@@ -233,6 +253,60 @@ impl<R> TaskHandle<R> {
     /// Waits at most `d`; then resolves with [`Error::Timeout`] and cancels the task.
     pub fn timeout(self, d: Duration) -> TaskTimeout<R> {
         TaskTimeout::new(self, Some(d))
+    }
+
+    /// Limits the task's execution to `d` from when it starts in a worker, as
+    /// [`Apply::run_timeout`] does; for a [`map_async`](super::AsyncPool::map_async)
+    /// handle, each chunk's execution (as [`Map::run_timeout`]). The task is submitted
+    /// already: the limit reaches the pool a moment later, and a task that has run `d`
+    /// by then is stopped at once (its start still counts from when it started).
+    /// Set again, the last limit counts. It replaces the pool's `task_timeout` for this
+    /// task. Chain [`timeout`](Self::timeout) after it to bound the wait as well.
+    ///
+    /// A remote pool has no such limit: the handle resolves with
+    /// [`Error::InvalidConfig`] and the task is cancelled.
+    pub fn run_timeout(mut self, d: Duration) -> Self {
+        match &self.inner {
+            Inner::Task { shared, id, .. } => {
+                if let Err(e) = shared.set_run_timeout(*id, d) {
+                    // Cancelled by the old handle's drop; this one answers why.
+                    let old = std::mem::replace(&mut self.inner, Inner::Failed(Some(e)));
+                    drop(TaskHandle { inner: old });
+                }
+            }
+            Inner::Spawned { run_limit, .. } => {
+                // An error means the map is over: its result is there to take.
+                run_limit.send(d).ok();
+            }
+            Inner::Failed(_) | Inner::Detached => {}
+        }
+        self
+    }
+}
+
+impl<R: DeserializeOwned + Send + 'static> TaskHandle<Vec<R>> {
+    /// A map driven by a task spawned on the caller's runtime (`map_async`,
+    /// `starmap_async`); [`run_timeout`](Self::run_timeout) reaches its chunks through
+    /// that task.
+    pub(super) fn spawned_map(map: Map<R>) -> Self {
+        let (run_limit, mut limits) = mpsc::unbounded_channel::<Duration>();
+        let join = tokio::spawn(async move {
+            let mut map = map;
+            loop {
+                tokio::select! {
+                    res = &mut map => return res,
+                    // Disabled once the handle is gone (it aborts this task anyway).
+                    Some(d) = limits.recv() => map.set_run_timeout(d)?,
+                }
+            }
+        });
+        TaskHandle {
+            inner: Inner::Spawned {
+                join,
+                finished: false,
+                run_limit,
+            },
+        }
     }
 }
 
@@ -255,7 +329,7 @@ impl<R: DeserializeOwned> Future for TaskHandle<R> {
                     Err(_) => Err(Error::PoolClosed),
                 })
             }
-            Inner::Spawned { join, finished } => {
+            Inner::Spawned { join, finished, .. } => {
                 let res = ready!(Pin::new(join).poll(cx));
                 *finished = true;
                 Poll::Ready(match res {
@@ -294,6 +368,7 @@ impl<R> Drop for TaskHandle<R> {
             Inner::Spawned {
                 join,
                 finished: false,
+                ..
             } => join.abort(),
             _ => {}
         }

@@ -243,6 +243,9 @@ pub(crate) struct Job {
     /// It took a place in the queue (see `Shared::admission`), which the dispatcher
     /// gives back when the task leaves the queue.
     pub(crate) admitted: bool,
+    /// Its own limit on its execution (`run_timeout`), counted from when it starts in a
+    /// worker; in place of the pool's `task_timeout`.
+    pub(crate) run_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Job {
@@ -262,6 +265,12 @@ pub(crate) enum Command {
     /// The caller gave up on task `id` (dropped, or its own timeout expired).
     Cancel {
         id: u64,
+    },
+    /// Task `id`, submitted already, may run at most `after` from its start (see
+    /// `Job::run_timeout`); if it has run longer, it is stopped now.
+    RunTimeout {
+        id: u64,
+        after: std::time::Duration,
     },
     /// Finish queued work, stop the workers, then answer.
     Close {

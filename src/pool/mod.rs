@@ -81,8 +81,8 @@ use message::{Args, Command, Job, Reply};
 ///
 /// Which clock each limit follows: a call's `.timeout(d)` is a timer of the runtime
 /// that polls the call (so it follows tokio's paused time in a test that pauses it);
-/// `task_timeout`, `start_timeout`, the kill grace and the pool's own scheduling follow
-/// the real clock, on procpool's thread. `map_async` alone needs a tokio runtime: its
+/// `task_timeout`, a call's `.run_timeout(d)`, `start_timeout`, the kill grace and the
+/// pool's own scheduling follow the real clock, on procpool's thread. `map_async` alone needs a tokio runtime: its
 /// map is driven by a task spawned on the caller's.
 ///
 /// # Drop
@@ -206,7 +206,8 @@ impl AsyncPool {
     /// Runs `f(args...)` in a worker and resolves with its return value.
     ///
     /// Returns a named future, submitted when first polled. Set options before that:
-    /// `.timeout(d)`.
+    /// `.timeout(d)` (the wait), `.run_timeout(d)` (the execution; see
+    /// [`Apply::run_timeout`]).
     ///
     /// Arguments are encoded now. Large ones (1 MiB or more of strings and byte strings,
     /// no handles) are encoded again when sent, as a [`map`](Self::map)'s large items
@@ -241,7 +242,7 @@ impl AsyncPool {
     {
         let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         // Eager: into the queue at once, full or not (see `Builder::max_queued`).
-        TaskHandle::submit(&self.shared, encode_call::<F, M, A>(args), false)
+        TaskHandle::submit(&self.shared, encode_call::<F, M, A>(args), false, None)
     }
 
     /// Runs `f(item)` for every item, in parallel across the workers, and resolves with
@@ -293,8 +294,13 @@ impl AsyncPool {
     }
 
     /// [`map`](Self::map), submitted now; the [`TaskHandle`] resolves with all results.
+    /// [`TaskHandle::run_timeout`] limits each chunk's execution.
     ///
     /// Needs a tokio runtime (the map is driven by a spawned task).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn`).
     pub fn map_async<F, T, M, I>(&self, f: F, items: I) -> TaskHandle<Vec<F::Output>>
     where
         F: Target<(T,), M>,
@@ -302,7 +308,27 @@ impl AsyncPool {
         M: 'static,
         I: IntoIterator<Item = T>,
     {
-        TaskHandle::spawned(tokio::spawn(self.map(f, items)))
+        TaskHandle::spawned_map(self.map(f, items))
+    }
+
+    /// [`starmap`](Self::starmap), submitted now, as [`map_async`](Self::map_async) is
+    /// [`map`](Self::map): `pool.starmap_async(add, vec![(1, 2), (3, 4)]).await`. The
+    /// [`TaskHandle`] resolves with all results in input order; dropping it cancels
+    /// every chunk not finished.
+    ///
+    /// Needs a tokio runtime (the map is driven by a spawned task).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn`).
+    pub fn starmap_async<F, A, M, I>(&self, f: F, items: I) -> TaskHandle<Vec<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        I: IntoIterator<Item = A>,
+    {
+        TaskHandle::spawned_map(self.starmap(f, items))
     }
 
     /// A stream of `f(item)` in input order, pulling `items` lazily with a bounded number
@@ -445,13 +471,15 @@ impl Shared {
 
     /// Sends a task to the dispatcher; its answer goes to the reply `make_reply` builds
     /// from the task's id (the id exists before the dispatcher can answer). `admitted`:
-    /// it took a place in the queue (see [`try_admit`](Self::try_admit)).
+    /// it took a place in the queue (see [`try_admit`](Self::try_admit)); `run_timeout`:
+    /// its own execution limit (see [`Apply::run_timeout`]).
     fn submit(
         &self,
         target: TargetRef,
         args: impl Into<Args>,
         make_reply: impl FnOnce(u64) -> Reply,
         admitted: bool,
+        run_timeout: Option<std::time::Duration>,
     ) -> Result<u64> {
         let give_back = |admission: &tokio::sync::Semaphore| {
             if admitted {
@@ -462,6 +490,12 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             give_back(&self.admission);
             return Err(Error::PoolClosed);
+        }
+        if run_timeout.is_some()
+            && let Err(e) = self.run_timeout_supported()
+        {
+            give_back(&self.admission);
+            return Err(e);
         }
         if args.len() > crate::wire::MAX_ARGS {
             give_back(&self.admission);
@@ -481,6 +515,7 @@ impl Shared {
             args,
             reply: make_reply(id),
             admitted,
+            run_timeout,
         };
         if self.tx.send(Command::Submit(job)).is_err() {
             give_back(&self.admission);
@@ -506,8 +541,30 @@ impl Shared {
             crate::log::capture::open(id);
             reply
         };
-        let id = self.submit(target, args, make_reply, false)?;
+        let id = self.submit(target, args, make_reply, false, None)?;
         Ok((id, rx))
+    }
+
+    /// Limits task `id`'s execution to `after` from its start (see
+    /// [`TaskHandle::run_timeout`]).
+    fn set_run_timeout(&self, id: u64, after: std::time::Duration) -> Result<()> {
+        self.run_timeout_supported()?;
+        // An error means the dispatcher is gone: the task's handle says so.
+        drop(self.tx.send(Command::RunTimeout { id, after }));
+        Ok(())
+    }
+
+    /// A remote pool's tasks have no execution limit of their own (yet): their
+    /// deadline travels with them, counted from their submission (`task_timeout`).
+    fn run_timeout_supported(&self) -> Result<()> {
+        if self.remote {
+            return Err(Error::InvalidConfig {
+                reason: "run_timeout is not supported by a remote pool; use `.timeout(d)` \
+                         or `Builder::task_timeout`"
+                    .to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// Tells the dispatcher the caller of task `id` gave up.

@@ -505,6 +505,8 @@ pub(super) struct Pool {
     next: u64,
     stats: Arc<Mutex<PoolStats>>,
     pub(super) run: tokio::task::JoinHandle<()>,
+    /// The next submitted task's `run_timeout` (see [`Pool::run_timeout`]).
+    run_timeout: Option<Duration>,
 }
 
 /// A configuration with the builder's defaults and `processes` workers.
@@ -539,6 +541,7 @@ impl Pool {
             next: 1,
             stats,
             run: tokio::spawn(dispatcher.run()),
+            run_timeout: None,
         })
     }
 
@@ -562,6 +565,7 @@ impl Pool {
             args: script.encode(),
             reply: reply(id),
             admitted: false,
+            run_timeout: self.run_timeout.take(),
         };
         self.tx
             .send(Command::Submit(job))
@@ -587,6 +591,17 @@ impl Pool {
     ) -> u64 {
         let tx = tx.clone();
         self.send(script, |id| Reply::Many { key: id, tx })
+    }
+
+    /// Gives the next task submitted its own execution limit.
+    pub(super) fn run_timeout(&mut self, d: Duration) -> &mut Self {
+        self.run_timeout = Some(d);
+        self
+    }
+
+    /// Sets task `id`'s execution limit after it was submitted.
+    pub(super) fn set_run_timeout(&self, id: u64, after: Duration) {
+        self.tx.send(Command::RunTimeout { id, after }).ok();
     }
 
     pub(super) fn cancel(&self, id: u64) {

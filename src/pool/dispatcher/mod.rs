@@ -81,6 +81,8 @@ struct Task {
     cancelled: bool,
     /// Its number among the tasks sent to its worker (see `Worker::sent`), once sent.
     seq: u64,
+    /// Its own execution limit, in place of `Config::task_timeout`.
+    run_timeout: Option<Duration>,
 }
 
 struct Worker<C> {
@@ -269,6 +271,12 @@ impl<W: Workers> Dispatcher<W> {
         match cmd {
             Command::Submit(job) => self.submit(job),
             Command::Cancel { id } => self.cancel(id),
+            Command::RunTimeout { id, after } => {
+                // Gone: it finished (or was cancelled) first, and needs no limit.
+                if let Some(task) = self.tasks.get_mut(&id) {
+                    task.run_timeout = Some(after);
+                }
+            }
             Command::Close { done } => self.closing.get_or_insert_with(Vec::new).push(done),
             Command::Terminate { .. } => unreachable!("handled by run"),
         }
@@ -292,6 +300,7 @@ impl<W: Workers> Dispatcher<W> {
                 state: State::Queued,
                 cancelled: false,
                 seq: 0,
+                run_timeout: job.run_timeout,
             },
         );
         self.pending.push_back(job.id);

@@ -1,6 +1,6 @@
 //! Scheduling: which worker gets which task and when (pipelining depth, least loaded
 //! first, the `processes` bound), taking back tasks sent ahead to a busy worker, and the
-//! deadlines that stop a worker (`task_timeout`, the skip grace).
+//! deadlines that stop a worker (`task_timeout` or a task's `run_timeout`, the skip grace).
 
 use std::time::Duration;
 
@@ -218,16 +218,21 @@ impl<W: Workers> Dispatcher<W> {
         }
     }
 
-    pub(super) fn head_deadline(&self, w: &Worker<W::Conn>) -> Option<(Instant, bool)> {
+    /// When the worker's current task must be over, and the limit that ends it there
+    /// (`None`: it was cancelled, and the deadline is the skip grace). The limit is the
+    /// task's own `run_timeout`, else the pool's `task_timeout`; both count from the
+    /// task's start (`head_since`), so its wait in the queue or behind another task on
+    /// the worker does not count.
+    pub(super) fn head_deadline(&self, w: &Worker<W::Conn>) -> Option<(Instant, Option<Duration>)> {
         let since = w.head_since?;
         let head = w.inflight.front()?;
-        let cancelled = self.tasks.get(head).is_none_or(|t| t.cancelled);
-        let limit = if cancelled {
-            SKIP_GRACE
-        } else {
-            self.cfg.task_timeout?
-        };
-        Some((since + limit, cancelled))
+        match self.tasks.get(head) {
+            Some(t) if !t.cancelled => {
+                let limit = t.run_timeout.or(self.cfg.task_timeout)?;
+                Some((since + limit, Some(limit)))
+            }
+            _ => Some((since + SKIP_GRACE, None)),
+        }
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
@@ -242,19 +247,19 @@ impl<W: Workers> Dispatcher<W> {
         let mut idx = self.workers.len();
         while idx > 0 {
             idx -= 1;
-            let Some((at, cancelled)) = self.head_deadline(&self.workers[idx]) else {
+            let Some((at, limit)) = self.head_deadline(&self.workers[idx]) else {
                 continue;
             };
             if at > now {
                 continue;
             }
             let name = self.workers[idx].conn.name();
-            let err = match (cancelled, self.cfg.task_timeout) {
-                (false, Some(after)) => {
+            let err = match limit {
+                Some(after) => {
                     tracing::info!(worker = %name, "task timed out after {after:?}; worker replaced");
                     Some(Error::Timeout { after })
                 }
-                _ => {
+                None => {
                     tracing::info!(worker = %name, "cancelled task did not stop; worker replaced");
                     None
                 }

@@ -230,6 +230,51 @@ async fn task_timeout_counts_from_a_tasks_start_not_its_submission() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn run_timeout_counts_a_tasks_execution_and_overrides_task_timeout() {
+    let mut cfg = config(1);
+    cfg.task_timeout = Some(Duration::from_secs(10));
+    let mut p = Pool::new(cfg).await;
+    let t0 = Instant::now();
+    let (_, busy) = p.submit(ms(700));
+    // Waits 700 ms behind `busy`, then runs 500 ms: within its 600 ms.
+    let (waits, waits_rx) = p.run_timeout(600 * MS).submit(ms(500));
+    // Runs past its 600 ms (not past the pool's 10 s): stopped 600 ms after its start.
+    let (_, stuck) = p.run_timeout(600 * MS).submit(Script::Hang);
+    assert!(value(busy.await).is_ok());
+    assert_eq!(value(waits_rx.await).unwrap(), waits);
+    match value(stuck.await) {
+        Err(Error::Timeout { after }) => assert_eq!(after, 600 * MS),
+        other => panic!("{other:?}"),
+    }
+    let at = t0.elapsed();
+    assert!((1800 * MS..1803 * MS).contains(&at), "{at:?}");
+    settle().await;
+    assert_eq!((p.stats().restarts, p.stats().failed), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_timeout_set_while_a_task_runs_counts_from_its_start() {
+    let mut p = Pool::new(config(1)).await;
+    let t0 = Instant::now();
+    let (stuck, rx) = p.submit(Script::Hang);
+    tokio::time::sleep(300 * MS).await;
+    p.set_run_timeout(stuck, 500 * MS);
+    match value(rx.await) {
+        Err(Error::Timeout { after }) => assert_eq!(after, 500 * MS),
+        other => panic!("{other:?}"),
+    }
+    let at = t0.elapsed();
+    assert!((500 * MS..503 * MS).contains(&at), "{at:?}");
+    // A limit already past stops it at once.
+    let (late, rx) = p.submit(Script::Hang);
+    tokio::time::sleep(300 * MS).await;
+    let t1 = Instant::now();
+    p.set_run_timeout(late, 100 * MS);
+    assert!(matches!(value(rx.await), Err(Error::Timeout { .. })));
+    assert!(t1.elapsed() < 3 * MS, "{:?}", t1.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
 async fn max_tasks_per_child_retires_each_worker_after_its_tasks() {
     let mut cfg = config(1);
     cfg.max_tasks_per_child = Some(2);

@@ -148,9 +148,13 @@ impl<R, I> Imap<R, I> {
         let args = items.chunk(0..items.len());
         // Not counted against `max_queued`: an imap keeps a few chunks per worker in
         // flight on its own (`IMAP_WINDOW_PER_WORKER`).
-        let id = self
-            .shared
-            .submit(target, args, move |id| Reply::Many { key: id, tx }, false)?;
+        let id = self.shared.submit(
+            target,
+            args,
+            move |id| Reply::Many { key: id, tx },
+            false,
+            None,
+        )?;
         self.inflight.insert(
             id,
             Chunk {

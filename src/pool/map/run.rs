@@ -25,7 +25,8 @@ use crate::wire::chunk::MAX_CHUNK_ITEMS;
 /// order.
 ///
 /// Submits its chunks when first polled. Options go before that:
-/// [`chunksize`](Self::chunksize), [`timeout`](Self::timeout).
+/// [`chunksize`](Self::chunksize), [`timeout`](Self::timeout) (the caller's wait),
+/// [`run_timeout`](Self::run_timeout) (each chunk's execution).
 ///
 /// # Drop
 ///
@@ -37,6 +38,8 @@ pub struct Map<R> {
     input: Option<Result<(TargetRef, Encoded)>>,
     chunksize: Option<usize>,
     timeout: Option<Duration>,
+    /// Each chunk's execution limit (see [`Map::run_timeout`]).
+    run_timeout: Option<Duration>,
     run: Option<MapRun<R>>,
     /// It gave its result: polled again, it answers [`Error::AlreadyCompleted`].
     done: bool,
@@ -75,7 +78,12 @@ struct MapRun<R> {
 impl<R> MapRun<R> {
     /// Submits chunks while the queue has room; `Err` if one cannot be submitted (the
     /// ones submitted are cancelled by the map's drop).
-    fn submit_more(&mut self, shared: &Shared, cx: &mut Context<'_>) -> Result<()> {
+    fn submit_more(
+        &mut self,
+        shared: &Shared,
+        run_timeout: Option<Duration>,
+        cx: &mut Context<'_>,
+    ) -> Result<()> {
         let n = self.items.len();
         while self.next_chunk * self.size < n {
             match shared.poll_admit(&mut self.admission, cx) {
@@ -92,7 +100,7 @@ impl<R> MapRun<R> {
                 tx,
             };
             let args = self.items.chunk(start..(start + self.size).min(n));
-            let id = shared.submit(self.target, args, |_| reply, true)?;
+            let id = shared.submit(self.target, args, |_| reply, true, run_timeout)?;
             self.ids.push(id);
             self.next_chunk += 1;
         }
@@ -106,6 +114,7 @@ impl<R> std::fmt::Debug for Map<R> {
         f.debug_struct("Map")
             .field("chunksize", &self.chunksize)
             .field("timeout", &self.timeout)
+            .field("run_timeout", &self.run_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -121,6 +130,7 @@ impl<R> Map<R> {
             input: Some(target.and_then(|t| Ok((t, items?)))),
             chunksize: None,
             timeout: None,
+            run_timeout: None,
             run: None,
             done: false,
         }
@@ -139,6 +149,34 @@ impl<R> Map<R> {
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self
+    }
+
+    /// Limits each chunk's execution to `d`, counted from when the chunk starts in a
+    /// worker (its wait in the queue does not count), as
+    /// [`Apply::run_timeout`](crate::pool::Apply::run_timeout) limits a task's: a chunk
+    /// of several items has `d` for all of them together. A chunk that runs longer is
+    /// stopped (its worker replaced), and the map resolves with [`Error::Timeout`],
+    /// cancelling the chunks not finished, as on any other chunk's error. With
+    /// `.chunksize(1)`, `d` is each item's limit.
+    ///
+    /// A remote pool has no such limit: the map resolves with [`Error::InvalidConfig`].
+    pub fn run_timeout(mut self, d: Duration) -> Self {
+        self.run_timeout = Some(d);
+        self
+    }
+
+    /// Sets [`run_timeout`](Self::run_timeout) after the map started (for a
+    /// `map_async` handle): for the chunks submitted and not answered, and the rest.
+    pub(in crate::pool) fn set_run_timeout(&mut self, d: Duration) -> Result<()> {
+        self.run_timeout = Some(d);
+        if let Some(run) = &self.run {
+            for (id, res) in run.ids.iter().zip(&run.results) {
+                if res.is_none() {
+                    self.shared.set_run_timeout(*id, d)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn start(&mut self) -> Result<Option<Vec<R>>> {
@@ -214,7 +252,7 @@ impl<R: DeserializeOwned + 'static> Map<R> {
         let Some(run) = this.run.as_mut() else {
             return Poll::Ready(Err(Error::AlreadyCompleted));
         };
-        if let Err(e) = run.submit_more(&this.shared, cx) {
+        if let Err(e) = run.submit_more(&this.shared, this.run_timeout, cx) {
             return Poll::Ready(Err(e));
         }
         while let Poll::Ready(msg) = run.rx.poll_recv(cx) {

@@ -447,6 +447,12 @@ impl RemoteDispatcher {
                         self.cancel(id).await;
                     }
                 }
+                Command::RunTimeout { id, .. } => {
+                    // `Shared` refuses run_timeout for a remote pool before it sends
+                    // anything (InvalidConfig to the caller), so none should come.
+                    tracing::warn!(target: "procpool::remote", task = id,
+                        "a run_timeout reached the remote backend, which has none; ignored");
+                }
                 Command::Close { done } => self.closing.push(done),
                 Command::Terminate { done } => {
                     self.fail_all(Error::PoolClosed);
