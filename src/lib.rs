@@ -270,9 +270,8 @@ pub use process::{Process, spawn};
 pub use runtime::{ProcessInfo, active_children, current_process, parent_process};
 pub use sync::{
     Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Condition, Connection, Event,
-    Lock, LockGuard, Queue, Semaphore, SemaphorePermit, TryPutError, Value, ValueGuard, pipe,
-    Barrier, BarrierWaitResult, BoundedSemaphore, Connection, Event, Lock, LockGuard, Queue,
-    Receiver, Semaphore, SemaphorePermit, Sender, TryPutError, pipe, pipe_oneway,
+    Lock, LockGuard, Queue, Receiver, Semaphore, SemaphorePermit, Sender, TryPutError, Value,
+    ValueGuard, pipe, pipe_oneway,
 };
 #[doc(hidden)]
 pub use sync::{Tables as __Tables, set_owner_timeout as __set_owner_timeout, tables as __tables};
