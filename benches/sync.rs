@@ -11,13 +11,18 @@
 //!   back; blocking calls on both sides, then async calls in the parent.
 //! - `Queue 1 -> 1, 100k items`: a producer process puts 100,000 `u64`s on a queue owned
 //!   by the parent, a consumer process takes them (Python's workload: 160 k items/s).
+//! - `Dict insert+get from a child, 10k pairs`: a child process inserts into a `Dict`
+//!   owned by the parent and reads the value back, 10,000 times (two round trips each:
+//!   what a Python `Manager().dict()` costs per call too; `python_baseline.py` has no
+//!   dict row yet).
 
 mod support;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use procpool::{Connection, Process, Queue, pipe};
+use procpool::{Connection, Dict, Process, Queue, pipe};
 
 const ITEMS: u64 = 100_000;
+const DICT_PAIRS: u64 = 10_000;
 
 fn echo(conn: Connection<u64>) {
     while let Ok(x) = conn.blocking_recv() {
@@ -49,6 +54,19 @@ async fn consumer(q: Queue<u64>, done: Queue<u64>) {
         if done.put(last).await.is_err() {
             return;
         }
+    }
+}
+
+/// Each round number on `go`: DICT_PAIRS inserts into the parent's dict, each read back;
+/// then the last value read, on `done`.
+fn dict_user(go: Queue<u64>, d: Dict<u64, u64>, done: Queue<u64>) {
+    while let Ok(round) = go.blocking_get() {
+        let mut last = 0;
+        for i in 0..DICT_PAIRS {
+            d.blocking_insert(i % 100, round + i).expect("insert");
+            last = d.blocking_get(&(i % 100)).expect("get").expect("inserted");
+        }
+        done.blocking_put(last).expect("done");
     }
 }
 
@@ -108,7 +126,26 @@ fn sync(c: &mut Criterion) {
             })
         })
     });
+
+    let dict_go: Queue<u64> = Queue::new();
+    let d: Dict<u64, u64> = Dict::new();
+    let mut user = Process::new(dict_user, (dict_go.clone(), d.clone(), done.clone()));
+    rt.block_on(user.start()).expect("dict user");
+    g.throughput(Throughput::Elements(DICT_PAIRS));
+    let mut round = 0;
+    g.bench_function("Dict insert+get from a child, 10k pairs", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                dict_go.put(round).await.expect("go");
+                let last = done.get().await.expect("done");
+                assert_eq!(last, round + DICT_PAIRS - 1);
+                round += 1;
+            })
+        })
+    });
     g.finish();
+    dict_go.close().expect("close");
+    rt.block_on(user.join()).expect("dict user ends");
     go.close().expect("close");
     q.close().expect("close");
     rt.block_on(async {

@@ -152,7 +152,8 @@
 //!
 //! Each queue item is delivered exactly once, and a lock whose holder dies is released
 //! (the next holder is told, see [`LockGuard::abandoned`]) where Python would deadlock.
-//! A pipe end whose process dies gives the other end [`Error::Closed`].
+//! A pipe end whose process dies gives the other end [`Error::Closed`]. A [`Dict`] is a
+//! Manager's `dict()`, with an atomic [`Dict::update`] that no dying updater can block.
 //!
 //! The rest of Python's synchronisation and sharing travels the same way:
 //! [`Semaphore`] / [`BoundedSemaphore`] (RAII permits; a dead holder's permits come
@@ -269,9 +270,9 @@ pub use pool::{
 pub use process::{Process, spawn};
 pub use runtime::{ProcessInfo, active_children, current_process, parent_process};
 pub use sync::{
-    Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Condition, Connection, Event,
-    Lock, LockGuard, Queue, Receiver, Semaphore, SemaphorePermit, Sender, TryPutError, Value,
-    ValueGuard, pipe, pipe_oneway,
+    Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Condition, Connection, Dict,
+    Event, Lock, LockGuard, Queue, Receiver, Semaphore, SemaphorePermit, Sender, TryPutError,
+    Value, ValueGuard, pipe, pipe_oneway,
 };
 #[doc(hidden)]
 pub use sync::{Tables as __Tables, set_owner_timeout as __set_owner_timeout, tables as __tables};

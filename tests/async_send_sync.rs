@@ -48,6 +48,8 @@ fn send_sync_unpin() {
     require_send::<Event>();
     require_sync::<Event>();
     require_send::<TryPutError<String>>();
+    require_send::<Dict<String, Vec<u8>>>();
+    require_sync::<Dict<String, Vec<u8>>>();
 }
 
 // Futures returned by async fns are Send, so they can be `tokio::spawn`ed.
@@ -78,4 +80,10 @@ async fn uses_everything(pool: AsyncPool) {
     let ev = Event::new();
     require_send_val(&ev.wait());
     require_send_val(&ev.wait_timeout(std::time::Duration::ZERO));
+    let d: Dict<String, u64> = Dict::new();
+    require_send_val(&d.insert(String::new(), 1));
+    require_send_val(&d.get("k"));
+    require_send_val(&d.remove("k"));
+    require_send_val(&d.items());
+    require_send_val(&d.update(String::new(), |n| n.unwrap_or(0) + 1));
 }

@@ -1,5 +1,6 @@
-//! Queues, pipes, locks and events shared between processes (Python's `Queue`, `Pipe`,
-//! `Lock` and `Event`).
+//! Queues, pipes, locks, events, semaphores, barriers and dicts shared between processes
+//! (Python's `Queue`, `Pipe`, `Lock`, `Event`, `Semaphore`, `Barrier` and a Manager's
+//! `dict`).
 //!
 //! Every type here is `Clone + Serialize + Deserialize`: create it in any process (the
 //! parent, a [`Process`](crate::Process), a pool worker), pass it to children as an
@@ -11,6 +12,10 @@
 //!   over a unix socket. A process that dies lets go of what it held: its lock is
 //!   released (and the next holder told, see [`LockGuard::abandoned`]), the queue items
 //!   it had fetched but not handed out go back to the queue.
+//! - [`Dict`] (a Python `Manager().dict()`) is owner-held the same way; the owner keeps
+//!   encoded keys and values, and [`Dict::update`] is an atomic read-modify-write by
+//!   compare-and-swap from the caller's process (it holds nothing, so an updater that
+//!   dies or hangs blocks nobody).
 //! - A handle is a capability: it opens its own object and nothing else (each object has
 //!   a random key, shown to its owner), and a process talks only to owners of its own
 //!   user.
@@ -26,6 +31,7 @@
 
 mod barrier;
 mod condition;
+mod dict;
 mod event;
 pub(crate) mod hub;
 mod lock;
@@ -40,6 +46,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use barrier::{Barrier, BarrierWaitResult};
 pub use condition::Condition;
+pub use dict::Dict;
 pub use event::Event;
 pub use lock::{Lock, LockGuard};
 pub use pipe::{Connection, Receiver, Sender, pipe, pipe_oneway};

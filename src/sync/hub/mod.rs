@@ -163,6 +163,7 @@ pub(crate) enum Kind {
     Event,
     Barrier,
     Condition,
+    Dict,
 }
 
 /// An object this process's hub serves to other processes: what a session does with the
@@ -339,6 +340,35 @@ pub(crate) enum Op {
     Notify {
         all: bool,
     },
+    /// A dict's `insert`: answered `Entry` with the value it replaced.
+    DictInsert {
+        key: ByteBuf,
+        value: ByteBuf,
+    },
+    /// A dict's `get`: answered `Entry` with the value and its version.
+    DictGet {
+        key: ByteBuf,
+    },
+    /// A dict's `remove`: answered `Entry` with the value it took out.
+    DictRemove {
+        key: ByteBuf,
+    },
+    /// A dict's `contains_key`: answered `Bool`.
+    DictContains {
+        key: ByteBuf,
+    },
+    /// A dict's keys and/or values in insertion order: answered `Entries`.
+    DictEntries {
+        keys: bool,
+        values: bool,
+    },
+    /// A dict's compare-and-swap (`update`): writes `value` if the key's version is
+    /// still `version` (0: absent); answered `Bool(written)`.
+    DictSetIf {
+        key: ByteBuf,
+        version: u64,
+        value: ByteBuf,
+    },
 }
 
 /// A hub to a process using its objects.
@@ -385,6 +415,16 @@ pub(crate) enum Reply {
     Gone,
     /// The request is not valid (`task_done` called too often).
     Invalid(String),
+    /// A dict entry: its value (`None`: no such key) and version (0: none).
+    Entry {
+        value: Option<ByteBuf>,
+        version: u64,
+    },
+    /// A dict's keys and values in insertion order (each empty unless asked for).
+    Entries {
+        keys: Vec<ByteBuf>,
+        values: Vec<ByteBuf>,
+    },
 }
 
 // This file: the protocol (what crosses a hub connection) and what every part shares.
