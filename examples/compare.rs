@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use procpool::{AsyncPool, Connection, Event, Process, Queue, Semaphore, Value, pipe};
+use procpool::{AsyncPool, Connection, Dict, Event, Process, Queue, Semaphore, Value, pipe};
 use serde_bytes::ByteBuf;
 
 const WORKERS: usize = 2;
@@ -49,6 +49,20 @@ fn sem_child(s: Semaphore, n: usize) -> Vec<f64> {
             t0.elapsed().as_secs_f64() * 1e6 / n as f64
         })
         .collect()
+}
+
+/// `n` inserts of a key and reads of it back into `d` (owned by the parent): pairs per
+/// second.
+fn dict_child(d: Dict<u64, u64>, n: u64) -> f64 {
+    let t0 = Instant::now();
+    for i in 0..n {
+        d.blocking_insert(i, i).expect("the parent keeps the dict");
+        assert_eq!(
+            d.blocking_get(&i).expect("the parent keeps the dict"),
+            Some(i)
+        );
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
 }
 
 /// `n` increments of `v` once `go` is set.
@@ -443,6 +457,14 @@ async fn main() -> procpool::Result<()> {
             2.0 * N_INCR as f64 / dt,
             "items/s",
         );
+    }
+
+    if want(&only, "dict_insert_get") {
+        let d = Dict::new();
+        let mut p = Process::new(dict_child, (d.clone(), 20_000));
+        p.start().await?;
+        let rate = p.join().await?;
+        emit(sys, "dict_insert_get", "throughput", rate, "items/s");
     }
 
     if want(&only, "process_spawn") {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use procpool::{
-    Array, AsyncPool, Barrier, Condition, Connection, Error, Event, Lock, Process, Queue,
+    Array, AsyncPool, Barrier, Condition, Connection, Dict, Error, Event, Lock, Process, Queue,
     Semaphore, Value, current_process, pipe,
 };
 
@@ -264,6 +264,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  filled by a child, announced with a Condition: {:?}",
         squares.to_vec()?
     );
+    let words: Dict<String, usize> = Dict::new();
+    let mut p = procpool::spawn(count_words, (words.clone(),)).await?;
+    p.join().await?;
+    println!(
+        "  a Manager-style Dict filled by a child: {:?}",
+        words.items().await?
+    );
 
     println!("== Logging: child tracing events in the parent, Python's log_to_stderr");
     procpool::log_to_stderr(tracing::Level::INFO)?;
@@ -402,6 +409,14 @@ fn count_in_slots(slots: Semaphore, counter: Value<u64>, barrier: Barrier) -> bo
         .blocking_wait()
         .expect("nobody breaks it")
         .is_leader()
+}
+
+fn count_words(words: Dict<String, usize>) {
+    for w in "the cat saw the dog".split(' ') {
+        words
+            .blocking_update(w.to_owned(), |n| n.unwrap_or(0) + 1)
+            .expect("the parent keeps the dict");
+    }
 }
 
 fn fill_and_notify(ready: Condition, squares: Array<u32>) {

@@ -119,3 +119,11 @@ fn barrier_lets_nobody_pass_before_all_four_prepared() {
         "{out}"
     );
 }
+
+#[test]
+fn manager_dict_is_filled_by_pool_workers() {
+    assert_eq!(
+        run("manager_dict"),
+        "[(0, 0), (1, 1), (2, 4), (3, 9), (4, 16), (5, 25), (6, 36), (7, 49)]\ntally: 8\n"
+    );
+}
