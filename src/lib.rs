@@ -246,6 +246,12 @@
 //!
 //! Linux only for now (it relies on `/proc`, `pidfd` and `PR_SET_PDEATHSIG`).
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "procpool supports Linux only: it is built on pidfds, memfds, abstract unix sockets and \
+     futexes (see the crate docs, Platform)"
+);
+
 #[doc(hidden)]
 #[allow(missing_docs)]
 #[path = "fuzz.rs"]

@@ -615,7 +615,7 @@ fn to_f32(x: f64) -> f32 {
     x as f32
 }
 fn is_even(x: usize) -> bool {
-    x % 2 == 0
+    x.is_multiple_of(2)
 }
 fn wide(x: i128) -> i128 {
     x * 3
