@@ -395,3 +395,62 @@ async fn a_condition_wait_times_out_or_is_woken_and_holds_the_lock_again() {
     drop(g);
     assert!(soon(p.join()).await.unwrap(), "woken, and holding the lock");
 }
+
+/// From a child with no runtime: a semaphore with no permit free, then one free.
+fn timed_acquires(s: Semaphore) -> (bool, u128, bool, u128) {
+    let t0 = std::time::Instant::now();
+    let none = s
+        .blocking_acquire_timeout(Duration::from_millis(150))
+        .unwrap()
+        .is_none();
+    let waited = t0.elapsed().as_millis();
+    s.release().unwrap();
+    let t1 = std::time::Instant::now();
+    let some = s
+        .blocking_acquire_timeout(Duration::from_secs(20))
+        .unwrap()
+        .is_some();
+    (none, waited, some, t1.elapsed().as_millis())
+}
+
+/// From a child with no runtime: a barrier of 2 nobody else comes to.
+fn timed_barrier(b: Barrier) -> (String, u128) {
+    let t0 = std::time::Instant::now();
+    let r = b.blocking_wait_timeout(Duration::from_millis(150));
+    (format!("{r:?}"), t0.elapsed().as_millis())
+}
+
+#[tokio::test]
+async fn semaphore_and_barrier_timeouts_return_after_about_their_limit_with_no_runtime() {
+    let s = Semaphore::new(0);
+    let mut p = procpool::spawn(timed_acquires, (s.clone(),)).await.unwrap();
+    let (none, waited, some, at_once) = soon(p.join()).await.unwrap();
+    assert!(
+        none && (150..5_000).contains(&waited),
+        "{none} after {waited} ms"
+    );
+    assert!(some && at_once < 2_000, "{some} after {at_once} ms");
+    // In async code too (the child's permit came back as it exited: held here), and a
+    // free permit is taken at once whatever the limit.
+    let held = soon(s.acquire()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(
+        s.acquire_timeout(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(100));
+    drop(held);
+    assert!(s.acquire_timeout(Duration::ZERO).await.unwrap().is_some());
+
+    let b = Barrier::new(2);
+    let mut p = procpool::spawn(timed_barrier, (b.clone(),)).await.unwrap();
+    let (r, ms) = soon(p.join()).await.unwrap();
+    assert!(r.contains("Timeout"), "{r}");
+    assert!((150..5_000).contains(&ms), "after {ms} ms");
+    assert!(
+        b.is_broken().unwrap(),
+        "a timed-out party breaks it, as in Python"
+    );
+}

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::oneshot;
@@ -319,6 +320,45 @@ impl Barrier {
             },
             Access::Dead(_) => Err(Error::Closed),
         }
+    }
+
+    /// [`wait`](Self::wait), giving up after `timeout`: then this call is
+    /// [`Error::Timeout`] and, as in Python, the barrier breaks for the others (they
+    /// would wait for this party forever).
+    ///
+    /// # Errors
+    ///
+    /// As for `wait`, and `Timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As for `wait`.
+    pub async fn wait_timeout(&self, timeout: Duration) -> Result<BarrierWaitResult> {
+        let sleep = crate::runtime::timer::Sleep::new(timeout);
+        match crate::runtime::timer::timeout(sleep, self.wait()).await {
+            Some(r) => r,
+            None => Err(Error::Timeout { after: timeout }),
+        }
+    }
+
+    /// [`wait_timeout`](Self::wait_timeout) for synchronous code: blocks this thread at
+    /// most about `timeout` (no runtime needed).
+    ///
+    /// # Errors
+    ///
+    /// As for `wait_timeout`.
+    pub fn blocking_wait_timeout(&self, timeout: Duration) -> Result<BarrierWaitResult> {
+        let deadline = crate::runtime::timer::deadline_in(timeout);
+        let sleep = crate::runtime::timer::Sleep::parked_until(deadline);
+        crate::runtime::timer::block_on_until(
+            async {
+                match crate::runtime::timer::timeout(sleep, self.wait()).await {
+                    Some(r) => r,
+                    None => Err(Error::Timeout { after: timeout }),
+                }
+            },
+            deadline,
+        )
     }
 
     /// [`wait`](Self::wait) for synchronous code: blocks this thread (no runtime

@@ -61,7 +61,12 @@ impl CState {
                         self.notify(1);
                     }
                 }
-                Some(Parked::Peer(peer, id)) => peer.reply(id, Reply::Ok),
+                Some(Parked::Peer(peer, id)) => {
+                    if !peer.offer(id, Reply::Ok) {
+                        // Its process is gone (its connection closed): the next one.
+                        self.notify(1);
+                    }
+                }
                 None => {
                     self.notified.insert(t, who);
                 }

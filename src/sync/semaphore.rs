@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -320,14 +320,26 @@ impl Semaphore {
         }))
     }
 
-    /// Waits for a permit on this thread, until `stop` is set.
-    fn wait_for_permit(&self, stop: &AtomicBool) -> Result<Option<SemaphorePermit>> {
+    /// Waits for a permit on this thread, until `stop` is set or `deadline` passes.
+    fn wait_for_permit(
+        &self,
+        stop: &AtomicBool,
+        deadline: Option<Instant>,
+    ) -> Result<Option<SemaphorePermit>> {
         let region = self.mem.region()?;
         let mut quiet = false;
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(None);
             }
+            let look = match deadline {
+                Some(at) => match at.checked_duration_since(Instant::now()) {
+                    // Due: one last look below, without waiting.
+                    None => Duration::ZERO,
+                    Some(left) => left.min(LOOK),
+                },
+                None => LOOK,
+            };
             let seen = region.begin_wait();
             // Dead holders are looked for when nothing happened for a while.
             let taken = self.take(quiet);
@@ -335,7 +347,11 @@ impl Semaphore {
                 region.end_wait();
                 return taken;
             }
-            quiet = !region.wait_change(seen, LOOK);
+            if look.is_zero() {
+                region.end_wait();
+                return Ok(None);
+            }
+            quiet = !region.wait_change(seen, look);
             region.end_wait();
         }
     }
@@ -353,15 +369,50 @@ impl Semaphore {
     /// dropped is given back at once). A free permit is taken at once; otherwise the wait
     /// runs on a thread of procpool's own runtime (the caller's is not blocked).
     pub async fn acquire(&self) -> Result<SemaphorePermit> {
+        self.acquire_until(None).await?.ok_or(Error::Cancelled)
+    }
+
+    /// [`acquire`](Self::acquire), giving up after `timeout`: `Ok(None)` if no permit was
+    /// free by then (Python's `acquire(timeout=)` answering `False`). A free permit is
+    /// taken at once, whatever the limit.
+    ///
+    /// # Errors
+    ///
+    /// As for `acquire`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As for `acquire`.
+    pub async fn acquire_timeout(&self, timeout: Duration) -> Result<Option<SemaphorePermit>> {
+        let deadline = Instant::now().checked_add(timeout);
+        self.acquire_until(Some(deadline.unwrap_or_else(far_future)))
+            .await
+    }
+
+    /// [`acquire_timeout`](Self::acquire_timeout) for synchronous code: blocks this
+    /// thread at most about `timeout` (no runtime needed).
+    ///
+    /// # Errors
+    ///
+    /// As for `acquire`.
+    pub fn blocking_acquire_timeout(&self, timeout: Duration) -> Result<Option<SemaphorePermit>> {
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(far_future);
+        self.wait_for_permit(&AtomicBool::new(false), Some(deadline))
+    }
+
+    async fn acquire_until(&self, deadline: Option<Instant>) -> Result<Option<SemaphorePermit>> {
         if let Some(p) = self.take(false)? {
-            return Ok(p);
+            return Ok(Some(p));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let _stop = StopOnDrop(Arc::clone(&stop));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         crate::runtime::service::run(async move {
-            let got = tokio::task::spawn_blocking(move || me.wait_for_permit(&stop)).await;
+            let got =
+                tokio::task::spawn_blocking(move || me.wait_for_permit(&stop, deadline)).await;
             let got = got.unwrap_or_else(|e| {
                 Err(Error::Io(std::io::Error::other(format!(
                     "the semaphore's wait failed: {e}"
@@ -371,9 +422,7 @@ impl Semaphore {
             drop(tx.send(got));
         })?;
         match rx.await {
-            Ok(Ok(Some(p))) => Ok(p),
-            Ok(Ok(None)) => Err(Error::Cancelled),
-            Ok(Err(e)) => Err(e),
+            Ok(got) => got,
             Err(_) => Err(Error::Closed),
         }
     }
@@ -385,7 +434,7 @@ impl Semaphore {
     ///
     /// As for `acquire`.
     pub fn blocking_acquire(&self) -> Result<SemaphorePermit> {
-        self.wait_for_permit(&AtomicBool::new(false))?
+        self.wait_for_permit(&AtomicBool::new(false), None)?
             .ok_or(Error::Cancelled)
     }
 
@@ -448,4 +497,9 @@ impl<'de> Deserialize<'de> for Semaphore {
             mem: deserialize_memory::<D, State>(d)?.0,
         })
     }
+}
+
+/// A deadline for a limit too long for an `Instant`: a year from now, as good as never.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
