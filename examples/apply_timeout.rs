@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --example apply_timeout
 //! 50
-//! hung task: timed out after 500ms; the task was stopped (...)
+//! hung task: timed out after 500ms (a task still running at its limit was stopped; ...)
 //! the pool still works: 42
 //! ```
 

@@ -20,6 +20,7 @@ pub(crate) const EXIT_STACK_OVERFLOW: i32 = 77;
 /// std's "thread '…' has overflowed its stack" and exits with code 77:
 /// [`is_stack_overflow`](Self::is_stack_overflow) tells, and the message says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ExitReason {
     /// The process called `exit(code)` (or returned from `main`).
     Code(i32),
@@ -112,8 +113,10 @@ fn signal_name(sig: i32) -> &'static str {
 pub enum Error {
     /// The work did not finish within its time limit; a task still running was stopped.
     #[error(
-        "timed out after {after:?}; the task was stopped (raise the timeout if the work needs longer)"
+        "timed out after {after:?} (a task still running at its limit was stopped; raise \
+         the limit if the work needs longer)"
     )]
+    #[non_exhaustive]
     Timeout {
         /// The limit that expired.
         after: Duration,
@@ -122,6 +125,7 @@ pub enum Error {
     /// The child process ended before it delivered a result: it aborted, crashed, called
     /// `std::process::exit`, or was killed.
     #[error("process {name} (pid {pid}) died with {reason} before returning a result")]
+    #[non_exhaustive]
     WorkerDied {
         /// The child's pid.
         pid: u32,
@@ -134,6 +138,7 @@ pub enum Error {
     /// The target panicked in the child. The child's panic message and source location are
     /// carried over, like [`tokio::task::JoinError::is_panic`] but across processes.
     #[error("the target panicked in process {name} at {}: {message}", location.as_deref().unwrap_or("<unknown location>"))]
+    #[non_exhaustive]
     Panicked {
         /// The panic message (`"index out of bounds: ..."`).
         message: String,
@@ -148,6 +153,7 @@ pub enum Error {
     #[error(
         "could not encode a value of type `{type_name}`: {reason} (check its `Serialize` impl)"
     )]
+    #[non_exhaustive]
     Encode {
         /// The Rust type that failed to encode.
         type_name: String,
@@ -159,6 +165,7 @@ pub enum Error {
     #[error(
         "could not decode a value of type `{type_name}`: {reason} (check its `Deserialize` impl)"
     )]
+    #[non_exhaustive]
     Decode {
         /// The Rust type that failed to decode.
         type_name: String,
@@ -176,6 +183,7 @@ pub enum Error {
 
     /// A child process could not be started, or it refused to run (not the same build).
     #[error("could not start a child process: {reason}")]
+    #[non_exhaustive]
     Spawn {
         /// What went wrong.
         reason: String,
@@ -187,6 +195,7 @@ pub enum Error {
     /// A child sent something that is not valid protocol (garbage, a frame over the size
     /// limit, an unexpected message). The child has been killed.
     #[error("protocol error from process {name}: {reason}; the child was killed")]
+    #[non_exhaustive]
     Protocol {
         /// The child's name.
         name: String,
@@ -201,6 +210,7 @@ pub enum Error {
     /// The target cannot be run in a child process: it does not live in the main
     /// executable (for example, it comes from a dynamically loaded library).
     #[error("target `{name}` cannot run in a child process: {reason}")]
+    #[non_exhaustive]
     UnsupportedTarget {
         /// The target's type name.
         name: String,
@@ -214,6 +224,7 @@ pub enum Error {
         "a bounded semaphore of {permits} permits was released more often than it was \
          acquired (nothing changed)"
     )]
+    #[non_exhaustive]
     ReleasedTooOften {
         /// The permits it was created with.
         permits: u64,
@@ -221,6 +232,7 @@ pub enum Error {
 
     /// An index or range past the end of an [`Array`](crate::Array).
     #[error("index {index} is out of bounds: the array has {len} elements")]
+    #[non_exhaustive]
     OutOfBounds {
         /// The first index past the end that was asked for.
         index: usize,
@@ -236,6 +248,7 @@ pub enum Error {
 
     /// An option has a value that cannot work (for example a pool of 0 processes).
     #[error("invalid configuration: {reason}")]
+    #[non_exhaustive]
     InvalidConfig {
         /// What is wrong.
         reason: String,
@@ -263,6 +276,7 @@ pub enum Error {
     /// A remote task's node died or vanished while it ran the task (its heartbeat
     /// stopped), and no retry was left (see `Builder::retries`).
     #[error("node {node} was lost while it ran the task (no retry left)")]
+    #[non_exhaustive]
     NodeLost {
         /// The node's id.
         node: String,
@@ -274,6 +288,7 @@ pub enum Error {
         "no node of this build ({build}) registered within {waited:?}; start nodes from this \
          same executable (PROCPOOL_NODE=<redis url>)"
     )]
+    #[non_exhaustive]
     NoCompatibleNodes {
         /// This program's build fingerprint.
         build: String,
@@ -284,6 +299,7 @@ pub enum Error {
     /// The remote backend (Redis) could not be used: unreachable past the reconnect
     /// window, or it answered with an error.
     #[error("the remote backend failed: {reason}")]
+    #[non_exhaustive]
     Backend {
         /// What went wrong.
         reason: String,
@@ -295,13 +311,15 @@ pub enum Error {
         "an argument of type `{type_name}` cannot reach a remote node: it refers to an \
          object of this machine"
     )]
+    #[non_exhaustive]
     UnsupportedArgument {
         /// What was passed.
         type_name: String,
     },
 
-    /// An operating-system error.
-    #[error("I/O error: {0}")]
+    /// An operating-system error. Its message is the `io::Error`'s (and its source the
+    /// `io::Error`'s source), so a chain of errors (anyhow, eyre) prints it once.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

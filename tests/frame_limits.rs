@@ -42,7 +42,9 @@ async fn arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_
     let mut p = Process::new(len_of, (oversize(),));
     let r = support::soon(p.start()).await;
     match r {
-        Err(Error::Encode { type_name, reason }) => {
+        Err(Error::Encode {
+            type_name, reason, ..
+        }) => {
             assert!(type_name.contains("ByteBuf"), "{type_name}");
             assert!(reason.contains("one message holds at most"), "{reason}");
         }
@@ -72,7 +74,9 @@ async fn arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_
     // A result over the limit: Encode naming its type, and the same worker serves on.
     let me = pool.apply(pid, ()).await.unwrap();
     match support::soon(pool.apply(returns_oversize, ())).await {
-        Err(Error::Encode { type_name, reason }) => {
+        Err(Error::Encode {
+            type_name, reason, ..
+        }) => {
             assert!(type_name.contains("ByteBuf"), "{type_name}");
             assert!(reason.contains("one message holds at most"), "{reason}");
         }

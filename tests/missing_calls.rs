@@ -431,11 +431,11 @@ async fn run_timeout_does_not_count_the_wait_but_timeout_does() {
     // `timeout` counts the wait: it expires while the worker is still busy.
     let (probe, timed) = soon(async { tokio::join!(probe, timed) }).await;
     assert!(
-        matches!(probe, Err(Error::Timeout { after: D })),
+        matches!(probe, Err(Error::Timeout { after: D, .. })),
         "{probe:?}"
     );
     assert!(
-        matches!(timed, Err(Error::Timeout { after: D })),
+        matches!(timed, Err(Error::Timeout { after: D, .. })),
         "{timed:?}"
     );
     // The run_timeout calls have waited longer than D by now, and still succeed.
@@ -461,7 +461,7 @@ async fn run_timeout_stops_a_task_that_runs_too_long_and_replaces_its_worker() {
     let start = Instant::now();
     let r = soon(pool.apply(support::hangs, ()).run_timeout(D)).await;
     let took = start.elapsed();
-    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    assert!(matches!(r, Err(Error::Timeout { after: D, .. })), "{r:?}");
     assert!(took >= D && took < D + Duration::from_secs(10), "{took:?}");
     let after = pool.apply(pid, ()).await.unwrap();
     assert_ne!(before, after, "the worker was replaced");
@@ -472,16 +472,16 @@ async fn run_timeout_stops_a_task_that_runs_too_long_and_replaces_its_worker() {
 
     // The same through a handle, a map's chunk and a starmap_async.
     let r = soon(pool.apply_async(support::hangs, ()).run_timeout(D)).await;
-    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    assert!(matches!(r, Err(Error::Timeout { after: D, .. })), "{r:?}");
     let r = soon(
         pool.map(hangs_on_zero, vec![0, 1])
             .chunksize(1)
             .run_timeout(D),
     )
     .await;
-    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    assert!(matches!(r, Err(Error::Timeout { after: D, .. })), "{r:?}");
     let r = soon(pool.map_async(hangs_on_zero, vec![1, 0]).run_timeout(D)).await;
-    assert!(matches!(r, Err(Error::Timeout { after: D })), "{r:?}");
+    assert!(matches!(r, Err(Error::Timeout { after: D, .. })), "{r:?}");
     let last = pool.apply(pid, ()).await.unwrap();
     assert_ne!(last, after);
     assert_eq!(pool.stats().restarts, 4, "{:?}", pool.stats());

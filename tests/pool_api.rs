@@ -749,7 +749,9 @@ fn echo(x: Option<Option<u8>>) -> Option<Option<u8>> {
 async fn options_and_units_arrive_unchanged_or_are_refused() {
     fn refused<T: std::fmt::Debug>(r: Result<T, Error>, ty: &str) {
         match r {
-            Err(Error::Encode { type_name, reason }) => {
+            Err(Error::Encode {
+                type_name, reason, ..
+            }) => {
                 assert!(type_name.contains(ty), "{type_name} names {ty}");
                 assert!(reason.contains("the same bytes as `None`"), "{reason}");
             }

@@ -101,6 +101,7 @@ async fn panic_is_panicked_and_the_worker_keeps_serving() {
             message,
             location,
             name,
+            ..
         }) => {
             assert_eq!(message, "bad input");
             assert!(location.unwrap().starts_with("tests/pool_faults.rs:"));
@@ -194,7 +195,7 @@ async fn task_timeout_kills_the_worker_and_replaces_it() {
     let r = pool.apply(hangs_reporting, (report.clone(),)).await;
     let took = start.elapsed();
     assert!(
-        matches!(r, Err(Error::Timeout { after }) if after == limit),
+        matches!(r, Err(Error::Timeout { after, .. }) if after == limit),
         "{r:?}"
     );
     assert!(took >= limit, "timed out early: {took:?}");
@@ -244,7 +245,7 @@ async fn caller_timeout_kills_the_worker_and_replaces_it() {
         .await;
     let took = start.elapsed();
     assert!(
-        matches!(r, Err(Error::Timeout { after }) if after == d),
+        matches!(r, Err(Error::Timeout { after, .. }) if after == d),
         "{r:?}"
     );
     assert!(took >= d && took < d + Duration::from_secs(5), "{took:?}");

@@ -149,7 +149,9 @@ async fn a_large_argument_that_encodes_differently_when_sent_fails_alone_with_en
             .await
             .unwrap_err();
         match err {
-            Error::Encode { type_name, reason } => {
+            Error::Encode {
+                type_name, reason, ..
+            } => {
                 assert!(type_name.ends_with("Fickle"), "{type_name}");
                 assert!(reason.contains("encoded again"), "{reason}");
             }
@@ -162,7 +164,7 @@ async fn a_large_argument_that_encodes_differently_when_sent_fails_alone_with_en
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, Error::Encode { type_name, reason }
+            matches!(&err, Error::Encode { type_name, reason, .. }
                 if type_name.contains("Fickle") && reason.contains("encoded again")),
             "{err:?}"
         );

@@ -436,7 +436,7 @@ async fn a_worker_stuck_in_its_initializer_fails_build_with_timeout() {
         .build();
     let r = soon(r).await;
     assert!(
-        matches!(r, Err(Error::Timeout { after }) if after == limit),
+        matches!(r, Err(Error::Timeout { after, .. }) if after == limit),
         "{r:?}"
     );
     assert!(start.elapsed() >= limit);

@@ -319,7 +319,7 @@ async fn argument_that_cannot_encode_fails_at_start_and_spawns_nothing() {
     let mut p = Process::new(take_no_encode, (NoEncode,)).with_name("never-started");
     let err = p.start().await.unwrap_err();
     assert!(
-        matches!(&err, Error::Encode { type_name, reason } if type_name.contains("NoEncode") && reason.contains("never encodes")),
+        matches!(&err, Error::Encode { type_name, reason, .. } if type_name.contains("NoEncode") && reason.contains("never encodes")),
         "{err:?}"
     );
     assert_eq!(p.pid(), None);
@@ -341,7 +341,7 @@ async fn result_that_cannot_encode_or_decode_is_typed() {
     let mut p = procpool::spawn(make_no_decode, ()).await.unwrap();
     let err = p.join().await.unwrap_err();
     assert!(
-        matches!(&err, Error::Decode { type_name, reason } if type_name.contains("NoDecodeInParent") && reason.contains("not in the parent")),
+        matches!(&err, Error::Decode { type_name, reason, .. } if type_name.contains("NoDecodeInParent") && reason.contains("not in the parent")),
         "{err:?}"
     );
 }

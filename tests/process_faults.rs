@@ -31,7 +31,9 @@ fn stops_itself() -> u8 {
 
 async fn died(p: &mut Process<impl serde::de::DeserializeOwned>) -> (u32, ExitReason) {
     match p.join().await {
-        Err(Error::WorkerDied { pid, reason, name }) => {
+        Err(Error::WorkerDied {
+            pid, reason, name, ..
+        }) => {
             assert_eq!(name, p.name());
             (pid, reason)
         }
@@ -50,6 +52,7 @@ async fn panic_gives_message_and_location() {
             message,
             location,
             name,
+            ..
         }) => {
             assert_eq!(message, "index 7 is out of range");
             let loc = location.expect("location");

@@ -43,7 +43,7 @@ async fn expect_protocol_error(bytes: Vec<u8>, what: &str) {
     let mut p = Process::new(scribble, (bytes,));
     p.start().await.unwrap();
     match p.join().await {
-        Err(Error::Protocol { reason, name }) => {
+        Err(Error::Protocol { reason, name, .. }) => {
             assert!(reason.contains(what), "{reason}");
             assert_eq!(name, p.name());
         }

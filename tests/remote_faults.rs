@@ -196,7 +196,7 @@ async fn a_node_killed_mid_task_is_node_lost_within_seconds() {
     let t0 = Instant::now();
     nodes.kill(nodes.pids()[0]);
     match handle.await {
-        Err(Error::NodeLost { node }) => assert!(!node.is_empty()),
+        Err(Error::NodeLost { node, .. }) => assert!(!node.is_empty()),
         other => panic!("{other:?}"),
     }
     let took = t0.elapsed();

@@ -172,7 +172,7 @@ async fn without_a_node_of_this_build_the_pool_is_no_compatible_nodes() {
         .build()
         .await;
     match res {
-        Err(Error::NoCompatibleNodes { waited, build }) => {
+        Err(Error::NoCompatibleNodes { waited, build, .. }) => {
             assert_eq!(waited, Duration::from_millis(300));
             assert!(
                 build.starts_with("id-") || build.starts_with("sha-"),

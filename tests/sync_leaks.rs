@@ -122,6 +122,10 @@ async fn long_running_use_leaves_the_tables_as_it_found_them() {
     drop(full);
 
     drop((lock, ev, empty, unfinished, jobs));
+    // The server's exit reaches this process's hub on its own time (the session's end,
+    // read by the service thread after `join` returned): what the child held open is
+    // let go then. Seen in CI once: `objects` 1 above `before` when looked at at once.
+    support::eventually(SOON, || procpool::__tables().objects == before.objects);
     let after = procpool::__tables();
     assert_eq!(after.pinned, before.pinned, "{before:?} -> {after:?}");
     assert_eq!(after.exports, before.exports, "{before:?} -> {after:?}");

@@ -45,7 +45,14 @@ fn use_array(a: Array<u32>) -> (Vec<u32>, String, String, bool) {
     a.set(0, 10).unwrap();
     a.write(1, &[11, 12]).unwrap();
     a.update(3, |x| x + 100).unwrap();
-    let bad_range = matches!(a.read(3..5), Err(Error::OutOfBounds { index: 4, len: 4 }));
+    let bad_range = matches!(
+        a.read(3..5),
+        Err(Error::OutOfBounds {
+            index: 4,
+            len: 4,
+            ..
+        })
+    );
     (seen, past, past_write, bad_range)
 }
 

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use procpool::{Connection, Error, Event, Lock, Process, Queue, pipe};
+use procpool::{Connection, Event, Lock, Process, Queue, pipe};
 use rustix::process::{Pid, Signal, kill_process};
 use support::{SOON, hangs, soon};
 
@@ -114,7 +114,7 @@ async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
             Box::new(move || format!("{:?}", q.close()))
         }),
     ];
-    let timeout = format!("{:?}", Err::<(), _>(Error::Timeout { after: BOUND }));
+    let timeout = format!("Err(Timeout {{ after: {BOUND:?} }})");
     for (what, call) in calls {
         let (got, took) = timed(call).await;
         assert!(

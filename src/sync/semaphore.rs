@@ -184,7 +184,7 @@ pub struct Semaphore {
 /// let s = procpool::BoundedSemaphore::new(1);
 /// let permit = s.try_acquire()?.expect("free");
 /// drop(permit);
-/// assert!(matches!(s.release(), Err(procpool::Error::ReleasedTooOften { permits: 1 })));
+/// assert!(matches!(s.release(), Err(procpool::Error::ReleasedTooOften { permits: 1, .. })));
 /// # Ok(())
 /// # }
 /// ```

@@ -356,7 +356,7 @@ impl<'de, T> Deserialize<'de> for Value<T> {
 /// a.set(1, 2.5)?;
 /// a.write(2, &[3.0, 4.0])?;
 /// assert_eq!(a.to_vec()?, [0.0, 2.5, 3.0, 4.0]);
-/// assert!(matches!(a.get(4), Err(procpool::Error::OutOfBounds { index: 4, len: 4 })));
+/// assert!(matches!(a.get(4), Err(procpool::Error::OutOfBounds { index: 4, len: 4, .. })));
 /// let mut all = a.lock()?;
 /// all.iter_mut().for_each(|x| *x *= 2.0);
 /// # Ok(())

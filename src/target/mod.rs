@@ -88,13 +88,49 @@ use crate::wire::{self, Outcome};
 ///   zero-sized type whose existence proves something (that an initialisation ran, that
 ///   a check passed) and guards `unsafe` code. Types without such a meaning
 ///   (`PhantomData`, unit structs anyone can write) are harmless.
-pub trait Target<Args, Marker>: Copy + Send + Sync + 'static {
+///
+/// `Target` is sealed: procpool implements it for every function and closure that can be
+/// one, and no other type can. Arguments are a tuple; a missing comma is the usual
+/// mistake, and the compiler then says what to write:
+///
+/// ```compile_fail
+/// # async fn f(pool: procpool::AsyncPool) {
+/// fn double(x: u32) -> u32 { x * 2 }
+/// let _ = pool.apply(double, (5)).await; // `(5)` is `5`: write `(5,)`
+/// # }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot run in a child process with arguments `{Args}`",
+    label = "not a function or capture-free closure taking `{Args}`",
+    note = "arguments are a tuple of values that are `Serialize + DeserializeOwned + Send + \
+            'static`: write `(5,)` for one argument (`(5)` is just `5`), `()` for none",
+    note = "a target is a function or a closure that captures nothing (or only zero-sized \
+            `Copy` values), returning a serializable value or a future of one"
+)]
+pub trait Target<Args, Marker>:
+    sealed::Sealed<Args, Marker> + Copy + Send + Sync + 'static
+{
     /// What the target returns (for an async target, what its future resolves to).
     type Output: Serialize + DeserializeOwned + Send + 'static;
 
     #[doc(hidden)]
     fn __invoke(self, args: Args, cx: &mut Context) -> Self::Output;
 }
+
+/// What seals [`Target`]: public items no one outside the crate can name.
+mod sealed {
+    /// Implemented, with `Target`, for exactly the functions and closures that can be
+    /// targets.
+    pub trait Sealed<Args, Marker> {}
+
+    /// What a target runs with in the child: a lazily built runtime for async targets.
+    #[derive(Debug, Default)]
+    pub struct Context {
+        pub(super) rt: Option<tokio::runtime::Runtime>,
+    }
+}
+
+pub(crate) use sealed::Context;
 
 /// Marker for plain (non-async) targets. See [`Target`].
 #[derive(Debug)]
@@ -103,13 +139,6 @@ pub enum Blocking {}
 /// Marker for async targets. See [`Target`].
 #[derive(Debug)]
 pub enum Async {}
-
-/// What a target runs with in the child: a lazily built runtime for async targets.
-#[doc(hidden)]
-#[derive(Debug, Default)]
-pub struct Context {
-    rt: Option<tokio::runtime::Runtime>,
-}
 
 impl Context {
     fn block_on<F: Future>(&mut self, fut: F) -> F::Output {
@@ -129,6 +158,23 @@ impl Context {
 
 macro_rules! impl_target {
     ($($A:ident),*) => {
+        impl<Func, Ret, $($A,)*> sealed::Sealed<($($A,)*), Blocking> for Func
+        where
+            Func: Fn($($A),*) -> Ret + Copy + Send + Sync + 'static,
+            Ret: Serialize + DeserializeOwned + Send + 'static,
+            $($A: Serialize + DeserializeOwned + Send + 'static,)*
+        {
+        }
+
+        impl<Func, Fut, $($A,)*> sealed::Sealed<($($A,)*), Async> for Func
+        where
+            Func: Fn($($A),*) -> Fut + Copy + Send + Sync + 'static,
+            Fut: Future,
+            Fut::Output: Serialize + DeserializeOwned + Send + 'static,
+            $($A: Serialize + DeserializeOwned + Send + 'static,)*
+        {
+        }
+
         impl<Func, Ret, $($A,)*> Target<($($A,)*), Blocking> for Func
         where
             Func: Fn($($A),*) -> Ret + Copy + Send + Sync + 'static,

@@ -131,6 +131,7 @@ impl<T> Default for Queue<T> {
 
 /// Why [`Queue::try_put`] did not put an item; the item comes back.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum TryPutError<T> {
     /// The queue is bounded and full.
     Full(T),
