@@ -797,3 +797,44 @@ async fn options_and_units_arrive_unchanged_or_are_refused() {
     assert_eq!(pool.stats().restarts, 0, "no worker died of it");
     pool.close().await;
 }
+
+fn plus_one(x: u32) -> u32 {
+    x + 1
+}
+
+fn twice(x: u32) -> u32 {
+    x * 2
+}
+
+/// `futures::select!` in a loop needs fused futures and streams: an `Apply` and an
+/// `Imap` are, and both end cleanly (`complete`); `Imap::size_hint` bounds what is left.
+#[tokio::test]
+async fn apply_and_imap_are_fused_for_select_and_imap_says_what_is_left() {
+    use futures::Stream as _;
+    use futures::stream::FusedStream;
+    let pool = AsyncPool::new(2).await.unwrap();
+    let fast = pool.apply(plus_one, (1,));
+    futures::pin_mut!(fast);
+    let mut items = pool.imap(twice, 0..5u32);
+    let (mut got, mut sum, mut n) = (None, 0, 0);
+    loop {
+        futures::select! {
+            r = fast => got = Some(r.unwrap()),
+            x = items.next() => if let Some(x) = x {
+                sum += x.unwrap();
+                n += 1;
+            },
+            complete => break,
+        }
+    }
+    assert_eq!((got, sum, n), (Some(2), 20, 5));
+    assert!(items.is_terminated());
+    assert_eq!(items.size_hint(), (0, Some(0)));
+
+    let imap = pool.imap(twice, 0..10u32);
+    let (lo, hi) = imap.size_hint();
+    let hi = hi.expect("a range tells its length");
+    assert!(lo == 0 && (10..=11).contains(&hi), "({lo}, {hi})");
+    assert_eq!(imap.collect::<Vec<_>>().await.len(), 10);
+    pool.close().await;
+}

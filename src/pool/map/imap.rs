@@ -330,6 +330,10 @@ where
 {
     type Item = Result<R>;
 
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.remaining()
+    }
+
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
         let this = &mut *self;
         let target = match this.target.take() {
@@ -360,6 +364,44 @@ where
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+/// Ended once it has given its last item (`None` from then on), so `futures::select!`
+/// can poll it in a loop.
+impl<R, I, T> futures::stream::FusedStream for Imap<R, I>
+where
+    R: DeserializeOwned + 'static,
+    I: Iterator<Item = T> + Unpin,
+    T: Serialize + Send + 'static,
+{
+    fn is_terminated(&self) -> bool {
+        self.target.is_none() && self.out.is_empty()
+    }
+}
+
+impl<R, I> Imap<R, I>
+where
+    I: Iterator,
+{
+    /// Bounds on the results still to come: those ready now, at least; at most one per
+    /// item not yet given (queued, in flight, or still in the input, as far as its
+    /// `size_hint` tells), plus the error of an input that panicked.
+    fn remaining(&self) -> (usize, Option<usize>) {
+        match &self.target {
+            None => return (self.out.len(), Some(self.out.len())),
+            Some(Err(_)) => return (1, Some(1)),
+            Some(Ok(_)) => {}
+        }
+        let in_flight: usize = self.inflight.values().map(|c| c.items.len()).sum();
+        let parked: usize = self.parked.values().map(|p| p.results.len()).sum();
+        let known = self.out.len() + in_flight + parked + 1;
+        let upper = if self.exhausted {
+            Some(known)
+        } else {
+            self.items.size_hint().1.and_then(|u| u.checked_add(known))
+        };
+        (self.out.len(), upper)
     }
 }
 
