@@ -44,8 +44,12 @@ async fn an_event_reaches_the_parent_with_name_pid_level_and_message() {
     // Python's lifecycle lines, in order.
     let lifecycle: Vec<&str> = evs
         .iter()
+        .filter(|e| e.message.contains("process") && !e.message.contains("hello"))
+        .inspect(|e| {
+            // Their own target, apart from the crate's other events.
+            assert_eq!(e.child_target, "procpool::lifecycle", "{e:?}");
+        })
         .map(|e| e.message.as_str())
-        .filter(|m| m.contains("process") && !m.contains("hello"))
         .collect();
     assert_eq!(
         lifecycle,

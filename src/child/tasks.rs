@@ -37,8 +37,9 @@ pub(super) fn run_once(mut chan: BlockingChannel, outbox: Outbox, mut cx: Contex
         Ok(None) => return EXIT_ORPHANED,
         Ok(Some(_)) | Err(_) => return EXIT_PROTOCOL,
     };
-    // Python's wording, so people recognise them.
-    tracing::info!("child process calling self.run()");
+    // Python's wording, so people recognise them; on their own target, so that a filter
+    // can keep or drop them apart from the crate's other events.
+    tracing::info!(target: "procpool::lifecycle", "child process calling self.run()");
     let outcome = execute(&run, &mut cx);
     // What the target sent to queues, locks and events is applied before we report.
     crate::sync::settle();
@@ -46,8 +47,8 @@ pub(super) fn run_once(mut chan: BlockingChannel, outbox: Outbox, mut cx: Contex
         Outcome::Panicked { .. } => EXIT_PANICKED,
         _ => 0,
     };
-    tracing::info!("process shutting down");
-    tracing::info!("process exiting with exitcode {code}");
+    tracing::info!(target: "procpool::lifecycle", "process shutting down");
+    tracing::info!(target: "procpool::lifecycle", "process exiting with exitcode {code}");
     match outbox.send(&Up::Done {
         id: run.id,
         outcome,

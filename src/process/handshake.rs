@@ -95,7 +95,8 @@ pub(crate) async fn handshake(
 /// says it was killed.
 fn misbehaved(child: &ChildHandle, reason: String) -> Error {
     if let Err(e) = child.signal(rustix::process::Signal::KILL) {
-        eprintln!("procpool: cannot kill misbehaving child {}: {e}", child.pid);
+        tracing::warn!(target: "procpool::lifecycle", pid = child.pid,
+            "cannot kill a child that broke the protocol: {e}");
     }
     Error::spawn(reason, None)
 }

@@ -311,7 +311,7 @@ async fn drive(
     let kill = |why: &str| {
         // Kill before the channel closes, so the exit status says it was killed.
         if let Err(e) = child.signal(rustix::process::Signal::KILL) {
-            eprintln!("procpool: cannot kill {why} child {pid}: {e}");
+            tracing::warn!(target: "procpool::lifecycle", pid, "cannot kill {why} child: {e}");
         }
     };
     let mut chan = match handshake::channel(channel) {

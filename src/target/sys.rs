@@ -375,7 +375,7 @@ impl Drop for SharedMap {
         // SAFETY: the mapping was made by `new` with this address and length, and no
         // slice of it outlives `self` (they borrow it).
         if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
-            eprintln!("procpool: cannot unmap an arena: {e}");
+            tracing::warn!("procpool: cannot unmap an arena: {e}");
         }
     }
 }
