@@ -492,8 +492,11 @@ mod tests {
             e.to_string(),
             "the target panicked in process Process-1 at src/main.rs:3:5: boom"
         );
+        // Transparent: the io::Error's message, and its source (none here), so that an
+        // error chain does not print it twice.
         let io = Error::from(std::io::Error::other("x"));
-        assert!(std::error::Error::source(&io).is_some());
+        assert_eq!(io.to_string(), "x");
+        assert!(std::error::Error::source(&io).is_none());
         let sp = Error::spawn("exec failed", Some(std::io::Error::other("nope")));
         assert!(std::error::Error::source(&sp).is_some());
     }

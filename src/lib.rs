@@ -179,8 +179,9 @@
 //!
 //! A child's `tracing` events are forwarded to the parent and emitted there with the
 //! child's name and pid, so the parent's subscriber sees them; [`log_to_stderr`] prints
-//! them like Python's `log_to_stderr()`. A forwarded event has target `procpool::child`
-//! and these fields:
+//! them like Python's `log_to_stderr()`. A forwarded event keeps its own target and
+//! level (so a filter such as `RUST_LOG=myapp=debug` treats a child's `myapp` events as
+//! it treats the parent's), and has these fields:
 //!
 //! | field | value |
 //! |---|---|
@@ -346,7 +347,7 @@ pub use wire::DEFAULT_MAX_FRAME;
 ///
 /// - a remote task's `tracing` events (from any of its worker's threads) travel back
 ///   with its result and are emitted in the parent as a local worker's are (target
-///   `procpool::child`, `process` = `node-<id>:PoolWorker-<n>`, `pid` = the worker's on
+///   its own, `process` = `node-<id>:PoolWorker-<n>`, `pid` = the worker's on
 ///   its node), just before the result is handed on; the node logs them too. At most
 ///   1,000 events and 256 KiB of text per task travel; the rest are counted in one
 ///   `WARN` in the parent. What differs from a local pool: they arrive when the task

@@ -33,7 +33,7 @@ async fn an_event_reaches_the_parent_with_name_pid_level_and_message() {
         .find(|e| e.message == "hello from the child")
         .unwrap_or_else(|| panic!("not forwarded: {evs:?}"));
     assert_eq!(hello.level, "WARN");
-    assert_eq!(hello.target, "procpool::child");
+    assert_eq!(hello.target, "log_forward", "its own target");
     assert_eq!(hello.pid, u64::from(p.pid().unwrap()));
     assert_eq!(hello.child_target, "log_forward");
     assert_eq!(hello.fields, "answer=42");

@@ -49,7 +49,7 @@ async fn a_remote_tasks_events_reach_the_parent_named_after_its_node_worker() {
         .find(|e| e.message == "hello from a node")
         .unwrap_or_else(|| panic!("not forwarded: {evs:?}"));
     assert_eq!(hello.level, "WARN");
-    assert_eq!(hello.target, "procpool::child");
+    assert_eq!(hello.target, "remote_logs", "its own target");
     assert_eq!(hello.child_target, "remote_logs");
     assert_eq!(hello.fields, "request=7");
     let thread = evs

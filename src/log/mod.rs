@@ -12,9 +12,10 @@
 //! lost, and one child's events keep their order. The child's level is the parent's
 //! ([`LevelFilter::current`] when the child starts): disabled events cost nothing there.
 //!
-//! In the parent, each forwarded event is emitted again with target `procpool::child`
-//! and these fields, so whatever subscriber the parent installed (fmt, JSON,
-//! OpenTelemetry) sees it:
+//! In the parent, each forwarded event is emitted again with its own target and level
+//! (a callsite is made for each distinct pair, at most 1,024; past that, target
+//! `procpool::child`) and these fields, so whatever subscriber and filter the parent
+//! installed (fmt, JSON, OpenTelemetry, `EnvFilter`) sees it as it sees its own:
 //!
 //! | field | value |
 //! |---|---|
@@ -27,12 +28,14 @@
 //! A target that installs its own global subscriber in a child fails to (one is already
 //! set); it should emit events and let the parent decide where they go.
 
+use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
-use tracing::{Event, Level, Subscriber};
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -194,8 +197,136 @@ pub(crate) fn install_forwarding(level: u8, print_here: bool, outbox: Outbox) {
 
 // ------------------------------------------------------------------------ parent
 
-/// Emits an event forwarded by child `name` (pid `pid`) in this process.
+/// The fields of every event emitted again from a child.
+const FIELDS: &[&str] = &["message", "process", "pid", "child_target", "fields"];
+
+/// A callsite made at run time for one (target, level) of a child's events: tracing
+/// needs `'static` metadata, so each distinct pair is made once and kept (as
+/// `tracing-log` does for `log` records), at most [`MAX_CALLSITES`] of them.
+struct ChildCallsite {
+    meta: OnceLock<Metadata<'static>>,
+}
+
+impl tracing::callsite::Callsite for ChildCallsite {
+    fn set_interest(&self, _: tracing::subscriber::Interest) {}
+
+    fn metadata(&self) -> &Metadata<'_> {
+        // Set before the callsite is registered, the only way it is reached.
+        self.meta.get().unwrap_or(&FALLBACK_META)
+    }
+}
+
+/// The most distinct (target, level) pairs of children's events kept as callsites;
+/// events of further targets are emitted with target `procpool::child` (their own in
+/// the `child_target` field).
+const MAX_CALLSITES: usize = 1024;
+
+/// By target, one callsite per level (ERROR .. TRACE).
+type Callsites = HashMap<String, [Option<&'static Metadata<'static>>; 5]>;
+
+static CALLSITES: Mutex<Option<Callsites>> = Mutex::new(None);
+
+/// Never used for an event: what [`ChildCallsite::metadata`] answers before it is set.
+static FALLBACK_META: Metadata<'static> = Metadata::new(
+    "event from a child",
+    "procpool::child",
+    Level::INFO,
+    None,
+    None,
+    None,
+    tracing::field::FieldSet::new(FIELDS, tracing::callsite::Identifier(&FALLBACK_SITE)),
+    tracing::metadata::Kind::EVENT,
+);
+
+static FALLBACK_SITE: ChildCallsite = ChildCallsite {
+    meta: OnceLock::new(),
+};
+
+fn level_of(level: u8) -> Level {
+    match level {
+        1 => Level::ERROR,
+        2 => Level::WARN,
+        3 => Level::INFO,
+        4 => Level::DEBUG,
+        _ => Level::TRACE,
+    }
+}
+
+/// The metadata for a child's events of `target` at `level`, made the first time.
+fn callsite_for(target: &str, level: u8) -> Option<&'static Metadata<'static>> {
+    let slot = usize::from(level.clamp(1, 5) - 1);
+    let mut sites = CALLSITES.lock().unwrap_or_else(|p| p.into_inner());
+    let sites = sites.get_or_insert_with(HashMap::new);
+    // Looked up by `&str`: no allocation for a target seen before.
+    if let Some(meta) = sites.get(target).and_then(|levels| levels[slot]) {
+        return Some(meta);
+    }
+    let made: usize = sites.values().flatten().filter(|m| m.is_some()).count();
+    if made >= MAX_CALLSITES {
+        return None;
+    }
+    let name: &'static str = Box::leak(target.to_owned().into_boxed_str());
+    let site: &'static ChildCallsite = Box::leak(Box::new(ChildCallsite {
+        meta: OnceLock::new(),
+    }));
+    let meta = Metadata::new(
+        "event from a child",
+        name,
+        level_of(level),
+        None,
+        None,
+        None,
+        tracing::field::FieldSet::new(FIELDS, tracing::callsite::Identifier(site)),
+        tracing::metadata::Kind::EVENT,
+    );
+    let meta: &'static Metadata<'static> = site.meta.get_or_init(|| meta);
+    // Under the lock: one callsite per pair. Subscribers' `register_callsite` does not
+    // come back here.
+    tracing::callsite::register(site);
+    sites.entry(target.to_owned()).or_default()[slot] = Some(meta);
+    Some(meta)
+}
+
+/// Emits an event forwarded by child `name` (pid `pid`) in this process, with the
+/// event's own target and level (so `RUST_LOG=myapp=debug` selects a child's `myapp`
+/// events as it does the parent's), and the fields `process`, `pid`, `child_target`
+/// and `fields`.
 pub(crate) fn reemit(name: &str, pid: u32, r: &LogRecord) {
+    let Some(meta) = callsite_for(&r.target, r.level) else {
+        return reemit_as_procpool_child(name, pid, r);
+    };
+    if !tracing::dispatcher::get_default(|d| d.enabled(meta)) {
+        return;
+    }
+    let fields = meta.fields();
+    let field = |n: &str| fields.field(n);
+    let (Some(f_msg), Some(f_proc), Some(f_pid), Some(f_target), Some(f_fields)) = (
+        field("message"),
+        field("process"),
+        field("pid"),
+        field("child_target"),
+        field("fields"),
+    ) else {
+        return reemit_as_procpool_child(name, pid, r);
+    };
+    let message = tracing::field::display(&r.message);
+    let target = r.target.as_str();
+    let rest = r.fields.as_str();
+    let values: [(&tracing::field::Field, Option<&dyn tracing::Value>); 5] = [
+        (&f_msg, Some(&message)),
+        (&f_proc, Some(&name)),
+        (&f_pid, Some(&pid)),
+        (&f_target, Some(&target)),
+        (
+            &f_fields,
+            (!rest.is_empty()).then_some(&rest as &dyn tracing::Value),
+        ),
+    ];
+    tracing::Event::dispatch(meta, &fields.value_set(&values));
+}
+
+/// [`reemit`] past [`MAX_CALLSITES`] targets: target `procpool::child`.
+fn reemit_as_procpool_child(name: &str, pid: u32, r: &LogRecord) {
     macro_rules! emit {
         ($level:expr) => {
             if r.fields.is_empty() {
