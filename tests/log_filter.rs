@@ -1,6 +1,6 @@
 //! A child's events keep their own target and level in the parent, so filters written
 //! for the parent's own events (`EnvFilter` directives such as `myapp=debug`) select
-//! them the same way.
+//! them the same way; records of the `log` crate in a child arrive as events too.
 
 mod support;
 
@@ -41,6 +41,8 @@ fn work() -> u8 {
     tracing::debug!(target: "myapp::work", "working");
     tracing::info!(target: "myapp::work", "done");
     tracing::debug!(target: "other", "noise");
+    log::info!(target: "myapp::legacy", "from the log crate");
+    log::debug!(target: "myapp::legacy", "a log debug record");
     1
 }
 
@@ -61,10 +63,20 @@ async fn a_childs_events_pass_the_parents_env_filter_by_their_own_target_and_lev
             .collect()
     };
     let row = |l: &str, m: &str| ("myapp::work".to_owned(), l.to_owned(), m.to_owned());
+    let log = |l: &str, m: &str| ("myapp::legacy".to_owned(), l.to_owned(), m.to_owned());
     assert_eq!(
         of("myapp=debug"),
-        [row("DEBUG", "working"), row("INFO", "done")],
+        [
+            row("DEBUG", "working"),
+            row("INFO", "done"),
+            log("INFO", "from the log crate"),
+            log("DEBUG", "a log debug record")
+        ],
         "{seen:?}"
     );
-    assert_eq!(of("myapp=info"), [row("INFO", "done")], "{seen:?}");
+    assert_eq!(
+        of("myapp=info"),
+        [row("INFO", "done"), log("INFO", "from the log crate")],
+        "{seen:?}"
+    );
 }

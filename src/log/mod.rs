@@ -102,6 +102,8 @@ impl Visit for Fields {
             "process" => self.process = Some(value.to_owned()),
             "fields" => self.push_raw(value),
             "pid" | "child_target" => {}
+            // What `LogTracer` adds to a `log` record (its metadata, normalized above).
+            n if n.starts_with("log.") => {}
             name => self.push(name, format_args!("{value}")),
         }
     }
@@ -115,6 +117,7 @@ impl Visit for Fields {
             "process" => self.process = Some(format!("{value:?}")),
             "fields" => self.push_raw(&format!("{value:?}")),
             "pid" | "child_target" => {}
+            n if n.starts_with("log.") => {}
             name => self.push(name, format_args!("{value:?}")),
         }
     }
@@ -163,9 +166,13 @@ struct Forward {
 
 impl<S: Subscriber> Layer<S> for Forward {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        use tracing_log::NormalizeEvent;
         let mut f = Fields::default();
         event.record(&mut f);
-        let meta = event.metadata();
+        // A record of the `log` crate (through `LogTracer`): its own target and level,
+        // not `log`'s.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let record = LogRecord {
             level: level_to_u8(*meta.level()),
             target: meta.target().to_owned(),
@@ -191,6 +198,22 @@ pub(crate) fn install_forwarding(level: u8, print_here: bool, outbox: Outbox) {
     if set.is_err() {
         eprintln!(
             "procpool: a tracing subscriber was already set in this child; its events stay here"
+        );
+    }
+    // Records of the `log` crate become events, and go the same way, at the same level.
+    use tracing_log::log::LevelFilter as Log;
+    let max = [
+        Log::Off,
+        Log::Error,
+        Log::Warn,
+        Log::Info,
+        Log::Debug,
+        Log::Trace,
+    ];
+    let max = max[usize::from(level.min(5))];
+    if let Err(e) = tracing_log::LogTracer::builder().with_max_level(max).init() {
+        tracing::debug!(
+            "procpool: a `log` logger was already set in this child ({e}); its records stay with it"
         );
     }
 }
