@@ -376,7 +376,11 @@ async fn zombie(a_finishes: bool) {
     let dir = TempDir::new("remote-zombie");
     let runs = dir.path("runs");
     let handle = pool.apply_async(held_per_run, (dir.root().display().to_string(),));
-    read_file_within(&runs, Duration::from_secs(30));
+    // The file exists a moment before its first line does.
+    assert!(
+        eventually(Duration::from_secs(30), || !runs_of(&runs).is_empty()),
+        "the task never started"
+    );
     let (first, first_worker) = runs_of(&runs)[0];
     nodes.signal(first, "STOP");
     let reclaimed = eventually(Duration::from_secs(30), || runs_of(&runs).len() == 2);
@@ -456,7 +460,11 @@ async fn a_node_cut_off_has_its_task_reclaimed_and_its_late_answer_fenced() {
     let dir = TempDir::new("remote-cut");
     let runs = dir.path("runs");
     let handle = pool.apply_async(held_per_run, (dir.root().display().to_string(),));
-    read_file_within(&runs, Duration::from_secs(30));
+    // The file exists a moment before its first line does.
+    assert!(
+        eventually(Duration::from_secs(30), || !runs_of(&runs).is_empty()),
+        "the task never started"
+    );
     let (first, _) = runs_of(&runs)[0];
     let a = nodes.pids().iter().position(|&p| p == first).unwrap();
     proxies[a].cut();
