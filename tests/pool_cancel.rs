@@ -176,3 +176,44 @@ async fn dropping_a_map_cancels_its_chunks() {
     assert_eq!(pool.stats().cancelled, 4);
     assert_eq!(pool.map(doubler, 0..10).await.unwrap().len(), 10);
 }
+
+/// Says its pid in `dir/started`, waits for `dir/gate`, then writes `dir/finished`.
+fn finish_after_gate(dir: String) -> u32 {
+    write_file(&format!("{dir}/started"), &std::process::id().to_string());
+    support::wait_for_file(&format!("{dir}/gate"));
+    write_file(&format!("{dir}/finished"), "");
+    std::process::id()
+}
+
+#[tokio::test]
+async fn with_kill_on_cancel_off_a_dropped_running_task_finishes_and_its_worker_stays() {
+    let pool = AsyncPool::builder()
+        .processes(1)
+        .kill_on_cancel(false)
+        .build()
+        .await
+        .unwrap();
+    let dir = TempDir::new("detached-cancel");
+    let handle = pool.apply_async(finish_after_gate, (dir.root().display().to_string(),));
+    let started = read_file_async(&dir.path("started"), support::SOON).await;
+    let pid: u32 = started.parse().unwrap();
+    drop(handle);
+    assert!(
+        support::eventually_async(support::SOON, || pool.stats().cancelled == 1).await,
+        "{:?}",
+        pool.stats()
+    );
+    // Still running: it finishes once let go.
+    assert!(support::running(pid));
+    write_file(&dir.path("gate"), "go");
+    read_file_async(&dir.path("finished"), support::SOON).await;
+    // The same worker serves the next task; nothing was replaced.
+    let next = pool.apply(std::process::id, ()).await.unwrap();
+    assert_eq!(next, pid);
+    let st = pool.stats();
+    assert_eq!(
+        (st.restarts, st.cancelled, st.completed),
+        (0, 1, 1),
+        "{st:?}"
+    );
+}

@@ -27,6 +27,7 @@ pub struct Builder {
     kill_grace: Duration,
     pipeline: usize,
     max_queued: usize,
+    kill_on_cancel: bool,
     #[cfg(feature = "redis")]
     remote: Option<super::remote::Redis>,
     #[cfg(feature = "redis")]
@@ -85,6 +86,7 @@ impl Builder {
             kill_grace: Duration::from_millis(100),
             pipeline: 64,
             max_queued: DEFAULT_MAX_QUEUED,
+            kill_on_cancel: true,
             #[cfg(feature = "redis")]
             remote: None,
             #[cfg(feature = "redis")]
@@ -165,6 +167,18 @@ impl Builder {
     /// Default: no limit.
     pub fn task_timeout(mut self, d: Duration) -> Self {
         self.task_timeout = Some(d);
+        self
+    }
+
+    /// Whether a task whose caller gives up (drops its future or handle, or its
+    /// `.timeout(d)` passes) while it runs has its worker stopped and replaced. Default:
+    /// `true`, so no CPU goes to unwanted work. With `false`, the task runs to its end
+    /// (or to `task_timeout` / `.run_timeout(d)`, which still stop it) and its result is
+    /// dropped: for workers that are expensive to start (an initializer that loads a
+    /// model). A queued task given up never runs either way. Local pools only: a remote
+    /// task given up is always stopped on its node.
+    pub fn kill_on_cancel(mut self, kill: bool) -> Self {
+        self.kill_on_cancel = kill;
         self
     }
 
@@ -285,6 +299,7 @@ impl Builder {
             max_memory_per_child: self.max_memory_per_child,
             task_timeout: self.task_timeout,
             pipeline: self.pipeline,
+            kill_on_cancel: self.kill_on_cancel,
         };
         let dispatcher::Launched {
             dispatcher,

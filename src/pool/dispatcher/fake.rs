@@ -517,6 +517,7 @@ pub(super) fn config(processes: usize) -> Config {
         max_memory_per_child: None,
         task_timeout: None,
         pipeline: 64,
+        kill_on_cancel: true,
     }
 }
 

@@ -51,6 +51,8 @@ pub(crate) struct Config {
     pub(crate) max_memory_per_child: Option<u64>,
     pub(crate) task_timeout: Option<Duration>,
     pub(crate) pipeline: usize,
+    /// Whether dropping a running task stops its worker (else it finishes, unheard).
+    pub(crate) kill_on_cancel: bool,
 }
 
 /// What `build` hands the dispatcher: the ready workers, the next worker id, and how
@@ -337,7 +339,12 @@ impl<W: Workers> Dispatcher<W> {
                     self.tasks.remove(&id);
                     return;
                 };
-                if self.workers[idx].inflight.front() == Some(&id) {
+                if self.workers[idx].inflight.front() == Some(&id) && !self.cfg.kill_on_cancel {
+                    // Running, and the pool keeps its workers: it finishes, its answer
+                    // goes nowhere (`on_done` drops what a cancelled task gives).
+                    tracing::debug!(task = id, worker = %self.workers[idx].conn.name(),
+                        "task cancelled; left to finish, its result dropped");
+                } else if self.workers[idx].inflight.front() == Some(&id) {
                     // Running: stop the worker so no CPU goes to unwanted work.
                     tracing::info!(task = id, worker = %self.workers[idx].conn.name(),
                         "task cancelled; worker replaced");
