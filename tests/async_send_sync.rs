@@ -50,6 +50,28 @@ fn send_sync_unpin() {
     require_send::<TryPutError<String>>();
     require_send::<Dict<String, Vec<u8>>>();
     require_sync::<Dict<String, Vec<u8>>>();
+    require_send::<Semaphore>();
+    require_sync::<Semaphore>();
+    require_send::<BoundedSemaphore>();
+    require_sync::<BoundedSemaphore>();
+    require_send::<SemaphorePermit>();
+    require_sync::<SemaphorePermit>();
+    require_send::<Condition>();
+    require_sync::<Condition>();
+    require_send::<Barrier>();
+    require_sync::<Barrier>();
+    require_send::<Value<u64>>();
+    require_sync::<Value<u64>>();
+    require_send::<Array<f64>>();
+    require_sync::<Array<f64>>();
+}
+
+// The futures of the new primitives' async methods can be `tokio::spawn`ed.
+async fn primitives_futures(s: Semaphore, c: Condition, b: Barrier, mut g: LockGuard) {
+    require_send_val(&s.acquire());
+    require_send_val(&s.acquire_timeout(std::time::Duration::ZERO));
+    require_send_val(&b.wait());
+    require_send_val(&c.wait(&mut g));
 }
 
 // Futures returned by async fns are Send, so they can be `tokio::spawn`ed.
