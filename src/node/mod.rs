@@ -544,13 +544,26 @@ impl Ctx {
             }
         };
         let cancel = frame::cancel_name(&task.parent, task.task);
-        if let Some(name) = self
+        let held = match self
             .entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(&entry.id)
         {
-            *name = Some(cancel);
+            Some(name) => {
+                *name = Some(cancel);
+                true
+            }
+            None => false,
+        };
+        if !held {
+            // The heartbeat found the entry lost (reclaimed, or gone with a Redis that
+            // restarted) before its frame was even read here, when it had no name to
+            // stop: it must not start now (its caller was answered, or another node has
+            // it). Seen once in CI: a task answered Backend after a Redis restart ran.
+            tracing::info!(target: "procpool::remote", entry = %entry.id,
+                "a task this node no longer owns was not started");
+            return;
         }
         let Some((worker, end, events)) = self.run(&mut con, &task).await else {
             // Cancelled: its caller is gone; the entry goes, unanswered.
