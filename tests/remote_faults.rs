@@ -362,6 +362,26 @@ async fn task_stream(con: &mut redis::aio::MultiplexedConnection, ns: &str) -> S
     keys.into_iter().next().unwrap()
 }
 
+/// The task stream of `ns` has one entry pending, owned by the node of pid `node`.
+async fn assert_one_entry_pending_for(server: &RedisServer, ns: &str, node: u32) {
+    let mut con = server.connect().await;
+    let stream = task_stream(&mut con, ns).await;
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("nodes")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert!(
+        pending[0].1.contains(&format!("-{node}-")),
+        "the entry is not node {node}'s: {pending:?}"
+    );
+}
+
 /// Node A runs a task and is paused (SIGSTOP) past the claim threshold: the task goes
 /// to node B (a retry). A resumes while B still runs it, its own run finished
 /// (`a_finishes`: its answer comes late) or still running (A must stop it). Either way
@@ -406,22 +426,7 @@ async fn zombie(a_finishes: bool) {
         );
     }
     // B's entry is still B's, pending; the caller has not been answered by A.
-    let mut con = server.connect().await;
-    let stream = task_stream(&mut con, &ns).await;
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("nodes")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(pending.len(), 1, "{pending:?}");
-    assert!(
-        pending[0].1.contains(&format!("-{second}-")),
-        "the entry is not B's: {pending:?}"
-    );
+    assert_one_entry_pending_for(&server, &ns, second).await;
     write_file(&dir.path("go2"), "go");
     let got = tokio::time::timeout(Duration::from_secs(30), handle)
         .await
@@ -491,22 +496,7 @@ async fn a_node_cut_off_has_its_task_reclaimed_and_its_late_answer_fenced() {
         "node A's late answer was not refused: {}",
         nodes.log(first)
     );
-    let mut con = server.connect().await;
-    let stream = task_stream(&mut con, &ns).await;
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("nodes")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(pending.len(), 1, "{pending:?}");
-    assert!(
-        pending[0].1.contains(&format!("-{second}-")),
-        "the entry is not B's: {pending:?}"
-    );
+    assert_one_entry_pending_for(&server, &ns, second).await;
     write_file(&dir.path("go2"), "go");
     let got = tokio::time::timeout(Duration::from_secs(30), handle)
         .await

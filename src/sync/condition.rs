@@ -290,7 +290,9 @@ impl Condition {
     /// to the next waiter), and `guard` no longer holds the lock unless the wait had
     /// finished: check [`LockGuard::is_held`] before relying on it, or drop it.
     pub async fn wait(&self, guard: &mut LockGuard) -> Result<()> {
-        self.wait_inner(guard, None).await.map(|_| ())
+        self.wait_with(guard, std::future::pending())
+            .await
+            .map(|_| ())
     }
 
     /// [`wait`](Self::wait), giving up after `timeout`: `Ok(false)` if it was not
@@ -304,7 +306,9 @@ impl Condition {
     ///
     /// As for `wait`.
     pub async fn wait_timeout(&self, guard: &mut LockGuard, timeout: Duration) -> Result<bool> {
-        self.wait_inner(guard, Some(timeout)).await
+        // The runtime's timer, or procpool's own outside one (see `runtime::timer`).
+        let sleep = crate::runtime::timer::Sleep::new(timeout);
+        self.wait_with(guard, sleep).await
     }
 
     /// Waits until `pred()` is true, checking it with the lock held: before the first
@@ -344,7 +348,12 @@ impl Condition {
     ///
     /// As for `wait`.
     pub fn blocking_wait_timeout(&self, guard: &mut LockGuard, timeout: Duration) -> Result<bool> {
-        futures::executor::block_on(self.wait_inner(guard, Some(timeout)))
+        use crate::runtime::timer::{Sleep, block_on_until, deadline_in};
+        let deadline = deadline_in(timeout);
+        block_on_until(
+            self.wait_with(guard, Sleep::parked_until(deadline)),
+            deadline,
+        )
     }
 
     /// [`wait_for`](Self::wait_for) for synchronous code (no runtime needed).
@@ -391,31 +400,6 @@ impl Condition {
             Access::Remote(r) => expect_ok(r.blocking_call(Op::Notify { all })?),
             Access::Dead(_) => Err(Error::Closed),
         }
-    }
-
-    /// The wait, with its timer on procpool's own runtime (so that it needs no
-    /// runtime, nor a time driver, from the caller).
-    async fn wait_inner(&self, guard: &mut LockGuard, timeout: Option<Duration>) -> Result<bool> {
-        let fired = match timeout {
-            Some(d) => {
-                let (tx, rx) = oneshot::channel::<()>();
-                crate::runtime::service::run(async move {
-                    tokio::time::sleep(d).await;
-                    // Err: the wait ended first.
-                    tx.send(()).ok();
-                })?;
-                Some(rx)
-            }
-            None => None,
-        };
-        let timer = async move {
-            match fired {
-                // Its sender dropped (the runtime going away) counts as fired.
-                Some(rx) => drop(rx.await),
-                None => std::future::pending().await,
-            }
-        };
-        self.wait_with(guard, timer).await
     }
 
     /// Enter, let go of the lock, wait on the ticket until woken or `timer` fires,

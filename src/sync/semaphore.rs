@@ -384,8 +384,8 @@ impl Semaphore {
     ///
     /// As for `acquire`.
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<Option<SemaphorePermit>> {
-        let deadline = Instant::now().checked_add(timeout);
-        self.acquire_until(Some(deadline.unwrap_or_else(far_future)))
+        // A limit past what an `Instant` holds is no deadline.
+        self.acquire_until(crate::runtime::timer::deadline_in(timeout))
             .await
     }
 
@@ -396,10 +396,8 @@ impl Semaphore {
     ///
     /// As for `acquire`.
     pub fn blocking_acquire_timeout(&self, timeout: Duration) -> Result<Option<SemaphorePermit>> {
-        let deadline = Instant::now()
-            .checked_add(timeout)
-            .unwrap_or_else(far_future);
-        self.wait_for_permit(&AtomicBool::new(false), Some(deadline))
+        let deadline = crate::runtime::timer::deadline_in(timeout);
+        self.wait_for_permit(&AtomicBool::new(false), deadline)
     }
 
     async fn acquire_until(&self, deadline: Option<Instant>) -> Result<Option<SemaphorePermit>> {
@@ -497,9 +495,4 @@ impl<'de> Deserialize<'de> for Semaphore {
             mem: deserialize_memory::<D, State>(d)?.0,
         })
     }
-}
-
-/// A deadline for a limit too long for an `Instant`: a year from now, as good as never.
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }

@@ -82,15 +82,10 @@ pub(super) fn serialize_memory<S: Serializer, T>(
 ) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::Error as _;
     let region = mem.region().map_err(S::Error::custom)?;
-    let dup = region
-        .fd()
-        .try_clone_to_owned()
-        .map_err(|e| S::Error::custom(format!("cannot duplicate shared memory: {e}")))?;
-    let hub = hub::hub().map_err(S::Error::custom)?;
-    let (export, key) = hub.export(dup).map_err(S::Error::custom)?;
-    hub::pin_export(export, key);
+    let (hub, export, key) =
+        hub::export_for_handle(region.fd(), "shared memory").map_err(S::Error::custom)?;
     Wire {
-        hub: hub.me.clone(),
+        hub,
         export,
         key,
         len: u64::try_from(len).map_err(S::Error::custom)?,

@@ -175,6 +175,22 @@ pub(super) fn add_pin(pin: Pin) -> Result<(), Pin> {
 
 /// Keeps a parked pipe end until the current encoding's carrier lets go of it, or, with
 /// no carrier, until it is claimed.
+/// Parks a duplicate of `fd` (`what` it is, for the error) in this process's hub for
+/// the process that decodes the handle being serialized, kept until then (see
+/// [`pin_export`]): the hub, the export's number and its key, to write in the handle.
+pub(crate) fn export_for_handle(
+    fd: std::os::fd::BorrowedFd<'_>,
+    what: &str,
+) -> Result<(super::HubRef, u64, u64), String> {
+    let dup = fd
+        .try_clone_to_owned()
+        .map_err(|e| format!("cannot duplicate {what}: {e}"))?;
+    let hub = super::hub()?;
+    let (export, key) = hub.export(dup)?;
+    pin_export(export, key);
+    Ok((hub.me.clone(), export, key))
+}
+
 pub(crate) fn pin_export(id: u64, key: u64) {
     if let Err(pin) = add_pin(Pin::Export(id, key)) {
         pin.keep();

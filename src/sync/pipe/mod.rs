@@ -323,19 +323,9 @@ impl<T> Serialize for Connection<T> {
             .ep
             .sock()
             .map_err(|e| S::Error::custom(format!("cannot send a broken pipe end: {e}")))?;
-        let dup = sock
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| S::Error::custom(format!("cannot duplicate the pipe end: {e}")))?;
-        let hub = hub::hub().map_err(S::Error::custom)?;
-        let (export, key) = hub.export(dup).map_err(S::Error::custom)?;
-        hub::pin_export(export, key);
-        Wire {
-            hub: hub.me.clone(),
-            export,
-            key,
-        }
-        .serialize(s)
+        let (hub, export, key) =
+            hub::export_for_handle(sock.as_fd(), "the pipe end").map_err(S::Error::custom)?;
+        Wire { hub, export, key }.serialize(s)
     }
 }
 
