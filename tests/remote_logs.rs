@@ -57,11 +57,15 @@ async fn a_remote_tasks_events_reach_the_parent_named_after_its_node_worker() {
         .find(|e| e.message == "and from its thread")
         .unwrap_or_else(|| panic!("the thread's event is missing: {evs:?}"));
     assert_eq!(thread.fields, "request=7");
-    // Each task's events come once, with that task.
-    assert_eq!(pool.apply(greets, (8,)).await.unwrap(), worker);
+    assert_eq!(hello.span, None, "submitted in no span");
+    // Each task's events come once, with that task; inside the span it was submitted in.
+    let span = tracing::info_span!("remote_request", request = 8);
+    let got = tracing::Instrument::instrument(pool.apply(greets, (8,)), span).await;
+    assert_eq!(got.unwrap(), worker);
     let hellos = events_where(|c| c.process == worker && c.message == "hello from a node");
     let requests: Vec<&str> = hellos.iter().map(|e| e.fields.as_str()).collect();
     assert_eq!(requests, ["request=7", "request=8"]);
+    assert_eq!(hellos[1].span, Some("remote_request"), "{hellos:?}");
 }
 
 fn chatty(n: u32) -> u32 {

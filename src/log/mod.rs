@@ -25,6 +25,13 @@
 //! | `fields` | the event's other fields, `key=value` separated by spaces (only if any) |
 //! | `message` | the event's message |
 //!
+//! Each is emitted inside the span that was current where its task was submitted (for a
+//! [`Process`](crate::Process), where it was started; for `map_async`, where it was
+//! called), whichever thread reads it: a request id on the caller's span appears on its
+//! child's lines, and span-based filters select them. The span stays open until the pool
+//! is done with the task. A pool worker's events outside any task (its initializer's)
+//! are emitted in no span.
+//!
 //! A target that installs its own global subscriber in a child fails to (one is already
 //! set); it should emit events and let the parent decide where they go.
 
@@ -47,6 +54,8 @@ use crate::wire::{LogRecord, Outbox, Up};
 
 #[cfg(feature = "redis")]
 pub(crate) mod capture;
+mod spans;
+pub(crate) use spans::{TaskSpan, of as span_of};
 
 /// Set by [`log_to_stderr`]: children then print their events themselves, in the same
 /// format, so their lines keep program order with their own stdout (as in Python).
@@ -313,7 +322,18 @@ fn callsite_for(target: &str, level: u8) -> Option<&'static Metadata<'static>> {
 /// Emits an event forwarded by child `name` (pid `pid`) in this process, with the
 /// event's own target and level (so `RUST_LOG=myapp=debug` selects a child's `myapp`
 /// events as it does the parent's), and the fields `process`, `pid`, `child_target`
-/// and `fields`.
+/// and `fields`. Inside `span` if there is one (the span its task was submitted in, see
+/// [`TaskSpan`]), else inside the span current here.
+pub(crate) fn reemit_in(span: Option<&tracing::Span>, name: &str, pid: u32, r: &LogRecord) {
+    match span {
+        // Entered, not only named as the parent: filters that look at the current span
+        // (`EnvFilter`'s `[span{field=..}]` directives) see it too.
+        Some(span) => span.in_scope(|| reemit(name, pid, r)),
+        None => reemit(name, pid, r),
+    }
+}
+
+/// [`reemit_in`] the span current here.
 pub(crate) fn reemit(name: &str, pid: u32, r: &LogRecord) {
     let Some(meta) = callsite_for(&r.target, r.level) else {
         return reemit_as_procpool_child(name, pid, r);

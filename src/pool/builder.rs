@@ -1,7 +1,7 @@
 //! [`Builder`]: a pool's settings, each with its default, and `build`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -279,7 +279,6 @@ impl Builder {
             return Ok(AsyncPool {
                 shared: Arc::new(Shared {
                     tx: launched.commands,
-                    next_id: AtomicU64::new(1),
                     closed: AtomicBool::new(false),
                     stats: launched.stats,
                     processes: launched.processes,
@@ -310,7 +309,6 @@ impl Builder {
         Ok(AsyncPool {
             shared: Arc::new(Shared {
                 tx,
-                next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 stats,
                 processes,

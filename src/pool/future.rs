@@ -290,7 +290,7 @@ impl<R: DeserializeOwned + Send + 'static> TaskHandle<Vec<R>> {
     /// that task.
     pub(super) fn spawned_map(map: Map<R>) -> Self {
         let (run_limit, mut limits) = mpsc::unbounded_channel::<Duration>();
-        let join = tokio::spawn(async move {
+        let drive = async move {
             let mut map = map;
             loop {
                 tokio::select! {
@@ -299,7 +299,13 @@ impl<R: DeserializeOwned + Send + 'static> TaskHandle<Vec<R>> {
                     Some(d) = limits.recv() => map.set_run_timeout(d)?,
                 }
             }
-        });
+        };
+        // Its chunks are submitted from this task: in the caller's span, so their
+        // events are emitted inside it.
+        let join = tokio::spawn(tracing::Instrument::instrument(
+            drive,
+            tracing::Span::current(),
+        ));
         TaskHandle {
             inner: Inner::Spawned {
                 join,

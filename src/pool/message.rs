@@ -246,6 +246,8 @@ pub(crate) struct Job {
     /// Its own limit on its execution (`run_timeout`), counted from when it starts in a
     /// worker; in place of the pool's `task_timeout`.
     pub(crate) run_timeout: Option<std::time::Duration>,
+    /// The span it was submitted in, registered for its events while the task lives.
+    pub(crate) span: Option<crate::log::TaskSpan>,
 }
 
 impl std::fmt::Debug for Job {

@@ -95,9 +95,12 @@ pub struct AsyncPool {
     shared: Arc<Shared>,
 }
 
+/// Task ids, unique in the process over all pools (the span a task was submitted in is
+/// found by its id: `log::TaskSpan`).
+static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
+
 pub(crate) struct Shared {
     tx: mpsc::UnboundedSender<Command>,
-    next_id: AtomicU64,
     closed: AtomicBool,
     stats: Arc<Mutex<PoolStats>>,
     processes: usize,
@@ -508,7 +511,7 @@ impl Shared {
                 ),
             });
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_TASK.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             id,
             target,
@@ -516,6 +519,7 @@ impl Shared {
             reply: make_reply(id),
             admitted,
             run_timeout,
+            span: crate::log::TaskSpan::current(id),
         };
         if self.tx.send(Command::Submit(job)).is_err() {
             give_back(&self.admission);

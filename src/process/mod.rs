@@ -227,7 +227,10 @@ impl<R> Process<R> {
         let (ended_tx, ended) = watch::channel(None);
         let name = self.name.clone();
         let pins = launch.pins;
-        service::run(async move {
+        // The child's events are emitted inside the span current at `start` (as a pool
+        // task's are inside the span it was submitted in).
+        let span = tracing::Span::current();
+        let drive_child = async move {
             match service::spawn_here(&name, false) {
                 Ok(Spawned { channel, child, .. }) => {
                     drive(channel, child, name, [hello, run], started_tx, ended_tx).await;
@@ -238,7 +241,8 @@ impl<R> Process<R> {
                     started_tx.send(Err(e)).ok();
                 }
             }
-        })?;
+        };
+        service::run(tracing::Instrument::instrument(drive_child, span))?;
         let child = started
             .await
             .map_err(|_| Error::spawn("the procpool service thread stopped", None))??;

@@ -8,6 +8,7 @@ use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 
 #[derive(Debug, Clone, Default)]
 pub struct Captured {
@@ -20,6 +21,8 @@ pub struct Captured {
     pub message: String,
     /// The `dropped` field of a warning that events were dropped.
     pub dropped: u64,
+    /// The name of the span the event was emitted in, if any.
+    pub span: Option<&'static str>,
 }
 
 impl Visit for Captured {
@@ -53,11 +56,12 @@ impl Captured {
 static EVENTS: Mutex<Vec<Captured>> = Mutex::new(Vec::new());
 
 struct Capture;
-impl<S: Subscriber> Layer<S> for Capture {
-    fn on_event(&self, e: &tracing::Event<'_>, _: Context<'_, S>) {
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
+    fn on_event(&self, e: &tracing::Event<'_>, ctx: Context<'_, S>) {
         let mut c = Captured {
             level: e.metadata().level().to_string(),
             target: e.metadata().target().to_owned(),
+            span: ctx.event_span(e).map(|s| s.name()),
             ..Captured::default()
         };
         e.record(&mut c);

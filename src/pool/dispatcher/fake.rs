@@ -567,6 +567,7 @@ impl Pool {
             reply: reply(id),
             admitted: false,
             run_timeout: self.run_timeout.take(),
+            span: None,
         };
         self.tx
             .send(Command::Submit(job))

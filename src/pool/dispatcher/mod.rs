@@ -85,6 +85,8 @@ struct Task {
     seq: u64,
     /// Its own execution limit, in place of `Config::task_timeout`.
     run_timeout: Option<Duration>,
+    /// The span it was submitted in, for its events, registered as long as it is here.
+    _span: Option<crate::log::TaskSpan>,
 }
 
 struct Worker<C> {
@@ -303,6 +305,7 @@ impl<W: Workers> Dispatcher<W> {
                 cancelled: false,
                 seq: 0,
                 run_timeout: job.run_timeout,
+                _span: job.span,
             },
         );
         self.pending.push_back(job.id);

@@ -300,7 +300,8 @@ impl Reader {
                 }
                 match frame::decode::<ResultFrame>(&f) {
                     Ok(mut r) => {
-                        reemit(&r.worker, std::mem::take(&mut r.events));
+                        let span = crate::log::span_of(Some(r.task));
+                        reemit(span.as_ref(), &r.worker, std::mem::take(&mut r.events));
                         if self.out.send(FromReader::Result(r)).is_err() {
                             return;
                         }
@@ -376,6 +377,9 @@ struct Inflight {
     /// The stream entry, while it may still be queued.
     entry: Option<String>,
     admitted: bool,
+    /// The span it was submitted in: its events (which come with its result) are emitted
+    /// inside it.
+    _span: Option<crate::log::TaskSpan>,
 }
 
 struct RemoteDispatcher {
@@ -518,6 +522,7 @@ impl RemoteDispatcher {
                             reply: job.reply,
                             entry: Some(entry),
                             admitted: job.admitted,
+                            _span: job.span,
                         },
                     );
                 }
@@ -679,9 +684,9 @@ impl RemoteDispatcher {
 
 /// Emits here the events a remote task's worker emitted (as a local worker's are, named
 /// `node-<id>:PoolWorker-<n>`), before its result is handed on.
-fn reemit(worker: &str, events: crate::log::capture::TaskEvents) {
+fn reemit(span: Option<&tracing::Span>, worker: &str, events: crate::log::capture::TaskEvents) {
     for e in &events.events {
-        crate::log::reemit(worker, events.pid, e);
+        crate::log::reemit_in(span, worker, events.pid, e);
     }
     if events.dropped > 0 {
         tracing::warn!(target: "procpool::remote", process = worker, dropped = events.dropped,

@@ -292,7 +292,8 @@ async fn connect(
                 Ok(Some(Up::Log(record))) => {
                     #[cfg(feature = "redis")]
                     crate::log::capture::record(reader_child.pid, &record);
-                    crate::log::reemit(&reader_name, reader_child.pid, &record);
+                    let span = crate::log::span_of(record.task);
+                    crate::log::reemit_in(span.as_ref(), &reader_name, reader_child.pid, &record);
                 }
                 Ok(Some(Up::Recalled { after, upto })) => {
                     let back = Event::Recalled {
