@@ -217,3 +217,115 @@ async fn with_kill_on_cancel_off_a_dropped_running_task_finishes_and_its_worker_
         "{st:?}"
     );
 }
+
+/// How a caller gives up on a running `finish_after_gate` task, with the call's own
+/// `kill_on_cancel` (`None`: the pool's).
+#[derive(Debug, Clone, Copy)]
+enum GiveUp {
+    Apply(Option<bool>),
+    Handle(Option<bool>),
+    Map(Option<bool>),
+    Imap(Option<bool>),
+}
+
+/// Runs `finish_after_gate` on `pool` (one worker), gives up on it as `how` says once it
+/// runs, and answers whether its worker was left to finish it (else it was stopped and
+/// replaced, and the task never finished).
+async fn worker_kept_after(pool: &AsyncPool, how: GiveUp) -> bool {
+    use futures::StreamExt;
+    let dir = TempDir::new("call-kill-on-cancel");
+    let arg = dir.root().display().to_string();
+    let (p, f) = (pool.clone(), arg.clone());
+    // Each way is driven by a task of its own and aborted (dropped) once it runs.
+    let driver = match how {
+        GiveUp::Apply(kill) => tokio::spawn(async move {
+            let call = p.apply(finish_after_gate, (f,));
+            let call = match kill {
+                Some(k) => call.kill_on_cancel(k),
+                None => call,
+            };
+            drop(call.await);
+        }),
+        GiveUp::Handle(kill) => {
+            let h = p.apply_async(finish_after_gate, (f,));
+            let h = match kill {
+                Some(k) => h.kill_on_cancel(k),
+                None => h,
+            };
+            tokio::spawn(async move { drop(h.await) })
+        }
+        GiveUp::Map(kill) => tokio::spawn(async move {
+            let map = p.map(finish_after_gate, vec![f]);
+            let map = match kill {
+                Some(k) => map.kill_on_cancel(k),
+                None => map,
+            };
+            drop(map.await);
+        }),
+        GiveUp::Imap(kill) => tokio::spawn(async move {
+            let s = p.imap(finish_after_gate, vec![f]);
+            let mut s = match kill {
+                Some(k) => s.kill_on_cancel(k),
+                None => s,
+            };
+            drop(s.next().await);
+        }),
+    };
+    let pid: u32 = read_file_async(&dir.path("started"), support::SOON)
+        .await
+        .parse()
+        .unwrap();
+    let (restarts, cancelled) = (pool.stats().restarts, pool.stats().cancelled);
+    driver.abort();
+    assert!(driver.await.unwrap_err().is_cancelled());
+    assert!(
+        support::eventually_async(support::SOON, || pool.stats().cancelled == cancelled + 1).await,
+        "{how:?}: {:?}",
+        pool.stats()
+    );
+    // A stopped worker is replaced; one left to finish serves the next task once let go.
+    write_file(&dir.path("gate"), "go");
+    let next = support::soon(pool.apply(std::process::id, ()))
+        .await
+        .unwrap();
+    let kept = next == pid;
+    if kept {
+        read_file_async(&dir.path("finished"), support::SOON).await;
+        assert_eq!(pool.stats().restarts, restarts, "{how:?}: none replaced");
+    } else {
+        gone_within(pid, support::SOON).await;
+        assert_eq!(pool.stats().restarts, restarts + 1, "{how:?}: one replaced");
+    }
+    kept
+}
+
+#[tokio::test]
+async fn a_calls_own_kill_on_cancel_overrides_the_pools() {
+    let killing = AsyncPool::builder().processes(1).build().await.unwrap();
+    let keeping = AsyncPool::builder()
+        .processes(1)
+        .kill_on_cancel(false)
+        .build()
+        .await
+        .unwrap();
+    for (pool, default_kept) in [(&killing, false), (&keeping, true)] {
+        for make in [GiveUp::Apply, GiveUp::Handle, GiveUp::Map, GiveUp::Imap] {
+            assert_eq!(
+                worker_kept_after(pool, make(None)).await,
+                default_kept,
+                "{:?} keeps the pool's setting",
+                make(None)
+            );
+            assert!(
+                worker_kept_after(pool, make(Some(false))).await,
+                "{:?}",
+                make(Some(false))
+            );
+            assert!(
+                !worker_kept_after(pool, make(Some(true))).await,
+                "{:?}",
+                make(Some(true))
+            );
+        }
+    }
+}

@@ -177,6 +177,11 @@ impl Builder {
     /// dropped: for workers that are expensive to start (an initializer that loads a
     /// model). A queued task given up never runs either way. Local pools only: a remote
     /// task given up is always stopped on its node.
+    ///
+    /// One call can choose otherwise: [`Apply::kill_on_cancel`](super::Apply::kill_on_cancel),
+    /// [`TaskHandle::kill_on_cancel`](super::TaskHandle::kill_on_cancel),
+    /// [`Map::kill_on_cancel`](super::Map::kill_on_cancel),
+    /// [`Imap::kill_on_cancel`](super::Imap::kill_on_cancel).
     pub fn kill_on_cancel(mut self, kill: bool) -> Self {
         self.kill_on_cancel = kill;
         self

@@ -30,13 +30,16 @@ use crate::target::TargetRef;
 /// # Drop
 ///
 /// Dropping it before it resolves cancels the task: a queued task is removed, a running
-/// one has its worker stopped and replaced.
+/// one has its worker stopped and replaced (unless [`kill_on_cancel`](Self::kill_on_cancel)
+/// or the pool's setting is off: then it runs to its end, its result dropped).
 #[must_use = "futures do nothing unless polled"]
 pub struct Apply<R> {
     shared: Arc<Shared>,
     call: Option<Result<(TargetRef, Args, Pins)>>,
     timeout: Option<Duration>,
     run_timeout: Option<Duration>,
+    /// Its own `kill_on_cancel` (`None`: the pool's).
+    kill: Option<bool>,
     /// The timeout's timer, from the first poll (it counts the wait for room).
     sleep: Option<Pin<Box<Sleep>>>,
     /// Waiting for room in the queue (see `Builder::max_queued`).
@@ -49,6 +52,7 @@ impl<R> std::fmt::Debug for Apply<R> {
         f.debug_struct("Apply")
             .field("timeout", &self.timeout)
             .field("run_timeout", &self.run_timeout)
+            .field("kill_on_cancel", &self.kill)
             .field("submitted", &self.running.is_some())
             .finish_non_exhaustive()
     }
@@ -61,6 +65,7 @@ impl<R> Apply<R> {
             call: Some(call),
             timeout: None,
             run_timeout: None,
+            kill: None,
             sleep: None,
             admission: super::Admission::default(),
             running: None,
@@ -99,6 +104,33 @@ impl<R> Apply<R> {
         self.run_timeout = Some(d);
         self
     }
+
+    /// Whether the task's worker is stopped if its caller gives up while it runs (drops
+    /// this future, or its [`timeout`](Self::timeout) passes), in place of the pool's
+    /// [`Builder::kill_on_cancel`](super::Builder::kill_on_cancel) for this call.
+    /// `false`: the task runs to its end (or to its `run_timeout` / `task_timeout`, which
+    /// still stop it) and its result is dropped, and the worker stays; `true`: it is
+    /// stopped and replaced. A queued task given up never runs either way.
+    ///
+    /// Local pools only: a remote task given up is always stopped on its node.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # fn embed(text: String) -> usize { text.len() }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(1).await?;
+    /// // A worker that loaded a model is worth more than the rest of this task.
+    /// let quick = pool
+    ///     .apply(embed, ("some text".to_owned(),))
+    ///     .timeout(Duration::from_secs(5))
+    ///     .kill_on_cancel(false);
+    /// assert_eq!(quick.await?, 9);
+    /// # Ok(()) }
+    /// ```
+    pub fn kill_on_cancel(mut self, kill: bool) -> Self {
+        self.kill = Some(kill);
+        self
+    }
 }
 
 impl<R: DeserializeOwned> Future for Apply<R> {
@@ -135,7 +167,10 @@ impl<R: DeserializeOwned> Future for Apply<R> {
                 return Poll::Ready(Err(Error::AlreadyCompleted));
             };
             // Closed while it waited: `submit` refuses it (`PoolClosed`).
-            let handle = TaskHandle::submit(&this.shared, call, admitted, this.run_timeout);
+            let mut handle = TaskHandle::submit(&this.shared, call, admitted, this.run_timeout);
+            if let Some(kill) = this.kill {
+                handle = handle.kill_on_cancel(kill);
+            }
             let mut running = TaskTimeout::new(handle, this.timeout);
             running.sleep = this.sleep.take();
             this.running = Some(running);
@@ -172,7 +207,8 @@ impl<R: DeserializeOwned> FusedFuture for Apply<R> {
 /// # Drop
 ///
 /// Dropping the handle before the task finished cancels it (a queued task is removed, a
-/// running one has its worker stopped and replaced), like dropping an [`Apply`]. A task
+/// running one has its worker stopped and replaced, unless
+/// [`kill_on_cancel`](Self::kill_on_cancel) is off), like dropping an [`Apply`]. A task
 /// already sent ahead to a worker is skipped there; one that the skip reaches only as it
 /// starts (workers look for skips between tasks, at most every 50 µs while they have
 /// tasks queued) runs, and its result is dropped.
@@ -188,6 +224,8 @@ enum Inner<R> {
         id: u64,
         rx: oneshot::Receiver<TaskResult>,
         finished: bool,
+        /// Its own `kill_on_cancel` (`None`: the pool's).
+        kill: Option<bool>,
         _r: PhantomData<fn() -> R>,
     },
     Spawned {
@@ -195,6 +233,8 @@ enum Inner<R> {
         finished: bool,
         /// To the spawned map: the chunks' execution limit (see `spawned_map`).
         run_limit: mpsc::UnboundedSender<Duration>,
+        /// The spawned map's `kill_on_cancel`, read when it is dropped.
+        kill: KillChoice,
     },
     /// Submission failed; the error is handed out once.
     Failed(Option<Error>),
@@ -229,6 +269,7 @@ impl<R> TaskHandle<R> {
                 id,
                 rx,
                 finished: false,
+                kill: None,
                 _r: PhantomData,
             },
             Err(e) => Inner::Failed(Some(e)),
@@ -282,6 +323,44 @@ impl<R> TaskHandle<R> {
         }
         self
     }
+
+    /// Whether the task's worker is stopped if the handle is dropped (or its
+    /// [`timeout`](Self::timeout) passes) while the task runs, in place of the pool's
+    /// [`Builder::kill_on_cancel`](super::Builder::kill_on_cancel), as
+    /// [`Apply::kill_on_cancel`]; for a [`map_async`](super::AsyncPool::map_async) handle,
+    /// for each of its running chunks. Set again, the last choice counts.
+    pub fn kill_on_cancel(mut self, kill: bool) -> Self {
+        match &mut self.inner {
+            Inner::Task { kill: k, .. } => *k = Some(kill),
+            Inner::Spawned { kill: k, .. } => k.set(kill),
+            Inner::Failed(_) | Inner::Detached => {}
+        }
+        self
+    }
+}
+
+/// A call's own `kill_on_cancel`, shared between a map and the handle of the task that
+/// drives it (`map_async`): the map reads it when it is dropped.
+#[derive(Debug, Clone, Default)]
+pub(super) struct KillChoice(Arc<std::sync::atomic::AtomicU8>);
+
+impl KillChoice {
+    const UNSET: u8 = 0;
+    const KILL: u8 = 1;
+    const KEEP: u8 = 2;
+
+    pub(super) fn set(&self, kill: bool) {
+        let v = if kill { Self::KILL } else { Self::KEEP };
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `None`: the pool's setting.
+    pub(super) fn get(&self) -> Option<bool> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::UNSET => None,
+            v => Some(v == Self::KILL),
+        }
+    }
 }
 
 impl<R: DeserializeOwned + Send + 'static> TaskHandle<Vec<R>> {
@@ -290,6 +369,7 @@ impl<R: DeserializeOwned + Send + 'static> TaskHandle<Vec<R>> {
     /// that task.
     pub(super) fn spawned_map(map: Map<R>) -> Self {
         let (run_limit, mut limits) = mpsc::unbounded_channel::<Duration>();
+        let kill = map.kill_choice().clone();
         let drive = async move {
             let mut map = map;
             loop {
@@ -311,6 +391,7 @@ impl<R: DeserializeOwned + Send + 'static> TaskHandle<Vec<R>> {
                 join,
                 finished: false,
                 run_limit,
+                kill,
             },
         }
     }
@@ -369,8 +450,9 @@ impl<R> Drop for TaskHandle<R> {
                 shared,
                 id,
                 finished: false,
+                kill,
                 ..
-            } => shared.cancel(*id),
+            } => shared.cancel(*id, *kill),
             Inner::Spawned {
                 join,
                 finished: false,

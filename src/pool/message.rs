@@ -267,6 +267,9 @@ pub(crate) enum Command {
     /// The caller gave up on task `id` (dropped, or its own timeout expired).
     Cancel {
         id: u64,
+        /// Whether a running task's worker is stopped (`Builder::kill_on_cancel`, or the
+        /// call's own `kill_on_cancel`); `None`: the pool's setting.
+        kill: Option<bool>,
     },
     /// Task `id`, submitted already, may run at most `after` from its start (see
     /// `Job::run_timeout`); if it has run longer, it is stopped now.

@@ -178,7 +178,7 @@ impl AsyncPool {
 
     /// For a node: the caller of task `id` gave up (its worker is stopped if it runs).
     pub(crate) fn cancel_encoded(&self, id: u64) {
-        self.shared.cancel(id);
+        self.shared.cancel(id, None);
     }
 }
 
@@ -571,10 +571,11 @@ impl Shared {
         Ok(())
     }
 
-    /// Tells the dispatcher the caller of task `id` gave up.
-    fn cancel(&self, id: u64) {
+    /// Tells the dispatcher the caller of task `id` gave up; `kill`: whether a running
+    /// one has its worker stopped (`None`: the pool's [`Builder::kill_on_cancel`]).
+    fn cancel(&self, id: u64, kill: Option<bool>) {
         // An error means the dispatcher is gone, and the task with it.
-        drop(self.tx.send(Command::Cancel { id }));
+        drop(self.tx.send(Command::Cancel { id, kill }));
     }
 
     fn processes(&self) -> usize {

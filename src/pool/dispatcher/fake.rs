@@ -607,7 +607,17 @@ impl Pool {
     }
 
     pub(super) fn cancel(&self, id: u64) {
-        self.tx.send(Command::Cancel { id }).ok();
+        self.tx.send(Command::Cancel { id, kill: None }).ok();
+    }
+
+    /// Cancels task `id` with the call's own choice of stopping its worker if it runs.
+    pub(super) fn cancel_with(&self, id: u64, kill: bool) {
+        self.tx
+            .send(Command::Cancel {
+                id,
+                kill: Some(kill),
+            })
+            .ok();
     }
 
     /// Asks the pool to close; the receiver answers when it has.

@@ -81,6 +81,9 @@ struct Task {
     state: State,
     /// The caller gave up; the task stays here only until its worker moves past it.
     cancelled: bool,
+    /// Cancelled without kill (`kill_on_cancel` off): if its worker runs it, it runs to
+    /// its end or its time limit, not only to the skip grace.
+    kept: bool,
     /// Its number among the tasks sent to its worker (see `Worker::sent`), once sent.
     seq: u64,
     /// Its own execution limit, in place of `Config::task_timeout`.
@@ -274,7 +277,7 @@ impl<W: Workers> Dispatcher<W> {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Submit(job) => self.submit(job),
-            Command::Cancel { id } => self.cancel(id),
+            Command::Cancel { id, kill } => self.cancel(id, kill),
             Command::RunTimeout { id, after } => {
                 // Gone: it finished (or was cancelled) first, and needs no limit.
                 if let Some(task) = self.tasks.get_mut(&id) {
@@ -303,6 +306,7 @@ impl<W: Workers> Dispatcher<W> {
                 reply: Some(job.reply),
                 state: State::Queued,
                 cancelled: false,
+                kept: false,
                 seq: 0,
                 run_timeout: job.run_timeout,
                 _span: job.span,
@@ -311,7 +315,9 @@ impl<W: Workers> Dispatcher<W> {
         self.pending.push_back(job.id);
     }
 
-    fn cancel(&mut self, id: u64) {
+    /// The caller of task `id` gave up; `kill`: whether a running one has its worker
+    /// stopped (`None`: the pool's `kill_on_cancel`).
+    fn cancel(&mut self, id: u64, kill: Option<bool>) {
         let Some(task) = self.tasks.get_mut(&id) else {
             return; // already finished
         };
@@ -335,14 +341,16 @@ impl<W: Workers> Dispatcher<W> {
                 task.reply = None;
             }
             State::Sent => {
+                let kill = kill.unwrap_or(self.cfg.kill_on_cancel);
                 self.counts.running -= 1;
                 task.cancelled = true;
+                task.kept = !kill;
                 task.reply = None;
                 let Some(idx) = self.workers.iter().position(|w| w.inflight.contains(&id)) else {
                     self.tasks.remove(&id);
                     return;
                 };
-                if self.workers[idx].inflight.front() == Some(&id) && !self.cfg.kill_on_cancel {
+                if self.workers[idx].inflight.front() == Some(&id) && !kill {
                     // Running, and the pool keeps its workers: it finishes, its answer
                     // goes nowhere (`on_done` drops what a cancelled task gives).
                     tracing::debug!(task = id, worker = %self.workers[idx].conn.name(),

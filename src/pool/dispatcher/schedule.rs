@@ -83,7 +83,7 @@ impl<W: Workers> Dispatcher<W> {
                 // Its map is gone and its cancel on the way: cancelled now (as tower's
                 // buffer worker skips a request whose caller left).
                 self.pending.pop_front();
-                self.cancel(id);
+                self.cancel(id, None);
                 continue;
             }
             let size = task.args.len();
@@ -219,7 +219,8 @@ impl<W: Workers> Dispatcher<W> {
     }
 
     /// When the worker's current task must be over, and the limit that ends it there
-    /// (`None`: it was cancelled, and the deadline is the skip grace). The limit is the
+    /// (`None`: it was cancelled, and the deadline is the skip grace; a task cancelled
+    /// without kill keeps its limit, as if it had not been cancelled). The limit is the
     /// task's own `run_timeout`, else the pool's `task_timeout`; both count from the
     /// task's start (`head_since`), so its wait in the queue or behind another task on
     /// the worker does not count.
@@ -227,7 +228,7 @@ impl<W: Workers> Dispatcher<W> {
         let since = w.head_since?;
         let head = w.inflight.front()?;
         match self.tasks.get(head) {
-            Some(t) if !t.cancelled => {
+            Some(t) if !t.cancelled || t.kept => {
                 let limit = t.run_timeout.or(self.cfg.task_timeout)?;
                 Some((since + limit, Some(limit)))
             }

@@ -167,6 +167,88 @@ async fn a_cancelled_running_task_stops_its_worker_and_the_rest_run_on_a_replace
     assert_eq!((s.restarts, s.cancelled, s.completed), (1, 1, 1));
 }
 
+/// A long task (2 s) given up while it runs, with kill on cancel off (by the pool's
+/// setting or the call's own): it runs to its end on the same worker, past the skip
+/// grace, and the task behind it runs there after it; nothing is stopped.
+async fn a_kept_task_runs_to_its_end(pool_kills: bool) {
+    let mut cfg = config(1);
+    cfg.kill_on_cancel = pool_kills;
+    let mut p = Pool::new(cfg).await;
+    let t0 = Instant::now();
+    let (long, _rx) = p.submit(ms(2000));
+    let (behind, rx) = p.submit(ms(10));
+    settle().await;
+    if pool_kills {
+        p.cancel_with(long, false);
+    } else {
+        p.cancel(long);
+    }
+    assert_eq!(value(rx.await).unwrap(), behind);
+    assert!(
+        t0.elapsed() >= 2000 * MS,
+        "after the long one: {:?}",
+        t0.elapsed()
+    );
+    {
+        let w = p.world();
+        assert_eq!(
+            w.count(|n| matches!(n, Note::Stopping(_))),
+            0,
+            "{:?}",
+            w.log
+        );
+        assert_eq!(w.ran_on(behind), Some(0), "on the same worker");
+    }
+    settle().await;
+    let s = p.stats();
+    assert_eq!((s.restarts, s.cancelled, s.completed), (0, 1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_kill_on_cancel_off_a_cancelled_running_task_runs_past_the_skip_grace() {
+    a_kept_task_runs_to_its_end(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_calls_own_kill_on_cancel_off_keeps_its_running_task_in_a_killing_pool() {
+    a_kept_task_runs_to_its_end(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_calls_own_kill_on_cancel_on_stops_its_worker_in_a_keeping_pool() {
+    let mut cfg = config(1);
+    cfg.kill_on_cancel = false;
+    let mut p = Pool::new(cfg).await;
+    let (running, _rx) = p.submit(Script::Hang);
+    let (behind, rx) = p.submit(ms(10));
+    settle().await;
+    p.cancel_with(running, true);
+    assert_eq!(value(rx.await).unwrap(), behind);
+    assert_eq!(p.world().ran_on(behind), Some(1), "on the replacement");
+    settle().await;
+    assert_eq!(p.stats().restarts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kept_cancelled_task_is_still_stopped_at_its_task_timeout() {
+    let mut cfg = config(1);
+    cfg.kill_on_cancel = false;
+    cfg.task_timeout = Some(Duration::from_secs(1));
+    let mut p = Pool::new(cfg).await;
+    let t0 = Instant::now();
+    let (running, _rx) = p.submit(Script::Hang);
+    settle().await;
+    p.cancel(running);
+    while p.world().when(&Note::Stopping(0)).is_none() {
+        tokio::time::sleep(MS).await;
+    }
+    let stopped = t0.elapsed();
+    assert!(
+        (1000 * MS..=1002 * MS).contains(&stopped),
+        "stopped at {stopped:?}, not at the skip grace"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_worker_that_runs_a_cancelled_task_is_stopped_after_the_skip_grace() {
     let world = World {

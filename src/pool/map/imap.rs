@@ -43,7 +43,8 @@ const IMAP_MAX_CHUNK: usize = 4096;
 ///
 /// # Drop
 ///
-/// Dropping the stream cancels every chunk in flight.
+/// Dropping the stream cancels every chunk in flight (running ones have their workers
+/// stopped and replaced, unless [`kill_on_cancel`](Self::kill_on_cancel) is off).
 #[must_use = "streams do nothing unless polled"]
 pub struct Imap<R, I> {
     shared: Arc<Shared>,
@@ -65,6 +66,8 @@ pub struct Imap<R, I> {
     out: VecDeque<Result<R>>,
     /// The input iterator panicked: the last item, once everything before it is out.
     input_panic: Option<Error>,
+    /// Its own `kill_on_cancel` (`None`: the pool's).
+    kill: Option<bool>,
     _r: PhantomData<fn() -> R>,
 }
 
@@ -116,8 +119,18 @@ impl<R, I> Imap<R, I> {
             emit_seq: 0,
             out: VecDeque::new(),
             input_panic: None,
+            kill: None,
             _r: PhantomData,
         }
+    }
+
+    /// Whether the workers of its running chunks are stopped if the stream is dropped
+    /// before its end, in place of the pool's
+    /// [`Builder::kill_on_cancel`](crate::pool::Builder::kill_on_cancel), as
+    /// [`Apply::kill_on_cancel`](crate::pool::Apply::kill_on_cancel) for one task.
+    pub fn kill_on_cancel(mut self, kill: bool) -> Self {
+        self.kill = Some(kill);
+        self
     }
 
     /// Items per chunk, fixed. Default: adaptive (see the type's docs). 0 makes the
@@ -408,7 +421,7 @@ where
 impl<R, I> Drop for Imap<R, I> {
     fn drop(&mut self) {
         for &id in self.inflight.keys() {
-            self.shared.cancel(id);
+            self.shared.cancel(id, self.kill);
         }
     }
 }

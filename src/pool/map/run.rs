@@ -31,7 +31,8 @@ use crate::wire::chunk::MAX_CHUNK_ITEMS;
 /// # Drop
 ///
 /// Dropping it cancels every chunk not yet finished (queued ones are removed, running
-/// ones have their workers stopped and replaced).
+/// ones have their workers stopped and replaced, unless
+/// [`kill_on_cancel`](Self::kill_on_cancel) is off).
 #[must_use = "futures do nothing unless polled"]
 pub struct Map<R> {
     shared: Arc<Shared>,
@@ -40,6 +41,8 @@ pub struct Map<R> {
     timeout: Option<Duration>,
     /// Each chunk's execution limit (see [`Map::run_timeout`]).
     run_timeout: Option<Duration>,
+    /// Its own `kill_on_cancel`, for its running chunks.
+    kill: crate::pool::future::KillChoice,
     run: Option<MapRun<R>>,
     /// It gave its result: polled again, it answers [`Error::AlreadyCompleted`].
     done: bool,
@@ -115,6 +118,7 @@ impl<R> std::fmt::Debug for Map<R> {
             .field("chunksize", &self.chunksize)
             .field("timeout", &self.timeout)
             .field("run_timeout", &self.run_timeout)
+            .field("kill_on_cancel", &self.kill.get())
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +135,7 @@ impl<R> Map<R> {
             chunksize: None,
             timeout: None,
             run_timeout: None,
+            kill: Default::default(),
             run: None,
             done: false,
         }
@@ -163,6 +168,20 @@ impl<R> Map<R> {
     pub fn run_timeout(mut self, d: Duration) -> Self {
         self.run_timeout = Some(d);
         self
+    }
+
+    /// Whether the workers of its running chunks are stopped if the map is given up
+    /// (dropped, its [`timeout`](Self::timeout) passes, or another chunk fails), in
+    /// place of the pool's [`Builder::kill_on_cancel`](crate::pool::Builder::kill_on_cancel),
+    /// as [`Apply::kill_on_cancel`](crate::pool::Apply::kill_on_cancel) for one task.
+    pub fn kill_on_cancel(self, kill: bool) -> Self {
+        self.kill.set(kill);
+        self
+    }
+
+    /// Its `kill_on_cancel`, shared with a `map_async` handle.
+    pub(in crate::pool) fn kill_choice(&self) -> &crate::pool::future::KillChoice {
+        &self.kill
     }
 
     /// Sets [`run_timeout`](Self::run_timeout) after the map started (for a
@@ -307,9 +326,10 @@ impl<R: DeserializeOwned + 'static> Map<R> {
 impl<R> Drop for Map<R> {
     fn drop(&mut self) {
         if let Some(run) = &self.run {
+            let kill = self.kill.get();
             for (id, res) in run.ids.iter().zip(&run.results) {
                 if res.is_none() {
-                    self.shared.cancel(*id);
+                    self.shared.cancel(*id, kill);
                 }
             }
         }

@@ -440,7 +440,8 @@ impl RemoteDispatcher {
         for cmd in batch {
             match cmd {
                 Command::Submit(job) => submits.push(job),
-                Command::Cancel { id } => {
+                // A remote task given up is always stopped on its node.
+                Command::Cancel { id, kill: _ } => {
                     // Submitted in this same batch: it never leaves this process.
                     if let Some(i) = submits.iter().position(|j: &Job| j.id == id) {
                         let job = submits.remove(i);
