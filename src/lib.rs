@@ -271,6 +271,8 @@ mod wire;
 
 pub use error::{Error, ExitReason, Result};
 pub use log::log_to_stderr;
+#[cfg(feature = "tower")]
+pub use pool::PoolService;
 pub use pool::{
     Apply, AsyncPool, Builder, DEFAULT_MAX_QUEUED, Imap, Map, PoolStats, TaskHandle, TaskTimeout,
 };

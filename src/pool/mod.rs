@@ -13,6 +13,8 @@ pub(crate) mod message;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
 mod seam;
+#[cfg(feature = "tower")]
+mod service;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +28,8 @@ pub use builder::{Builder, DEFAULT_MAX_QUEUED};
 pub use future::{Apply, TaskHandle, TaskTimeout};
 pub(crate) use map::fuzz_chunk_answer;
 pub use map::{Imap, Map};
+#[cfg(feature = "tower")]
+pub use service::PoolService;
 
 use crate::error::{Error, Result};
 use crate::target::{Target, TargetRef};
@@ -448,6 +452,13 @@ impl Shared {
             }
             Err(_) => false,
         }
+    }
+
+    /// Gives back a place taken by [`try_admit`](Self::try_admit) or
+    /// [`poll_admit`](Self::poll_admit) for a task that was not submitted.
+    #[cfg(feature = "tower")]
+    pub(crate) fn give_back_place(&self) {
+        self.admission.add_permits(1);
     }
 
     /// Waits for a place in the queue; false once the pool is closed.
