@@ -274,7 +274,8 @@ pub use log::log_to_stderr;
 #[cfg(feature = "tower")]
 pub use pool::PoolService;
 pub use pool::{
-    Apply, AsyncPool, Builder, DEFAULT_MAX_QUEUED, Imap, Map, PoolStats, TaskHandle, TaskTimeout,
+    Apply, AsyncPool, Builder, DEFAULT_MAX_QUEUED, Imap, ImapStream, Map, PoolStats, TaskHandle,
+    TaskTimeout,
 };
 pub use process::{Process, spawn};
 pub use runtime::{ProcessInfo, active_children, current_process, parent_process};

@@ -322,6 +322,88 @@ async fn imap_pulls_an_endless_iterator_lazily() {
 }
 
 #[tokio::test]
+async fn imap_stream_sends_items_as_they_arrive_and_ends_with_its_input() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let (tx, rx) = futures::channel::mpsc::unbounded::<u64>();
+    let mut results = pool.imap_stream(async_square, rx);
+    // One item, and the input stays open: its result comes without waiting for more.
+    tx.unbounded_send(3).unwrap();
+    assert_eq!(support::soon(results.next()).await.unwrap().unwrap(), 9);
+    for x in [4, 5, 6] {
+        tx.unbounded_send(x).unwrap();
+    }
+    let mut next = Vec::new();
+    for _ in 0..3 {
+        next.push(support::soon(results.next()).await.unwrap().unwrap());
+    }
+    assert_eq!(next, [16, 25, 36], "in input order");
+    drop(tx);
+    assert!(
+        support::soon(results.next()).await.is_none(),
+        "ends with its input"
+    );
+    assert!(futures::stream::FusedStream::is_terminated(&results));
+    assert_eq!(futures::Stream::size_hint(&results), (0, Some(0)));
+}
+
+#[tokio::test]
+async fn imap_unordered_stream_answers_every_item_and_a_stream_input_panic_ends_it() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let items = futures::stream::iter(0..50u32);
+    let mut got: Vec<u32> = pool
+        .imap_unordered_stream(maybe_panic, items)
+        .map(|r| r.unwrap_or(u32::MAX))
+        .collect()
+        .await;
+    got.sort();
+    // maybe_panic panics in the worker on 3, 13, ...: those items' Err; the rest answer.
+    let mut want: Vec<u32> = (0..50)
+        .map(|x| if x % 10 == 3 { u32::MAX } else { x })
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    // An input stream that panics at its fourth item: the three before it, then the panic.
+    let panicking = futures::stream::iter(0..10i64).map(|x| {
+        assert!(x != 3, "the input broke");
+        x
+    });
+    let out: Vec<_> = support::soon(pool.imap_stream(doubler, panicking).collect::<Vec<_>>()).await;
+    let values: Vec<i64> = out
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    assert_eq!(values, [0, 2, 4]);
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert!(
+        matches!(&out[3], Err(Error::Panicked { message, .. }) if message.contains("the input broke")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn imap_stream_pulls_an_endless_stream_lazily() {
+    let pool = AsyncPool::new(2).await.unwrap();
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    let endless = futures::stream::iter(0u64..).inspect(move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let first: Vec<u64> = pool
+        .imap_stream(async_square, endless)
+        .chunksize(1)
+        .take(200)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(first, (0..200u64).map(|x| x * x).collect::<Vec<_>>());
+    let n = pulled.load(Ordering::Relaxed);
+    assert!(
+        n <= 200 + 2 * 8,
+        "pulled {n} items for 200 results: not lazy"
+    );
+}
+
+#[tokio::test]
 async fn map_stops_at_the_first_error() {
     let pool = AsyncPool::new(2).await.unwrap();
     let err = pool.map(maybe_panic, 0..100).await.unwrap_err();

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use builder::{Builder, DEFAULT_MAX_QUEUED};
 pub use future::{Apply, TaskHandle, TaskTimeout};
 pub(crate) use map::fuzz_chunk_answer;
-pub use map::{Imap, Map};
+pub use map::{Imap, ImapStream, Map};
 #[cfg(feature = "tower")]
 pub use service::PoolService;
 
@@ -350,7 +350,7 @@ impl AsyncPool {
         M: 'static,
         I: IntoIterator<Item = T>,
     {
-        self.imap_with(f, items, true)
+        self.imap_with(f, items.into_iter(), true)
     }
 
     /// Like [`imap`](Self::imap), in completion order.
@@ -361,21 +361,72 @@ impl AsyncPool {
         M: 'static,
         I: IntoIterator<Item = T>,
     {
-        self.imap_with(f, items, false)
+        self.imap_with(f, items.into_iter(), false)
     }
 
-    fn imap_with<F, T, M, I>(&self, f: F, items: I, ordered: bool) -> Imap<F::Output, I::IntoIter>
+    /// [`imap`](Self::imap) over a [`Stream`](futures::Stream) of items instead of an
+    /// iterator: items that arrive over time (from a channel, a socket, a paginated
+    /// API) are sent to the workers as they come, in chunks of what has arrived, with
+    /// the same bound on what is in flight (the stream is polled only while there is
+    /// room). Results come in input order; the stream ends when the input has ended and
+    /// every result is out. An input that panics ends it as `imap`'s does.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    ///
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// let (tx, rx) = futures::channel::mpsc::unbounded();
+    /// tokio::spawn(async move {
+    ///     for x in 1..=4 {
+    ///         tx.unbounded_send(x).ok(); // items arrive one by one
+    ///         tokio::task::yield_now().await;
+    ///     }
+    /// });
+    /// let squares: Vec<u64> = pool.imap_stream(square, rx).map(Result::unwrap).collect().await;
+    /// assert_eq!(squares, [1, 4, 9, 16]);
+    /// # Ok(()) }
+    /// ```
+    pub fn imap_stream<F, T, M, S>(&self, f: F, items: S) -> Imap<F::Output, ImapStream<S>>
     where
         F: Target<(T,), M>,
         T: Serialize + DeserializeOwned + Send + 'static,
         M: 'static,
-        I: IntoIterator<Item = T>,
+        S: futures::Stream<Item = T>,
+    {
+        self.imap_with(f, ImapStream::new(items), true)
+    }
+
+    /// Like [`imap_stream`](Self::imap_stream), in completion order.
+    pub fn imap_unordered_stream<F, T, M, S>(
+        &self,
+        f: F,
+        items: S,
+    ) -> Imap<F::Output, ImapStream<S>>
+    where
+        F: Target<(T,), M>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
+        S: futures::Stream<Item = T>,
+    {
+        self.imap_with(f, ImapStream::new(items), false)
+    }
+
+    fn imap_with<F, T, M, I>(&self, f: F, items: I, ordered: bool) -> Imap<F::Output, I>
+    where
+        F: Target<(T,), M>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        M: 'static,
     {
         let _: F = f; // It holds nothing: the child makes its own (see `Target`).
         Imap::new(
             Arc::clone(&self.shared),
             crate::target::resolve_map::<F, M, T>(),
-            items.into_iter(),
+            items,
             ordered,
         )
     }

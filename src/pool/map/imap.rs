@@ -29,10 +29,15 @@ const IMAP_CHUNK_TARGET: Duration = Duration::from_millis(5);
 const IMAP_MAX_CHUNK: usize = 4096;
 
 /// The stream of [`AsyncPool::imap`](crate::pool::AsyncPool::imap) and
-/// [`imap_unordered`](crate::pool::AsyncPool::imap_unordered).
+/// [`imap_unordered`](crate::pool::AsyncPool::imap_unordered) (`I` is the input
+/// iterator), and of [`imap_stream`](crate::pool::AsyncPool::imap_stream) and
+/// [`imap_unordered_stream`](crate::pool::AsyncPool::imap_unordered_stream) (`I` is
+/// [`ImapStream`]).
 ///
-/// Pulls items from its iterator only as chunks finish, with at most
-/// `4 × processes` chunks in flight, so an endless iterator works in constant memory.
+/// Pulls items from its input only as chunks finish, with at most
+/// `4 × processes` chunks in flight, so an endless input works in constant memory. A
+/// stream input that has nothing yet does not hold back what it gave: those items go as
+/// a smaller chunk.
 /// Chunks start at one item and adapt to about 5 ms of work each; set a fixed size with
 /// [`chunksize`](Self::chunksize) before the first poll.
 ///
@@ -201,14 +206,67 @@ impl<R, I> Imap<R, I> {
     }
 }
 
+/// The input of an imap over a [`Stream`], from
+/// [`AsyncPool::imap_stream`](crate::pool::AsyncPool::imap_stream) and
+/// [`imap_unordered_stream`](crate::pool::AsyncPool::imap_unordered_stream): the type
+/// parameter of its [`Imap`].
+pub struct ImapStream<S>(Pin<Box<S>>);
+
+impl<S> ImapStream<S> {
+    pub(in crate::pool) fn new(stream: S) -> Self {
+        ImapStream(Box::pin(stream))
+    }
+}
+
+impl<S> std::fmt::Debug for ImapStream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImapStream").finish_non_exhaustive()
+    }
+}
+
+/// Where an imap's items come from: an iterator (always ready), or a stream (perhaps
+/// not yet: then what was pulled goes as a smaller chunk, and the stream wakes the imap).
+trait Input {
+    type Item;
+    fn pull(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::Item>>;
+    fn bounds(&self) -> (usize, Option<usize>);
+}
+
+impl<I: Iterator> Input for I {
+    type Item = I::Item;
+
+    fn pull(&mut self, _: &mut Context<'_>) -> Poll<Option<I::Item>> {
+        Poll::Ready(self.next())
+    }
+
+    fn bounds(&self) -> (usize, Option<usize>) {
+        self.size_hint()
+    }
+}
+
+impl<S: Stream> Input for ImapStream<S> {
+    type Item = S::Item;
+
+    fn pull(&mut self, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        self.0.as_mut().poll_next(cx)
+    }
+
+    fn bounds(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+// Only private methods: `Input` stays out of the public interface.
+#[allow(private_bounds)]
 impl<R, I, T> Imap<R, I>
 where
     R: DeserializeOwned + 'static,
-    I: Iterator<Item = T>,
+    I: Input<Item = T>,
     T: Serialize + Send + 'static,
 {
-    /// Pulls items and submits chunks until the window is full.
-    fn fill(&mut self, target: TargetRef) {
+    /// Pulls items and submits chunks until the window is full (or a stream input has
+    /// nothing more yet).
+    fn fill(&mut self, target: TargetRef, cx: &mut Context<'_>) {
         let window = IMAP_WINDOW_PER_WORKER * self.shared.processes().max(1);
         // Results parked behind a slow chunk (ordered mode) count against the window too,
         // or a stuck head would let memory grow without bound.
@@ -216,9 +274,11 @@ where
             let size = self.chunk_size();
             let mut items = Encoded::default();
             let mut bad = None;
-            let mut input = CatchPanic {
+            let mut input = Pull {
                 inner: &mut self.items,
+                cx: &mut *cx,
                 panicked: None,
+                waiting: false,
             };
             let (res, pins) = crate::sync::collect(|| items.fill(&mut input, size));
             match (res, self.shared.local_only(&pins)) {
@@ -228,10 +288,12 @@ where
                     self.exhausted = true;
                     bad = Some(e);
                 }
-                (Ok(ended), Ok(())) => self.exhausted |= ended,
+                // Ended, unless it only has nothing yet (a stream).
+                (Ok(ended), Ok(())) => self.exhausted |= ended && !input.waiting,
                 (Err(reason), Ok(())) => bad = Some(Error::encode::<T>(reason)),
             }
             items.pins = pins;
+            let waiting = input.waiting;
             if let Some(payload) = input.panicked {
                 // What was pulled before the panic is sent; the panic is the stream's
                 // last item, after every result (also in completion order).
@@ -255,6 +317,10 @@ where
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.deliver(seq, vec![Err(e)], true);
+            }
+            if waiting {
+                // Woken by the stream when it has more.
+                break;
             }
         }
     }
@@ -308,25 +374,33 @@ where
     }
 }
 
-/// An iterator that ends where its inner one panics, keeping the panic: an input that
-/// panics at item `n` still has items `..n` computed (Python's `imap` yields them, then
-/// raises).
-struct CatchPanic<'a, I> {
+/// The items of an [`Input`] as an iterator, for one chunk: it ends where the input
+/// ends, has nothing yet (`waiting`: a stream that is not ready), or panics (keeping the
+/// panic: an input that panics at item `n` still has items `..n` computed, as Python's
+/// `imap` yields them, then raises).
+struct Pull<'a, 'c, I> {
     inner: &'a mut I,
+    cx: &'a mut Context<'c>,
     panicked: Option<Box<dyn std::any::Any + Send>>,
+    waiting: bool,
 }
 
-impl<I: Iterator> Iterator for CatchPanic<'_, I> {
+impl<I: Input> Iterator for Pull<'_, '_, I> {
     type Item = I::Item;
 
     fn next(&mut self) -> Option<I::Item> {
-        if self.panicked.is_some() {
+        if self.panicked.is_some() || self.waiting {
             return None;
         }
-        // The inner iterator is never touched again after a panic.
-        let inner = std::panic::AssertUnwindSafe(&mut *self.inner);
-        match std::panic::catch_unwind(move || { inner }.0.next()) {
-            Ok(item) => item,
+        // The input is never touched again after a panic.
+        let (inner, cx) = (&mut *self.inner, &mut *self.cx);
+        let pull = std::panic::AssertUnwindSafe(move || inner.pull(cx));
+        match std::panic::catch_unwind(pull) {
+            Ok(Poll::Ready(item)) => item,
+            Ok(Poll::Pending) => {
+                self.waiting = true;
+                None
+            }
             Err(payload) => {
                 self.panicked = Some(payload);
                 None
@@ -335,20 +409,17 @@ impl<I: Iterator> Iterator for CatchPanic<'_, I> {
     }
 }
 
-impl<R, I, T> Stream for Imap<R, I>
+// Only private methods: `Input` stays out of the public interface.
+#[allow(private_bounds)]
+impl<R, I, T> Imap<R, I>
 where
     R: DeserializeOwned + 'static,
-    I: Iterator<Item = T> + Unpin,
+    I: Input<Item = T>,
     T: Serialize + Send + 'static,
 {
-    type Item = Result<R>;
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.remaining()
-    }
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
-        let this = &mut *self;
+    /// `poll_next` of both kinds of input.
+    fn poll_items(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+        let this = self;
         let target = match this.target.take() {
             None => return Poll::Ready(None),
             Some(Err(e)) => {
@@ -362,7 +433,7 @@ where
             if let Some(r) = this.out.pop_front() {
                 return Poll::Ready(Some(r));
             }
-            this.fill(target);
+            this.fill(target, cx);
             if let Some(r) = this.out.pop_front() {
                 return Poll::Ready(Some(r));
             }
@@ -380,6 +451,42 @@ where
     }
 }
 
+/// Over an iterator.
+impl<R, I, T> Stream for Imap<R, I>
+where
+    R: DeserializeOwned + 'static,
+    I: Iterator<Item = T> + Unpin,
+    T: Serialize + Send + 'static,
+{
+    type Item = Result<R>;
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.remaining()
+    }
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+        self.poll_items(cx)
+    }
+}
+
+/// Over a stream ([`AsyncPool::imap_stream`](crate::pool::AsyncPool::imap_stream)).
+impl<R, S, T> Stream for Imap<R, ImapStream<S>>
+where
+    R: DeserializeOwned + 'static,
+    S: Stream<Item = T>,
+    T: Serialize + Send + 'static,
+{
+    type Item = Result<R>;
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.remaining()
+    }
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+        self.poll_items(cx)
+    }
+}
+
 /// Ended once it has given its last item (`None` from then on), so `futures::select!`
 /// can poll it in a loop.
 impl<R, I, T> futures::stream::FusedStream for Imap<R, I>
@@ -393,9 +500,23 @@ where
     }
 }
 
+/// As over an iterator.
+impl<R, S, T> futures::stream::FusedStream for Imap<R, ImapStream<S>>
+where
+    R: DeserializeOwned + 'static,
+    S: Stream<Item = T>,
+    T: Serialize + Send + 'static,
+{
+    fn is_terminated(&self) -> bool {
+        self.target.is_none() && self.out.is_empty()
+    }
+}
+
+// Only private methods: `Input` stays out of the public interface.
+#[allow(private_bounds)]
 impl<R, I> Imap<R, I>
 where
-    I: Iterator,
+    I: Input,
 {
     /// Bounds on the results still to come: those ready now, at least; at most one per
     /// item not yet given (queued, in flight, or still in the input, as far as its
@@ -412,7 +533,7 @@ where
         let upper = if self.exhausted {
             Some(known)
         } else {
-            self.items.size_hint().1.and_then(|u| u.checked_add(known))
+            self.items.bounds().1.and_then(|u| u.checked_add(known))
         };
         (self.out.len(), upper)
     }

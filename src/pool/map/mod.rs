@@ -17,7 +17,7 @@ mod run;
 
 pub(crate) use answer::fuzz_chunk_answer;
 pub(crate) use encode::{encode_call_args, encode_items};
-pub use imap::Imap;
+pub use imap::{Imap, ImapStream};
 pub use run::Map;
 
 #[cfg(test)]
