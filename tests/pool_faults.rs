@@ -68,6 +68,24 @@ fn hangs_with_grandchild(report: String) -> u8 {
     hangs()
 }
 
+/// Starts a grandchild that ignores SIGTERM (the ignoring survives its `exec`), says
+/// both pids, and hangs; the worker itself dies of the SIGTERM at once.
+// Never waited for, as in `hangs_with_grandchild`.
+#[allow(clippy::zombie_processes)]
+fn hangs_with_a_grandchild_that_ignores_sigterm(report: String) -> u8 {
+    let child = std::process::Command::new("sh")
+        .args(["-c", "trap '' TERM; exec sleep 1000"])
+        .spawn()
+        .expect("spawn sh");
+    // The trap is set once the shell runs its first command: wait for its `exec`.
+    let comm = format!("/proc/{}/comm", child.id());
+    while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() != "sleep") {
+        std::thread::yield_now();
+    }
+    write_file(&report, &format!("{} {}", std::process::id(), child.id()));
+    hangs()
+}
+
 fn waits_then_returns(gate: String, v: u32) -> u32 {
     wait_for_file(&gate);
     v
@@ -283,6 +301,25 @@ async fn a_timeout_stops_the_tasks_own_subprocesses() {
     assert!(matches!(r, Err(Error::Timeout { .. })));
     let text = read_file_async(&report, Duration::from_secs(5)).await;
     let pids: Vec<u32> = text.split(' ').map(|p| p.parse().unwrap()).collect();
+    gone_within(pids[0], Duration::from_secs(5)).await;
+    gone_within(pids[1], Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_stopped_worker_that_exits_within_the_grace_still_takes_its_whole_group() {
+    let pool = pool(1).await;
+    let dir = TempDir::new("grandchild-term");
+    let report = dir.path("pids");
+    let h = pool.apply_async(
+        hangs_with_a_grandchild_that_ignores_sigterm,
+        (report.clone(),),
+    );
+    let text = read_file_async(&report, Duration::from_secs(30)).await;
+    let pids: Vec<u32> = text.split(' ').map(|p| p.parse().unwrap()).collect();
+    // Timed out only once both run: the worker leaves at the SIGTERM, its grandchild
+    // does not, and is killed with the group all the same.
+    let r = h.timeout(Duration::from_millis(1)).await;
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
     gone_within(pids[0], Duration::from_secs(5)).await;
     gone_within(pids[1], Duration::from_secs(5)).await;
 }

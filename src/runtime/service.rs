@@ -181,6 +181,7 @@ fn start(name: &str, theirs: UnixStream) -> Result<Arc<ChildHandle>, Error> {
         state: Mutex::new(ReapState {
             child: Some(child),
             exit: None,
+            kill_group_at_exit: false,
         }),
     });
     register(&handle);
@@ -201,6 +202,10 @@ pub(crate) struct ChildHandle {
 struct ReapState {
     child: Option<Child>,
     exit: Option<ExitReason>,
+    /// Set by [`ChildHandle::stop_group`]: what is left of the child's process group
+    /// is killed once the child has exited, before it is reaped (while its pid, and so
+    /// its group id, cannot be anyone else's).
+    kill_group_at_exit: bool,
 }
 
 impl std::fmt::Debug for ChildHandle {
@@ -224,6 +229,27 @@ impl ChildHandle {
         let mut st = self.lock();
         if let Some(e) = st.exit {
             return Some(e);
+        }
+        st.child.as_ref()?;
+        let group = rustix::process::Pid::from_raw(self.pid as i32);
+        if let (true, Some(pid)) = (st.kill_group_at_exit, group) {
+            // Exited? Asked without reaping (WNOWAIT), so the zombie keeps the group id.
+            let opts = rustix::process::WaitIdOptions::EXITED
+                | rustix::process::WaitIdOptions::NOHANG
+                | rustix::process::WaitIdOptions::NOWAIT;
+            match rustix::process::waitid(rustix::process::WaitId::Pid(pid), opts) {
+                Ok(None) => return None,
+                Ok(Some(_)) => {
+                    match rustix::process::kill_process_group(pid, rustix::process::Signal::KILL) {
+                        // ESRCH: nothing of the group is left but the zombie.
+                        Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                        Err(e) => tracing::warn!(target: "procpool::lifecycle",
+                        child = %self.name, "cannot kill what the child left running: {e}"),
+                    }
+                }
+                // ECHILD: reaped by someone else; try_wait says so below.
+                Err(_) => {}
+            }
         }
         let child = st.child.as_mut()?;
         let exit = match child.try_wait() {
@@ -273,6 +299,13 @@ impl ChildHandle {
             Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// From now on, what is left of the child's process group is killed with SIGKILL
+    /// when the child exits, before it is reaped (by whichever waiter reaps it). Once the
+    /// child is reaped, its group id may be reused and nothing can be sent to the group.
+    pub(crate) fn stop_group(&self) {
+        self.lock().kill_group_at_exit = true;
     }
 
     /// Waits for the child to exit and reaps it.
@@ -327,6 +360,7 @@ impl Drop for ChildHandle {
             state: Mutex::new(ReapState {
                 child: Some(child),
                 exit: None,
+                kill_group_at_exit: st.kill_group_at_exit,
             }),
         });
         // If even the service is unavailable, the handle is dropped here and the child

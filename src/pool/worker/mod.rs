@@ -177,6 +177,10 @@ impl Workers for Processes {
 
 /// SIGTERM to the worker's process group, a grace period, then SIGKILL; then reap.
 async fn kill(child: Arc<ChildHandle>, grace: std::time::Duration) {
+    // Whatever of its group outlives the worker (a subprocess that ignores SIGTERM, or
+    // one the worker had no time to stop) is killed when it exits, before it is reaped:
+    // by then the group id could no longer be used.
+    child.stop_group();
     if let Err(e) = child.signal_group(rustix::process::Signal::TERM) {
         tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
             "cannot stop worker: {e}");
