@@ -68,6 +68,87 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Configuring a pool
+//!
+//! [`AsyncPool::builder`] sets what Python's `Pool(...)` arguments set, and more; each
+//! setting has its default in [`Builder`]'s docs:
+//!
+//! ```
+//! use std::time::Duration;
+//! use procpool::AsyncPool;
+//!
+//! fn load_model(path: String) {
+//!     // Runs once in each worker before its first task (Python's `initializer`).
+//!     assert!(!path.is_empty());
+//! }
+//!
+//! fn score(x: u64) -> u64 {
+//!     x * x
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+//! let pool = AsyncPool::builder()
+//!     .processes(2)
+//!     .initializer(load_model, ("model.bin".to_owned(),))
+//!     .task_timeout(Duration::from_secs(30)) // a task running longer: worker replaced
+//!     .max_tasks_per_child(1_000) // bounds a leak in native code
+//!     .max_queued(100) // submitters wait (backpressure) beyond 100 queued tasks
+//!     .build()
+//!     .await?;
+//! assert_eq!(pool.map(score, 1..=3).await?, vec![1, 4, 9]);
+//! pool.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Runtime needs
+//!
+//! The futures work under any executor: the pool's dispatcher, its workers' sockets and
+//! the owners of queues, locks and events run on procpool's own thread (a small
+//! current-thread tokio runtime started on first use), so a pool does not depend on the
+//! runtime that built it and outlives it. Under tokio, `.timeout(d)` and the other timed
+//! calls use the caller's runtime timer (paused time included: `tokio::time::pause`
+//! works in tests); outside a runtime they use procpool's. The blocking calls
+//! (`blocking_get`, `blocking_lock`, ...) need no runtime and are the ones for plain
+//! (non-`async`) targets in a child. An `async` target runs in its child on a
+//! current-thread tokio runtime procpool builds there.
+//!
+//! # Graceful shutdown
+//!
+//! [`AsyncPool::close`] stops taking work, lets queued and running tasks finish, stops
+//! the workers and reaps them; [`AsyncPool::terminate`] kills them now. A service
+//! drains its pool on Ctrl-C or SIGTERM:
+//!
+//! ```no_run
+//! # async fn serve(_: &procpool::AsyncPool) {}
+//! # #[tokio::main] async fn main() -> procpool::Result<()> {
+//! let pool = procpool::AsyncPool::new(4).await?;
+//! tokio::select! {
+//!     () = serve(&pool) => {}
+//!     _ = tokio::signal::ctrl_c() => tracing::info!("draining"),
+//! }
+//! pool.close().await; // in-flight tasks finish; every worker is reaped
+//! # Ok(()) }
+//! ```
+//!
+//! Workers are in process groups of their own, so a terminal's Ctrl-C reaches the parent
+//! only, and the parent decides. Under systemd use `KillMode=mixed` (SIGTERM to the main
+//! process, which drains; SIGKILL to what is left at `TimeoutStopSec`): with the default
+//! `control-group`, every worker gets the SIGTERM at once and running tasks fail with
+//! [`Error::WorkerDied`] instead of finishing. Whatever happens to the parent, even
+//! SIGKILL, every child exits within a second (`PR_SET_PDEATHSIG` and a watch on the
+//! parent). `examples/shutdown.rs` is a whole service doing this.
+//!
+//! # Cargo features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `redis` | [`remote`]: the same pool with its tasks run on other machines through Redis Streams |
+//! | `redis-tls` | `rediss://` URLs (rustls, the system's root certificates) |
+//! | `tower` | `AsyncPool::service(f)`: a `tower::Service` whose `poll_ready` follows the pool's queue bound |
+//!
+//! Inputs for `imap` can be iterators ([`AsyncPool::imap`]) or any `futures::Stream`
+//! ([`AsyncPool::imap_stream`]), pulled lazily either way.
+//!
 //! # What happens when a task fails
 //!
 //! Never a hang, never a panic in the parent, never a lost handle:
@@ -245,7 +326,26 @@
 //!
 //! # Platform
 //!
-//! Linux only for now (it relies on `/proc`, `pidfd` and `PR_SET_PDEATHSIG`).
+//! Linux only (elsewhere a `compile_error!` says so):
+//!
+//! - **Kernel.** Linux 5.3 or later for pidfds (`pidfd_open`), which the pool uses to
+//!   watch and signal its children without a race on reused pids; on an older kernel it
+//!   falls back to polling. memfds (3.17) hold the shared memory of large arguments,
+//!   `Semaphore`, `Value` and `Array`; futexes their locks.
+//! - **`/proc`.** A child is started from `/proc/self/exe` and the pool reads
+//!   `/proc/<pid>` for memory limits: in a container, `/proc` must be mounted (it is in
+//!   Docker, Podman and Kubernetes by default).
+//! - **Sockets.** Parent and children talk over abstract unix sockets, which belong to
+//!   a network namespace: a child moved to another one (`unshare -n`) cannot reach its
+//!   parent. Nothing is written to the file system.
+//! - **Executables only.** The child runs this very executable again, so procpool works
+//!   in binaries, tests, examples and benches; a `cdylib` (a Python extension, a plugin
+//!   loaded by another program) cannot start one: a target that is not code of the
+//!   main executable is refused with [`Error::UnsupportedTarget`] before anything is
+//!   started.
+//! - **`panic = "abort"`** works: a panicking task then aborts its worker, which the
+//!   caller sees as [`Error::WorkerDied`] (with `SIGABRT`) instead of
+//!   [`Error::Panicked`], and the worker is replaced.
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(

@@ -127,3 +127,76 @@ fn manager_dict_is_filled_by_pool_workers() {
         "[(0, 0), (1, 1), (2, 4), (3, 9), (4, 16), (5, 25), (6, 36), (7, 49)]\ntally: 8\n"
     );
 }
+
+#[test]
+fn progress_counts_every_range_once() {
+    // 148,933 primes below 2,000,000: each of the 2,000 ranges answered exactly once.
+    assert_eq!(
+        run("progress"),
+        "2000 ranges, 148933 primes below 2000000\n"
+    );
+}
+
+#[test]
+fn shutdown_answers_every_task_in_flight_before_it_ends() {
+    let out = run("shutdown");
+    let lines: Vec<&str> = out.lines().collect();
+    let drained = lines
+        .iter()
+        .position(|l| l.starts_with("SIGINT: draining "));
+    let drained = drained.unwrap_or_else(|| panic!("no drain line: {out}"));
+    let answered: Vec<u32> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("answered job "))
+        .map(|n| n.parse().expect("a job number"))
+        .collect();
+    assert!(drained >= 3, "three answers before the signal: {out}");
+    let last = lines.last().copied().unwrap_or_default();
+    let n = answered.len();
+    assert_eq!(
+        last,
+        format!("drained: {n} of {n} tasks answered; workers reaped"),
+        "{out}"
+    );
+    let mut sorted = answered.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..n as u32).collect::<Vec<_>>(),
+        "each job answered once: {out}"
+    );
+}
+
+#[test]
+fn metrics_counts_the_faults_it_went_through() {
+    let out = run("metrics");
+    let done = out
+        .split("# sample once done\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no final sample: {out}"));
+    let value = |name: &str| -> u64 {
+        done.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}: {out}"))
+            .parse()
+            .expect("a number")
+    };
+    // The map's chunks, then the panic, the crash and the timeout: the totals add up.
+    let submitted = value("procpool_submitted_total");
+    let (completed, failed) = (
+        value("procpool_completed_total"),
+        value("procpool_failed_total"),
+    );
+    let cancelled = value("procpool_cancelled_total");
+    assert_eq!(
+        value("procpool_queued") + value("procpool_running"),
+        0,
+        "{out}"
+    );
+    assert_eq!(submitted, completed + failed + cancelled, "{out}");
+    assert!(completed >= 1 && failed == 2 && cancelled == 1, "{out}");
+    assert!(
+        value("procpool_restarts_total") >= 1,
+        "the crash at least (the timed-out worker may still be on its way out): {out}"
+    );
+}
