@@ -149,7 +149,10 @@ impl Workers for Processes {
 
     fn stop(&self, conn: WorkerConn, events: Events<WorkerConn>) {
         let (child, grace) = (Arc::clone(&conn.child), self.kill_grace);
-        // Its channel closes now; the process gets the grace period.
+        // Signalled before its channel closes: a worker sees the hang-up and exits at
+        // once, and once it is reaped (by whichever waiter sees it first) its group id
+        // is gone, so the group must be marked and signalled while the worker lives.
+        terminate_group(&child);
         drop(conn);
         let stop = async move {
             kill(child, grace).await;
@@ -163,10 +166,12 @@ impl Workers for Processes {
 
     async fn kill_all(&self, conns: Vec<WorkerConn>) {
         let children: Vec<Arc<ChildHandle>> = conns.iter().map(|c| Arc::clone(&c.child)).collect();
-        drop(conns);
+        // Before the channels close, as in `stop`.
         for c in &children {
+            c.stop_group();
             super::kill_now(c);
         }
+        drop(conns);
         // All were sent SIGKILL, so waiting for them one after the other takes as long
         // as the slowest.
         for c in &children {
@@ -175,16 +180,20 @@ impl Workers for Processes {
     }
 }
 
-/// SIGTERM to the worker's process group, a grace period, then SIGKILL; then reap.
-async fn kill(child: Arc<ChildHandle>, grace: std::time::Duration) {
-    // Whatever of its group outlives the worker (a subprocess that ignores SIGTERM, or
-    // one the worker had no time to stop) is killed when it exits, before it is reaped:
-    // by then the group id could no longer be used.
+/// SIGTERM to the worker's process group; whatever of the group outlives the worker (a
+/// subprocess that ignores SIGTERM, or one the worker had no time to stop) is killed
+/// when the worker exits, before it is reaped: by then the group id could no longer be
+/// used.
+fn terminate_group(child: &ChildHandle) {
     child.stop_group();
     if let Err(e) = child.signal_group(rustix::process::Signal::TERM) {
         tracing::warn!(target: "procpool::lifecycle", worker = %child.name,
             "cannot stop worker: {e}");
     }
+}
+
+/// After [`terminate_group`]: a grace period, then SIGKILL; then reap.
+async fn kill(child: Arc<ChildHandle>, grace: std::time::Duration) {
     if tokio::time::timeout(grace, child.wait(&mut None))
         .await
         .is_err()
