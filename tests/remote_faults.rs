@@ -161,6 +161,103 @@ async fn dropping_a_running_remote_task_kills_it_and_a_dropped_queued_one_never_
     assert_eq!(s.cancelled, 2, "{s:?}");
 }
 
+/// A cancel published while the node cannot hear it (its subscription dropped, and
+/// refused by an ACL until the test allows it again) still stops its task, and the node
+/// keeps trying until it hears the channel again.
+#[tokio::test]
+async fn a_node_refused_its_subscription_misses_no_cancel_and_listens_again() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("deaf");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns).await;
+    let dir = TempDir::new("remote-deaf");
+    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
+    let [worker, sleep] = pids(&dir)[..] else {
+        panic!("two pids")
+    };
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let subscribers = |con: &mut redis::aio::MultiplexedConnection| {
+        let mut con = con.clone();
+        async move {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            list.lines().count()
+        }
+    };
+    assert_eq!(subscribers(&mut con).await, 1, "the node listens");
+    let () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "-subscribe"][..])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "pubsub"][..])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(subscribers(&mut con).await, 0);
+    drop(running);
+    let cancelled = format!("{{pp:{ns}}}:cancelled");
+    let mut published = false;
+    for _ in 0..1000 {
+        let n: i64 = redis::cmd("ZCARD")
+            .arg(&cancelled)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if n == 1 {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(published, "the parent published the cancel");
+    // Nobody heard it: the task still runs (the node retries its subscription).
+    assert!(
+        !is_dead(worker) && !is_dead(sleep),
+        "stopped without the cancel"
+    );
+    let () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "+subscribe"][..])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    // Stopped all the same: its entry is gone, which the heartbeat notices, or the
+    // cancelled set is looked up once the node hears the channel again.
+    assert!(
+        eventually(Duration::from_secs(10), || is_dead(worker)
+            && is_dead(sleep)),
+        "the missed cancel was never found"
+    );
+    // redis-rs took the refused SUBSCRIBE for a success: the node must notice that it
+    // hears nothing and subscribe again, or it would stay deaf.
+    let mut listening = false;
+    for _ in 0..1000 {
+        if subscribers(&mut con).await == 1 {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(listening, "the node never subscribed again");
+    let dir = TempDir::new("remote-deaf-2");
+    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
+    let [worker, sleep] = pids(&dir)[..] else {
+        panic!("two pids")
+    };
+    drop(running);
+    assert!(eventually(Duration::from_secs(5), || is_dead(worker) && is_dead(sleep)));
+    assert_eq!(pool.apply(doubler, (4,)).await.unwrap(), 8);
+}
+
 #[tokio::test]
 async fn a_crash_on_a_node_is_worker_died_with_its_signal_and_runs_once() {
     let Some(server) = RedisServer::start() else {

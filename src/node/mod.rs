@@ -116,6 +116,8 @@ pub async fn node(config: Redis) -> Result<()> {
             },
             _ = term.recv() => break Ok(()),
         };
+        // Before the read is sent: see `Cancels`.
+        let lapses = ctx.cancels.lock().unwrap_or_else(|p| p.into_inner()).lapses;
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
@@ -190,7 +192,7 @@ pub async fn node(config: Redis) -> Result<()> {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(entry.id.clone(), None);
             tokio::spawn(async move {
-                ctx.serve(con, entry).await;
+                ctx.serve(con, entry, lapses).await;
                 drop(p);
             });
         }
@@ -232,15 +234,35 @@ const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 /// The node's tasks by cancel name (see `frame::cancel_name`), and the cancels heard
 /// for tasks it has not started.
+///
+/// A task starts without asking Redis whether it was cancelled when no cancel can have
+/// been missed since it was read: `lapses` counts the times one could have been (the
+/// channel was dropped and subscribed again, or `early` was emptied), and a task read
+/// at the same count can only have had its cancel published after it was read (the
+/// parent deletes a queued entry before it publishes the cancel), so heard here. A task
+/// read at an older count looks the cancelled set up first, as every task did before
+/// (a Redis round trip, a fifth of a remote round trip: BENCHMARKS.md).
 #[derive(Default)]
 struct Cancels {
     running: std::collections::HashMap<String, u64>,
     early: HashSet<String>,
+    lapses: u64,
+    /// When each parent was last seen alive (its key in Redis), so that a task of a
+    /// parent seen within a heartbeat starts without asking again; one whose key has
+    /// expired since is stopped by `watch_parents` within a heartbeat.
+    alive: HashMap<String, tokio::time::Instant>,
 }
 
 /// At most this many cancels of tasks not started are remembered (the cancelled set in
 /// Redis has every one).
 const EARLY_CANCELS: usize = 10_000;
+
+/// What a node publishes on the cancel channel to check that it hears it (no cancel
+/// name starts so: those are `<parent>/<task>`).
+const PROBE: &str = "probe:";
+
+/// How long a node waits to hear its probe before it subscribes again.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 /// What every task of a node shares.
 struct Ctx {
@@ -351,12 +373,21 @@ impl Ctx {
                     .collect();
                 set.into_iter().map(str::to_owned).collect()
             };
+            {
+                // Parents with nothing running here are looked up again when they send.
+                let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                let stale = crate::pool::remote::reaper::HEARTBEAT * 2;
+                c.alive.retain(|_, at| at.elapsed() < stale);
+            }
             for parent in parents {
                 let mut exists = redis::cmd("EXISTS");
                 exists.arg(self.keys.parent(&parent));
                 let alive: redis::RedisResult<bool> = remote::again_once(&mut con, &exists).await;
                 match alive {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                        c.alive.insert(parent, tokio::time::Instant::now());
+                    }
                     Ok(false) => {
                         let prefix = format!("{parent}/");
                         let names: Vec<String> = {
@@ -367,6 +398,11 @@ impl Ctx {
                                 .cloned()
                                 .collect()
                         };
+                        self.cancels
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .alive
+                            .remove(&parent);
                         tracing::info!(target: "procpool::remote", parent = %parent,
                             tasks = names.len(), "a parent is gone; its tasks are stopped");
                         for name in names {
@@ -381,10 +417,15 @@ impl Ctx {
         }
     }
 
-    /// Hears cancels on the channel until the node stops. When Redis drops the
-    /// subscription (it restarted, or the connection broke), it subscribes again and
-    /// looks up the cancelled set for the tasks that run here, for cancels published
-    /// meanwhile.
+    /// Hears cancels on the channel until the node stops.
+    ///
+    /// A subscription counts once the node hears its own probe on it: redis-rs reports
+    /// a refused `SUBSCRIBE` (`NOPERM`, from an ACL without it) as a success, and such a
+    /// node would never hear a cancel. Each time it hears one, it looks up the cancelled
+    /// set for the tasks that run here (for cancels published while it was not
+    /// listening), and the tasks it starts later look themselves up (see `Cancels`).
+    /// When Redis drops the subscription (it restarted, the connection broke), or the
+    /// probe does not come back within [`PROBE_WAIT`], it subscribes again.
     async fn listen(
         self: Arc<Self>,
         client: redis::Client,
@@ -393,17 +434,48 @@ impl Ctx {
     ) {
         use futures::StreamExt;
         let mut pubsub = first;
+        let mut probes = 0u64;
         loop {
             let mut msgs = pubsub.into_on_message();
-            while let Some(msg) = msgs.next().await {
+            probes += 1;
+            let probe = format!("{PROBE}{}:{probes}", self.consumer);
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(self.keys.cancel_channel()).arg(&probe);
+            let sent: redis::RedisResult<i64> = remote::again_once(&mut con, &publish).await;
+            if let Err(e) = sent {
+                tracing::debug!(target: "procpool::remote", "cannot probe the cancel channel: {e}");
+            }
+            let unheard = tokio::time::sleep(PROBE_WAIT);
+            tokio::pin!(unheard);
+            let mut heard = false;
+            loop {
+                let msg = tokio::select! {
+                    msg = msgs.next() => msg,
+                    () = &mut unheard, if !heard => {
+                        tracing::warn!(target: "procpool::remote",
+                            "cannot hear the cancel channel (does the node's Redis user \
+                            lack SUBSCRIBE?); subscribing again");
+                        break;
+                    }
+                };
+                let Some(msg) = msg else {
+                    tracing::warn!(target: "procpool::remote",
+                        "the cancel channel was dropped; listening again");
+                    break;
+                };
                 match msg.get_payload::<String>() {
+                    Ok(name) if name == probe => {
+                        heard = true;
+                        self.look_up_missed_cancels(&mut con).await;
+                    }
+                    Ok(name) if name.starts_with(PROBE) => {} // another node's
                     Ok(name) => self.on_cancel(name),
                     Err(e) => {
                         tracing::warn!(target: "procpool::remote", "a cancel that is not text: {e}")
                     }
                 }
             }
-            tracing::warn!(target: "procpool::remote", "the cancel channel was dropped; listening again");
+            drop(msgs);
             pubsub = loop {
                 match subscribe(&client, self.keys.cancel_channel()).await {
                     Ok(p) => break p,
@@ -413,27 +485,32 @@ impl Ctx {
                     }
                 }
             };
-            let names: Vec<String> = {
-                let c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
-                c.running.keys().cloned().collect()
-            };
-            if names.is_empty() {
-                continue;
-            }
-            let mut lookup = redis::cmd("ZMSCORE");
-            lookup.arg(self.keys.cancelled()).arg(&names);
-            let scores: redis::RedisResult<Vec<Option<f64>>> =
-                remote::again_once(&mut con, &lookup).await;
-            match scores {
-                Ok(scores) => {
-                    for (name, score) in names.into_iter().zip(scores) {
-                        if score.is_some() {
-                            self.on_cancel(name);
-                        }
+        }
+    }
+
+    /// The node listens (again): the tasks running now are looked up in the cancelled
+    /// set here; those that start later, in `run`.
+    async fn look_up_missed_cancels(&self, con: &mut Con) {
+        let names: Vec<String> = {
+            let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+            c.lapses += 1;
+            c.running.keys().cloned().collect()
+        };
+        if names.is_empty() {
+            return;
+        }
+        let mut lookup = redis::cmd("ZMSCORE");
+        lookup.arg(self.keys.cancelled()).arg(&names);
+        let scores: redis::RedisResult<Vec<Option<f64>>> = remote::again_once(con, &lookup).await;
+        match scores {
+            Ok(scores) => {
+                for (name, score) in names.into_iter().zip(scores) {
+                    if score.is_some() {
+                        self.on_cancel(name);
                     }
                 }
-                Err(e) => tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}"),
             }
+            Err(e) => tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}"),
         }
     }
 
@@ -499,6 +576,7 @@ impl Ctx {
             None => {
                 if c.early.len() >= EARLY_CANCELS {
                     c.early.clear();
+                    c.lapses += 1;
                 }
                 c.early.insert(name);
             }
@@ -507,7 +585,7 @@ impl Ctx {
 
     /// Runs one stream entry and answers its parent; an entry that fails its MAC, does
     /// not decode or is for another build is never run: it goes to the dead letters.
-    async fn serve(&self, mut con: Con, entry: StreamId) {
+    async fn serve(&self, mut con: Con, entry: StreamId, lapses: u64) {
         let (f, m) = (entry.get::<Vec<u8>>("f"), entry.get::<Vec<u8>>("m"));
         let task = match f.as_ref().zip(m.as_ref()) {
             None => Err("a frame or its MAC is missing".to_owned()),
@@ -565,7 +643,7 @@ impl Ctx {
                 "a task this node no longer owns was not started");
             return;
         }
-        let Some((worker, end, events)) = self.run(&mut con, &task).await else {
+        let Some((worker, end, events)) = self.run(&mut con, &task, lapses).await else {
             // Cancelled: its caller is gone; the entry goes, unanswered.
             if let Err(e) = self.answer(&mut con, &entry.id, None).await {
                 tracing::warn!(target: "procpool::remote", "cannot drop a cancelled task: {e}");
@@ -646,7 +724,12 @@ impl Ctx {
     /// and the events it emitted.
     /// `None`: it was cancelled (before it started, or its worker was stopped), and
     /// nobody waits for its result.
-    async fn run(&self, con: &mut Con, task: &TaskFrame) -> Option<(String, End, TaskEvents)> {
+    async fn run(
+        &self,
+        con: &mut Con,
+        task: &TaskFrame,
+        lapses: u64,
+    ) -> Option<(String, End, TaskEvents)> {
         let Some(name) = intern(&task.target_name) else {
             let reason = "too many distinct target names".to_owned();
             let failed = End::Failed { reason };
@@ -657,41 +740,64 @@ impl Ctx {
             name,
         };
         let cancel = frame::cancel_name(&task.parent, task.task);
-        // A cancel published before this node listened, or lost: the set has it. A
-        // parent that is gone wants nothing.
-        let mut lookup = redis::pipe();
-        lookup
-            .cmd("ZSCORE")
-            .arg(self.keys.cancelled())
-            .arg(&cancel)
-            .cmd("EXISTS")
-            .arg(self.keys.parent(&task.parent));
-        let listed: redis::RedisResult<(Option<f64>, bool)> =
-            remote::again_once(con, &lookup).await;
-        match listed {
-            Ok((Some(_), _)) => return None,
-            Ok((None, false)) => {
-                tracing::info!(target: "procpool::remote", task = %cancel,
-                    "the task's parent is gone; dropped unstarted");
-                return None;
-            }
-            Ok((None, true)) => {}
-            Err(e) => tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}"),
-        }
         let args = Bytes::from(task.args.clone().into_vec());
-        let (id, rx) = {
-            let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
-            if c.early.remove(&cancel) {
-                return None;
+        // Redis is asked only what this node cannot know (see `Cancels`): whether a
+        // cancel it may have missed is in the cancelled set, whether a parent it has not
+        // seen within a heartbeat is alive (one that is gone wants nothing).
+        let mut seen = lapses;
+        let (id, rx) = loop {
+            {
+                let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                if c.early.remove(&cancel) {
+                    return None;
+                }
+                let ask_cancelled = c.lapses != seen;
+                let ask_alive = c
+                    .alive
+                    .get(&task.parent)
+                    .is_none_or(|at| at.elapsed() >= crate::pool::remote::reaper::HEARTBEAT);
+                if !ask_cancelled && !ask_alive {
+                    match self.pool.submit_encoded(target, args) {
+                        Ok((id, rx)) => {
+                            c.running.insert(cancel.clone(), id);
+                            break (id, rx);
+                        }
+                        Err(e) => {
+                            let failed = End::from_error(&e);
+                            return Some((String::new(), failed, TaskEvents::default()));
+                        }
+                    }
+                }
+                seen = c.lapses;
             }
-            match self.pool.submit_encoded(target, args) {
-                Ok((id, rx)) => {
-                    c.running.insert(cancel.clone(), id);
-                    (id, rx)
+            let mut lookup = redis::pipe();
+            lookup
+                .cmd("ZSCORE")
+                .arg(self.keys.cancelled())
+                .arg(&cancel)
+                .cmd("EXISTS")
+                .arg(self.keys.parent(&task.parent));
+            let listed: redis::RedisResult<(Option<f64>, bool)> =
+                remote::again_once(con, &lookup).await;
+            match listed {
+                Ok((Some(_), _)) => return None,
+                Ok((None, false)) => {
+                    tracing::info!(target: "procpool::remote", task = %cancel,
+                        "the task's parent is gone; dropped unstarted");
+                    return None;
+                }
+                Ok((None, true)) => {
+                    let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                    c.alive
+                        .insert(task.parent.clone(), tokio::time::Instant::now());
                 }
                 Err(e) => {
-                    let failed = End::from_error(&e);
-                    return Some((String::new(), failed, TaskEvents::default()));
+                    // Started all the same, as if both answers were no: nothing is
+                    // known, and a task that never ran is worse than one stopped later.
+                    tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}");
+                    let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                    c.alive
+                        .insert(task.parent.clone(), tokio::time::Instant::now());
                 }
             }
         };

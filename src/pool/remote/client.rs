@@ -584,7 +584,16 @@ impl RemoteDispatcher {
         self.give_back(t.admitted);
         let name = frame::cancel_name(&self.parent, id);
         let now = frame::now_ms();
+        // Deleted first: from here no node can read the entry, so a node that reads it
+        // did so before the cancel was published, and hears it unless it was not
+        // listening (the node's `Cancels` relies on this order).
         let mut pipe = redis::pipe();
+        if let Some(entry) = t.entry {
+            pipe.cmd("XDEL")
+                .arg(self.keys.tasks(self.build))
+                .arg(entry)
+                .ignore();
+        }
         pipe.cmd("ZADD")
             .arg(self.keys.cancelled())
             .arg(now)
@@ -599,12 +608,6 @@ impl RemoteDispatcher {
             .arg(self.keys.cancel_channel())
             .arg(&name)
             .ignore();
-        if let Some(entry) = t.entry {
-            pipe.cmd("XDEL")
-                .arg(self.keys.tasks(self.build))
-                .arg(entry)
-                .ignore();
-        }
         let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
         if let Err(e) = sent {
             tracing::warn!(target: "procpool::remote", task = id, "cannot cancel a remote task: {e}");
@@ -635,12 +638,25 @@ impl RemoteDispatcher {
         tracing::warn!(target: "procpool::remote", tasks = self.inflight.len(),
             "Redis restarted; the tasks in flight fail with Backend");
         let now = frame::now_ms();
+        // As `cancel` does, in its order: a Redis with persistence may have kept the
+        // entries, which must not run now that their callers are answered.
         let mut pipe = redis::pipe();
-        for id in self.inflight.keys() {
+        for (id, t) in &self.inflight {
+            let name = frame::cancel_name(&self.parent, *id);
+            if let Some(entry) = &t.entry {
+                pipe.cmd("XDEL")
+                    .arg(self.keys.tasks(self.build))
+                    .arg(entry)
+                    .ignore();
+            }
             pipe.cmd("ZADD")
                 .arg(self.keys.cancelled())
                 .arg(now)
-                .arg(frame::cancel_name(&self.parent, *id))
+                .arg(&name)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(self.keys.cancel_channel())
+                .arg(&name)
                 .ignore();
         }
         if !self.inflight.is_empty() {
