@@ -601,3 +601,90 @@ async fn a_node_cut_off_has_its_task_reclaimed_and_its_late_answer_fenced() {
     assert_eq!(got.unwrap(), 2, "the caller got B's result, not A's");
     assert_eq!(runs_of(&runs).len(), 2, "ran twice, no more");
 }
+
+/// The Redis users DEPLOY.md gives a parent and a node (its `ACL SETUSER` lines, run
+/// as written but for the namespace and passwords) are enough: a map, a cancelled
+/// running task, and nothing refused in `ACL LOG`.
+#[tokio::test]
+async fn the_acl_users_of_deploy_md_are_enough() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("acl");
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let version: Vec<u32> = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap()
+        .trim()
+        .split('.')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let deploy =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/DEPLOY.md")).unwrap();
+    for user in ["procpool-parent", "procpool-node"] {
+        let line = deploy
+            .lines()
+            .find(|l| l.starts_with(&format!("ACL SETUSER {user} ")))
+            .unwrap_or_else(|| panic!("DEPLOY.md has no ACL line for {user}"));
+        let mut line = line
+            .replace("{pp:thumbs}", &format!("{{pp:{ns}}}"))
+            .replace("PARENT-PASSWORD", "parent-pw")
+            .replace("NODE-PASSWORD", "node-pw");
+        if version[..2] < [7, 2][..] {
+            // As DEPLOY.md says: the command does not exist before 7.2.
+            line = line.replace(" +client|setinfo", "");
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let () = redis::cmd(words[0])
+            .arg(&words[1..])
+            .query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let as_user = |user: &str, pw: &str| format!("{}?user={user}&pass={pw}", server.url);
+    let node_url = as_user("procpool-node", "node-pw");
+    let nodes = Nodes::start_via(&[node_url.as_str()], &ns, KEY, 1);
+    let pool = AsyncPool::builder()
+        .backend(
+            Redis::new(as_user("procpool-parent", "parent-pw"))
+                .namespace(&ns)
+                .key(KEY),
+        )
+        .wait_for_nodes(Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap();
+    let out = pool.map(doubler, 0..50).await.unwrap();
+    assert_eq!(out, (0..50).map(|x| x * 2).collect::<Vec<i64>>());
+    let dir = TempDir::new("remote-acl");
+    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
+    let [worker, sleep] = pids(&dir)[..] else {
+        panic!("two pids")
+    };
+    drop(running);
+    assert!(eventually(Duration::from_secs(5), || is_dead(worker) && is_dead(sleep)));
+    assert_eq!(pool.apply(doubler, (7,)).await.unwrap(), 14);
+    let refused: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let node_pid = nodes.pids()[0];
+    assert!(
+        refused.is_empty(),
+        "refused: {refused:?}\nnode log:\n{}",
+        nodes.log(node_pid)
+    );
+    assert!(
+        !nodes.log(node_pid).contains("cannot hear"),
+        "{}",
+        nodes.log(node_pid)
+    );
+}

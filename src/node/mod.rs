@@ -443,7 +443,7 @@ impl Ctx {
             publish.arg(self.keys.cancel_channel()).arg(&probe);
             let sent: redis::RedisResult<i64> = remote::again_once(&mut con, &publish).await;
             if let Err(e) = sent {
-                tracing::debug!(target: "procpool::remote", "cannot probe the cancel channel: {e}");
+                tracing::warn!(target: "procpool::remote", "cannot probe the cancel channel: {e}");
             }
             let unheard = tokio::time::sleep(PROBE_WAIT);
             tokio::pin!(unheard);
@@ -454,7 +454,8 @@ impl Ctx {
                     () = &mut unheard, if !heard => {
                         tracing::warn!(target: "procpool::remote",
                             "cannot hear the cancel channel (does the node's Redis user \
-                            lack SUBSCRIBE?); subscribing again");
+                            lack SUBSCRIBE or PUBLISH? DEPLOY.md lists what it needs); \
+                            subscribing again");
                         break;
                     }
                 };
