@@ -28,7 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("procpool-rbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("r.sock");
-    let mut redis = Command::new("redis-server")
+    let redis = Command::new("redis-server")
         .args([
             "--port",
             "0",
@@ -41,17 +41,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .arg(&socket)
         .stdout(Stdio::null())
         .spawn()?;
+    let _redis = KillOnDrop(redis);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let url = format!("unix://{}", socket.display());
-    let mut node = Command::new(std::env::current_exe()?)
+    let node = Command::new(std::env::current_exe()?)
         .env("PROCPOOL_NODE", &url)
         .env("PROCPOOL_NAMESPACE", "bench")
         .env("PROCPOOL_KEY", KEY)
         .env("PROCPOOL_NODE_PROCESSES", "2")
         .stderr(Stdio::null())
         .spawn()?;
+    let _node = KillOnDrop(node);
     let pool = AsyncPool::builder()
         .backend(Redis::new(&url).namespace("bench").key(KEY))
         .wait_for_nodes(Duration::from_secs(20))
@@ -94,10 +96,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "items/s",
     );
     pool.close().await;
-    node.kill()?;
-    node.wait()?;
-    redis.kill()?;
-    redis.wait()?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
+}
+
+/// Kills and reaps the child on drop: the server and the node go with the bench, also
+/// when it fails or panics (a closed stdout, say).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.kill() {
+            eprintln!("cannot stop pid {}: {e}", self.0.id());
+        }
+        if let Err(e) = self.0.wait() {
+            eprintln!("cannot reap pid {}: {e}", self.0.id());
+        }
+    }
 }

@@ -108,6 +108,32 @@ fn signal_name(sig: i32) -> &'static str {
 /// [`Io`](Error::Io). New variants may be added, so match with a wildcard arm.
 ///
 /// A panic or a crash in a child is never a panic in the parent: it arrives here.
+///
+/// ```
+/// use procpool::{Error, ExitReason};
+///
+/// fn parse(text: String) -> u32 {
+///     text.parse().expect("a number")
+/// }
+///
+/// fn crash() -> u8 {
+///     std::process::abort()
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+/// let pool = procpool::AsyncPool::new(1).await?;
+/// match pool.apply(parse, ("x".to_owned(),)).await {
+///     Err(Error::Panicked { message, .. }) => assert!(message.contains("a number")),
+///     other => panic!("{other:?}"),
+/// }
+/// match pool.apply(crash, ()).await {
+///     Err(Error::WorkerDied { reason, .. }) => assert_eq!(reason, ExitReason::Signal(6)),
+///     other => panic!("{other:?}"),
+/// }
+/// // The pool replaced the worker and goes on.
+/// assert_eq!(pool.apply(parse, ("7".to_owned(),)).await?, 7);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -100,6 +100,24 @@ impl<R> Apply<R> {
     ///
     /// A remote pool has no such limit: the future resolves with
     /// [`Error::InvalidConfig`] and nothing runs.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// fn nap(ms: u64) -> u64 {
+    ///     std::thread::sleep(Duration::from_millis(ms));
+    ///     ms
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(1).await?;
+    /// let first = pool.apply_async(nap, (300,));
+    /// // Queued behind `first` for 300 ms, then runs 10: only the 10 count.
+    /// let second = pool.apply(nap, (10,)).run_timeout(Duration::from_millis(200));
+    /// assert_eq!(second.await?, 10);
+    /// assert_eq!(first.await?, 300);
+    /// # Ok(()) }
+    /// ```
     pub fn run_timeout(mut self, d: Duration) -> Self {
         self.run_timeout = Some(d);
         self
@@ -287,11 +305,43 @@ impl<R> TaskHandle<R> {
     }
 
     /// Lets the task run to its end without anyone waiting for it.
+    ///
+    /// ```
+    /// fn write(path: String) -> bool {
+    ///     std::fs::write(path, "done").is_ok()
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// # let path = std::env::temp_dir().join(format!("procpool-detach-{}", std::process::id()));
+    /// # let path = path.to_string_lossy().into_owned();
+    /// let pool = procpool::AsyncPool::new(1).await?;
+    /// pool.apply_async(write, (path.clone(),)).detach(); // dropped, yet it runs
+    /// pool.close().await; // waits for it
+    /// assert_eq!(std::fs::read_to_string(&path)?, "done");
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok(()) }
+    /// ```
     pub fn detach(mut self) {
         self.inner = Inner::Detached;
     }
 
     /// Waits at most `d`; then resolves with [`Error::Timeout`] and cancels the task.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// fn nap(ms: u64) -> u64 {
+    ///     std::thread::sleep(Duration::from_millis(ms));
+    ///     ms
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(1).await?;
+    /// let slow = pool.apply_async(nap, (60_000,)).timeout(Duration::from_millis(100));
+    /// assert!(slow.await.unwrap_err().is_timeout()); // and its worker is replaced
+    /// assert_eq!(pool.apply(nap, (1,)).await?, 1);
+    /// # Ok(()) }
+    /// ```
     pub fn timeout(self, d: Duration) -> TaskTimeout<R> {
         TaskTimeout::new(self, Some(d))
     }

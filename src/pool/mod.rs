@@ -196,6 +196,14 @@ impl AsyncPool {
     /// # Cancel safety
     ///
     /// As for [`Builder::build`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// assert_eq!(pool.processes(), 2);
+    /// assert!(procpool::AsyncPool::new(0).await.is_err()); // InvalidConfig
+    /// # Ok(()) }
+    /// ```
     pub async fn new(processes: usize) -> Result<AsyncPool> {
         AsyncPool::builder().processes(processes).build().await
     }
@@ -225,6 +233,28 @@ impl AsyncPool {
     /// See the fault table of the crate docs: [`Error::Panicked`], [`Error::WorkerDied`],
     /// [`Error::Timeout`], [`Error::Encode`] (arguments, nothing sent),
     /// [`Error::Decode`], [`Error::PoolClosed`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// fn add(a: i32, b: i32) -> i32 {
+    ///     a + b
+    /// }
+    ///
+    /// fn spin() -> u8 {
+    ///     loop {
+    ///         std::hint::spin_loop();
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// assert_eq!(pool.apply(add, (2, 3)).await?, 5);
+    /// // A task that never ends is stopped (its worker killed and replaced).
+    /// let stuck = pool.apply(spin, ()).timeout(Duration::from_millis(200)).await;
+    /// assert!(stuck.unwrap_err().is_timeout());
+    /// # Ok(()) }
+    /// ```
     pub fn apply<F, A, M>(&self, f: F, args: A) -> Apply<F::Output>
     where
         F: Target<A, M>,
@@ -241,6 +271,22 @@ impl AsyncPool {
     /// Dropping the handle cancels the task; [`TaskHandle::detach`] lets it run on.
     /// Submission errors ([`Error::Encode`], [`Error::PoolClosed`]) are returned by the
     /// handle.
+    ///
+    /// ```
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// let handles: Vec<_> = (1..=3).map(|x| pool.apply_async(square, (x,))).collect();
+    /// let mut out = Vec::new();
+    /// for h in handles {
+    ///     out.push(h.await?); // all three run while we wait for the first
+    /// }
+    /// assert_eq!(out, [1, 4, 9]);
+    /// # Ok(()) }
+    /// ```
     pub fn apply_async<F, A, M>(&self, f: F, args: A) -> TaskHandle<F::Output>
     where
         F: Target<A, M>,
@@ -268,6 +314,19 @@ impl AsyncPool {
     /// into fresh memory costs more than encoding it twice. So its `Serialize` runs
     /// twice, and must give the same bytes both times; if it does not (or fails, or
     /// panics), that item's chunk fails with [`Error::Encode`] and nothing of it is sent.
+    ///
+    /// ```
+    /// fn double(x: i64) -> i64 {
+    ///     x * 2
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// assert_eq!(pool.map(double, [5, 10, 20]).await?, [10, 20, 40]);
+    /// let many = pool.map(double, 0..10_000).chunksize(500).await?;
+    /// assert_eq!(many[9_999], 19_998);
+    /// # Ok(()) }
+    /// ```
     pub fn map<F, T, M, I>(&self, f: F, items: I) -> Map<F::Output>
     where
         F: Target<(T,), M>,
@@ -283,8 +342,18 @@ impl AsyncPool {
         )
     }
 
-    /// Like [`map`](Self::map), but each item is a tuple of arguments:
-    /// `pool.starmap(add, vec![(1, 2), (3, 4)])`.
+    /// Like [`map`](Self::map), but each item is a tuple of arguments.
+    ///
+    /// ```
+    /// fn add(a: i32, b: i32) -> i32 {
+    ///     a + b
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// assert_eq!(pool.starmap(add, vec![(1, 2), (3, 4)]).await?, [3, 7]);
+    /// # Ok(()) }
+    /// ```
     pub fn starmap<F, A, M, I>(&self, f: F, items: I) -> Map<F::Output>
     where
         F: Target<A, M>,
@@ -308,6 +377,19 @@ impl AsyncPool {
     /// # Panics
     ///
     /// Outside a tokio runtime (as `tokio::spawn`).
+    ///
+    /// ```
+    /// fn double(x: i64) -> i64 {
+    ///     x * 2
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// let handle = pool.map_async(double, 0..100); // running already
+    /// // ... other work ...
+    /// assert_eq!(handle.await?.iter().sum::<i64>(), 9_900);
+    /// # Ok(()) }
+    /// ```
     pub fn map_async<F, T, M, I>(&self, f: F, items: I) -> TaskHandle<Vec<F::Output>>
     where
         F: Target<(T,), M>,
@@ -343,6 +425,28 @@ impl AsyncPool {
     /// that item's `Err`; the stream goes on. If a worker dies (or a task times out) while
     /// running a chunk of several items, every item of that chunk not yet answered gets
     /// that error; `.chunksize(1)` pins it to the one item.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    ///
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// // An endless input: taken as results are consumed.
+    /// let mut squares = pool.imap(square, 1..);
+    /// let mut first = Vec::new();
+    /// while let Some(r) = squares.next().await {
+    ///     first.push(r?);
+    ///     if first.len() == 5 {
+    ///         break; // dropping the stream cancels what is in flight
+    ///     }
+    /// }
+    /// assert_eq!(first, [1, 4, 9, 16, 25]);
+    /// # Ok(()) }
+    /// ```
     pub fn imap<F, T, M, I>(&self, f: F, items: I) -> Imap<F::Output, I::IntoIter>
     where
         F: Target<(T,), M>,
@@ -354,6 +458,25 @@ impl AsyncPool {
     }
 
     /// Like [`imap`](Self::imap), in completion order.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    ///
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// let mut all: Vec<u64> = pool
+    ///     .imap_unordered(square, 1..=4)
+    ///     .map(Result::unwrap)
+    ///     .collect()
+    ///     .await;
+    /// all.sort(); // in whatever order they finished
+    /// assert_eq!(all, [1, 4, 9, 16]);
+    /// # Ok(()) }
+    /// ```
     pub fn imap_unordered<F, T, M, I>(&self, f: F, items: I) -> Imap<F::Output, I::IntoIter>
     where
         F: Target<(T,), M>,
@@ -438,6 +561,23 @@ impl AsyncPool {
     /// # Cancel safety
     ///
     /// Cancel safe: the pool closes anyway; only the wait is abandoned.
+    ///
+    /// ```
+    /// fn double(x: i64) -> i64 {
+    ///     x * 2
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// let running = pool.apply_async(double, (21,));
+    /// pool.close().await; // the task in flight finishes first
+    /// assert_eq!(running.await?, 42);
+    /// assert!(matches!(
+    ///     pool.apply(double, (1,)).await,
+    ///     Err(procpool::Error::PoolClosed)
+    /// ));
+    /// # Ok(()) }
+    /// ```
     pub async fn close(&self) {
         self.shared.close();
         let (done, wait) = oneshot::channel();
@@ -462,7 +602,21 @@ impl AsyncPool {
         }
     }
 
-    /// A snapshot of the pool's counters.
+    /// A snapshot of the pool's counters (the `metrics` example exports them).
+    ///
+    /// ```
+    /// fn double(x: i64) -> i64 {
+    ///     x * 2
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> procpool::Result<()> {
+    /// let pool = procpool::AsyncPool::new(2).await?;
+    /// pool.apply(double, (1,)).await?;
+    /// let stats = pool.stats(); // counters settle just after callers are answered
+    /// assert_eq!(stats.submitted, 1);
+    /// assert!(stats.completed <= 1);
+    /// # Ok(()) }
+    /// ```
     pub fn stats(&self) -> PoolStats {
         *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
