@@ -688,3 +688,55 @@ async fn the_acl_users_of_deploy_md_are_enough() {
         nodes.log(node_pid)
     );
 }
+
+/// Counts itself in `dir` (one file per run), after a short wait.
+fn counted(dir: String, i: u32) -> u32 {
+    std::thread::sleep(Duration::from_millis(20));
+    write_file(&format!("{dir}/ran-{i}"), "");
+    i
+}
+
+fn runs_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("ran-"))
+        })
+        .count()
+}
+
+/// `terminate` cancels what a remote pool has in flight on its nodes: the queued tasks
+/// never start (their entries are deleted), the running one is stopped. Before, only
+/// the parent's key went, and a node that had seen the parent alive within a second
+/// went on starting its queued tasks for up to that second.
+#[tokio::test]
+async fn a_terminated_remote_pools_queued_tasks_never_start() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("terminate");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns).await;
+    let dir = TempDir::new("remote-terminate");
+    let root = dir.root().to_string_lossy().into_owned();
+    let handles: Vec<_> = (0..300)
+        .map(|i| pool.apply_async(counted, (root.clone(), i)))
+        .collect();
+    assert!(eventually(Duration::from_secs(30), || runs_in(dir.root()) >= 3));
+    pool.terminate().await;
+    let at_terminate = runs_in(dir.root());
+    for h in handles {
+        assert!(matches!(h.await, Err(Error::PoolClosed) | Ok(_)));
+    }
+    // Two seconds: past the heartbeat by which a node stops the tasks of a parent
+    // that is gone, so a node that went on would have run about a hundred more.
+    std::thread::sleep(Duration::from_secs(2));
+    let later = runs_in(dir.root());
+    // The one running as terminate was called may still finish its write.
+    assert!(
+        later <= at_terminate + 1,
+        "{} tasks started after terminate",
+        later - at_terminate
+    );
+}

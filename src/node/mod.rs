@@ -247,6 +247,9 @@ struct Cancels {
     running: std::collections::HashMap<String, u64>,
     early: HashSet<String>,
     lapses: u64,
+    /// The node heard its own probe on its current subscription (see `listen`).
+    /// Until it does, and once the subscription is seen gone, every task looks up.
+    hearing: bool,
     /// When each parent was last seen alive (its key in Redis), so that a task of a
     /// parent seen within a heartbeat starts without asking again; one whose key has
     /// expired since is stopped by `watch_parents` within a heartbeat.
@@ -390,19 +393,17 @@ impl Ctx {
                     }
                     Ok(false) => {
                         let prefix = format!("{parent}/");
+                        // Under one lock: a task of this parent that starts later
+                        // asks Redis (its parent is no longer marked alive).
                         let names: Vec<String> = {
-                            let c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+                            c.alive.remove(&parent);
                             c.running
                                 .keys()
                                 .filter(|n| n.starts_with(&prefix))
                                 .cloned()
                                 .collect()
                         };
-                        self.cancels
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .alive
-                            .remove(&parent);
                         tracing::info!(target: "procpool::remote", parent = %parent,
                             tasks = names.len(), "a parent is gone; its tasks are stopped");
                         for name in names {
@@ -442,12 +443,19 @@ impl Ctx {
             let mut publish = redis::cmd("PUBLISH");
             publish.arg(self.keys.cancel_channel()).arg(&probe);
             let sent: redis::RedisResult<i64> = remote::again_once(&mut con, &publish).await;
-            if let Err(e) = sent {
-                tracing::warn!(target: "procpool::remote", "cannot probe the cancel channel: {e}");
-            }
+            // Without a probe (PUBLISH refused: a node user of an older DEPLOY.md), this
+            // subscription is kept, never trusted: every task looks itself up.
+            let mut heard = match sent {
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::warn!(target: "procpool::remote", "cannot probe the cancel \
+                        channel ({e}); every task asks Redis whether it was cancelled");
+                    self.look_up_missed_cancels(&mut con, false).await;
+                    true
+                }
+            };
             let unheard = tokio::time::sleep(PROBE_WAIT);
             tokio::pin!(unheard);
-            let mut heard = false;
             loop {
                 let msg = tokio::select! {
                     msg = msgs.next() => msg,
@@ -467,7 +475,7 @@ impl Ctx {
                 match msg.get_payload::<String>() {
                     Ok(name) if name == probe => {
                         heard = true;
-                        self.look_up_missed_cancels(&mut con).await;
+                        self.look_up_missed_cancels(&mut con, true).await;
                     }
                     Ok(name) if name.starts_with(PROBE) => {} // another node's
                     Ok(name) => self.on_cancel(name),
@@ -477,6 +485,10 @@ impl Ctx {
                 }
             }
             drop(msgs);
+            self.cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .hearing = false;
             pubsub = loop {
                 match subscribe(&client, self.keys.cancel_channel()).await {
                     Ok(p) => break p,
@@ -489,12 +501,13 @@ impl Ctx {
         }
     }
 
-    /// The node listens (again): the tasks running now are looked up in the cancelled
-    /// set here; those that start later, in `run`.
-    async fn look_up_missed_cancels(&self, con: &mut Con) {
+    /// The node listens (again; `hearing`: and knows it hears): the tasks running now
+    /// are looked up in the cancelled set here; those that start later, in `run`.
+    async fn look_up_missed_cancels(&self, con: &mut Con, hearing: bool) {
         let names: Vec<String> = {
             let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
             c.lapses += 1;
+            c.hearing = hearing;
             c.running.keys().cloned().collect()
         };
         if names.is_empty() {
@@ -746,17 +759,23 @@ impl Ctx {
         // cancel it may have missed is in the cancelled set, whether a parent it has not
         // seen within a heartbeat is alive (one that is gone wants nothing).
         let mut seen = lapses;
+        // Redis answered since `seen`: what it said holds until the next lapse.
+        let mut looked = false;
         let (id, rx) = loop {
             {
                 let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
                 if c.early.remove(&cancel) {
                     return None;
                 }
-                let ask_cancelled = c.lapses != seen;
-                let ask_alive = c
-                    .alive
-                    .get(&task.parent)
-                    .is_none_or(|at| at.elapsed() >= crate::pool::remote::reaper::HEARTBEAT);
+                // A retry's entry is a new one, which the parent's cancel does not
+                // delete (it knows the first): its cancel may have come before it
+                // was read. A node not sure it hears the channel asks every time.
+                let ask_cancelled =
+                    c.lapses != seen || (!looked && (!c.hearing || task.attempt > 0));
+                let ask_alive = !looked
+                    && c.alive
+                        .get(&task.parent)
+                        .is_none_or(|at| at.elapsed() >= crate::pool::remote::reaper::HEARTBEAT);
                 if !ask_cancelled && !ask_alive {
                     match self.pool.submit_encoded(target, args) {
                         Ok((id, rx)) => {
@@ -788,6 +807,7 @@ impl Ctx {
                     return None;
                 }
                 Ok((None, true)) => {
+                    looked = true;
                     let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
                     c.alive
                         .insert(task.parent.clone(), tokio::time::Instant::now());
@@ -795,10 +815,9 @@ impl Ctx {
                 Err(e) => {
                     // Started all the same, as if both answers were no: nothing is
                     // known, and a task that never ran is worse than one stopped later.
+                    // Its parent is not marked alive for the others.
                     tracing::warn!(target: "procpool::remote", "cannot look up cancels: {e}");
-                    let mut c = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
-                    c.alive
-                        .insert(task.parent.clone(), tokio::time::Instant::now());
+                    looked = true;
                 }
             }
         };

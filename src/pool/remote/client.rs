@@ -419,7 +419,9 @@ impl RemoteDispatcher {
                         }
                     }
                     if batch.is_empty() {
-                        return self.fail_all(Error::PoolClosed); // every handle is gone
+                        // Every handle is gone (a detached task's too): as `terminate`.
+                        self.cancel_in_flight().await;
+                        return self.fail_all(Error::PoolClosed);
                     }
                     if !self.on_commands(batch).await {
                         return;
@@ -460,6 +462,7 @@ impl RemoteDispatcher {
                 }
                 Command::Close { done } => self.closing.push(done),
                 Command::Terminate { done } => {
+                    self.cancel_in_flight().await;
                     self.fail_all(Error::PoolClosed);
                     done.send(()).ok();
                     for done in self.closing.drain(..) {
@@ -637,9 +640,22 @@ impl RemoteDispatcher {
     async fn on_restart(&mut self) {
         tracing::warn!(target: "procpool::remote", tasks = self.inflight.len(),
             "Redis restarted; the tasks in flight fail with Backend");
+        // A Redis with persistence may have kept the entries, which must not run now
+        // that their callers are answered.
+        self.cancel_in_flight().await;
+        self.fail_all(Error::Backend {
+            reason: "Redis restarted; the task's state there may be lost".to_owned(),
+        });
+    }
+
+    /// Cancels every task in flight on its nodes, as [`cancel`](Self::cancel) does one
+    /// (in its order): a terminated pool's queued tasks must not start, and its running
+    /// ones are stopped, before its key goes.
+    async fn cancel_in_flight(&mut self) {
+        if self.inflight.is_empty() {
+            return;
+        }
         let now = frame::now_ms();
-        // As `cancel` does, in its order: a Redis with persistence may have kept the
-        // entries, which must not run now that their callers are answered.
         let mut pipe = redis::pipe();
         for (id, t) in &self.inflight {
             let name = frame::cancel_name(&self.parent, *id);
@@ -659,15 +675,11 @@ impl RemoteDispatcher {
                 .arg(&name)
                 .ignore();
         }
-        if !self.inflight.is_empty() {
-            let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
-            if let Err(e) = sent {
-                tracing::warn!(target: "procpool::remote", "cannot cancel the tasks Redis may have lost: {e}");
-            }
+        let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
+        if let Err(e) = sent {
+            tracing::warn!(target: "procpool::remote", tasks = self.inflight.len(),
+                "cannot cancel the tasks in flight: {e}");
         }
-        self.fail_all(Error::Backend {
-            reason: "Redis restarted; the task's state there may be lost".to_owned(),
-        });
     }
 
     fn give_back(&self, admitted: bool) {
