@@ -740,3 +740,31 @@ async fn a_terminated_remote_pools_queued_tasks_never_start() {
         later - at_terminate
     );
 }
+
+/// A node runs before `main` (from `PROCPOOL_NODE`), so std's start-up, which ignores
+/// SIGPIPE, never ran: a write to a connection Redis had just dropped (a restart) or to
+/// a worker just killed then ended the node silently, and its tasks hung (seen: a
+/// remote_outage test, one run in ten under load). The node ignores SIGPIPE itself.
+#[tokio::test]
+async fn a_node_ignores_sigpipe() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("sigpipe");
+    let nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    // Serving: whatever the node does before `node` runs is done by then.
+    let pool = remote_pool(&server, &ns).await;
+    assert_eq!(pool.apply(doubler, (1,)).await.unwrap(), 2);
+    let node = nodes.pids()[0];
+    let status = std::fs::read_to_string(format!("/proc/{node}/status")).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    const SIGPIPE: u32 = 13;
+    assert!(
+        ignored & (1 << (SIGPIPE - 1)) != 0,
+        "SIGPIPE is not ignored in node {node} (SigIgn {ignored:x})"
+    );
+}

@@ -902,6 +902,10 @@ pub(crate) fn boot_from_env() {
     let Some(url) = std::env::var_os("PROCPOOL_NODE") else {
         return;
     };
+    // As a child does: `main` (whose start-up ignores SIGPIPE) never runs, and a write
+    // to a connection Redis has just dropped, or to a worker just killed, would end
+    // the node without a word.
+    crate::target::ignore_sigpipe();
     // In node mode `main` never runs, so nobody else installs a subscriber.
     let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr);
     if fmt.try_init().is_err() {
