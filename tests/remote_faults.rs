@@ -92,6 +92,24 @@ fn pids(dir: &TempDir) -> Vec<u32> {
         .collect()
 }
 
+/// Starts `sleeper` on `pool`; its handle and the pids of its worker and its `sleep`.
+fn start_sleeper(pool: &AsyncPool, dir: &TempDir) -> (procpool::TaskHandle<u8>, u32, u32) {
+    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
+    let [worker, sleep] = pids(dir)[..] else {
+        panic!("two pids")
+    };
+    (running, worker, sleep)
+}
+
+/// Drops a running `sleeper` and checks that its worker and its `sleep` are stopped
+/// within 5 s.
+fn a_dropped_sleeper_is_stopped(pool: &AsyncPool, tag: &str) {
+    let dir = TempDir::new(tag);
+    let (running, worker, sleep) = start_sleeper(pool, &dir);
+    drop(running);
+    assert!(eventually(Duration::from_secs(5), || is_dead(worker) && is_dead(sleep)));
+}
+
 #[tokio::test]
 async fn a_timeout_stops_the_task_and_its_process_group_on_the_node() {
     let Some(server) = RedisServer::start() else {
@@ -173,10 +191,7 @@ async fn a_node_refused_its_subscription_misses_no_cancel_and_listens_again() {
     let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
     let pool = remote_pool(&server, &ns).await;
     let dir = TempDir::new("remote-deaf");
-    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
-    let [worker, sleep] = pids(&dir)[..] else {
-        panic!("two pids")
-    };
+    let (running, worker, sleep) = start_sleeper(&pool, &dir);
     let client = redis::Client::open(server.url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let subscribers = |con: &mut redis::aio::MultiplexedConnection| {
@@ -248,13 +263,7 @@ async fn a_node_refused_its_subscription_misses_no_cancel_and_listens_again() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(listening, "the node never subscribed again");
-    let dir = TempDir::new("remote-deaf-2");
-    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
-    let [worker, sleep] = pids(&dir)[..] else {
-        panic!("two pids")
-    };
-    drop(running);
-    assert!(eventually(Duration::from_secs(5), || is_dead(worker) && is_dead(sleep)));
+    a_dropped_sleeper_is_stopped(&pool, "remote-deaf-2");
     assert_eq!(pool.apply(doubler, (4,)).await.unwrap(), 8);
 }
 
@@ -663,13 +672,7 @@ async fn the_acl_users_of_deploy_md_are_enough() {
         .unwrap();
     let out = pool.map(doubler, 0..50).await.unwrap();
     assert_eq!(out, (0..50).map(|x| x * 2).collect::<Vec<i64>>());
-    let dir = TempDir::new("remote-acl");
-    let running = pool.apply_async(sleeper, (dir.root().to_string_lossy().into_owned(),));
-    let [worker, sleep] = pids(&dir)[..] else {
-        panic!("two pids")
-    };
-    drop(running);
-    assert!(eventually(Duration::from_secs(5), || is_dead(worker) && is_dead(sleep)));
+    a_dropped_sleeper_is_stopped(&pool, "remote-acl");
     assert_eq!(pool.apply(doubler, (7,)).await.unwrap(), 14);
     let refused: Vec<redis::Value> = redis::cmd("ACL")
         .arg("LOG")

@@ -445,13 +445,13 @@ impl Ctx {
             let sent: redis::RedisResult<i64> = remote::again_once(&mut con, &publish).await;
             // Without a probe (PUBLISH refused: a node user of an older DEPLOY.md), this
             // subscription is kept, never trusted: every task looks itself up.
-            let mut heard = match sent {
-                Ok(_) => false,
+            let mut awaiting_probe = match sent {
+                Ok(_) => true,
                 Err(e) => {
                     tracing::warn!(target: "procpool::remote", "cannot probe the cancel \
                         channel ({e}); every task asks Redis whether it was cancelled");
                     self.look_up_missed_cancels(&mut con, false).await;
-                    true
+                    false
                 }
             };
             let unheard = tokio::time::sleep(PROBE_WAIT);
@@ -459,7 +459,7 @@ impl Ctx {
             loop {
                 let msg = tokio::select! {
                     msg = msgs.next() => msg,
-                    () = &mut unheard, if !heard => {
+                    () = &mut unheard, if awaiting_probe => {
                         tracing::warn!(target: "procpool::remote",
                             "cannot hear the cancel channel (does the node's Redis user \
                             lack SUBSCRIBE or PUBLISH? DEPLOY.md lists what it needs); \
@@ -474,7 +474,7 @@ impl Ctx {
                 };
                 match msg.get_payload::<String>() {
                     Ok(name) if name == probe => {
-                        heard = true;
+                        awaiting_probe = false;
                         self.look_up_missed_cancels(&mut con, true).await;
                     }
                     Ok(name) if name.starts_with(PROBE) => {} // another node's

@@ -585,13 +585,23 @@ impl RemoteDispatcher {
         self.counts.cancelled += 1;
         self.counts.running -= 1;
         self.give_back(t.admitted);
+        let mut pipe = redis::pipe();
+        self.queue_cancel(&mut pipe, id, t.entry.as_deref());
+        let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
+        if let Err(e) = sent {
+            tracing::warn!(target: "procpool::remote", task = id, "cannot cancel a remote task: {e}");
+        }
+    }
+
+    /// Adds the cancel of task `id` to `pipe`. Its queued entry is deleted first: from
+    /// then on no node can read it, so a node that reads it did so before the cancel
+    /// was published, and hears it unless it was not listening (the node's `Cancels`
+    /// relies on this order). Then the cancelled set (trimmed of old names) and the
+    /// channel.
+    fn queue_cancel(&self, pipe: &mut redis::Pipeline, id: u64, entry: Option<&str>) {
         let name = frame::cancel_name(&self.parent, id);
         let now = frame::now_ms();
-        // Deleted first: from here no node can read the entry, so a node that reads it
-        // did so before the cancel was published, and hears it unless it was not
-        // listening (the node's `Cancels` relies on this order).
-        let mut pipe = redis::pipe();
-        if let Some(entry) = t.entry {
+        if let Some(entry) = entry {
             pipe.cmd("XDEL")
                 .arg(self.keys.tasks(self.build))
                 .arg(entry)
@@ -611,10 +621,6 @@ impl RemoteDispatcher {
             .arg(self.keys.cancel_channel())
             .arg(&name)
             .ignore();
-        let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
-        if let Err(e) = sent {
-            tracing::warn!(target: "procpool::remote", task = id, "cannot cancel a remote task: {e}");
-        }
     }
 
     fn on_result(&mut self, r: ResultFrame) {
@@ -655,25 +661,9 @@ impl RemoteDispatcher {
         if self.inflight.is_empty() {
             return;
         }
-        let now = frame::now_ms();
         let mut pipe = redis::pipe();
         for (id, t) in &self.inflight {
-            let name = frame::cancel_name(&self.parent, *id);
-            if let Some(entry) = &t.entry {
-                pipe.cmd("XDEL")
-                    .arg(self.keys.tasks(self.build))
-                    .arg(entry)
-                    .ignore();
-            }
-            pipe.cmd("ZADD")
-                .arg(self.keys.cancelled())
-                .arg(now)
-                .arg(&name)
-                .ignore()
-                .cmd("PUBLISH")
-                .arg(self.keys.cancel_channel())
-                .arg(&name)
-                .ignore();
+            self.queue_cancel(&mut pipe, *id, t.entry.as_deref());
         }
         let sent: redis::RedisResult<()> = super::again_once(&mut self.con, &pipe).await;
         if let Err(e) = sent {
