@@ -6,14 +6,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use procpool::{Connection, Event, Lock, Process, Queue, pipe};
+use procpool::{Connection, Dict, Error, Event, Lock, Process, Queue, pipe};
 use rustix::process::{Pid, Signal, kill_process};
 use support::{SOON, hangs, soon};
 
 /// The bound, shortened for the test (the default is 10 s).
 const BOUND: Duration = Duration::from_millis(300);
 
-type Objects = (Event, Lock, Queue<u32>);
+type Objects = (Event, Lock, Queue<u32>, Dict<u32, u32>);
 
 /// A call on a stopped owner's object, described by what it returned.
 type Call = Box<dyn FnOnce() -> String + Send>;
@@ -22,8 +22,10 @@ type Call = Box<dyn FnOnce() -> String + Send>;
 fn own_objects(to_parent: Queue<Objects>) -> u8 {
     let q: Queue<u32> = Queue::new();
     q.blocking_put(7).unwrap();
+    let d = Dict::new();
+    d.blocking_insert(1, 2).unwrap();
     to_parent
-        .blocking_put((Event::new(), Lock::new(), q))
+        .blocking_put((Event::new(), Lock::new(), q, d))
         .unwrap();
     hangs()
 }
@@ -82,10 +84,11 @@ async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
     let to_parent: Queue<Objects> = Queue::new();
     let mut owner = Process::new(own_objects, (to_parent.clone(),));
     owner.start().await.unwrap();
-    let (ev, lock, q) = to_parent.get_timeout(SOON).await.unwrap();
+    let (ev, lock, q, d) = to_parent.get_timeout(SOON).await.unwrap();
     // Reachable while it runs.
     assert!(!ev.is_set());
     assert_eq!(q.len(), 1);
+    assert_eq!(d.blocking_get(&1).unwrap(), Some(2));
 
     signal(&owner, Signal::STOP);
     let calls: Vec<(&str, Call)> = vec![
@@ -112,6 +115,15 @@ async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
         ("close", {
             let q = q.clone();
             Box::new(move || format!("{:?}", q.close()))
+        }),
+        // A dict's blocking calls go over the calling thread's own connection.
+        ("dict get", {
+            let d = d.clone();
+            Box::new(move || format!("{:?}", d.blocking_get(&1)))
+        }),
+        ("dict insert", {
+            let d = d.clone();
+            Box::new(move || format!("{:?}", d.blocking_insert(3, 4)))
         }),
     ];
     let timeout = format!("Err(Timeout {{ after: {BOUND:?} }})");
@@ -141,9 +153,33 @@ async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
         "returned"
     );
 
+    // A thread whose dict call timed out is answered again once the owner resumes (its
+    // connection, which the late answer may still reach, is replaced).
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let (resumed_tx, resumed_rx) = std::sync::mpsc::channel::<()>();
+    let again = std::thread::spawn({
+        let d = d.clone();
+        move || {
+            first_tx.send(format!("{:?}", d.blocking_get(&1))).unwrap();
+            resumed_rx.recv().unwrap();
+            format!("{:?}", d.blocking_get(&1))
+        }
+    });
+    let first = soon(first_rx).await.unwrap();
+    assert!(first.starts_with("Err(Timeout"), "while stopped: {first}");
     signal(&owner, Signal::CONT);
+    resumed_tx.send(()).unwrap();
+    let again = soon(tokio::task::spawn_blocking(move || again.join()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, "Ok(Some(2))", "after it resumed");
+
     owner.kill().unwrap();
     assert!(owner.join().await.is_err());
+    // Gone: `Closed`.
+    let (got, took) = timed(move || d.blocking_get(&1)).await;
+    assert!(matches!(got, Err(Error::Closed)), "{got:?} after {took:?}");
 }
 
 /// Sends one end of a new pipe to the parent, a message into the other, says so, waits.

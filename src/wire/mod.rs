@@ -34,7 +34,7 @@ pub(crate) mod scalar;
 pub(crate) mod spare;
 mod value;
 
-pub(crate) use blocking::{BlockingChannel, Next, Outbox};
+pub(crate) use blocking::{BlockingChannel, Next, Outbox, Source};
 pub(crate) use channel::Channel;
 pub use frame::DEFAULT_MAX_FRAME;
 pub(crate) use frame::{

@@ -174,6 +174,11 @@ pub(crate) struct Remote {
     /// The queue state (unused for locks and events).
     pub(crate) q: Mutex<super::super::queue::Buffer>,
     pub(crate) changed: Notify,
+    /// Where the object lives, and what opens it: for [`direct`](super::direct) calls,
+    /// which open it again on a connection of their own.
+    pub(super) hub: HubRef,
+    pub(super) key: u64,
+    pub(super) kind: Kind,
 }
 
 impl Remote {
@@ -194,6 +199,9 @@ impl Remote {
             obj,
             q: Mutex::default(),
             changed: Notify::new(),
+            hub: hub.clone(),
+            key,
+            kind,
         });
         remotes.retain(|_, w| w.strong_count() > 0);
         remotes.insert(obj, Arc::downgrade(&r));

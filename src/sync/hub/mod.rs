@@ -233,6 +233,10 @@ type WeakObj = Weak<dyn Served>;
 pub(crate) enum Purpose {
     /// A long-lived connection carrying requests for any number of objects.
     Session,
+    /// A session of one thread's blocking calls (see `direct`): it asks, waits for the
+    /// answer and soon asks again, so the hub looks for its next request a while before
+    /// it sleeps.
+    Direct,
     /// Hand over exported pipe end `export`, whose key is `key`, then close.
     Claim { export: u64, key: u64 },
 }
@@ -429,6 +433,7 @@ pub(crate) enum Reply {
 
 // This file: the protocol (what crosses a hub connection) and what every part shares.
 mod client; // this process using another process's objects
+mod direct; // blocking calls on the caller's own connection
 mod outbox; // frames waiting for a connection's writer
 mod pins; // what keeps an object alive until its receiver has it
 mod server; // this process's hub: tables, listener, sessions, claims
@@ -436,6 +441,7 @@ mod server; // this process's hub: tables, listener, sessions, claims
 mod tests;
 
 pub(crate) use client::*;
+pub(crate) use direct::{SpinRead, call as direct_call};
 pub(crate) use outbox::*;
 pub(crate) use pins::*;
 pub(crate) use server::*;

@@ -234,7 +234,7 @@ impl Hub {
     pub(super) async fn serve(self: Arc<Self>, stream: tokio::net::UnixStream) {
         let (rd, wr) = stream.into_split();
         // Before it is authenticated, a connection may send one small Hello, soon.
-        let mut frames = FramedRead::new(rd, wire::codec(MAX_HELLO));
+        let mut frames = FramedRead::new(SpinRead::new(rd), wire::codec(MAX_HELLO));
         let purpose = match tokio::time::timeout(HELLO_TIMEOUT, frames.next()).await {
             Ok(Some(Ok(f))) => match wire::from_frame::<ToHub>(&f) {
                 Ok(ToHub::Hello { token, purpose }) if token == self.me.token => purpose,
@@ -251,12 +251,16 @@ impl Hub {
                 }
             }
             Purpose::Session => self.session(frames, wr).await,
+            Purpose::Direct => {
+                frames.get_mut().spin();
+                self.session(frames, wr).await
+            }
         }
     }
 
     pub(super) async fn session(
         &self,
-        mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, wire::FrameCodec>,
+        mut frames: FramedRead<SpinRead, wire::FrameCodec>,
         wr: tokio::net::unix::OwnedWriteHalf,
     ) {
         static NEXT_PEER: AtomicU64 = AtomicU64::new(1);

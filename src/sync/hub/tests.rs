@@ -119,3 +119,25 @@ pub(crate) fn read_frame(mut r: impl std::io::Read) -> std::io::Result<Vec<u8>> 
     r.read_exact(&mut body)?;
     Ok(body)
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_session_reader_reads_what_comes_and_the_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, b) = tokio::net::UnixStream::pair().unwrap();
+    let (rd, _wr) = a.into_split();
+    let mut rd = SpinRead::new(rd);
+    rd.spin();
+    let mut b = b;
+    b.write_all(b"first").await.unwrap();
+    let mut got = [0u8; 5];
+    rd.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"first");
+    // Now it looks at the socket itself: what comes next, then the end.
+    b.write_all(b"second").await.unwrap();
+    let mut got = [0u8; 6];
+    rd.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"second");
+    drop(b);
+    let mut rest = Vec::new();
+    assert_eq!(rd.read_to_end(&mut rest).await.unwrap(), 0);
+}
