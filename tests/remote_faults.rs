@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error, ExitReason};
-use redis_support::{Nodes, Proxy, RedisServer, namespace};
+use redis_support::{Nodes, Proxy, RedisServer, namespace, task_stream};
 use support::{TempDir, eventually, is_dead, read_file_within, write_file};
 
 const KEY: &str = "another-test-key";
@@ -455,17 +455,6 @@ fn runs_of(path: &str) -> Vec<(u32, u32)> {
             (node.parse().unwrap(), worker.parse().unwrap())
         })
         .collect()
-}
-
-/// The task stream of namespace `ns` (one build: this test binary's).
-async fn task_stream(con: &mut redis::aio::MultiplexedConnection, ns: &str) -> String {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{pp:{ns}}}:b:*:tasks"))
-        .query_async(con)
-        .await
-        .unwrap();
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    keys.into_iter().next().unwrap()
 }
 
 /// The task stream of `ns` has one entry pending, owned by the node of pid `node`.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error, Queue, current_process};
-use redis_support::{Nodes, RedisServer, namespace};
+use redis_support::{Nodes, RedisServer, namespace, task_stream};
 use serde::{Deserialize, Serialize};
 use support::TempDir;
 
@@ -272,4 +272,85 @@ async fn a_queue_cannot_reach_a_remote_task() {
     );
     // The pool still serves.
     assert_eq!(pool.apply(doubler, (4,)).await.unwrap(), 8);
+}
+
+/// A long task: which node's worker ran it.
+fn slow_whoami(_: u8) -> String {
+    std::thread::sleep(Duration::from_millis(300));
+    current_process().name().to_owned()
+}
+
+/// `XPENDING <stream> <group>`: how many, the first and last ids, and by consumer.
+type PendingSummary = (
+    u64,
+    Option<String>,
+    Option<String>,
+    Option<Vec<(String, u64)>>,
+);
+
+/// The entries each node holds (read, not answered), by consumer.
+async fn held(con: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<(String, u64)> {
+    let (_, _, _, by): PendingSummary = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("nodes")
+        .query_async(con)
+        .await
+        .unwrap();
+    by.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_long_tasks_is_shared_by_the_nodes() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("share");
+    let _nodes = Nodes::start(&server, &ns, KEY, 2, 1);
+    let pool = remote_pool(&server, &ns, KEY).await.unwrap();
+    let mut con = server.connect().await;
+    let stream = task_stream(&mut con, &ns).await;
+    // Both nodes are up (registered, just before they read).
+    let nodes = stream.replace(":tasks", ":nodes");
+    let start = Instant::now();
+    loop {
+        let up: usize = redis::cmd("ZCARD")
+            .arg(&nodes)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if up == 2 {
+            break;
+        }
+        assert!(start.elapsed() < support::SOON, "{up} node(s) up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Eight tasks of 300 ms for two nodes of one worker: a node holds two of them at
+    // most (the one it runs and the next), and leaves the rest to the other; before,
+    // one node took up to 16 and the other sat idle.
+    let burst = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            pool.map(slow_whoami, vec![0u8; 8])
+                .chunksize(1)
+                .await
+                .unwrap()
+        }
+    });
+    let mut most = 0;
+    while !burst.is_finished() {
+        for (_, n) in held(&mut con, &stream).await {
+            most = most.max(n);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let names = burst.await.unwrap();
+    assert!(most <= 2, "a node held {most} long tasks at once");
+    let mut by_node = BTreeMap::new();
+    for n in &names {
+        let node = n.split(':').next().unwrap().to_owned();
+        *by_node.entry(node).or_insert(0) += 1;
+    }
+    assert_eq!(by_node.len(), 2, "{names:?}");
+    assert!(by_node.values().all(|&n| n >= 2), "{by_node:?}");
 }

@@ -2,6 +2,8 @@
 //! local worker processes (DESIGN.md §10), started by `PROCPOOL_NODE` before `main` or
 //! by [`node`] from a program's `main`.
 
+mod window;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -83,8 +85,9 @@ pub async fn node(config: Redis) -> Result<()> {
         me: format!("reaper-{id}"),
     };
     let reaping = tokio::spawn(reaper.run(con.clone()));
-    // At most HELD_PER_WORKER tasks per worker are held at once.
-    let slots = Arc::new(tokio::sync::Semaphore::new(processes * HELD_PER_WORKER));
+    // What the node holds follows how fast it answers (see `window`).
+    let window = Arc::new(window::Window::new(processes));
+    let slots = Arc::clone(window.slots());
     let ctx = Arc::new(Ctx {
         cancels: Mutex::default(),
         entries: Mutex::default(),
@@ -108,6 +111,7 @@ pub async fn node(config: Redis) -> Result<()> {
         if draining {
             break Ok(());
         }
+        let block = window.before_read().unwrap_or(remote::BLOCK);
         let free = slots.available_permits().max(1);
         let first = tokio::select! {
             p = Arc::clone(&slots).acquire_owned() => match p {
@@ -125,7 +129,7 @@ pub async fn node(config: Redis) -> Result<()> {
             .arg("COUNT")
             .arg(free)
             .arg("BLOCK")
-            .arg(remote::BLOCK.as_millis().to_string())
+            .arg(block.as_millis().to_string())
             .arg("STREAMS")
             .arg(&ctx.stream)
             .arg(">");
@@ -186,14 +190,14 @@ pub async fn node(config: Redis) -> Result<()> {
                     Err(_) => break,
                 },
             };
-            let (ctx, con) = (Arc::clone(&ctx), con.clone());
+            let (ctx, con, window) = (Arc::clone(&ctx), con.clone(), Arc::clone(&window));
             ctx.entries
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(entry.id.clone(), None);
             tokio::spawn(async move {
                 ctx.serve(con, entry, lapses).await;
-                drop(p);
+                window.done(p);
             });
         }
     };
@@ -209,7 +213,7 @@ pub async fn node(config: Redis) -> Result<()> {
     }
     if res.is_ok() {
         let grace = config.node_grace.unwrap_or(DRAIN_GRACE);
-        let all = u32::try_from(processes * HELD_PER_WORKER).unwrap_or(u32::MAX);
+        let all = u32::try_from(window.freeze()).unwrap_or(u32::MAX);
         match tokio::time::timeout(grace, slots.acquire_many(all)).await {
             Ok(_) => tracing::info!(target: "procpool::lifecycle", node = %id, "node drained"),
             Err(_) => tracing::warn!(target: "procpool::lifecycle", node = %id,
@@ -222,12 +226,6 @@ pub async fn node(config: Redis) -> Result<()> {
     reaping.abort();
     res
 }
-
-/// Tasks a node holds per local worker (read from the stream, not answered): enough
-/// that the round trips to Redis of one task overlap the others' (with 2 per worker,
-/// 100k `apply_async` ran at 12 k/s, bound by 4 tasks in flight per node; BENCHMARKS.md),
-/// few enough that one node does not take a burst another idle node could run.
-const HELD_PER_WORKER: usize = 16;
 
 /// How long a node drains on SIGTERM by default (see `Redis::node_grace`).
 const DRAIN_GRACE: Duration = Duration::from_secs(30);

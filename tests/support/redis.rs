@@ -418,3 +418,14 @@ pub async fn remote_pool(server: &RedisServer, ns: &str, key: &str) -> procpool:
         .await
         .unwrap()
 }
+
+/// The task stream of namespace `ns` (one build: this test binary's).
+pub async fn task_stream(con: &mut redis::aio::MultiplexedConnection, ns: &str) -> String {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{pp:{ns}}}:b:*:tasks"))
+        .query_async(con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys.into_iter().next().unwrap()
+}
