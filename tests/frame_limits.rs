@@ -31,6 +31,16 @@ fn pid() -> u32 {
     std::process::id()
 }
 
+/// As `support::soon`, with more room: each step here makes (and, in a child, checks)
+/// a value of 64 MB in a debug build, which took up to 14 s on a loaded 2-core machine
+/// while the rest of the suite ran. A hang still fails the test.
+async fn within_a_minute<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(60), f).await {
+        Ok(out) => out,
+        Err(_) => panic!("did not finish within a minute"),
+    }
+}
+
 /// One test, so the census of children at its end sees only its own scenarios.
 #[tokio::test]
 async fn oversize_values_are_encode_errors_and_nothing_hangs_or_is_lost() {
@@ -40,7 +50,7 @@ async fn oversize_values_are_encode_errors_and_nothing_hangs_or_is_lost() {
 
 async fn arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_no_child() {
     let mut p = Process::new(len_of, (oversize(),));
-    let r = support::soon(p.start()).await;
+    let r = within_a_minute(p.start()).await;
     match r {
         Err(Error::Encode {
             type_name, reason, ..
@@ -56,13 +66,13 @@ async fn arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_
         .processes(1)
         .initializer(init_with, (oversize(),))
         .build();
-    match support::soon(r).await {
+    match within_a_minute(r).await {
         Err(Error::Encode { type_name, .. }) => assert!(type_name.contains("ByteBuf")),
         other => panic!("expected Encode at build, got {other:?}"),
     }
 
     let pool = AsyncPool::new(1).await.unwrap();
-    let r = support::soon(pool.apply(len_of, (oversize(),))).await;
+    let r = within_a_minute(pool.apply(len_of, (oversize(),))).await;
     assert!(matches!(r, Err(Error::Encode { .. })), "{r:?}");
     assert_eq!(
         pool.apply(len_of, (ByteBuf::from(vec![1; 10]),))
@@ -73,7 +83,7 @@ async fn arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_
 
     // A result over the limit: Encode naming its type, and the same worker serves on.
     let me = pool.apply(pid, ()).await.unwrap();
-    match support::soon(pool.apply(returns_oversize, ())).await {
+    match within_a_minute(pool.apply(returns_oversize, ())).await {
         Err(Error::Encode {
             type_name, reason, ..
         }) => {
@@ -82,7 +92,7 @@ async fn arguments_and_results_over_the_frame_limit_are_encode_errors_and_leave_
         }
         other => panic!("expected Encode for the result, got {other:?}"),
     }
-    let r = support::soon(pool.map(|_: u8| returns_oversize(), vec![1u8])).await;
+    let r = within_a_minute(pool.map(|_: u8| returns_oversize(), vec![1u8])).await;
     assert!(matches!(r, Err(Error::Encode { .. })), "{r:?}");
     assert_eq!(
         pool.apply(pid, ()).await.unwrap(),
@@ -128,13 +138,13 @@ async fn an_oversize_remote_put_is_encode_and_loses_nothing_nor_the_lock() {
         (lock.clone(), q.clone(), report.clone(), go.clone()),
     );
     p.start().await.unwrap();
-    let said = support::soon(report.get()).await.unwrap();
+    let said = within_a_minute(report.get()).await.unwrap();
     assert!(said.starts_with("Err(Encode"), "{said}");
     assert!(said.contains("a queue item holds at most"), "{said}");
     // The child's connection lives on: its next item arrives, and it still holds the
     // lock (an ended session would have released it).
     assert_eq!(
-        support::soon(q.get()).await.unwrap(),
+        within_a_minute(q.get()).await.unwrap(),
         ByteBuf::from(vec![7])
     );
     assert!(
@@ -142,6 +152,6 @@ async fn an_oversize_remote_put_is_encode_and_loses_nothing_nor_the_lock() {
         "the lock was released early"
     );
     go.set().unwrap();
-    support::soon(p.join()).await.unwrap();
-    assert!(support::soon(lock.lock()).await.is_ok());
+    within_a_minute(p.join()).await.unwrap();
+    assert!(within_a_minute(lock.lock()).await.is_ok());
 }

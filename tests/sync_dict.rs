@@ -414,3 +414,42 @@ async fn a_dict_sent_inside_a_queue_item_is_the_same_dict() {
     q.put(d.clone()).await.unwrap();
     assert_eq!(soon(p.join()).await.unwrap(), Some(5));
 }
+
+/// Puts `i` into the queue, then writes `i` into the dict, 500 times.
+fn put_then_insert(q: Queue<u32>, d: Dict<u8, u32>) {
+    for i in 0..500 {
+        q.blocking_put(i).unwrap();
+        d.blocking_insert(0, i).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_dict_call_comes_after_what_the_process_did_before() {
+    // The dict's blocking calls go over a connection of their own; the puts (which do
+    // not wait for the owner) over the process's shared one. The owner still sees them
+    // in the order the child made them: whenever the dict says `i`, item `i` is queued.
+    let (q, d) = (Queue::new(), Dict::new());
+    let mut p = procpool::spawn(put_then_insert, (q.clone(), d.clone()))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let seen = d.get(&0).await.unwrap();
+        let queued = q.len();
+        if let Some(i) = seen {
+            assert!(
+                queued > i as usize,
+                "the dict says {i} with {queued} queued"
+            );
+            if i == 499 {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < support::SOON,
+            "the child stopped at {seen:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    soon(p.join()).await.unwrap();
+}

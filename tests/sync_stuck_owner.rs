@@ -13,7 +13,7 @@ use support::{SOON, hangs, soon};
 /// The bound, shortened for the test (the default is 10 s).
 const BOUND: Duration = Duration::from_millis(300);
 
-type Objects = (Event, Lock, Queue<u32>, Dict<u32, u32>);
+type Objects = (Event, Lock, Queue<u32>, Dict<u32, u32>, Dict<u32, Vec<u8>>);
 
 /// A call on a stopped owner's object, described by what it returned.
 type Call = Box<dyn FnOnce() -> String + Send>;
@@ -25,7 +25,7 @@ fn own_objects(to_parent: Queue<Objects>) -> u8 {
     let d = Dict::new();
     d.blocking_insert(1, 2).unwrap();
     to_parent
-        .blocking_put((Event::new(), Lock::new(), q, d))
+        .blocking_put((Event::new(), Lock::new(), q, d, Dict::new()))
         .unwrap();
     hangs()
 }
@@ -84,7 +84,7 @@ async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
     let to_parent: Queue<Objects> = Queue::new();
     let mut owner = Process::new(own_objects, (to_parent.clone(),));
     owner.start().await.unwrap();
-    let (ev, lock, q, d) = to_parent.get_timeout(SOON).await.unwrap();
+    let (ev, lock, q, d, big) = to_parent.get_timeout(SOON).await.unwrap();
     // Reachable while it runs.
     assert!(!ev.is_set());
     assert_eq!(q.len(), 1);
@@ -92,6 +92,13 @@ async fn a_stopped_owner_times_calls_out_instead_of_hanging_them() {
 
     signal(&owner, Signal::STOP);
     let calls: Vec<(&str, Call)> = vec![
+        // First, while nothing sent on the shared connection awaits confirmation (the
+        // dict's call above confirmed it): more than the socket holds, so the write
+        // itself waits, within the same bound.
+        ("dict insert of 4 MB", {
+            let big = big.clone();
+            Box::new(move || format!("{:?}", big.blocking_insert(1, vec![7; 4 << 20])))
+        }),
         ("set", {
             let ev = ev.clone();
             Box::new(move || format!("{:?}", ev.set()))

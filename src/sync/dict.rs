@@ -260,8 +260,12 @@ type Types<K, V> = fn(K, V) -> (K, V);
 /// sleep, so back-to-back calls cost a round trip between two running processes (about
 /// 10 µs here, where Python's manager dict takes 60 µs and more) instead of waking
 /// sleeping threads. The async calls go through procpool's thread, like a queue's (about
-/// 70 µs here). A thread's connection lasts as long as the thread; it lets go of a dict
-/// at its next call after the process's last handle to that dict is dropped.
+/// 70 µs here). They stay in order with everything else the process sent the owner: a
+/// blocking call made after an unconfirmed queue put or a released lock first waits for
+/// the owner to confirm those. A thread's connection lets go of a dict at its next call
+/// to that owner after the process's last handle to that dict is dropped, and is closed
+/// at the thread's next blocking `Dict` call once its owner is gone or it holds nothing
+/// the process still uses (or when the thread ends).
 ///
 /// # Keys
 ///

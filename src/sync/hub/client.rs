@@ -9,7 +9,7 @@ pub(crate) struct Client {
     next_req: AtomicU64,
     pub(super) pending: Mutex<HashMap<u64, Pending>>,
     pub(super) remotes: Mutex<HashMap<u64, Weak<Remote>>>,
-    closed: AtomicBool,
+    pub(super) closed: AtomicBool,
     /// Something was sent since the last [`settle`].
     dirty: AtomicBool,
 }
@@ -139,6 +139,50 @@ impl Client {
 
     pub(super) fn next_id(&self) -> u64 {
         self.next_req.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the owner to confirm it applied everything sent before, if anything was
+    /// sent since the last confirmation; where its answer will arrive. `None` if there is
+    /// nothing to confirm, or nothing to wait for (the owner is gone).
+    fn ask_confirm(&self) -> Option<oneshot::Receiver<Answer>> {
+        if !self.dirty.swap(false, Ordering::AcqRel) || self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id();
+        lock(&self.pending).insert(id, Pending::Reply { obj: 0, tx });
+        if self.out.push(&ToHub::Req {
+            id,
+            obj: 0,
+            op: Op::Sync,
+        }) {
+            Some(rx)
+        } else {
+            lock(&self.pending).remove(&id);
+            None
+        }
+    }
+
+    /// Waits until the owner applied what this process sent it on this connection (see
+    /// [`ask_confirm`](Self::ask_confirm)), at most until `deadline`: a call made on
+    /// another connection to the same owner (see `direct`) then comes after all of it,
+    /// as a process's operations reach an owner in order.
+    pub(crate) fn confirm_sent(&self, deadline: std::time::Instant) -> Result<(), Error> {
+        let Some(mut rx) = self.ask_confirm() else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match wait_for(&mut rx, left) {
+            Some(Ok(_)) => Ok(()),
+            // The hub went away, and with it anything to order against.
+            Some(Err(_)) => Ok(()),
+            None => {
+                self.dirty.store(true, Ordering::Relaxed);
+                Err(Error::Timeout {
+                    after: owner_timeout(),
+                })
+            }
+        }
     }
 }
 
@@ -367,21 +411,9 @@ pub(crate) fn settle() {
     let all: Vec<Arc<Client>> = lock(clients()).values().filter_map(Weak::upgrade).collect();
     let mut waiting = Vec::new();
     for c in all {
-        if !c.dirty.swap(false, Ordering::Relaxed) || c.closed.load(Ordering::SeqCst) {
-            continue;
-        }
-        let (tx, rx) = oneshot::channel();
-        let id = c.next_id();
-        lock(&c.pending).insert(id, Pending::Reply { obj: 0, tx });
-        if c.out.push(&ToHub::Req {
-            id,
-            obj: 0,
-            op: Op::Sync,
-        }) {
+        // None: nothing sent since the last confirmation, or the hub is gone.
+        if let Some(rx) = c.ask_confirm() {
             waiting.push((c, rx));
-        } else {
-            // The hub is gone, and with it anything to wait for.
-            lock(&c.pending).remove(&id);
         }
     }
     for (c, mut rx) in waiting {

@@ -23,6 +23,7 @@ use std::cell::RefCell;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -41,15 +42,26 @@ thread_local! {
     static DIRECT: RefCell<HashMap<HubRef, Direct>> = RefCell::default();
 }
 
+/// Direct connections open in this process (every thread's), for [`tables`].
+pub(super) static OPEN: AtomicUsize = AtomicUsize::new(0);
+
 /// One thread's connection to one hub.
 struct Direct {
+    /// Read with a timeout, and written (with one) through `get_ref`.
     rx: BlockingChannel<Stream>,
-    /// A second handle to the same socket, for writing.
-    tx: UnixStream,
     out: BytesMut,
     next_id: u64,
     /// What this connection opened, and this process's view of it (dead: forget it).
     opened: HashMap<u64, Weak<Remote>>,
+    /// The process's shared connection to the same hub: once it is closed, the owner
+    /// is gone.
+    shared: Weak<Client>,
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a direct call failed.
@@ -64,29 +76,35 @@ enum Failed {
 
 /// Sends `op` to `remote`'s object from this thread and waits at most the owner timeout
 /// for the answer (as [`Remote::blocking_call`], which it replaces for requests that
-/// hold nothing).
+/// hold nothing, and which it falls back to when this thread cannot have a connection
+/// of its own: its thread-locals are being torn down, or the connect failed).
 pub(crate) fn call(remote: &Arc<Remote>, op: Op) -> Result<Reply, Error> {
-    if remote.closed() {
-        return Err(Error::Closed);
-    }
     let limit = owner_timeout();
-    let got = DIRECT.with(|all| {
-        // Nothing below calls back into here; a thread-local being torn down (a call
-        // from another thread-local's destructor) takes the shared connection.
-        let Ok(mut all) = all.try_borrow_mut() else {
-            return None;
-        };
+    let deadline = Instant::now() + limit;
+    // What this process sent the owner on the shared connection (an unbounded put, a
+    // lock released, an acknowledgement) is applied before this request.
+    remote.client.confirm_sent(deadline)?;
+    let mut op = Some(op);
+    let got = DIRECT.try_with(|all| {
+        // Nothing below calls back into here.
+        let mut all = all.try_borrow_mut().ok()?;
+        // Connections to owners that are gone, or that hold nothing this process
+        // still has a handle to, are closed (which lets go of what they opened).
+        all.retain(|_, c| c.in_use());
+        if remote.closed() {
+            return Some(Err(Failed::Closed));
+        }
         let conn = match all.entry(remote.hub.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => match Direct::open(&remote.hub) {
+            std::collections::hash_map::Entry::Vacant(v) => match Direct::open(remote) {
                 Ok(c) => v.insert(c),
                 Err(e) => {
                     tracing::debug!("procpool: a direct connection to a hub failed: {e}");
-                    return Some(Err(Failed::Closed));
+                    return None;
                 }
             },
         };
-        let got = conn.call(remote, op, limit);
+        let got = conn.call(remote, op.take()?, deadline);
         if let Err(Failed::Closed | Failed::Timeout) = got {
             // Broken, or an answer may still come: never reused.
             all.remove(&remote.hub);
@@ -94,94 +112,127 @@ pub(crate) fn call(remote: &Arc<Remote>, op: Op) -> Result<Reply, Error> {
         Some(got)
     });
     match got {
-        Some(Ok(reply)) => Ok(reply),
-        None => Err(Error::Closed),
-        Some(Err(Failed::Closed)) => Err(Error::Closed),
-        Some(Err(Failed::TooLarge(reason))) => Err(Error::Encode {
+        Ok(Some(Ok(reply))) => Ok(reply),
+        Ok(Some(Err(Failed::Closed))) => Err(Error::Closed),
+        Ok(Some(Err(Failed::TooLarge(reason)))) => Err(Error::Encode {
             type_name: "a request to a shared object".to_owned(),
             reason,
         }),
-        Some(Err(Failed::Timeout)) => {
+        Ok(Some(Err(Failed::Timeout))) => {
             tracing::warn!(
                 "procpool: the owner of a shared object did not answer within {limit:?}"
             );
             Err(Error::Timeout { after: limit })
         }
+        // No connection of this thread's: the shared one.
+        Ok(None) | Err(_) => match op {
+            Some(op) => remote.blocking_call(op),
+            None => Err(Error::Closed),
+        },
     }
 }
 
 impl Direct {
-    fn open(hub: &HubRef) -> std::io::Result<Direct> {
-        let stream = hub.connect()?;
-        let tx = stream.try_clone()?;
-        let conn = Direct {
+    fn open(remote: &Remote) -> std::io::Result<Direct> {
+        let stream = remote.hub.connect()?;
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        let mut conn = Direct {
             rx: BlockingChannel::new(Stream(stream), MAX_FRAME),
-            tx,
             out: BytesMut::new(),
             next_id: 1,
             opened: HashMap::new(),
+            shared: Arc::downgrade(&remote.client),
         };
-        let mut hello = BytesMut::new();
         let fits = frame_into(
-            &mut hello,
+            &mut conn.out,
             &ToHub::Hello {
-                token: hub.token,
+                token: remote.hub.token,
                 purpose: Purpose::Direct,
             },
         );
         debug_assert!(fits, "a hello is a few bytes");
-        send_all(&conn.tx, &hello)?;
         Ok(conn)
     }
 
-    fn feed(&mut self, msg: &ToHub) -> Result<(), Failed> {
-        let start = self.out.len();
-        if !frame_into(&mut self.out, msg) || self.out.len() - start - 4 > MAX_FRAME {
-            self.out.truncate(start);
-            return Err(Failed::TooLarge(format!(
-                "a request is more than a frame holds ({MAX_FRAME} bytes)"
-            )));
-        }
-        Ok(())
+    /// Whether the owner is there and this connection holds something this process
+    /// still has a handle to.
+    fn in_use(&self) -> bool {
+        let owner_there = self
+            .shared
+            .upgrade()
+            .is_some_and(|c| !c.closed.load(Ordering::SeqCst));
+        owner_there && self.opened.values().any(|w| w.strong_count() > 0)
     }
 
-    fn call(&mut self, remote: &Arc<Remote>, op: Op, limit: Duration) -> Result<Reply, Failed> {
-        let deadline = Instant::now() + limit;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.feed(&ToHub::Req {
-            id,
-            obj: remote.obj,
-            op,
-        })?;
-        // The request is queued first: a message too large leaves nothing else behind.
-        let req = self.out.split();
+    fn feed(&mut self, msg: &ToHub) -> Result<(), Failed> {
+        if frame_into(&mut self.out, msg) {
+            return Ok(());
+        }
+        Err(Failed::TooLarge(format!(
+            "a request is more than a frame holds ({MAX_FRAME} bytes)"
+        )))
+    }
+
+    fn call(&mut self, remote: &Arc<Remote>, op: Op, deadline: Instant) -> Result<Reply, Failed> {
+        // Objects this process no longer holds are forgotten, before the request (an
+        // earlier view of this same object stays open: the new one takes its place).
         let dead: Vec<u64> = self
             .opened
             .iter()
-            .filter(|(_, w)| w.strong_count() == 0)
+            .filter(|&(&obj, w)| obj != remote.obj && w.strong_count() == 0)
             .map(|(&obj, _)| obj)
             .collect();
-        for obj in dead {
-            self.opened.remove(&obj);
+        let open = !self.opened.contains_key(&remote.obj);
+        // (A new connection's hello is already there.)
+        let start = self.out.len();
+        for &obj in &dead {
             self.feed(&ToHub::Forget { obj })?;
         }
-        let live = self
-            .opened
-            .get(&remote.obj)
-            .is_some_and(|w| w.strong_count() > 0);
-        if !live {
+        if open {
             self.feed(&ToHub::Open {
                 obj: remote.obj,
                 kind: remote.kind,
                 key: remote.key,
             })?;
-            self.opened.insert(remote.obj, Arc::downgrade(remote));
         }
-        self.out.unsplit(req);
-        let sent = send_all(&self.tx, &self.out);
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Err(e) = self.feed(&ToHub::Req {
+            id,
+            obj: remote.obj,
+            op,
+        }) {
+            // Nothing was sent, and nothing changed.
+            self.out.truncate(start);
+            return Err(e);
+        }
+        for obj in dead {
+            self.opened.remove(&obj);
+        }
+        self.opened.insert(remote.obj, Arc::downgrade(remote));
+        let sock = &self.rx.get_ref().0;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let sent = sock
+            // (Zero would mean no limit.)
+            .set_write_timeout(Some(left.max(Duration::from_millis(1))))
+            .and_then(|()| send_all(sock, &self.out));
         self.out.clear();
-        sent.map_err(|_| Failed::Closed)?;
+        if self.out.capacity() > KEEP {
+            self.out = BytesMut::new();
+        }
+        match sent {
+            Ok(()) => {}
+            // A stopped owner whose socket is full.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(Failed::Timeout);
+            }
+            Err(_) => return Err(Failed::Closed),
+        }
         self.answer(id, deadline)
     }
 
@@ -230,7 +281,11 @@ impl Direct {
     }
 }
 
-/// Writes all of `buf` (no `SIGPIPE` if the owner is gone: a child does not ignore it).
+/// The most a connection's send buffer keeps between calls (a large request's is let
+/// go after it).
+const KEEP: usize = 64 * 1024;
+
+/// Writes all of `buf` (`NOSIGNAL`: an owner gone is an error, not a signal).
 fn send_all(sock: &UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
         match rustix::net::send(sock, buf, rustix::net::SendFlags::NOSIGNAL) {
@@ -248,7 +303,15 @@ struct Stream(UnixStream);
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
+        match self.0.read(buf) {
+            // A signal: back to `answer`, which waits only what is left of its limit
+            // (a retried read would wait the whole timeout again, for ever under a
+            // steady signal).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+            other => other,
+        }
     }
 }
 
@@ -258,9 +321,10 @@ impl crate::wire::Source for Stream {
     }
 }
 
-/// The most one look of [`SpinRead`] reads (a request is a few dozen bytes; a larger
-/// frame takes several looks).
+/// The most one look of [`SpinRead`] reads (a request is a few dozen bytes), and after
+/// a look that filled its room (a large frame is coming).
 const LOOK: usize = 4 * 1024;
+const LOOK_MORE: usize = 256 * 1024;
 
 /// A session's reader that, once told to [`spin`](Self::spin) (a direct session), keeps
 /// looking for the next frame for [`SPIN`] after each read before it waits for the
@@ -271,6 +335,7 @@ pub(crate) struct SpinRead {
     inner: tokio::net::unix::OwnedReadHalf,
     spins: bool,
     until: Option<Instant>,
+    look: usize,
 }
 
 impl SpinRead {
@@ -279,6 +344,7 @@ impl SpinRead {
             inner,
             spins: false,
             until: None,
+            look: LOOK,
         }
     }
 
@@ -296,13 +362,20 @@ impl AsyncRead for SpinRead {
         if let Some(until) = self.until
             && buf.remaining() > 0
         {
+            // As every tokio resource: a task that always finds data still yields.
+            let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
             // Straight from the socket: the reactor's readiness is not refreshed while
-            // this thread runs tasks. (A small window: it is zeroed at every look.)
+            // this thread runs tasks. (The room is zeroed at every look: small, unless
+            // the last look filled it.)
+            let look = self.look;
             let sock: &tokio::net::UnixStream = self.inner.as_ref();
-            let room = buf.initialize_unfilled_to(buf.remaining().min(LOOK));
+            let room = buf.initialize_unfilled_to(buf.remaining().min(look));
+            let len = room.len();
             match rustix::net::recv(sock, room, rustix::net::RecvFlags::DONTWAIT) {
                 Ok((n, _)) => {
                     buf.advance(n);
+                    coop.made_progress();
+                    self.look = if n == len { LOOK_MORE } else { LOOK };
                     self.until = Some(Instant::now() + SPIN);
                     return Poll::Ready(Ok(()));
                 }

@@ -41,6 +41,9 @@ pub struct Tables {
     pub pending: usize,
     /// Other processes' objects this process has open.
     pub remotes: usize,
+    /// Connections of single threads to other processes' hubs, for their blocking
+    /// `Dict` calls (every thread's).
+    pub direct: usize,
 }
 
 /// The sizes of this process's sharing tables, for tests that check nothing leaks.
@@ -57,6 +60,7 @@ pub fn tables() -> Tables {
         t.pinned = lock(&h.pinned).len();
         t.exports = lock(&h.exports).len();
     }
+    t.direct = super::direct::OPEN.load(Ordering::Relaxed);
     let clients: Vec<Arc<Client>> = lock(clients()).values().filter_map(Weak::upgrade).collect();
     t.clients = clients.len();
     for c in &clients {

@@ -137,7 +137,37 @@ async fn a_spinning_session_reader_reads_what_comes_and_the_end() {
     let mut got = [0u8; 6];
     rd.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"second");
-    drop(b);
+    // Data that comes after the look has ended (tokio's readiness again, stale: the
+    // looks read past it), then the end.
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(super::direct::SPIN * 20).await;
+        b.write_all(b"late").await.unwrap();
+        b
+    });
+    let mut got = [0u8; 4];
+    rd.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"late");
+    drop(late.await.unwrap());
     let mut rest = Vec::new();
     assert_eq!(rd.read_to_end(&mut rest).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_session_reader_reads_a_large_frame_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+    let (rd, _wr) = a.into_split();
+    let mut rd = SpinRead::new(rd);
+    rd.spin();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = tokio::spawn({
+        let big = big.clone();
+        async move {
+            b.write_all(&big).await.unwrap();
+        }
+    });
+    let mut got = vec![0u8; big.len()];
+    rd.read_exact(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert!(got == big, "the bytes arrived changed");
 }
