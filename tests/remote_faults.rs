@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error, ExitReason};
-use redis_support::{Nodes, Proxy, RedisServer, namespace, task_stream};
+use redis_support::{Nodes, Proxy, RedisServer, namespace, task_stream, zcard_reaches};
 use support::{TempDir, eventually, is_dead, read_file_within, write_file};
 
 const KEY: &str = "another-test-key";
@@ -221,20 +221,11 @@ async fn a_node_refused_its_subscription_misses_no_cancel_and_listens_again() {
     assert_eq!(subscribers(&mut con).await, 0);
     drop(running);
     let cancelled = format!("{{pp:{ns}}}:cancelled");
-    let mut published = false;
-    for _ in 0..1000 {
-        let n: i64 = redis::cmd("ZCARD")
-            .arg(&cancelled)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        if n == 1 {
-            published = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(published, "the parent published the cancel");
+    assert_eq!(
+        zcard_reaches(&mut con, &cancelled, 1, Duration::from_secs(10)).await,
+        1,
+        "the parent published the cancel"
+    );
     // Nobody heard it: the task still runs (the node retries its subscription).
     assert!(
         !is_dead(worker) && !is_dead(sleep),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error, Queue, current_process};
-use redis_support::{Nodes, RedisServer, namespace, task_stream};
+use redis_support::{Nodes, RedisServer, namespace, task_stream, zcard_reaches};
 use serde::{Deserialize, Serialize};
 use support::TempDir;
 
@@ -311,19 +311,8 @@ async fn a_burst_of_long_tasks_is_shared_by_the_nodes() {
     let stream = task_stream(&mut con, &ns).await;
     // Both nodes are up (registered, just before they read).
     let nodes = stream.replace(":tasks", ":nodes");
-    let start = Instant::now();
-    loop {
-        let up: usize = redis::cmd("ZCARD")
-            .arg(&nodes)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        if up == 2 {
-            break;
-        }
-        assert!(start.elapsed() < support::SOON, "{up} node(s) up");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let up = zcard_reaches(&mut con, &nodes, 2, support::SOON).await;
+    assert_eq!(up, 2, "{up} node(s) up");
 
     // Eight tasks of 300 ms for two nodes of one worker: a node holds two of them at
     // most (the one it runs and the next), and leaves the rest to the other; before,

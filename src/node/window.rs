@@ -151,6 +151,17 @@ mod tests {
     /// Long enough that the short tasks before it count for nothing.
     const LONG: Duration = Duration::from_secs(100);
 
+    /// A window of one worker grown to its most, 16 tasks taken, and one slow answer:
+    /// shrunk to 2 with 15 still held, 13 of them owed (the answered one was retired).
+    async fn shrunk_while_holding_15() -> (Window, Vec<OwnedSemaphorePermit>) {
+        let w = Window::new(1);
+        short_tasks(&w, 1_000).await;
+        let mut held: Vec<_> = futures::future::join_all((0..16).map(|_| take(&w))).await;
+        tokio::time::advance(LONG).await;
+        w.done(held.pop().unwrap());
+        (w, held)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_window_grows_with_short_tasks_and_shrinks_with_long_ones() {
         let w = Window::new(2);
@@ -193,12 +204,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_window_that_grows_back_first_cancels_what_it_owed() {
-        let w = Window::new(1);
-        short_tasks(&w, 1_000).await;
-        let mut held: Vec<_> = futures::future::join_all((0..16).map(|_| take(&w))).await;
-        // A slow answer: down to 2 held, so 14 owed; the answered one is retired.
-        tokio::time::advance(LONG).await;
-        w.done(held.pop().unwrap());
+        let (w, mut held) = shrunk_while_holding_15().await;
         assert_eq!(w.slots().available_permits(), 0);
         w.done(held.pop().unwrap());
         w.done(held.pop().unwrap());
@@ -216,12 +222,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_drain_waits_for_every_held_task_even_after_a_shrink() {
-        let w = Window::new(1);
-        short_tasks(&w, 1_000).await;
-        let mut held: Vec<_> = futures::future::join_all((0..16).map(|_| take(&w))).await;
-        // Shrunk to 2 with 15 still held (13 of them owed).
-        tokio::time::advance(LONG).await;
-        w.done(held.pop().unwrap());
+        let (w, mut held) = shrunk_while_holding_15().await;
         let all = w.freeze();
         assert_eq!(all, 15, "every permit a held task has");
         let drained = Arc::clone(w.slots()).acquire_many_owned(u32::try_from(all).unwrap());

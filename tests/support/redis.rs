@@ -429,3 +429,21 @@ pub async fn task_stream(con: &mut redis::aio::MultiplexedConnection, ns: &str) 
     assert_eq!(keys.len(), 1, "{keys:?}");
     keys.into_iter().next().unwrap()
 }
+
+/// Waits until the sorted set `key` has `n` members, looking every 10 ms for at most
+/// `limit`; how many it had at the last look.
+pub async fn zcard_reaches(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    n: usize,
+    limit: Duration,
+) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let got: usize = redis::cmd("ZCARD").arg(key).query_async(con).await.unwrap();
+        if got == n || Instant::now() >= deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -317,7 +317,7 @@ impl Read for Stream {
 
 impl crate::wire::Source for Stream {
     fn read_now(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        Ok(rustix::net::recv(&self.0, buf, rustix::net::RecvFlags::DONTWAIT)?.0)
+        crate::wire::Source::read_now(&mut self.0, buf)
     }
 }
 
