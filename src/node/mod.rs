@@ -30,7 +30,25 @@ const REGISTRATION: Duration = Duration::from_secs(3);
 ///
 /// [`Error::InvalidConfig`] without a key; [`Error::Backend`] when Redis cannot be
 /// reached; the local pool's error if its workers cannot start.
+///
+/// # Cancel safety
+///
+/// Dropped, the node stops where it is (without draining); its workers exit with it.
 pub async fn node(config: Redis) -> Result<()> {
+    // On the pools' runtime, where the local pool's dispatcher and its workers' readers
+    // run: a task goes from the node's read to its worker and back to its answer without
+    // waking a thread of another runtime at each step.
+    let (mut tx, rx) = tokio::sync::oneshot::channel();
+    crate::runtime::service::run_pool(async move {
+        tokio::select! {
+            r = serve(config) => drop(tx.send(r)),
+            () = tx.closed() => {}
+        }
+    })?;
+    rx.await.unwrap_or(Err(Error::PoolClosed))
+}
+
+async fn serve(config: Redis) -> Result<()> {
     let key = Arc::new(config.load_key()?);
     let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
     let client =
