@@ -59,9 +59,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .wait_for_nodes(Duration::from_secs(20))
         .build()
         .await?;
+    // `remote_bench apply_async_100k` runs that row only (for a profiler, say).
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let want = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
     for i in 0..200 {
         pool.apply(inc, (i,)).await?;
     }
+    if want("rtt_apply") {
+        rtt(&pool).await?;
+    }
+    if want("apply_async_100k") {
+        apply_async(&pool).await?;
+    }
+    if want("map_1m") {
+        map(&pool).await?;
+    }
+    pool.close().await;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+async fn rtt(pool: &AsyncPool) -> procpool::Result<()> {
     let mut rtts = Vec::new();
     for i in 0..2000 {
         let t = Instant::now();
@@ -71,7 +89,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     rtts.sort_by(f64::total_cmp);
     row("rtt_apply", "median", rtts[rtts.len() / 2], "us");
     row("rtt_apply", "p99", rtts[rtts.len() * 99 / 100], "us");
-    let n: u32 = 20_000;
+    Ok(())
+}
+
+async fn apply_async(pool: &AsyncPool) -> procpool::Result<()> {
+    let n: u32 = 100_000;
     let t = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|i| pool.apply_async(inc, (u64::from(i),)))
@@ -80,11 +102,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         h.await?;
     }
     row(
-        "apply_async_20k",
+        "apply_async_100k",
         "throughput",
         f64::from(n) / t.elapsed().as_secs_f64(),
         "tasks/s",
     );
+    Ok(())
+}
+
+async fn map(pool: &AsyncPool) -> procpool::Result<()> {
     let items: Vec<u64> = (0..1_000_000).collect();
     let t = Instant::now();
     let out = pool.map(inc, items).await?;
@@ -95,8 +121,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         1e6 / t.elapsed().as_secs_f64(),
         "items/s",
     );
-    pool.close().await;
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 

@@ -463,6 +463,8 @@ pub use wire::DEFAULT_MAX_FRAME;
 /// memory stays flat (checked over 10 M items).
 #[cfg(feature = "redis")]
 pub mod remote {
+    #[doc(hidden)]
+    pub use crate::node::__answer;
     pub use crate::node::node;
     pub use crate::pool::remote::Redis;
 }

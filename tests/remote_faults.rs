@@ -448,24 +448,125 @@ fn runs_of(path: &str) -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// The task stream of `ns` has one entry pending, owned by the node of pid `node`.
-async fn assert_one_entry_pending_for(server: &RedisServer, ns: &str, node: u32) {
-    let mut con = server.connect().await;
-    let stream = task_stream(&mut con, ns).await;
+/// The first ten entries pending in the nodes' group of `stream`, and their consumers.
+async fn pending_entries(
+    con: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, String)> {
     let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
+        .arg(stream)
         .arg("nodes")
         .arg("-")
         .arg("+")
         .arg(10)
-        .query_async(&mut con)
+        .query_async(con)
         .await
         .unwrap();
+    pending
+        .into_iter()
+        .map(|(id, who, _, _)| (id, who))
+        .collect()
+}
+
+/// The task stream of `ns` has one entry pending, owned by the node of pid `node`.
+async fn assert_one_entry_pending_for(server: &RedisServer, ns: &str, node: u32) {
+    let mut con = server.connect().await;
+    let stream = task_stream(&mut con, ns).await;
+    let pending = pending_entries(&mut con, &stream).await;
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert!(
         pending[0].1.contains(&format!("-{node}-")),
         "the entry is not node {node}'s: {pending:?}"
     );
+}
+
+/// One call of the node's answer script with answers for four entries read by consumer
+/// `a`: one of them reclaimed by `b` meanwhile, one answered twice in the same batch,
+/// one only taken off. Only `a`'s own entries are answered and taken off, each once;
+/// `b`'s stays pending with `b`, and an entry read but not answered stays with `a`.
+#[tokio::test]
+async fn a_batch_of_answers_writes_only_what_the_node_still_owns() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut con = server.connect().await;
+    let (stream, results) = ("{t}:tasks", "{t}:results");
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("nodes")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("f")
+            .arg(i)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("nodes")
+        .arg("a")
+        .arg("COUNT")
+        .arg(5)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(stream)
+        .arg("nodes")
+        .arg("b")
+        .arg(0)
+        .arg(&ids[1])
+        .arg("JUSTID")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let result = |f: &str| Some((results.to_owned(), f.as_bytes().to_vec(), b"mac".to_vec()));
+    let answers = vec![
+        (ids[0].clone(), result("zero")),
+        (ids[1].clone(), result("one, reclaimed")),
+        (ids[2].clone(), None),
+        (ids[3].clone(), result("three")),
+        (ids[3].clone(), result("three again")),
+    ];
+    let owned = procpool::remote::__answer(&server.url, stream, "a", answers)
+        .await
+        .unwrap();
+    assert_eq!(owned, [true, false, true, true, false]);
+    let written: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(results)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let frames: Vec<&str> = written.iter().map(|(_, f)| f[0].1.as_str()).collect();
+    assert_eq!(frames, ["zero", "three"]);
+    let pending = pending_entries(&mut con, stream).await;
+    let pending: Vec<(&str, &str)> = pending
+        .iter()
+        .map(|(id, who)| (id.as_str(), who.as_str()))
+        .collect();
+    assert_eq!(pending, [(ids[1].as_str(), "b"), (ids[4].as_str(), "a")]);
+    let left: usize = redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(left, 2, "the answered entries are deleted, the others kept");
 }
 
 /// Node A runs a task and is paused (SIGSTOP) past the claim threshold: the task goes

@@ -2,6 +2,7 @@
 //! local worker processes (DESIGN.md §10), started by `PROCPOOL_NODE` before `main` or
 //! by [`node`] from a program's `main`.
 
+mod answers;
 mod window;
 
 use std::collections::{HashMap, HashSet};
@@ -113,8 +114,9 @@ async fn serve(config: Redis) -> Result<()> {
         key,
         build,
         keys,
-        stream,
+        stream: stream.clone(),
         node: format!("node-{id}"),
+        answers: answers::Answers::start(con.clone(), stream.clone(), id.clone()),
         pool,
     });
     let pubsub = subscribe(&client, ctx.keys.cancel_channel()).await?;
@@ -245,6 +247,31 @@ async fn serve(config: Redis) -> Result<()> {
     res
 }
 
+/// For tests: runs a node's answer script for `answers` (entry, and result: stream,
+/// frame, MAC) as consumer `consumer` of group `nodes` of task stream `stream`, in one
+/// call; whether the consumer owned each entry. Not part of the API.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if Redis cannot be reached or the script fails.
+#[doc(hidden)]
+pub async fn __answer(
+    url: &str,
+    stream: &str,
+    consumer: &str,
+    answers: Vec<(String, answers::Written)>,
+) -> Result<Vec<bool>> {
+    let client = redis::Client::open(url).map_err(|e| backend("bad Redis URL", e))?;
+    let mut con = remote::connect(&client).await?;
+    let answers: Vec<answers::Answer> = answers
+        .into_iter()
+        .map(|(entry, result)| answers::Answer { entry, result })
+        .collect();
+    answers::invoke(&mut con, stream, consumer, &answers)
+        .await
+        .map_err(|e| backend("the answer script failed", e))
+}
+
 /// How long a node drains on SIGTERM by default (see `Redis::node_grace`).
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
@@ -297,23 +324,8 @@ struct Ctx {
     stream: String,
     node: String,
     pool: AsyncPool,
+    answers: answers::Answers,
 }
-
-/// Answers a task and takes its entry off, only if this node still owns the entry:
-/// a node presumed lost (paused, cut off) whose entry was reclaimed writes nothing, and
-/// its ack cannot remove the new owner's entry (a plain `XACK` from a former owner would).
-/// With no frame (`ARGV[4]` empty) it only takes the entry off (a cancelled task's, a
-/// refused frame's).
-const ANSWER: &str = r"
-local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if p['err'] or #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
-if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 'f', ARGV[4], 'm', ARGV[5])
-end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return 1
-";
 
 /// Renews the idle time of the entries (`ARGV[3..]`) consumer `ARGV[2]` still owns
 /// (`XCLAIM ... JUSTID`, which does not count as a delivery), and returns the others:
@@ -334,14 +346,12 @@ return lost
 
 /// The node's scripts, hashed once.
 struct Scripts {
-    answer: redis::Script,
     renew: redis::Script,
 }
 
 fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        answer: redis::Script::new(ANSWER),
         renew: redis::Script::new(RENEW),
     })
 }
@@ -645,7 +655,7 @@ impl Ctx {
                 if let Err(e) = dead {
                     tracing::warn!(target: "procpool::remote", "cannot move a refused frame aside: {e}");
                 }
-                if let Err(e) = self.answer(&mut con, &entry.id, None).await {
+                if let Err(e) = self.answer(&entry.id, None).await {
                     tracing::warn!(target: "procpool::remote", "cannot take a refused frame off: {e}");
                 }
                 return;
@@ -675,7 +685,7 @@ impl Ctx {
         }
         let Some((worker, end, events)) = self.run(&mut con, &task, lapses).await else {
             // Cancelled: its caller is gone; the entry goes, unanswered.
-            if let Err(e) = self.answer(&mut con, &entry.id, None).await {
+            if let Err(e) = self.answer(&entry.id, None).await {
                 tracing::warn!(target: "procpool::remote", "cannot drop a cancelled task: {e}");
             }
             return;
@@ -709,10 +719,7 @@ impl Ctx {
         };
         let m = frame::sign(&self.key, &f);
         let results = self.keys.results(&task.parent);
-        match self
-            .answer(&mut con, &entry.id, Some((&results, f, m)))
-            .await
-        {
+        match self.answer(&entry.id, Some((results, f, m))).await {
             Ok(true) => {}
             Ok(false) => tracing::info!(target: "procpool::remote", task = task.task,
                 "the task was reclaimed from this node meanwhile; its result is dropped"),
@@ -724,30 +731,14 @@ impl Ctx {
 
     /// Takes stream entry `entry` off (its ack and its deletion) and writes `result`
     /// (the parent's stream, the frame, its MAC) if there is one, all only if this node
-    /// still owns the entry (see [`ANSWER`]); false if it does not.
-    async fn answer(
-        &self,
-        con: &mut Con,
-        entry: &str,
-        result: Option<(&str, Vec<u8>, Vec<u8>)>,
-    ) -> redis::RedisResult<bool> {
+    /// still owns the entry (see `answers`); false if it does not.
+    async fn answer(&self, entry: &str, result: answers::Written) -> redis::RedisResult<bool> {
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(entry);
-        let mut script = scripts().answer.prepare_invoke();
-        script.key(&self.stream);
-        match &result {
-            Some((stream, _, _)) => script.key(*stream),
-            None => script.key(&self.stream),
-        };
-        script.arg(GROUP).arg(entry).arg(&self.consumer);
-        match result {
-            Some((_, f, m)) => script.arg(f).arg(m),
-            None => script.arg("").arg(""),
-        };
-        let done: i64 = script.invoke_async(con).await?;
-        Ok(done == 1)
+        let entry = entry.to_owned();
+        self.answers.send(answers::Answer { entry, result }).await
     }
 
     /// Runs a task in a local worker, within its deadline; which worker, how it ended,
