@@ -12,7 +12,9 @@ mod redis_support;
 use futures::StreamExt;
 use procpool::Error;
 use redis_support::{Nodes, RedisServer, namespace, remote_pool};
-use support::{TempDir, status_kib};
+use std::time::Duration;
+
+use support::{TempDir, eventually_async, status_kib, write_file};
 
 const KEY: &str = "memory-test-key";
 
@@ -97,4 +99,86 @@ async fn imap_over_ten_million_items_keeps_a_window_in_redis_and_the_parents_mem
     // A healthy run warns of nothing (a heartbeat racing an answer once did).
     let log = nodes.log(nodes.pids()[0]);
     assert!(!log.contains(" WARN "), "{log}");
+}
+
+/// Waits for file `gate`, then appends `i` to `log` (one line, one `write` with
+/// `O_APPEND`: lines of several processes do not mix).
+fn gated_append(gate: String, log: String, i: u32) -> u32 {
+    use std::io::Write;
+    while !std::path::Path::new(&gate).exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .unwrap();
+    f.write_all(format!("{i}\n").as_bytes()).unwrap();
+    i
+}
+
+/// 6,000 tasks submitted at once to a pool whose node has one worker: 4,096 (the
+/// window) are written to Redis, the rest wait in the pool, in order; one given up while
+/// it waits never runs; every other one completes once.
+#[tokio::test]
+async fn a_remote_pool_keeps_at_most_its_window_of_tasks_in_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("pool-window");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns, KEY).await;
+    let mut con = server.connect().await;
+    let dir = TempDir::new("remote-window");
+    let (gate, log) = (dir.path("gate"), dir.path("log"));
+    const N: u32 = 6_000;
+    const WINDOW: usize = 4_096;
+    let mut handles: Vec<_> = (0..N)
+        .map(|i| pool.apply_async(gated_append, (gate.clone(), log.clone(), i)))
+        .collect();
+    let waiting = usize::try_from(N).unwrap() - WINDOW;
+    assert!(
+        eventually_async(Duration::from_secs(30), || pool.stats().queued == waiting).await,
+        "{:?}",
+        pool.stats()
+    );
+    assert_eq!(pool.stats().running, WINDOW);
+    let tasks = format!("{{pp:{ns}}}:b:*:tasks");
+    let in_redis = xlen(&mut con, &tasks).await;
+    assert!(
+        in_redis <= WINDOW,
+        "{in_redis} entries in the task stream (window {WINDOW})"
+    );
+    // The last one waits here: given up, it is taken out before the gate opens.
+    drop(handles.pop());
+    assert!(
+        eventually_async(Duration::from_secs(10), || pool.stats().cancelled == 1).await,
+        "{:?}",
+        pool.stats()
+    );
+    write_file(&gate, "open");
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap(), u32::try_from(i).unwrap());
+    }
+    let mut ran: Vec<u32> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    ran.sort_unstable();
+    assert_eq!(
+        ran,
+        (0..N - 1).collect::<Vec<_>>(),
+        "each ran once, but the last"
+    );
+    // The stats follow the last answer.
+    let idle = || {
+        let s = pool.stats();
+        (s.queued, s.running, s.completed) == (0, 0, u64::from(N - 1))
+    };
+    assert!(
+        eventually_async(Duration::from_secs(10), idle).await,
+        "{:?}",
+        pool.stats()
+    );
 }

@@ -157,6 +157,9 @@ async fn start(
         cmds,
         results,
         inflight: HashMap::new(),
+        waiting: std::collections::VecDeque::new(),
+        jobs: HashMap::new(),
+        window: window_for(processes),
         stats: Arc::clone(&stats),
         counts: PoolStats::default(),
         closing: Vec::new(),
@@ -208,6 +211,21 @@ async fn wait_for_nodes(con: &mut Con, keys: &Keys, build: &str, wait: Duration)
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How many of a pool's tasks are in Redis at most (queued or running there, see
+/// [`window_for`]); the others wait in the pool, in order. A pool that submits a
+/// million tasks holds them in its own memory (as a local pool does), not in Redis's,
+/// and a node still finds more queued than it can take.
+const WINDOW: usize = 4096;
+
+/// At most this many tasks are written in one round trip.
+const WRITE_BATCH: usize = 256;
+
+/// The window of a pool whose nodes had `processes` workers when it started: at least
+/// twice what they can hold (a node holds up to 128 tasks per worker), and [`WINDOW`].
+fn window_for(processes: usize) -> usize {
+    WINDOW.max(processes.saturating_mul(256))
 }
 
 /// The largest arguments a remote task takes: Redis's default `proto-max-bulk-len`
@@ -392,6 +410,12 @@ struct RemoteDispatcher {
     cmds: mpsc::UnboundedReceiver<Command>,
     results: mpsc::UnboundedReceiver<FromReader>,
     inflight: HashMap<u64, Inflight>,
+    /// Tasks submitted and not yet written, in order (see [`WINDOW`]): their ids, and
+    /// the tasks by id (one given up while waiting is only taken out of `jobs`).
+    waiting: std::collections::VecDeque<u64>,
+    jobs: HashMap<u64, Job>,
+    /// How many tasks may be in Redis at once.
+    window: usize,
     stats: Arc<Mutex<PoolStats>>,
     counts: PoolStats,
     closing: Vec<oneshot::Sender<()>>,
@@ -401,8 +425,13 @@ struct RemoteDispatcher {
 impl RemoteDispatcher {
     async fn run(mut self) {
         loop {
+            // After every result that came is handled (below), so that tasks are
+            // written in round trips of many, not one per answer.
+            if !self.jobs.is_empty() && self.inflight.len() < self.window {
+                self.write_waiting().await;
+            }
             self.publish();
-            if !self.closing.is_empty() && self.inflight.is_empty() {
+            if !self.closing.is_empty() && self.inflight.is_empty() && self.jobs.is_empty() {
                 for done in self.closing.drain(..) {
                     done.send(()).ok();
                 }
@@ -427,27 +456,39 @@ impl RemoteDispatcher {
                         return;
                     }
                 }
-                Some(msg) = self.results.recv() => match msg {
-                    FromReader::Result(r) => self.on_result(r),
-                    FromReader::Unreachable(e) => self.fail_all(e),
-                    FromReader::Restarted => self.on_restart().await,
-                },
+                Some(msg) = self.results.recv() => {
+                    let mut next = Some(msg);
+                    let mut n = 0;
+                    while let Some(msg) = next.take() {
+                        match msg {
+                            FromReader::Result(r) => self.on_result(r),
+                            FromReader::Unreachable(e) => self.fail_all(e),
+                            FromReader::Restarted => self.on_restart().await,
+                        }
+                        n += 1;
+                        if n < 1024 {
+                            next = self.results.try_recv().ok();
+                        }
+                    }
+                }
             }
         }
     }
 
     /// Handles a batch; false once terminated.
     async fn on_commands(&mut self, batch: Vec<Command>) -> bool {
-        let mut submits = Vec::new();
         for cmd in batch {
             match cmd {
-                Command::Submit(job) => submits.push(job),
+                Command::Submit(job) => {
+                    self.counts.submitted += 1;
+                    self.waiting.push_back(job.id);
+                    self.jobs.insert(job.id, job);
+                }
                 // A remote task given up is always stopped on its node.
                 Command::Cancel { id, kill: _ } => {
-                    // Submitted in this same batch: it never leaves this process.
-                    if let Some(i) = submits.iter().position(|j: &Job| j.id == id) {
-                        let job = submits.remove(i);
-                        self.counts.submitted += 1;
+                    // Still waiting here (submitted in this same batch, say): it never
+                    // leaves this process.
+                    if let Some(job) = self.jobs.remove(&id) {
                         self.counts.cancelled += 1;
                         self.give_back(job.admitted);
                     } else {
@@ -472,10 +513,29 @@ impl RemoteDispatcher {
                 }
             }
         }
-        if !submits.is_empty() {
-            self.submit(submits).await;
-        }
         true
+    }
+
+    /// Writes waiting tasks, in order, while the window has room (in round trips of
+    /// at most [`WRITE_BATCH`] tasks).
+    async fn write_waiting(&mut self) {
+        while self.inflight.len() < self.window {
+            let room = (self.window - self.inflight.len()).min(WRITE_BATCH);
+            let mut jobs = Vec::with_capacity(room.min(self.jobs.len()));
+            while jobs.len() < room {
+                let Some(id) = self.waiting.pop_front() else {
+                    break;
+                };
+                // Not there: given up while it waited.
+                if let Some(job) = self.jobs.remove(&id) {
+                    jobs.push(job);
+                }
+            }
+            if jobs.is_empty() {
+                return;
+            }
+            self.submit(jobs).await;
+        }
     }
 
     /// Writes the tasks to the build's stream, in one round trip.
@@ -492,7 +552,6 @@ impl RemoteDispatcher {
             .ignore();
         let mut sent = Vec::new();
         for job in jobs {
-            self.counts.submitted += 1;
             let framed = self.frame(&job, deadline_ms);
             match framed {
                 Ok((f, m)) => {
@@ -649,7 +708,8 @@ impl RemoteDispatcher {
         // A Redis with persistence may have kept the entries, which must not run now
         // that their callers are answered.
         self.cancel_in_flight().await;
-        self.fail_all(Error::Backend {
+        // The tasks still waiting here lost nothing: they go to the new server.
+        self.fail_in_flight(Error::Backend {
             reason: "Redis restarted; the task's state there may be lost".to_owned(),
         });
     }
@@ -678,7 +738,19 @@ impl RemoteDispatcher {
         }
     }
 
+    /// Fails every task: in Redis, and waiting here.
     fn fail_all(&mut self, e: Error) {
+        self.waiting.clear();
+        for (_, job) in std::mem::take(&mut self.jobs) {
+            self.counts.cancelled += 1;
+            self.give_back(job.admitted);
+            job.reply.send(Err(e.duplicate()));
+        }
+        self.fail_in_flight(e);
+    }
+
+    /// Fails the tasks in Redis.
+    fn fail_in_flight(&mut self, e: Error) {
         for (_, t) in self.inflight.drain() {
             self.counts.cancelled += 1;
             if t.admitted {
@@ -696,6 +768,7 @@ impl RemoteDispatcher {
         *s = PoolStats {
             workers,
             idle,
+            queued: self.jobs.len(),
             ..self.counts
         };
     }

@@ -38,6 +38,12 @@ use crate::error::{Error, Result};
 /// namespace and key) in the environment, or running [`node`](crate::remote::node).
 /// The URL is `redis://host:port`, `rediss://` for TLS (feature `redis-tls`), or
 /// `unix:///path/to/socket`. Running nodes: `DEPLOY.md` and `deploy/` in the repository.
+///
+/// A pool keeps at most 4,096 of its tasks in Redis at once (or 256 per worker process
+/// of the nodes it found at start, if that is more: twice what they can hold); the
+/// others wait in the pool, in order, and count as [`queued`](crate::PoolStats::queued)
+/// in its stats. A million `apply_async` calls take the parent's memory, as in a local
+/// pool, not Redis's, and one given up while it waits never reaches Redis.
 #[derive(Debug, Clone)]
 pub struct Redis {
     pub(crate) url: String,
