@@ -490,7 +490,7 @@ async fn a_batch_of_answers_writes_only_what_the_node_still_owns() {
         return;
     };
     let mut con = server.connect().await;
-    let (stream, results) = ("{t}:tasks", "{t}:results");
+    let (stream, to_a, to_b) = ("{t}:tasks", "{t}:results-a", "{t}:results-b");
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -534,27 +534,30 @@ async fn a_batch_of_answers_writes_only_what_the_node_still_owns() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let result = |f: &str| Some((results.to_owned(), f.as_bytes().to_vec(), b"mac".to_vec()));
+    // Two parents' result streams: each answer goes to its own.
+    let result = |to: &str, f: &str| Some((to.to_owned(), f.as_bytes().to_vec(), b"mac".to_vec()));
     let answers = vec![
-        (ids[0].clone(), result("zero")),
-        (ids[1].clone(), result("one, reclaimed")),
+        (ids[0].clone(), result(to_a, "zero")),
+        (ids[1].clone(), result(to_b, "one, reclaimed")),
         (ids[2].clone(), None),
-        (ids[3].clone(), result("three")),
-        (ids[3].clone(), result("three again")),
+        (ids[3].clone(), result(to_b, "three")),
+        (ids[3].clone(), result(to_a, "three again")),
     ];
     let owned = procpool::remote::__answer(&server.url, stream, "a", answers)
         .await
         .unwrap();
     assert_eq!(owned, [true, false, true, true, false]);
-    let written: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(results)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let frames: Vec<&str> = written.iter().map(|(_, f)| f[0].1.as_str()).collect();
-    assert_eq!(frames, ["zero", "three"]);
+    for (to, want) in [(to_a, "zero"), (to_b, "three")] {
+        let written: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(to)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let frames: Vec<&str> = written.iter().map(|(_, f)| f[0].1.as_str()).collect();
+        assert_eq!(frames, [want], "in {to}");
+    }
     let pending = pending_entries(&mut con, stream).await;
     let pending: Vec<(&str, &str)> = pending
         .iter()
@@ -851,4 +854,67 @@ async fn a_node_ignores_sigpipe() {
         ignored & (1 << (SIGPIPE - 1)) != 0,
         "SIGPIPE is not ignored in node {node} (SigIgn {ignored:x})"
     );
+}
+
+/// `procpool::remote::node` run from a program's own `main` (here, a test's runtime)
+/// serves tasks; once its future is dropped it stops: its workers exit, and its
+/// registration is no longer renewed (it lapses within 3 s).
+#[tokio::test]
+async fn a_node_run_from_main_serves_and_stops_when_dropped() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("in-main");
+    let config = Redis::new(&server.url)
+        .namespace(&ns)
+        .key(KEY)
+        .node_processes(1);
+    let node = tokio::spawn(procpool::remote::node(config));
+    let pool = remote_pool(&server, &ns).await;
+    assert_eq!(pool.apply(doubler, (21,)).await.unwrap(), 42);
+    let workers: Vec<u32> = procpool::active_children()
+        .iter()
+        .filter(|c| c.name().starts_with("node-"))
+        .map(|c| c.pid())
+        .collect();
+    assert_eq!(workers.len(), 1, "{:?}", procpool::active_children());
+    node.abort();
+    assert!(node.await.unwrap_err().is_cancelled());
+    assert!(
+        eventually(Duration::from_secs(10), || workers
+            .iter()
+            .all(|&w| is_dead(w))),
+        "the dropped node's worker {workers:?} still runs"
+    );
+    let mut con = server.connect().await;
+    let key = format!("{{pp:{ns}}}:b:*:nodes");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    // Registrations still valid: scored with their expiry (ms since the epoch).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let live: usize = redis::cmd("ZCOUNT")
+            .arg(&keys[0])
+            .arg(u64::try_from(now).unwrap())
+            .arg("+inf")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if live == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped node is still registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

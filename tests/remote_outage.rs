@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use procpool::Error;
 use redis_support::{Nodes, RedisServer, namespace, remote_pool};
-use support::{TempDir, eventually, is_dead, read_file_within, write_file};
+use support::{
+    TempDir, eventually, eventually_async, gated_append, is_dead, ran, read_file_within, write_file,
+};
 
 const KEY: &str = "outage-test-key";
 
@@ -124,4 +126,79 @@ async fn redis_gone_for_good_fails_what_is_in_flight_and_the_pool_serves_once_it
     .await
     .expect("the pool answers once Redis is back");
     assert_eq!(again, 42);
+}
+
+/// Redis restarts while tasks wait in the pool (beyond its window of 4,096 in Redis):
+/// those in Redis fail with `Backend`, but those waiting lose nothing and run on the new
+/// server, but for the few written while it was down (one task per pause, each
+/// failing); nothing runs twice.
+#[tokio::test]
+async fn tasks_waiting_in_the_pool_survive_a_redis_restart() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("restart-waiting");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns, KEY).await;
+    let dir = TempDir::new("remote-restart-waiting");
+    let (gate, log) = (dir.path("gate"), dir.path("log"));
+    const N: u32 = 5_000;
+    const WINDOW: u32 = 4_096;
+    let mut handles: Vec<_> = (0..N)
+        .map(|i| Some(pool.apply_async(gated_append, (gate.clone(), log.clone(), i))))
+        .collect();
+    let waiting = usize::try_from(N - WINDOW).unwrap();
+    assert!(
+        eventually_async(Duration::from_secs(30), || pool.stats().queued == waiting).await,
+        "{:?}",
+        pool.stats()
+    );
+    server.kill();
+    // A task in Redis given up frees room: the pool tries to write a waiting one, which
+    // fails while Redis is down.
+    drop(handles[0].take());
+    assert!(
+        eventually_async(Duration::from_secs(20), || pool.stats().failed >= 1).await,
+        "{:?}",
+        pool.stats()
+    );
+    server.start_again();
+    write_file(&gate, "open");
+    let (mut ok, mut backend) = (Vec::new(), 0);
+    for (i, h) in handles.into_iter().enumerate() {
+        let Some(h) = h else { continue };
+        match tokio::time::timeout(Duration::from_secs(60), h).await {
+            Ok(Ok(v)) => ok.push(v),
+            Ok(Err(Error::Backend { .. })) => backend += 1,
+            other => panic!("task {i}: {other:?}"),
+        }
+    }
+    // Every one in Redis failed (their state went with it), and only a few waiting.
+    assert!(
+        ok.iter().all(|&i| i >= WINDOW),
+        "a task Redis lost completed: {ok:?}"
+    );
+    assert!(
+        ok.len() + 10 >= waiting,
+        "{} of the {waiting} waiting tasks completed, {backend} failed",
+        ok.len()
+    );
+    // What completed ran once; of the others, only the few the node held when Redis
+    // went (it may finish them before it sees they are lost), at most once each.
+    let ran = ran(&log);
+    let mut extra = ran.clone();
+    extra.retain(|i| !ok.contains(i));
+    assert!(
+        ok.iter().all(|i| ran.binary_search(i).is_ok()),
+        "ran {} (of them {extra:?} not completed), completed {}",
+        ran.len(),
+        ok.len()
+    );
+    assert!(
+        extra.iter().all(|&i| i < WINDOW) && extra.len() <= 4,
+        "not completed but ran: {extra:?}"
+    );
+    let mut once = ran.clone();
+    once.dedup();
+    assert_eq!(once, ran, "a task ran twice");
 }

@@ -123,7 +123,15 @@ async fn write(
         }
         let (answers, waiting): (Vec<Answer>, Vec<_>) =
             batch.into_iter().map(|p| (p.answer, p.done)).unzip();
-        let res = invoke(&mut con, &stream, &consumer, &answers).await;
+        let mut res = invoke(&mut con, &stream, &consumer, &answers).await;
+        if let Err(e) = &res
+            && (e.is_connection_dropped() || e.is_io_error())
+        {
+            // Once more, on the connection made again: the script may have run before
+            // its reply was lost, and is safe to run twice (what it answered is acked,
+            // so not this consumer's any more: a task answered so reads "reclaimed").
+            res = invoke(&mut con, &stream, &consumer, &answers).await;
+        }
         match res {
             Ok(owned) => {
                 for (done, owned) in waiting.into_iter().zip(owned) {

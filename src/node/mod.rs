@@ -32,21 +32,45 @@ const REGISTRATION: Duration = Duration::from_secs(3);
 /// [`Error::InvalidConfig`] without a key; [`Error::Backend`] when Redis cannot be
 /// reached; the local pool's error if its workers cannot start.
 ///
+/// The node runs on a thread of its own (its Redis connections, its local pool's
+/// dispatcher and its workers' readers all on one current-thread runtime), not on the
+/// caller's runtime.
+///
 /// # Cancel safety
 ///
-/// Dropped, the node stops where it is (without draining); its workers exit with it.
+/// Dropped, the node stops where it is (without draining): its thread's runtime and
+/// every task on it end, and its workers exit with their channels.
 pub async fn node(config: Redis) -> Result<()> {
-    // On the pools' runtime, where the local pool's dispatcher and its workers' readers
-    // run: a task goes from the node's read to its worker and back to its answer without
-    // waking a thread of another runtime at each step.
-    let (mut tx, rx) = tokio::sync::oneshot::channel();
-    crate::runtime::service::run_pool(async move {
+    let (done, result) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("procpool-node".into())
+        .spawn(move || {
+            let stopped = async move {
+                // Err: `node` was dropped (nothing is ever sent).
+                drop(stopped.await);
+            };
+            drop(done.send(run_here(config, stopped)));
+        })
+        .map_err(|e| Error::spawn("cannot start the node's thread", Some(e)))?;
+    let res = result.await.unwrap_or(Err(Error::PoolClosed));
+    drop(stop);
+    res
+}
+
+/// Runs a node on this thread until it stops or `stop` completes; the runtime, and
+/// every task of the node on it, is dropped before this returns.
+fn run_here(config: Redis, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::spawn("the node cannot start its runtime", Some(e)))?;
+    runtime.block_on(async move {
         tokio::select! {
-            r = serve(config) => drop(tx.send(r)),
-            () = tx.closed() => {}
+            r = serve(config) => r,
+            () = stop => Ok(()),
         }
-    })?;
-    rx.await.unwrap_or(Err(Error::PoolClosed))
+    })
 }
 
 async fn serve(config: Redis) -> Result<()> {
@@ -67,7 +91,11 @@ async fn serve(config: Redis) -> Result<()> {
         .map_or_else(|_| "node".to_owned(), |h| h.trim().to_owned());
     let id = format!("{host}-{}-{}", std::process::id(), &frame::random_id()[..6]);
     crate::runtime::set_worker_prefix(format!("node-{id}"));
-    let pool = AsyncPool::new(processes).await?;
+    let pool = AsyncPool::builder()
+        .processes(processes)
+        .on_runtime(tokio::runtime::Handle::current())
+        .build()
+        .await?;
     tracing::info!(target: "procpool::lifecycle", node = %id, build, processes,
         "node serving namespace {}", config.namespace);
     let member = format!("{id}/{processes}");
@@ -110,6 +138,7 @@ async fn serve(config: Redis) -> Result<()> {
     let ctx = Arc::new(Ctx {
         cancels: Mutex::default(),
         entries: Mutex::default(),
+        answering: Mutex::default(),
         consumer: id.clone(),
         key,
         build,
@@ -316,6 +345,9 @@ struct Ctx {
     /// The stream entries this node holds (read, not answered), for the heartbeat, with
     /// their task's cancel name once its frame is read.
     entries: Mutex<HashMap<String, Option<String>>>,
+    /// Entries whose answer is being written: still held (and renewed), but if the
+    /// heartbeat finds one lost, its answer says so (and writes nothing).
+    answering: Mutex<HashSet<String>>,
     /// This node's consumer name in the group.
     consumer: String,
     key: Arc<Vec<u8>>,
@@ -587,6 +619,14 @@ impl Ctx {
                 }
             };
             for entry in lost {
+                if self
+                    .answering
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&entry)
+                {
+                    continue;
+                }
                 let held = self
                     .entries
                     .lock()
@@ -638,7 +678,7 @@ impl Ctx {
                 Ok(t) => Ok(t),
             },
         };
-        let task = match task {
+        let mut task = match task {
             Ok(t) => t,
             Err(reason) => {
                 tracing::warn!(target: "procpool::remote", entry = %entry.id,
@@ -683,7 +723,9 @@ impl Ctx {
                 "a task this node no longer owns was not started");
             return;
         }
-        let Some((worker, end, events)) = self.run(&mut con, &task, lapses).await else {
+        // Moved, not copied (they may be hundreds of MB).
+        let args = std::mem::take(&mut task.args);
+        let Some((worker, end, events)) = self.run(&mut con, &task, args, lapses).await else {
             // Cancelled: its caller is gone; the entry goes, unanswered.
             if let Err(e) = self.answer(&entry.id, None).await {
                 tracing::warn!(target: "procpool::remote", "cannot drop a cancelled task: {e}");
@@ -733,12 +775,26 @@ impl Ctx {
     /// (the parent's stream, the frame, its MAC) if there is one, all only if this node
     /// still owns the entry (see `answers`); false if it does not.
     async fn answer(&self, entry: &str, result: answers::Written) -> redis::RedisResult<bool> {
+        // Held, and renewed by the heartbeat, until the answer is written: one that waits
+        // for its batch keeps its entry from the reaper meanwhile.
+        self.answering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entry.to_owned());
+        let answer = answers::Answer {
+            entry: entry.to_owned(),
+            result,
+        };
+        let res = self.answers.send(answer).await;
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(entry);
-        let entry = entry.to_owned();
-        self.answers.send(answers::Answer { entry, result }).await
+        self.answering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(entry);
+        res
     }
 
     /// Runs a task in a local worker, within its deadline; which worker, how it ended,
@@ -749,6 +805,7 @@ impl Ctx {
         &self,
         con: &mut Con,
         task: &TaskFrame,
+        args: serde_bytes::ByteBuf,
         lapses: u64,
     ) -> Option<(String, End, TaskEvents)> {
         let Some(name) = intern(&task.target_name) else {
@@ -761,7 +818,7 @@ impl Ctx {
             name,
         };
         let cancel = frame::cancel_name(&task.parent, task.task);
-        let args = Bytes::from(task.args.clone().into_vec());
+        let args = Bytes::from(args.into_vec());
         // Redis is asked only what this node cannot know (see `Cancels`): whether a
         // cancel it may have missed is in the cancelled set, whether a parent it has not
         // seen within a heartbeat is alive (one that is gone wants nothing).
@@ -942,17 +999,7 @@ pub(crate) fn boot_from_env() {
             }
         }
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(target: "procpool::lifecycle", "the node cannot start its runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    match runtime.block_on(node(config)) {
+    match run_here(config, std::future::pending()) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             tracing::error!(target: "procpool::lifecycle", "the node stopped: {e}");

@@ -34,6 +34,7 @@ pub struct Builder {
     wait_for_nodes: Duration,
     #[cfg(feature = "redis")]
     retries: u32,
+    runtime: crate::runtime::service::PoolRuntime,
 }
 
 /// How long a worker may take to start (and run its initializer) by default.
@@ -93,7 +94,16 @@ impl Builder {
             wait_for_nodes: Duration::from_secs(10),
             #[cfg(feature = "redis")]
             retries: 0,
+            runtime: crate::runtime::service::PoolRuntime::default(),
         }
+    }
+
+    /// For a node: the pool's dispatcher and its workers' tasks run on the runtime of
+    /// `handle` (the node's thread) instead of procpool's pools' runtime.
+    #[cfg(feature = "redis")]
+    pub(crate) fn on_runtime(mut self, handle: tokio::runtime::Handle) -> Self {
+        self.runtime = crate::runtime::service::PoolRuntime::on(handle);
+        self
     }
 
     /// Number of worker processes. Default: [`std::thread::available_parallelism`].
@@ -296,6 +306,7 @@ impl Builder {
             init: self.init.transpose()?,
             start_timeout: self.start_timeout,
             kill_grace: self.kill_grace,
+            runtime: self.runtime.clone(),
         };
         let cfg = Config {
             processes,
@@ -310,7 +321,7 @@ impl Builder {
             commands: tx,
             stats,
         } = dispatcher::launch(cfg, backend, Arc::clone(&admission)).await?;
-        crate::runtime::service::run_pool(dispatcher.run())?;
+        self.runtime.spawn(dispatcher.run())?;
         Ok(AsyncPool {
             shared: Arc::new(Shared {
                 tx,

@@ -408,6 +408,60 @@ pub(crate) fn run_pool<F: std::future::Future<Output = ()> + Send + 'static>(
     Ok(())
 }
 
+/// Runs `fut` on the remote pools' thread: a current-thread runtime of its own that never
+/// exits, where every remote pool of this process has its dispatcher, its result reader
+/// and its Redis connections, so that a task's submission, its write to Redis and its
+/// result hand each other on without waking a second thread (on the pools' two threads,
+/// a round trip woke both several times).
+///
+/// # Errors
+///
+/// [`Error::Spawn`] if the thread cannot be started.
+#[cfg(feature = "redis")]
+pub(crate) fn run_remote<F: std::future::Future<Output = ()> + Send + 'static>(
+    fut: F,
+) -> Result<(), Error> {
+    static REMOTE: OnceLock<Result<tokio::runtime::Handle, String>> = OnceLock::new();
+    REMOTE
+        .get_or_init(|| forever_thread("procpool-remote"))
+        .as_ref()
+        .map_err(|reason| Error::spawn(reason.clone(), None))?
+        .spawn(fut);
+    Ok(())
+}
+
+/// Where a pool's tasks run: procpool's pools' runtime ([`run_pool`]), or, for a node,
+/// the node's own thread, so that its reads, its local pool and its workers' readers
+/// hand tasks to each other without waking another thread.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PoolRuntime(Option<tokio::runtime::Handle>);
+
+impl PoolRuntime {
+    /// The runtime of `handle`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn on(handle: tokio::runtime::Handle) -> PoolRuntime {
+        PoolRuntime(Some(handle))
+    }
+
+    /// Starts `fut` there.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_pool`].
+    pub(crate) fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(
+        &self,
+        fut: F,
+    ) -> Result<(), Error> {
+        match &self.0 {
+            Some(handle) => {
+                handle.spawn(fut);
+                Ok(())
+            }
+            None => run_pool(fut),
+        }
+    }
+}
+
 /// Children of this process, for [`active_children`](crate::active_children).
 fn registry() -> &'static Mutex<Vec<Weak<ChildHandle>>> {
     static REGISTRY: OnceLock<Mutex<Vec<Weak<ChildHandle>>>> = OnceLock::new();

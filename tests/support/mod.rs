@@ -44,6 +44,31 @@ pub fn wait_for_file(path: &str) {
     }
 }
 
+/// A pool target: waits for file `gate`, then appends `i` to `log` (one line, one
+/// `write` with `O_APPEND`: lines of several processes do not mix).
+pub fn gated_append(gate: String, log: String, i: u32) -> u32 {
+    use std::io::Write;
+    wait_for_file(&gate);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .unwrap();
+    f.write_all(format!("{i}\n").as_bytes()).unwrap();
+    i
+}
+
+/// The numbers `gated_append` wrote to `log`, sorted (none if it is missing).
+pub fn ran(log: &str) -> Vec<u32> {
+    let mut ran: Vec<u32> = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    ran.sort_unstable();
+    ran
+}
+
 /// Creates `path` atomically (write then rename), so a reader never sees it half written.
 pub fn write_file(path: &str, contents: &str) {
     // Unique per process and call: several children may write the same file at once.

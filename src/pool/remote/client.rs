@@ -34,7 +34,7 @@ pub(crate) struct Launched {
 }
 
 /// Connects, waits for a node of this build, and starts the dispatcher, all on
-/// procpool's pools' runtime: the connections' drivers run there, not on the caller's
+/// procpool's remote pools' thread (`run_remote`): the connections' drivers run there, not on the caller's
 /// runtime, so the pool serves callers that block their thread or whose runtime is gone.
 ///
 /// # Errors
@@ -52,7 +52,7 @@ pub(crate) async fn launch(
     admission: Arc<tokio::sync::Semaphore>,
 ) -> Result<Launched> {
     let (mut tx, rx) = oneshot::channel();
-    crate::runtime::service::run_pool(async move {
+    crate::runtime::service::run_remote(async move {
         let started = tokio::select! {
             r = start(redis, opts, admission) => r,
             () = tx.closed() => return, // the build was dropped
@@ -160,6 +160,8 @@ async fn start(
         waiting: std::collections::VecDeque::new(),
         jobs: HashMap::new(),
         window: window_for(processes),
+        paused: None,
+        pause: WRITE_PAUSE,
         stats: Arc::clone(&stats),
         counts: PoolStats::default(),
         closing: Vec::new(),
@@ -219,6 +221,9 @@ async fn wait_for_nodes(con: &mut Con, keys: &Keys, build: &str, wait: Duration)
 /// and a node still finds more queued than it can take.
 const WINDOW: usize = 4096;
 
+/// How long the dispatcher waits after a failed write before it writes again.
+const WRITE_PAUSE: Duration = Duration::from_millis(200);
+
 /// At most this many tasks are written in one round trip.
 const WRITE_BATCH: usize = 256;
 
@@ -274,7 +279,10 @@ struct Reader {
 impl Reader {
     async fn run(mut self) {
         let mut last = "0".to_owned();
-        loop {
+        // Results read and not yet deleted: deleted in the same round trip as the next
+        // read (one wake-up of Redis and of this thread per read, not two).
+        let mut read_ids: Vec<String> = Vec::new();
+        'reading: loop {
             let Some(con) = self.con.as_mut() else {
                 let out = self.out.clone();
                 tokio::select! {
@@ -290,24 +298,31 @@ impl Reader {
                 .arg("STREAMS")
                 .arg(&self.stream)
                 .arg(&last);
-            let read = cmd.query_async::<Option<redis::streams::StreamReadReply>>(con);
+            let mut pipe = redis::pipe();
+            if !read_ids.is_empty() {
+                pipe.cmd("XDEL").arg(&self.stream).arg(&read_ids).ignore();
+            }
+            pipe.add_command(cmd);
+            let read = pipe.query_async::<(Option<redis::streams::StreamReadReply>,)>(con);
             let reply = tokio::select! {
                 r = read => r,
                 () = self.out.closed() => break,
             };
             let reply = match reply {
-                Ok(r) => r,
+                Ok((r,)) => {
+                    read_ids.clear();
+                    r
+                }
                 Err(e) => {
                     tracing::warn!(target: "procpool::remote", "cannot read results: {e}; reconnecting");
                     self.con = None;
                     continue;
                 }
             };
-            let mut ids = Vec::new();
             for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
                 let (f, m) = (entry.get::<Vec<u8>>("f"), entry.get::<Vec<u8>>("m"));
                 last.clone_from(&entry.id);
-                ids.push(entry.id);
+                read_ids.push(entry.id);
                 let Some((f, m)) = f.zip(m) else {
                     tracing::warn!(target: "procpool::remote", "a result without its frame or MAC was dropped");
                     continue;
@@ -321,22 +336,12 @@ impl Reader {
                         let span = crate::log::span_of(Some(r.task));
                         reemit(span.as_ref(), &r.worker, std::mem::take(&mut r.events));
                         if self.out.send(FromReader::Result(r)).is_err() {
-                            return;
+                            break 'reading; // the dispatcher is gone
                         }
                     }
                     Err(e) => {
                         tracing::warn!(target: "procpool::remote", "a result was dropped: {e}")
                     }
-                }
-            }
-            if !ids.is_empty() {
-                let del: redis::RedisResult<i64> = redis::cmd("XDEL")
-                    .arg(&self.stream)
-                    .arg(&ids)
-                    .query_async(con)
-                    .await;
-                if let Err(e) = del {
-                    tracing::debug!(target: "procpool::remote", "cannot delete read results: {e}");
                 }
             }
         }
@@ -416,6 +421,15 @@ struct RemoteDispatcher {
     jobs: HashMap<u64, Job>,
     /// How many tasks may be in Redis at once.
     window: usize,
+    /// A write failed (Redis unreachable?): the waiting tasks are not written before
+    /// then, and the next write is of one task. A failed write fails its own tasks (some
+    /// of them may be in Redis), so an outage costs one task per pause (200 ms, doubling
+    /// up to 2 s), not every task waiting: the others are written once Redis is back,
+    /// or fail when the reconnect window is over. The dispatcher goes on hearing
+    /// cancels, `close` and `terminate` meanwhile.
+    paused: Option<tokio::time::Instant>,
+    /// The next pause after a failed write.
+    pause: Duration,
     stats: Arc<Mutex<PoolStats>>,
     counts: PoolStats,
     closing: Vec<oneshot::Sender<()>>,
@@ -427,7 +441,13 @@ impl RemoteDispatcher {
         loop {
             // After every result that came is handled (below), so that tasks are
             // written in round trips of many, not one per answer.
-            if !self.jobs.is_empty() && self.inflight.len() < self.window {
+            if self
+                .paused
+                .is_some_and(|at| tokio::time::Instant::now() >= at)
+            {
+                self.paused = None;
+            }
+            if !self.jobs.is_empty() && self.inflight.len() < self.window && self.paused.is_none() {
                 self.write_waiting().await;
             }
             self.publish();
@@ -437,7 +457,9 @@ impl RemoteDispatcher {
                 }
                 return;
             }
+            let pause = self.paused;
             tokio::select! {
+                () = until(pause) => {}
                 cmd = self.cmds.recv() => {
                     let mut batch = Vec::new();
                     let mut next = cmd;
@@ -491,6 +513,10 @@ impl RemoteDispatcher {
                     if let Some(job) = self.jobs.remove(&id) {
                         self.counts.cancelled += 1;
                         self.give_back(job.admitted);
+                        if self.jobs.is_empty() {
+                            // Only the ids of tasks given up are left.
+                            self.waiting.clear();
+                        }
                     } else {
                         self.cancel(id).await;
                     }
@@ -520,7 +546,13 @@ impl RemoteDispatcher {
     /// at most [`WRITE_BATCH`] tasks).
     async fn write_waiting(&mut self) {
         while self.inflight.len() < self.window {
-            let room = (self.window - self.inflight.len()).min(WRITE_BATCH);
+            // One task only, after a failed write: a probe.
+            let batch = if self.pause > WRITE_PAUSE {
+                1
+            } else {
+                WRITE_BATCH
+            };
+            let room = (self.window - self.inflight.len()).min(batch);
             let mut jobs = Vec::with_capacity(room.min(self.jobs.len()));
             while jobs.len() < room {
                 let Some(id) = self.waiting.pop_front() else {
@@ -534,12 +566,18 @@ impl RemoteDispatcher {
             if jobs.is_empty() {
                 return;
             }
-            self.submit(jobs).await;
+            if !self.submit(jobs).await {
+                self.paused = Some(tokio::time::Instant::now() + self.pause);
+                self.pause = (self.pause * 2).min(WRITE_PAUSE * 10);
+                return;
+            }
+            self.pause = WRITE_PAUSE;
         }
     }
 
-    /// Writes the tasks to the build's stream, in one round trip.
-    async fn submit(&mut self, jobs: Vec<Job>) {
+    /// Writes the tasks to the build's stream, in one round trip; false if Redis
+    /// failed it (its tasks fail).
+    async fn submit(&mut self, jobs: Vec<Job>) -> bool {
         let stream = self.keys.tasks(self.build);
         let deadline_ms = self.opts.task_timeout.map_or(0, |t| {
             frame::now_ms().saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
@@ -572,7 +610,7 @@ impl RemoteDispatcher {
             }
         }
         if sent.is_empty() {
-            return;
+            return true;
         }
         let ids: redis::RedisResult<Vec<String>> = pipe.query_async(&mut self.con).await;
         match ids {
@@ -596,8 +634,10 @@ impl RemoteDispatcher {
                     self.give_back(job.admitted);
                     job.reply.send(Err(backend("cannot queue the task", &e)));
                 }
+                return false;
             }
         }
+        true
     }
 
     /// A job's frame and MAC; arguments that refer to objects of this machine cannot go.
@@ -771,6 +811,14 @@ impl RemoteDispatcher {
             queued: self.jobs.len(),
             ..self.counts
         };
+    }
+}
+
+/// Completes at `at`, never if there is none.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

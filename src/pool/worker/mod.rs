@@ -125,6 +125,8 @@ pub(crate) struct Processes {
     pub(crate) start_timeout: std::time::Duration,
     /// How long a stopped worker has between SIGTERM and SIGKILL.
     pub(crate) kill_grace: std::time::Duration,
+    /// Where the workers' tasks run.
+    pub(crate) runtime: crate::runtime::service::PoolRuntime,
 }
 
 impl Workers for Processes {
@@ -141,7 +143,7 @@ impl Workers for Processes {
             self.start_timeout,
             events.clone(),
         );
-        if let Err(e) = crate::runtime::service::run_pool(task) {
+        if let Err(e) = self.runtime.spawn(task) {
             // Err: the pool is gone.
             events.send(Event::Failed(e)).ok();
         }
@@ -159,7 +161,7 @@ impl Workers for Processes {
             // Gone only if the pool is: nobody counts then.
             drop(events.send(Event::Stopped));
         };
-        if let Err(e) = crate::runtime::service::run_pool(stop) {
+        if let Err(e) = self.runtime.spawn(stop) {
             tracing::warn!(target: "procpool::lifecycle", "cannot stop a worker: {e}");
         }
     }
