@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use procpool::remote::Redis;
 use procpool::{AsyncPool, Error, ExitReason};
 use redis_support::{Nodes, Proxy, RedisServer, namespace, task_stream, zcard_reaches};
-use support::{TempDir, eventually, is_dead, read_file_within, write_file};
+use support::{TempDir, eventually, is_dead, read_file_within, read_line_within, write_file};
 
 const KEY: &str = "another-test-key";
 
@@ -313,8 +313,7 @@ async fn with_a_retry_a_lost_task_completes_on_another_node_and_runs_at_most_twi
     let dir = TempDir::new("remote-retry");
     let runs = dir.path("runs");
     let handle = pool.apply_async(first_run_hangs, (runs.clone(),));
-    let first_node: u32 = read_file_within(&runs, Duration::from_secs(30))
-        .trim()
+    let first_node: u32 = read_line_within(&runs, Duration::from_secs(30))
         .parse()
         .unwrap();
     nodes.kill(first_node);

@@ -94,6 +94,22 @@ pub fn read_file_within(path: &str, limit: Duration) -> String {
     }
 }
 
+/// The first line of `path` once it is whole (a writer that appends may have created
+/// the file and not yet written to it).
+pub fn read_line_within(path: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some((line, _)) = read_file_within(path, limit).split_once('\n') {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} had no whole line within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// The state letter of a process from `/proc/PID/stat` (`R`, `S`, `Z`, ...), or `None`
 /// if there is no such process.
 pub fn proc_state(pid: u32) -> Option<char> {

@@ -162,6 +162,7 @@ async fn start(
         window: window_for(processes),
         paused: None,
         pause: WRITE_PAUSE,
+        failing_since: None,
         stats: Arc::clone(&stats),
         counts: PoolStats::default(),
         closing: Vec::new(),
@@ -223,6 +224,18 @@ const WINDOW: usize = 4096;
 
 /// How long the dispatcher waits after a failed write before it writes again.
 const WRITE_PAUSE: Duration = Duration::from_millis(200);
+
+/// A round trip takes no more tasks once their arguments reach this size.
+const WRITE_BATCH_BYTES: usize = 4 << 20;
+
+/// How a write of tasks went.
+enum Wrote {
+    All,
+    /// Redis answered with an error.
+    Refused,
+    /// Redis could not be reached.
+    Unreachable,
+}
 
 /// At most this many tasks are written in one round trip.
 const WRITE_BATCH: usize = 256;
@@ -298,21 +311,37 @@ impl Reader {
                 .arg("STREAMS")
                 .arg(&self.stream)
                 .arg(&last);
+            // Each command's own answer: a deletion refused does not cost the read.
             let mut pipe = redis::pipe();
-            if !read_ids.is_empty() {
-                pipe.cmd("XDEL").arg(&self.stream).arg(&read_ids).ignore();
+            pipe.ignore_errors();
+            let deleting = !read_ids.is_empty();
+            if deleting {
+                pipe.cmd("XDEL").arg(&self.stream).arg(&read_ids);
             }
             pipe.add_command(cmd);
-            let read = pipe.query_async::<(Option<redis::streams::StreamReadReply>,)>(con);
-            let reply = tokio::select! {
+            let read = pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(con);
+            let replies = tokio::select! {
                 r = read => r,
                 () = self.out.closed() => break,
             };
-            let reply = match reply {
-                Ok((r,)) => {
+            let reply = replies.and_then(|mut replies| {
+                let read = replies.pop();
+                if deleting {
+                    if let Some(Err(e)) = replies.pop() {
+                        tracing::debug!(target: "procpool::remote", "cannot delete read results: {e}");
+                    }
                     read_ids.clear();
-                    r
                 }
+                let read = read.unwrap_or_else(|| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "no answer to the read",
+                    )))
+                })?;
+                Ok(<Option<redis::streams::StreamReadReply> as redis::FromRedisValue>::from_redis_value(read)?)
+            });
+            let reply = match reply {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(target: "procpool::remote", "cannot read results: {e}; reconnecting");
                     self.con = None;
@@ -421,15 +450,19 @@ struct RemoteDispatcher {
     jobs: HashMap<u64, Job>,
     /// How many tasks may be in Redis at once.
     window: usize,
-    /// A write failed (Redis unreachable?): the waiting tasks are not written before
-    /// then, and the next write is of one task. A failed write fails its own tasks (some
-    /// of them may be in Redis), so an outage costs one task per pause (200 ms, doubling
-    /// up to 2 s), not every task waiting: the others are written once Redis is back,
-    /// or fail when the reconnect window is over. The dispatcher goes on hearing
-    /// cancels, `close` and `terminate` meanwhile.
+    /// A write failed for want of Redis: the waiting tasks are not written before then,
+    /// and the next write is of one task. A failed write fails its own tasks (some of
+    /// them may be in Redis), so an outage costs one task per pause (200 ms, doubling up
+    /// to 2 s), not every task waiting: the others are written once Redis is back, or
+    /// fail once the writes have failed for the reconnect window. The dispatcher goes on
+    /// hearing cancels, `close` and `terminate` meanwhile. A write Redis refuses (full,
+    /// read-only) fails its tasks, and the next goes at once.
     paused: Option<tokio::time::Instant>,
     /// The next pause after a failed write.
     pause: Duration,
+    /// Since when every write has failed for want of Redis (see [`Self::paused`]):
+    /// past [`RECONNECT_WINDOW`], what waits fails at each failed write.
+    failing_since: Option<tokio::time::Instant>,
     stats: Arc<Mutex<PoolStats>>,
     counts: PoolStats,
     closing: Vec<oneshot::Sender<()>>,
@@ -547,37 +580,56 @@ impl RemoteDispatcher {
     async fn write_waiting(&mut self) {
         while self.inflight.len() < self.window {
             // One task only, after a failed write: a probe.
-            let batch = if self.pause > WRITE_PAUSE {
+            let batch = if self.failing_since.is_some() {
                 1
             } else {
                 WRITE_BATCH
             };
             let room = (self.window - self.inflight.len()).min(batch);
-            let mut jobs = Vec::with_capacity(room.min(self.jobs.len()));
-            while jobs.len() < room {
+            let (mut jobs, mut bytes) = (Vec::with_capacity(room.min(self.jobs.len())), 0);
+            // A round trip's frames are encoded and signed on the remote pools' one
+            // thread: at most a few MB of them, so that no pool's keep-alive waits.
+            while jobs.len() < room && bytes < WRITE_BATCH_BYTES {
                 let Some(id) = self.waiting.pop_front() else {
                     break;
                 };
                 // Not there: given up while it waited.
                 if let Some(job) = self.jobs.remove(&id) {
+                    bytes += job.args.len();
                     jobs.push(job);
                 }
             }
             if jobs.is_empty() {
                 return;
             }
-            if !self.submit(jobs).await {
-                self.paused = Some(tokio::time::Instant::now() + self.pause);
-                self.pause = (self.pause * 2).min(WRITE_PAUSE * 10);
-                return;
+            match self.submit(jobs).await {
+                Wrote::All => {
+                    self.failing_since = None;
+                    self.pause = WRITE_PAUSE;
+                }
+                // Redis answered (full, read-only, refused by its ACL): the error is
+                // its tasks', and the next ones are tried at once.
+                Wrote::Refused => {}
+                Wrote::Unreachable => {
+                    let now = tokio::time::Instant::now();
+                    let since = *self.failing_since.get_or_insert(now);
+                    if now.duration_since(since) >= RECONNECT_WINDOW {
+                        // As what is in Redis does past the window.
+                        self.fail_waiting(&Error::Backend {
+                            reason: format!("Redis has been unreachable for {RECONNECT_WINDOW:?}"),
+                        });
+                    }
+                    self.paused = Some(now + self.pause);
+                    self.pause = (self.pause * 2).min(WRITE_PAUSE * 10);
+                    return;
+                }
             }
-            self.pause = WRITE_PAUSE;
         }
     }
 
-    /// Writes the tasks to the build's stream, in one round trip; false if Redis
-    /// failed it (its tasks fail).
-    async fn submit(&mut self, jobs: Vec<Job>) -> bool {
+    /// Writes the tasks to the build's stream, in one round trip; if that fails, its
+    /// tasks fail.
+    async fn submit(&mut self, jobs: Vec<Job>) -> Wrote {
         let stream = self.keys.tasks(self.build);
         let deadline_ms = self.opts.task_timeout.map_or(0, |t| {
             frame::now_ms().saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
@@ -610,7 +662,7 @@ impl RemoteDispatcher {
             }
         }
         if sent.is_empty() {
-            return true;
+            return Wrote::All;
         }
         let ids: redis::RedisResult<Vec<String>> = pipe.query_async(&mut self.con).await;
         match ids {
@@ -634,10 +686,18 @@ impl RemoteDispatcher {
                     self.give_back(job.admitted);
                     job.reply.send(Err(backend("cannot queue the task", &e)));
                 }
-                return false;
+                let down = e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout();
+                return if down {
+                    Wrote::Unreachable
+                } else {
+                    Wrote::Refused
+                };
             }
         }
-        true
+        Wrote::All
     }
 
     /// A job's frame and MAC; arguments that refer to objects of this machine cannot go.
@@ -780,13 +840,18 @@ impl RemoteDispatcher {
 
     /// Fails every task: in Redis, and waiting here.
     fn fail_all(&mut self, e: Error) {
+        self.fail_waiting(&e);
+        self.fail_in_flight(e);
+    }
+
+    /// Fails the tasks waiting here.
+    fn fail_waiting(&mut self, e: &Error) {
         self.waiting.clear();
         for (_, job) in std::mem::take(&mut self.jobs) {
             self.counts.cancelled += 1;
             self.give_back(job.admitted);
             job.reply.send(Err(e.duplicate()));
         }
-        self.fail_in_flight(e);
     }
 
     /// Fails the tasks in Redis.
