@@ -211,6 +211,19 @@ async fn tasks_waiting_in_the_pool_survive_a_redis_restart() {
     let mut once = ran.clone();
     once.dedup();
     assert_eq!(once, ran, "a task ran twice");
+    // Counted as they ended: those Redis lost failed, the one given up was cancelled.
+    let counted = || {
+        let s = pool.stats();
+        let n = |v: &Vec<u32>| u64::try_from(v.len()).unwrap();
+        (s.completed, s.failed, s.cancelled) == (n(&ok), n(&backend), 1)
+    };
+    assert!(
+        eventually_async(Duration::from_secs(10), counted).await,
+        "{:?}, {} completed, {} failed",
+        pool.stats(),
+        ok.len(),
+        backend.len()
+    );
 }
 
 /// Redis refuses writes but answers (out of memory here; read-only or MISCONF alike):

@@ -231,6 +231,8 @@ const WRITE_BATCH_BYTES: usize = 4 << 20;
 /// How a write of tasks went.
 enum Wrote {
     All,
+    /// No task of the batch could be framed: Redis was not asked.
+    Nothing,
     /// Redis answered with an error.
     Refused,
     /// Redis could not be reached.
@@ -607,17 +609,23 @@ impl RemoteDispatcher {
                     self.failing_since = None;
                     self.pause = WRITE_PAUSE;
                 }
+                Wrote::Nothing => {}
                 // Redis answered (full, read-only, refused by its ACL): the error is
                 // its tasks', and the next ones are tried at once.
-                Wrote::Refused => {}
+                Wrote::Refused => {
+                    self.failing_since = None;
+                    self.pause = WRITE_PAUSE;
+                }
                 Wrote::Unreachable => {
                     let now = tokio::time::Instant::now();
                     let since = *self.failing_since.get_or_insert(now);
                     if now.duration_since(since) >= RECONNECT_WINDOW {
-                        // As what is in Redis does past the window.
+                        // As what is in Redis does past the window; a later outage
+                        // gets its own window.
                         self.fail_waiting(&Error::Backend {
                             reason: format!("Redis has been unreachable for {RECONNECT_WINDOW:?}"),
                         });
+                        self.failing_since = None;
                     }
                     self.paused = Some(now + self.pause);
                     self.pause = (self.pause * 2).min(WRITE_PAUSE * 10);
@@ -662,7 +670,7 @@ impl RemoteDispatcher {
             }
         }
         if sent.is_empty() {
-            return Wrote::All;
+            return Wrote::Nothing;
         }
         let ids: redis::RedisResult<Vec<String>> = pipe.query_async(&mut self.con).await;
         match ids {
@@ -686,10 +694,19 @@ impl RemoteDispatcher {
                     self.give_back(job.admitted);
                     job.reply.send(Err(backend("cannot queue the task", &e)));
                 }
+                // Unreachable, or there but not serving yet (LOADING after a restart,
+                // MASTERDOWN, TRYAGAIN): worth waiting for, unlike a refusal.
+                use redis::RetryMethod::{
+                    Reconnect, ReconnectFromInitialConnections, WaitAndRetry,
+                };
                 let down = e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
-                    || e.is_timeout();
+                    || e.is_timeout()
+                    || matches!(
+                        e.retry_method(),
+                        Reconnect | ReconnectFromInitialConnections | WaitAndRetry
+                    );
                 return if down {
                     Wrote::Unreachable
                 } else {
@@ -838,6 +855,15 @@ impl RemoteDispatcher {
         }
     }
 
+    /// Counts a task ended by `e`: cancelled if the pool was closed, else failed.
+    fn count_ended(&mut self, e: &Error) {
+        if matches!(e, Error::PoolClosed) {
+            self.counts.cancelled += 1;
+        } else {
+            self.counts.failed += 1;
+        }
+    }
+
     /// Fails every task: in Redis, and waiting here.
     fn fail_all(&mut self, e: Error) {
         self.fail_waiting(&e);
@@ -848,7 +874,7 @@ impl RemoteDispatcher {
     fn fail_waiting(&mut self, e: &Error) {
         self.waiting.clear();
         for (_, job) in std::mem::take(&mut self.jobs) {
-            self.counts.cancelled += 1;
+            self.count_ended(e);
             self.give_back(job.admitted);
             job.reply.send(Err(e.duplicate()));
         }
@@ -856,8 +882,8 @@ impl RemoteDispatcher {
 
     /// Fails the tasks in Redis.
     fn fail_in_flight(&mut self, e: Error) {
-        for (_, t) in self.inflight.drain() {
-            self.counts.cancelled += 1;
+        for (_, t) in std::mem::take(&mut self.inflight) {
+            self.count_ended(&e);
             if t.admitted {
                 self.admission.add_permits(1);
             }
