@@ -18,36 +18,11 @@ use super::{FrameCodec, WireError, codec, frame_into, from_frame};
 pub(crate) trait Source: Read {
     /// Reads what is already there; `ErrorKind::WouldBlock` if nothing is.
     fn read_now(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
-
-    /// Reads, waiting for something to read if nothing is there.
-    fn read_wait(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.read(buf)
-    }
 }
 
 impl Source for UnixStream {
     fn read_now(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         Ok(rustix::net::recv(&*self, buf, rustix::net::RecvFlags::DONTWAIT)?.0)
-    }
-
-    /// Waits in `poll` for input, not in `recv`: a thread blocked in `recv` on a Unix
-    /// stream socket is also woken whenever the peer reads what this end wrote (the
-    /// kernel wakes every waiter of the socket when its send queue drains), so a worker
-    /// woke twice per task, once for the task and once when the parent read its answer
-    /// (perf: `unix_write_space` from the parent's `recv`); `poll` is woken for input only.
-    fn read_wait(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use rustix::event::{PollFd, PollFlags, poll};
-        loop {
-            match self.read_now(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                other => return other,
-            }
-            let mut fds = [PollFd::new(&*self, PollFlags::IN)];
-            match poll(&mut fds, None) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 }
 
@@ -116,7 +91,7 @@ impl<S: Source> BlockingChannel<S> {
             if let Some(large) = &mut self.large {
                 let room = &mut large.buf[large.filled..large.len];
                 let res = if wait {
-                    self.io.read_wait(room)
+                    self.io.read(room)
                 } else {
                     self.io.read_now(room)
                 };
@@ -243,7 +218,7 @@ fn read_buf<S: Source>(io: &mut S, buf: &mut BytesMut, wait: bool) -> std::io::R
     buf.resize(buf.capacity().min(start + READ_WINDOW), 0);
     let res = loop {
         let res = if wait {
-            io.read_wait(&mut buf[start..])
+            io.read(&mut buf[start..])
         } else {
             io.read_now(&mut buf[start..])
         };
