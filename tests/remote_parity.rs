@@ -343,3 +343,103 @@ async fn a_burst_of_long_tasks_is_shared_by_the_nodes() {
     assert_eq!(by_node.len(), 2, "{names:?}");
     assert!(by_node.values().all(|&n| n >= 2), "{by_node:?}");
 }
+
+/// Results written to a parent's result stream by someone without the key (no MAC, a
+/// wrong one, a frame that is not one) are dropped: the caller gets its task's own
+/// result, and the pool goes on.
+#[tokio::test]
+async fn a_spoofed_result_is_dropped() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace("spoof");
+    let _nodes = Nodes::start(&server, &ns, KEY, 1, 1);
+    let pool = remote_pool(&server, &ns, KEY).await.unwrap();
+    // A first result makes the parent's result stream, to find its name.
+    assert_eq!(pool.apply(doubler, (1,)).await.unwrap(), 2);
+    let mut con = server.connect().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{pp:{ns}}}:r:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    // A real result, read beside the parent's reader (from the stream's last id, so
+    // whichever reaches Redis first), to forge one of the right shape.
+    let info: redis::streams::StreamInfoStreamReply = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(&keys[0])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut watcher = server.connect().await;
+    let watch = async {
+        let r: redis::streams::StreamReadReply = redis::cmd("XREAD")
+            .arg("BLOCK")
+            .arg(10_000)
+            .arg("STREAMS")
+            .arg(&keys[0])
+            .arg(&info.last_generated_id)
+            .query_async(&mut watcher)
+            .await
+            .unwrap();
+        r
+    };
+    let (seen, two) = tokio::join!(watch, async { pool.apply(doubler, (1,)).await });
+    assert_eq!(two.unwrap(), 2);
+    let real = &seen.keys[0].ids[0];
+    let (mut f, m): (Vec<u8>, Vec<u8>) = (real.get("f").unwrap(), real.get("m").unwrap());
+    // The frame is a MessagePack map whose first entry is `task`, a small number: the
+    // next task's id is one more.
+    let at = f.windows(5).position(|w| w == b"\xa4task").unwrap() + 5;
+    assert!(f[at] < 0x7f, "task id byte {:#x}", f[at]);
+    f[at] += 1;
+    let dir = TempDir::new("remote-spoof");
+    let (gate, log) = (dir.path("gate"), dir.path("log"));
+    let handle = pool.apply_async(support::gated_append, (gate.clone(), log, 7));
+    // While it waits for the gate: forgeries without a MAC, with a wrong one, and that
+    // real answer (2) made the waiting task's, under the MAC of the frame it was.
+    let forged: [&[(&str, &[u8])]; 3] = [
+        &[("f", &f)],
+        &[("f", &f), ("m", &[0u8; 32])],
+        &[("f", &f), ("m", &m)],
+    ];
+    for fields in forged {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&keys[0]).arg("*");
+        for (k, v) in fields {
+            xadd.arg(*k).arg(*v);
+        }
+        let _: String = xadd.query_async(&mut con).await.unwrap();
+    }
+    // Read (and deleted) by the parent before the task can finish.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: usize = redis::cmd("XLEN")
+            .arg(&keys[0])
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "{n} forged results still unread");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    support::write_file(&gate, "open");
+    let got = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("the task's own result arrives");
+    assert_eq!(got.unwrap(), 7);
+    assert_eq!(pool.apply(doubler, (21,)).await.unwrap(), 42);
+    // Four tasks completed, none failed (the stats follow the last answer).
+    let counted = || {
+        let s = pool.stats();
+        (s.completed, s.failed, s.running) == (4, 0, 0)
+    };
+    assert!(
+        support::eventually_async(Duration::from_secs(10), counted).await,
+        "{:?}",
+        pool.stats()
+    );
+}
