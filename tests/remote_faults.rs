@@ -856,8 +856,9 @@ async fn a_node_ignores_sigpipe() {
 }
 
 /// `procpool::remote::node` run from a program's own `main` (here, a test's runtime)
-/// serves tasks; once its future is dropped it stops: its workers exit, and its
-/// registration is no longer renewed (it lapses within 3 s).
+/// serves tasks; once its future is dropped it stops: its workers exit, with the
+/// programs a running task started, and its registration is no longer renewed (it
+/// lapses within 3 s).
 #[tokio::test]
 async fn a_node_run_from_main_serves_and_stops_when_dropped() {
     let Some(server) = RedisServer::start() else {
@@ -877,13 +878,18 @@ async fn a_node_run_from_main_serves_and_stops_when_dropped() {
         .map(|c| c.pid())
         .collect();
     assert_eq!(workers.len(), 1, "{:?}", procpool::active_children());
+    let dir = TempDir::new("remote-in-main");
+    let (_running, worker, sleep) = start_sleeper(&pool, &dir);
+    assert_eq!(worker, workers[0]);
     node.abort();
     assert!(node.await.unwrap_err().is_cancelled());
     assert!(
-        eventually(Duration::from_secs(10), || workers
-            .iter()
-            .all(|&w| is_dead(w))),
-        "the dropped node's worker {workers:?} still runs"
+        eventually(Duration::from_secs(10), || is_dead(worker)),
+        "the dropped node's worker {worker} still runs"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || is_dead(sleep)),
+        "the program its task started ({sleep}) still runs"
     );
     let mut con = server.connect().await;
     let key = format!("{{pp:{ns}}}:b:*:nodes");

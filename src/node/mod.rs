@@ -65,15 +65,31 @@ fn run_here(config: Redis, stop: impl std::future::Future<Output = ()>) -> Resul
         .enable_all()
         .build()
         .map_err(|e| Error::spawn("the node cannot start its runtime", Some(e)))?;
-    runtime.block_on(async move {
+    // The local pool, once it runs: stopped, the node terminates it before its runtime
+    // goes, so that its workers' process groups (the programs its tasks started) go
+    // too, not only the workers (which exit when their channels close).
+    let pool: Arc<Mutex<Option<AsyncPool>>> = Arc::default();
+    runtime.block_on(async {
         tokio::select! {
-            r = serve(config) => r,
-            () = stop => Ok(()),
+            r = serve(config, Arc::clone(&pool)) => r,
+            () = stop => {
+                let pool = pool.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(pool) = pool
+                    && tokio::time::timeout(STOP_WAIT, pool.terminate()).await.is_err()
+                {
+                    tracing::warn!(target: "procpool::lifecycle",
+                        "the stopped node's workers did not end within {STOP_WAIT:?}");
+                }
+                Ok(())
+            }
         }
     })
 }
 
-async fn serve(config: Redis) -> Result<()> {
+/// How long a node dropped from its caller waits for its workers to be stopped.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+async fn serve(config: Redis, stopping: Arc<Mutex<Option<AsyncPool>>>) -> Result<()> {
     let key = Arc::new(config.load_key()?);
     let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
     let client =
@@ -96,6 +112,7 @@ async fn serve(config: Redis) -> Result<()> {
         .on_runtime(tokio::runtime::Handle::current())
         .build()
         .await?;
+    *stopping.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
     tracing::info!(target: "procpool::lifecycle", node = %id, build, processes,
         "node serving namespace {}", config.namespace);
     let member = format!("{id}/{processes}");
