@@ -125,7 +125,7 @@ async fn write(
             batch.into_iter().map(|p| (p.answer, p.done)).unzip();
         let mut res = invoke(&mut con, &stream, &consumer, &answers).await;
         if let Err(e) = &res
-            && (e.is_connection_dropped() || e.is_io_error())
+            && crate::pool::remote::connection_broke(e)
         {
             // Once more, on the connection made again: the script may have run before
             // its reply was lost, and is safe to run twice (what it answered is acked,

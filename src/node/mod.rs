@@ -38,8 +38,9 @@ const REGISTRATION: Duration = Duration::from_secs(3);
 ///
 /// # Cancel safety
 ///
-/// Dropped, the node stops where it is (without draining): its thread's runtime and
-/// every task on it end, and its workers exit with their channels.
+/// Dropped, the node stops where it is (without draining): its local pool is terminated
+/// (its workers' process groups killed, within 5 s), then its thread's runtime and every
+/// task on it end.
 pub async fn node(config: Redis) -> Result<()> {
     let (done, result) = tokio::sync::oneshot::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -68,13 +69,12 @@ fn run_here(config: Redis, stop: impl std::future::Future<Output = ()>) -> Resul
     // The local pool, once it runs: stopped, the node terminates it before its runtime
     // goes, so that its workers' process groups (the programs its tasks started) go
     // too, not only the workers (which exit when their channels close).
-    let pool: Arc<Mutex<Option<AsyncPool>>> = Arc::default();
+    let pool: Arc<OnceLock<AsyncPool>> = Arc::default();
     runtime.block_on(async {
         tokio::select! {
             r = serve(config, Arc::clone(&pool)) => r,
             () = stop => {
-                let pool = pool.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(pool) = pool
+                if let Some(pool) = pool.get()
                     && tokio::time::timeout(STOP_WAIT, pool.terminate()).await.is_err()
                 {
                     tracing::warn!(target: "procpool::lifecycle",
@@ -89,7 +89,7 @@ fn run_here(config: Redis, stop: impl std::future::Future<Output = ()>) -> Resul
 /// How long a node dropped from its caller waits for its workers to be stopped.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 
-async fn serve(config: Redis, stopping: Arc<Mutex<Option<AsyncPool>>>) -> Result<()> {
+async fn serve(config: Redis, stopping: Arc<OnceLock<AsyncPool>>) -> Result<()> {
     let key = Arc::new(config.load_key()?);
     let build = fingerprint().map_err(|reason| Error::spawn(reason, None))?;
     let client =
@@ -112,7 +112,7 @@ async fn serve(config: Redis, stopping: Arc<Mutex<Option<AsyncPool>>>) -> Result
         .on_runtime(tokio::runtime::Handle::current())
         .build()
         .await?;
-    *stopping.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
+    stopping.get_or_init(|| pool.clone());
     tracing::info!(target: "procpool::lifecycle", node = %id, build, processes,
         "node serving namespace {}", config.namespace);
     let member = format!("{id}/{processes}");
@@ -155,7 +155,6 @@ async fn serve(config: Redis, stopping: Arc<Mutex<Option<AsyncPool>>>) -> Result
     let ctx = Arc::new(Ctx {
         cancels: Mutex::default(),
         entries: Mutex::default(),
-        answering: Mutex::default(),
         consumer: id.clone(),
         key,
         build,
@@ -260,7 +259,7 @@ async fn serve(config: Redis, stopping: Arc<Mutex<Option<AsyncPool>>>) -> Result
             ctx.entries
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(entry.id.clone(), None);
+                .insert(entry.id.clone(), Held::default());
             tokio::spawn(async move {
                 ctx.serve(con, entry, lapses).await;
                 window.done(p);
@@ -359,12 +358,9 @@ const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// What every task of a node shares.
 struct Ctx {
     cancels: Mutex<Cancels>,
-    /// The stream entries this node holds (read, not answered), for the heartbeat, with
-    /// their task's cancel name once its frame is read.
-    entries: Mutex<HashMap<String, Option<String>>>,
-    /// Entries whose answer is being written: still held (and renewed), but if the
-    /// heartbeat finds one lost, its answer says so (and writes nothing).
-    answering: Mutex<HashSet<String>>,
+    /// The stream entries this node holds (read, until their answer is written), for
+    /// the heartbeat.
+    entries: Mutex<HashMap<String, Held>>,
     /// This node's consumer name in the group.
     consumer: String,
     key: Arc<Vec<u8>>,
@@ -392,6 +388,16 @@ for i = 3, #ARGV do
 end
 return lost
 ";
+
+/// A stream entry the node holds.
+#[derive(Default)]
+struct Held {
+    /// Its task's cancel name, once its frame is read.
+    name: Option<String>,
+    /// Its answer is being written: if the heartbeat finds it lost, the answer says so
+    /// (and writes nothing).
+    answering: bool,
+}
 
 /// The node's scripts, hashed once.
 struct Scripts {
@@ -636,22 +642,20 @@ impl Ctx {
                 }
             };
             for entry in lost {
-                if self
-                    .answering
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&entry)
-                {
-                    continue;
-                }
-                let held = self
-                    .entries
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&entry);
+                let held = {
+                    let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+                    match entries.get(&entry) {
+                        // Its answer says whether it was still this node's.
+                        Some(held) if held.answering => continue,
+                        Some(_) => entries.remove(&entry),
+                        None => None,
+                    }
+                };
                 // Not held any more: answered between the look at `entries` and the
                 // script (which then found it gone), nothing was lost.
-                let Some(name) = held else { continue };
+                let Some(Held { name, .. }) = held else {
+                    continue;
+                };
                 tracing::warn!(target: "procpool::remote", entry = %entry, task = ?name,
                     "this node no longer owns a task it holds (reclaimed while the node was \
                     unreachable, or lost by a Redis restart); the task is stopped");
@@ -725,8 +729,8 @@ impl Ctx {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(&entry.id)
         {
-            Some(name) => {
-                *name = Some(cancel);
+            Some(held) => {
+                held.name = Some(cancel);
                 true
             }
             None => false,
@@ -794,20 +798,20 @@ impl Ctx {
     async fn answer(&self, entry: &str, result: answers::Written) -> redis::RedisResult<bool> {
         // Held, and renewed by the heartbeat, until the answer is written: one that waits
         // for its batch keeps its entry from the reaper meanwhile.
-        self.answering
+        if let Some(held) = self
+            .entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(entry.to_owned());
+            .get_mut(entry)
+        {
+            held.answering = true;
+        }
         let answer = answers::Answer {
             entry: entry.to_owned(),
             result,
         };
         let res = self.answers.send(answer).await;
         self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(entry);
-        self.answering
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(entry);

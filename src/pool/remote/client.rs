@@ -496,14 +496,7 @@ impl RemoteDispatcher {
             tokio::select! {
                 () = until(pause) => {}
                 cmd = self.cmds.recv() => {
-                    let mut batch = Vec::new();
-                    let mut next = cmd;
-                    while let Some(cmd) = next.take() {
-                        batch.push(cmd);
-                        if batch.len() < 256 {
-                            next = self.cmds.try_recv().ok();
-                        }
-                    }
+                    let batch = with_queued(cmd, &mut self.cmds, 256);
                     if batch.is_empty() {
                         // Every handle is gone (a detached task's too): as `terminate`.
                         self.cancel_in_flight().await;
@@ -514,17 +507,11 @@ impl RemoteDispatcher {
                     }
                 }
                 Some(msg) = self.results.recv() => {
-                    let mut next = Some(msg);
-                    let mut n = 0;
-                    while let Some(msg) = next.take() {
+                    for msg in with_queued(Some(msg), &mut self.results, 1024) {
                         match msg {
                             FromReader::Result(r) => self.on_result(r),
                             FromReader::Unreachable(e) => self.fail_all(e),
                             FromReader::Restarted => self.on_restart().await,
-                        }
-                        n += 1;
-                        if n < 1024 {
-                            next = self.results.try_recv().ok();
                         }
                     }
                 }
@@ -605,17 +592,13 @@ impl RemoteDispatcher {
                 return;
             }
             match self.submit(jobs).await {
-                Wrote::All => {
+                // Refused: Redis answered (full, read-only, refused by its ACL), so the
+                // error is its tasks', and the next ones are tried at once.
+                Wrote::All | Wrote::Refused => {
                     self.failing_since = None;
                     self.pause = WRITE_PAUSE;
                 }
                 Wrote::Nothing => {}
-                // Redis answered (full, read-only, refused by its ACL): the error is
-                // its tasks', and the next ones are tried at once.
-                Wrote::Refused => {
-                    self.failing_since = None;
-                    self.pause = WRITE_PAUSE;
-                }
                 Wrote::Unreachable => {
                     let now = tokio::time::Instant::now();
                     let since = *self.failing_since.get_or_insert(now);
@@ -699,8 +682,7 @@ impl RemoteDispatcher {
                 use redis::RetryMethod::{
                     Reconnect, ReconnectFromInitialConnections, WaitAndRetry,
                 };
-                let down = e.is_io_error()
-                    || e.is_connection_dropped()
+                let down = super::connection_broke(&e)
                     || e.is_connection_refusal()
                     || e.is_timeout()
                     || matches!(
@@ -903,6 +885,22 @@ impl RemoteDispatcher {
             ..self.counts
         };
     }
+}
+
+/// `first` and what else `rx` holds already, at most `max` in all (none if `first` is
+/// none: the channel closed).
+fn with_queued<T>(first: Option<T>, rx: &mut mpsc::UnboundedReceiver<T>, max: usize) -> Vec<T> {
+    let Some(first) = first else {
+        return Vec::new();
+    };
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// Completes at `at`, never if there is none.

@@ -210,6 +210,13 @@ pub(crate) async fn connect(client: &redis::Client) -> Result<Con> {
         .map_err(|e| backend("cannot connect to Redis", e))
 }
 
+/// Whether `e` says the connection broke (the command may have run or not): what
+/// [`again_once`] and the node's answer batches send once more, and what a parent's
+/// writes count as Redis unreachable.
+pub(crate) fn connection_broke(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error()
+}
+
 /// A command or pipeline that may run twice: sent again once if the connection broke
 /// (the first command on a [`Con`] after Redis restarted fails so, and the manager
 /// reconnects for the next). Only for commands whose second run changes nothing
@@ -219,7 +226,7 @@ pub(crate) async fn again_once<T: redis::FromRedisValue>(
     query: &(impl Query + ?Sized),
 ) -> redis::RedisResult<T> {
     match query.run(con).await {
-        Err(e) if e.is_connection_dropped() || e.is_io_error() => query.run(con).await,
+        Err(e) if connection_broke(&e) => query.run(con).await,
         r => r,
     }
 }
